@@ -1,0 +1,99 @@
+"""Parameter selection and the flat-vector view of a list of parameter tensors.
+
+Every curvature quantity lives in the space of the selected parameters, flattened in the order
+``model.parameters()`` yields them. These helpers are the one place that order is defined.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import torch
+from torch import nn
+
+
+def resolve_params(
+    model: nn.Module, params: Iterable[nn.Parameter] | None = None
+) -> list[nn.Parameter]:
+    """The parameters a measurement differentiates: ``params`` or all trainable ones.
+
+    Shared (tied) parameters are listed once. Raises ``ValueError`` for an empty selection or a
+    parameter that does not belong to ``model``.
+    """
+    owned = {id(p) for p in model.parameters()}
+    if params is None:
+        selected = [p for p in model.parameters() if p.requires_grad]
+    else:
+        selected = list(params)
+        foreign = [i for i, p in enumerate(selected) if id(p) not in owned]
+        if foreign:
+            raise ValueError(f"params[{foreign[0]}] is not a parameter of the model")
+    unique: dict[int, nn.Parameter] = {}
+    for p in selected:
+        unique.setdefault(id(p), p)
+    if not unique:
+        raise ValueError("no parameters to measure: the selection is empty")
+    return list(unique.values())
+
+
+def vector_dtype(params: Sequence[torch.Tensor]) -> torch.dtype:
+    """The dtype of flat vectors: the widest parameter dtype, at least float32.
+
+    bf16/fp16 models still get float32 vectors, so inner products and Lanczos' orthogonalisation
+    keep their accuracy; parameters in float64 keep float64.
+    """
+    dtype = torch.float32
+    for p in params:
+        dtype = torch.promote_types(dtype, p.dtype)
+    return dtype
+
+
+def num_elements(params: Sequence[torch.Tensor]) -> int:
+    return sum(p.numel() for p in params)
+
+
+def flatten(tensors: Sequence[torch.Tensor], dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Concatenate tensors into one flat vector (optionally cast)."""
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    return flat if dtype is None else flat.to(dtype)
+
+
+def unflatten(vector: torch.Tensor, like: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Split a flat vector into tensors shaped (and typed) like ``like``."""
+    parts, offset = [], 0
+    for t in like:
+        n = t.numel()
+        parts.append(vector[offset : offset + n].view_as(t).to(t.dtype))
+        offset += n
+    return parts
+
+
+def as_flat_vector(
+    vector: torch.Tensor | Sequence[torch.Tensor], params: Sequence[torch.Tensor], name: str
+) -> torch.Tensor:
+    """Accept a flat vector or a per-parameter list and return the flat form, checking sizes."""
+    dim = num_elements(params)
+    if isinstance(vector, torch.Tensor):
+        if vector.dim() != 1 or vector.numel() != dim:
+            raise ValueError(
+                f"{name} must be a flat vector of length {dim}, got shape {tuple(vector.shape)}"
+            )
+        return vector.to(device=params[0].device, dtype=vector_dtype(params))
+    parts = list(vector)
+    if len(parts) != len(params) or any(
+        v.shape != p.shape for v, p in zip(parts, params, strict=False)
+    ):
+        raise ValueError(f"{name} must have one tensor per parameter, shaped like it")
+    return flatten(parts, vector_dtype(params)).to(params[0].device)
+
+
+def cuda_device_indices(model: nn.Module) -> list[int]:
+    """The CUDA devices holding the model's parameters (for ``torch.random.fork_rng``)."""
+    return sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
+
+
+def zeros_for_unused(
+    grads: Sequence[torch.Tensor | None], params: Sequence[torch.Tensor]
+) -> list[torch.Tensor]:
+    """Autograd's ``None`` for an input the output does not depend on, as explicit zeros."""
+    return [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params, strict=True)]

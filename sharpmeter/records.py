@@ -1,0 +1,86 @@
+"""Read and write flat records (dicts of str/int/float/bool/None) as JSONL or CSV.
+
+One format for both sides: the simulator writes its curves with it and the measurement side logs
+the same long rows, so analysis reads either with :func:`read_records`. The file extension picks
+the format (``.jsonl`` or ``.csv``).
+
+Example:
+    >>> import pathlib, tempfile
+    >>> path = pathlib.Path(tempfile.mkdtemp()) / "rows.csv"
+    >>> write_records(path, [{"step": 0, "quantity": "loss", "value": 5.5}])
+    >>> read_records(path)
+    [{'step': 0, 'quantity': 'loss', 'value': 5.5}]
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+Value = str | int | float | bool | None
+Record = dict[str, Value]
+
+FORMATS = (".jsonl", ".csv")
+
+
+def write_records(path: str | Path, rows: Iterable[Mapping[str, Value]]) -> None:
+    """Write ``rows`` to ``path``, JSONL or CSV by its extension (the file is replaced).
+
+    CSV gets the union of the rows' keys as its header, in first-seen order; a key a row lacks
+    is left empty and reads back as ``None``.
+    """
+    path = Path(path)
+    suffix = _suffix(path)
+    rows = [dict(row) for row in rows]
+    with path.open("w", newline="" if suffix == ".csv" else None, encoding="utf-8") as f:
+        if suffix == ".jsonl":
+            f.writelines(json.dumps(row) + "\n" for row in rows)
+            return
+        header = list(dict.fromkeys(key for row in rows for key in row))
+        writer = csv.DictWriter(f, fieldnames=header)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def read_records(path: str | Path) -> list[Record]:
+    """Read the rows of a ``.jsonl`` or ``.csv`` file as a list of flat dicts.
+
+    CSV cells come back typed: integers as ``int``, other numbers (``nan``, ``inf`` included) as
+    ``float``, ``True``/``False`` as ``bool``, empty cells as ``None``, the rest as ``str``.
+    """
+    path = Path(path)
+    suffix = _suffix(path)
+    with path.open(newline="" if suffix == ".csv" else None, encoding="utf-8") as f:
+        if suffix == ".csv":
+            return [{k: _parse_cell(v) for k, v in row.items()} for row in csv.DictReader(f)]
+        rows = []
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            row = json.loads(line)
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}:{number}: expected a JSON object per line")
+            rows.append(row)
+        return rows
+
+
+def _suffix(path: Path) -> str:
+    suffix = path.suffix.lower()
+    if suffix not in FORMATS:
+        raise ValueError(f"unsupported record file {str(path)!r}; use one of {', '.join(FORMATS)}")
+    return suffix
+
+
+def _parse_cell(text: str | None) -> Value:
+    if text is None or text == "":
+        return None
+    if text in ("True", "False"):
+        return text == "True"
+    for parse in (int, float):
+        try:
+            return parse(text)
+        except ValueError:
+            pass
+    return text

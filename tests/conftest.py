@@ -1,0 +1,110 @@
+"""Shared fixtures: a tiny float64 GPT-2 with an exact loss, dense references, a quadratic."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+VOCAB, SEQ = 16, 8
+
+
+def tiny_gpt2(dropout: float = 0.0, seed: int = 0, n_layer: int = 1) -> nn.Module:
+    """A ~1K-parameter GPT-2 (LayerNorm, attention, tied embeddings), default attention."""
+    torch.manual_seed(seed)
+    config = transformers.GPT2Config(
+        vocab_size=VOCAB,
+        n_positions=SEQ,
+        n_embd=8,
+        n_layer=n_layer,
+        n_head=2,
+        resid_pdrop=dropout,
+        embd_pdrop=dropout,
+        attn_pdrop=dropout,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+    return transformers.GPT2LMHeadModel(config).double()
+
+
+def token_batch(batch_size: int = 3, seed: int = 1) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, VOCAB, (batch_size, SEQ), generator=generator)
+    return {"input_ids": ids, "labels": ids}
+
+
+def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Next-token cross entropy in the model's own dtype (HF's labels= loss is float32)."""
+    logits = model(input_ids=batch["input_ids"]).logits[:, :-1]
+    targets = batch["labels"][:, 1:]
+    return nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100
+    )
+
+
+def dense_hessian(model: nn.Module, loss_fn, batch, params=None) -> torch.Tensor:
+    """The exact Hessian, one row per double backward of one gradient entry (no torch.func)."""
+    params = [p for p in model.parameters() if p.requires_grad] if params is None else params
+    with sdpa_kernel(SDPBackend.MATH):
+        loss = loss_fn(model, batch)
+        grads = torch.autograd.grad(loss, params, create_graph=True)
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        rows = []
+        for i in range(flat.numel()):
+            row = torch.autograd.grad(flat[i], params, retain_graph=True, allow_unused=True)
+            rows.append(
+                torch.cat(
+                    [
+                        (torch.zeros_like(p) if r is None else r).reshape(-1)
+                        for r, p in zip(row, params)
+                    ]
+                )
+            )
+    return torch.stack(rows).detach()
+
+
+@pytest.fixture(scope="session")
+def gpt2_reference():
+    """(model in eval mode, batch, dense Hessian) for the float64 tiny GPT-2."""
+    model = tiny_gpt2().eval()
+    batch = token_batch()
+    return model, batch, dense_hessian(model, causal_lm_loss, batch)
+
+
+class Quadratic(nn.Module):
+    """L(theta) = 1/2 theta' H theta - b' theta, called with any batch."""
+
+    def __init__(self, hessian: torch.Tensor, b: torch.Tensor, theta: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("hessian", hessian)
+        self.register_buffer("b", b)
+        self.theta = nn.Parameter(theta.clone())
+
+    def forward(self, _batch) -> torch.Tensor:
+        return 0.5 * self.theta @ self.hessian @ self.theta - self.b @ self.theta
+
+    def gradient(self) -> torch.Tensor:
+        return (self.hessian @ self.theta - self.b).detach()
+
+
+def quadratic_loss(model: nn.Module, batch) -> torch.Tensor:
+    return model(batch)
+
+
+def random_spd(n: int, seed: int = 0, low: float = 0.1, high: float = 10.0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(n, n, generator=generator, dtype=torch.float64))
+    return q @ torch.diag(torch.linspace(low, high, n, dtype=torch.float64)) @ q.T
+
+
+@pytest.fixture
+def quadratic() -> Quadratic:
+    generator = torch.Generator().manual_seed(3)
+    n = 12
+    return Quadratic(
+        random_spd(n),
+        torch.randn(n, generator=generator, dtype=torch.float64),
+        torch.randn(n, generator=generator, dtype=torch.float64),
+    )

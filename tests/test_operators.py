@@ -1,0 +1,217 @@
+"""HessianOperator against the dense Hessian of a real (tiny) GPT-2, in every mode."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import causal_lm_loss, dense_hessian, tiny_gpt2, token_batch
+
+import sharpmeter as sm
+from sharpmeter.loss import loss_token_count
+from sharpmeter.probe import attention_guard
+
+EXACT = 1e-8
+FD = 1e-6
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(b))
+
+
+@pytest.mark.parametrize(
+    ("mode", "tolerance"), [("double_backward", EXACT), ("fwd", EXACT), ("fd", FD)]
+)
+def test_hvp_matches_dense_hessian(gpt2_reference, mode, tolerance):
+    model, batch, hessian = gpt2_reference
+    op = sm.HessianOperator(model, causal_lm_loss, batch, mode=mode)
+    assert op.dim == hessian.shape[0] and op.shape == hessian.shape
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        v = torch.randn(op.dim, generator=generator, dtype=torch.float64)
+        assert relative_error(op @ v, hessian @ v) < tolerance
+    assert op.num_matvecs == 3
+
+
+def test_hvp_equals_central_differences_of_the_gradient(gpt2_reference):
+    """Independent of any dense matrix: (g(theta + h v) - g(theta - h v)) / 2h by hand."""
+    model, batch, _ = gpt2_reference
+    op = sm.HessianOperator(model, causal_lm_loss, batch)
+    v = torch.randn(op.dim, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    params = list(model.parameters())
+    theta = [p.detach().clone() for p in params]
+
+    def gradient_at(shift: float) -> torch.Tensor:
+        offset = 0
+        with torch.no_grad():
+            for p, t in zip(params, theta):
+                p.copy_(t + shift * v[offset : offset + p.numel()].view_as(p))
+                offset += p.numel()
+        with attention_guard(model):
+            grads = torch.autograd.grad(causal_lm_loss(model, batch), params)
+        return torch.cat([g.reshape(-1) for g in grads])
+
+    h = 1e-6
+    try:
+        fd = (gradient_at(h) - gradient_at(-h)) / (2 * h)
+    finally:
+        with torch.no_grad():
+            for p, t in zip(params, theta):
+                p.copy_(t)
+    assert relative_error(op @ v, fd) < 1e-7
+
+
+def test_matrix_of_columns(gpt2_reference):
+    model, batch, hessian = gpt2_reference
+    op = sm.HessianOperator(model, causal_lm_loss, batch)
+    block = torch.randn(op.dim, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    assert relative_error(op @ block, hessian @ block) < EXACT
+    assert op.num_matvecs == 3
+
+
+def test_hf_default_loss_and_default_attention_work():
+    """model(**batch).loss with default (fused SDPA) attention in eval mode, where the fused CPU
+    kernel has no double backward: the operator must switch to the math backend itself."""
+    model = tiny_gpt2().float().eval()
+    assert model.config._attn_implementation == "sdpa"
+    op = sm.HessianOperator(model, None, token_batch())
+    hv = op @ torch.ones(op.dim)
+    assert hv.dtype == torch.float32 and torch.isfinite(hv).all()
+    assert op.loss.dtype == torch.float32
+
+
+def test_parameter_subset_is_the_dense_block(gpt2_reference):
+    model, batch, hessian = gpt2_reference
+    params = list(model.parameters())
+    layer = list(model.transformer.h[0].ln_1.parameters()) + list(
+        model.transformer.h[0].attn.parameters()
+    )
+    index = torch.cat(
+        [
+            torch.arange(start, start + p.numel())
+            for start, p in zip(
+                torch.cumsum(torch.tensor([0] + [q.numel() for q in params[:-1]]), 0).tolist(),
+                params,
+            )
+            if any(p is q for q in layer)
+        ]
+    )
+    op = sm.HessianOperator(model, causal_lm_loss, batch, params=layer)
+    v = torch.randn(op.dim, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    block = hessian[index][:, index]
+    assert relative_error(op @ v, block @ v) < EXACT
+    assert relative_error(op @ v, dense_hessian(model, causal_lm_loss, batch, layer) @ v) < EXACT
+
+
+def test_multi_batch_probe_is_the_token_weighted_mean(gpt2_reference):
+    model, _, _ = gpt2_reference
+    first, second = token_batch(2, seed=7), token_batch(4, seed=8)
+    second["labels"] = second["labels"].clone()
+    second["labels"][:, -3:] = -100  # ragged loss-token counts: weights must follow them
+
+    def summed_loss(model, batch):
+        logits = model(input_ids=batch["input_ids"]).logits[:, :-1]
+        return torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]),
+            batch["labels"][:, 1:].reshape(-1),
+            ignore_index=-100,
+            reduction="sum",
+        )
+
+    total = loss_token_count(first) + loss_token_count(second)
+    assert loss_token_count(second) == 4 * (7 - 3)
+
+    def concatenated_loss(model, _):
+        return (summed_loss(model, first) + summed_loss(model, second)) / total
+
+    reference = dense_hessian(model, concatenated_loss, None)
+    op = sm.HessianOperator(model, causal_lm_loss, [first, second])
+    v = torch.randn(op.dim, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    assert relative_error(op @ v, reference @ v) < EXACT
+    with torch.no_grad():
+        expected = float(concatenated_loss(model, None))
+    assert float(op.loss) == pytest.approx(expected, rel=1e-12)
+    recomputed = sm.HessianOperator(model, causal_lm_loss, [first, second], reuse_graph=False)
+    assert relative_error(recomputed @ v, reference @ v) < EXACT
+
+
+def test_modes_agree_with_dropout_on():
+    """In train mode every forward gets the same dropout masks, so the modes agree."""
+    model = tiny_gpt2(dropout=0.2).train()
+    batch = token_batch()
+    v = torch.randn(
+        sum(p.numel() for p in model.parameters()),
+        generator=torch.Generator().manual_seed(4),
+        dtype=torch.float64,
+    )
+    reference = sm.HessianOperator(model, causal_lm_loss, batch) @ v
+    assert (
+        relative_error(sm.HessianOperator(model, causal_lm_loss, batch, mode="fwd") @ v, reference)
+        < EXACT
+    )
+    assert (
+        relative_error(sm.HessianOperator(model, causal_lm_loss, batch, mode="fd") @ v, reference)
+        < FD
+    )
+    other_masks = sm.HessianOperator(model, causal_lm_loss, batch, dropout_seed=1) @ v
+    assert relative_error(other_masks, reference) > 1e-3
+
+
+def test_fd_restores_parameters_bit_identically(gpt2_reference):
+    model, batch, _ = gpt2_reference
+    before = [p.detach().clone() for p in model.parameters()]
+    op = sm.HessianOperator(model, causal_lm_loss, batch, mode="fd")
+    op @ torch.randn(op.dim, dtype=torch.float64)
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+
+
+def test_loss_linear_in_some_parameters_has_zero_hessian_rows():
+    model = torch.nn.Linear(3, 1).double()
+    x = torch.randn(5, 3, dtype=torch.float64)
+    op = sm.HessianOperator(model, lambda m, b: m(b).sum(), x)
+    assert torch.equal(
+        op @ torch.ones(op.dim, dtype=torch.float64), torch.zeros(op.dim, dtype=torch.float64)
+    )
+
+
+def test_flash_attention_config_is_switched_for_the_measurement_and_back():
+    model = tiny_gpt2()
+    model.config._attn_implementation = "flash_attention_2"
+    with attention_guard(model):
+        assert model.config._attn_implementation == "sdpa"
+    assert model.config._attn_implementation == "flash_attention_2"
+
+
+def test_bad_input_raises_clear_errors(gpt2_reference):
+    model, batch, _ = gpt2_reference
+    op = sm.HessianOperator(model, causal_lm_loss, batch)
+    with pytest.raises(ValueError, match="length"):
+        op @ torch.ones(op.dim + 1, dtype=torch.float64)
+    with pytest.raises(ValueError, match="empty"):
+        sm.HessianOperator(model, causal_lm_loss, batch, params=[])
+    with pytest.raises(ValueError, match="not a parameter"):
+        sm.HessianOperator(model, causal_lm_loss, batch, params=[torch.nn.Parameter(torch.ones(2))])
+    with pytest.raises(ValueError, match="mode"):
+        sm.HessianOperator(model, causal_lm_loss, batch, mode="jacrev")
+    with pytest.raises(ValueError, match=r"\.loss"):
+        sm.HessianOperator(model, None, {"input_ids": batch["input_ids"]})
+    with pytest.raises(ValueError, match="weights"):
+        sm.HessianOperator(model, causal_lm_loss, [batch, batch], weights=[1.0])
+    with pytest.raises(ValueError, match="no batch"):
+        sm.HessianOperator(model, causal_lm_loss, [])
+    with pytest.raises(sm.NonFiniteLossError):
+        sm.HessianOperator(model, lambda m, b: causal_lm_loss(m, b) * float("nan"), batch)
+
+
+def test_operator_follows_parameters_written_in_place():
+    model = tiny_gpt2().eval()
+    batch = token_batch()
+    op = sm.HessianOperator(model, causal_lm_loss, batch)
+    v = torch.randn(op.dim, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    before = op @ v
+    with torch.no_grad():
+        model.transformer.ln_f.weight.mul_(1.5)
+    fresh = sm.HessianOperator(model, causal_lm_loss, batch)
+    after = op @ v
+    assert relative_error(after, fresh @ v) < EXACT
+    assert relative_error(after, before) > 1e-3
+    assert torch.equal(op.gradient, fresh.gradient)
