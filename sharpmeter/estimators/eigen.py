@@ -92,10 +92,11 @@ def power_iteration(
     Each step is :math:`w = Hv,\ \lambda = v^\top w,\
     r = \lVert w - \lambda v\rVert/|\lambda|`; stop if :math:`r \le` ``tol``, else
     :math:`v \leftarrow (w - \sigma v)/\lVert w - \sigma v\rVert`: one product per step.
-    Plain power iteration (:math:`\sigma = 0`) finds the eigenvalue of largest *magnitude* (``which="LM"``). With ``which="LA"`` (default), if that one is negative,
-    a second pass iterates :math:`H - \sigma I` with :math:`\sigma = \lambda_{\rm neg}`, whose
-    dominant eigenvalue is :math:`\lambda_{\max} - \sigma \ge 0`, and so returns the largest
-    algebraic eigenvalue.
+    Plain power iteration (:math:`\sigma = 0`) finds the eigenvalue of largest *magnitude*
+    (``which="LM"``). With ``which="LA"`` (default), if that one is negative, a second pass
+    iterates :math:`H - \sigma I` with :math:`\sigma = \lambda_{\rm neg}`, whose dominant
+    eigenvalue is :math:`\lambda_{\max} - \sigma \ge 0`, and so returns the largest algebraic
+    eigenvalue.
 
     Args:
         operator: a square operator or dense matrix (symmetric).

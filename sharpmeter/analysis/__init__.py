@@ -1,0 +1,89 @@
+"""Analyses of sharpness across scales and along training (pure numpy/scipy).
+
+* ``scaling``: log-linear and power-law fits, AIC/BIC comparison, intervals, extrapolation;
+* ``phases``: the paper's three-phase model (eq. (1)), its fit and a model-free segmentation;
+* ``prediction``: final sharpness from the early mean and the scale;
+* ``correlation``: Pearson / Spearman with intervals, across scales and within runs;
+* ``pacbayes``: the paper's bound ``sqrt((S ln N + ln(m/delta)) / m)``;
+* ``curves``: logged rows -> per-run curves; head and tail means.
+
+>>> from sharpmeter.analysis import fit_log_linear
+>>> round(fit_log_linear([1e7, 1e8, 1e9], [1.3, 1.2, 1.1]).slope, 6)
+-0.1
+"""
+
+from sharpmeter.analysis.correlation import (
+    Correlation,
+    effective_sample_size,
+    pearson,
+    spearman,
+    within_run_correlations,
+)
+from sharpmeter.analysis.curves import curves_from_records, head_mean, tail_mean
+from sharpmeter.analysis.pacbayes import (
+    PacBayesTerms,
+    bound_accuracy_correlation,
+    pac_bayes_bound,
+    pac_bayes_terms,
+)
+from sharpmeter.analysis.phases import (
+    PhaseSegmentation,
+    ThreePhaseFit,
+    detect_phases,
+    fit_three_phase,
+    peak_to_plateau_ratio,
+    phase_means,
+    three_phase_curve,
+)
+from sharpmeter.analysis.prediction import EarlyPrediction, early_prediction, regress_final
+from sharpmeter.analysis.scaling import (
+    BootstrapIntervals,
+    Extrapolation,
+    FitComparison,
+    LogLinearFit,
+    PowerLawFit,
+    ScalingFit,
+    bootstrap_fit,
+    compare_fits,
+    extrapolation_error,
+    fit_log_linear,
+    fit_power_law,
+    information_criteria,
+)
+
+__all__ = [
+    "BootstrapIntervals",
+    "Correlation",
+    "EarlyPrediction",
+    "Extrapolation",
+    "FitComparison",
+    "LogLinearFit",
+    "PacBayesTerms",
+    "PhaseSegmentation",
+    "PowerLawFit",
+    "ScalingFit",
+    "ThreePhaseFit",
+    "bootstrap_fit",
+    "bound_accuracy_correlation",
+    "compare_fits",
+    "curves_from_records",
+    "detect_phases",
+    "early_prediction",
+    "effective_sample_size",
+    "extrapolation_error",
+    "fit_log_linear",
+    "fit_power_law",
+    "fit_three_phase",
+    "head_mean",
+    "information_criteria",
+    "pac_bayes_bound",
+    "pac_bayes_terms",
+    "pearson",
+    "peak_to_plateau_ratio",
+    "phase_means",
+    "regress_final",
+    "spearman",
+    "tail_mean",
+    "three_phase_curve",
+    "within_run_correlations",
+]

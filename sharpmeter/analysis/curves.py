@@ -1,0 +1,141 @@
+"""Turn logged rows into per-run curves, and summarise a curve by its head or tail.
+
+Two row shapes are logged (see ``sharpmeter.records``):
+
+* long (the simulator): ``{"n_params": N, "step": i, "fraction": t, "quantity": "sharpness",
+  "value": v}``, one row per quantity and checkpoint;
+* wide (the training callback): ``{"n_params": N, "step": 120, "run": "...",
+  "critical_sharpness": 12.3, "loss": ..., ...}``, one row per measurement.
+
+Both become ``{n_params: (t, values)}`` with ``t`` the fraction of training (the row's
+``fraction`` when every row of the run has one, else ``step / max(step)``), sorted by ``t``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import numpy as np
+from numpy.typing import ArrayLike
+
+from sharpmeter.analysis._checks import as_finite_1d, check_fraction
+
+DEFAULT_LONG_QUANTITY = "sharpness"
+DEFAULT_WIDE_QUANTITY = "critical_sharpness"
+
+Curves = dict[float, tuple[np.ndarray, np.ndarray]]
+
+
+def window_size(n_points: int, fraction: float) -> int:
+    """Number of checkpoints in ``fraction`` of a curve of ``n_points``: ``max(1, ceil(f n))``.
+
+    >>> window_size(200, 0.1)
+    20
+    """
+    check_fraction("fraction", fraction)
+    # the small slack keeps 0.1 * 200 = 20.000000000000004 from becoming 21
+    return max(1, math.ceil(fraction * n_points - 1e-9))
+
+
+def head_mean(values: ArrayLike, fraction: float = 0.1) -> float:
+    """Mean of the first ``fraction`` of the checkpoints (uniformly spaced, in time order).
+
+    >>> head_mean([1, 3, 5, 7], 0.5)
+    2.0
+    """
+    arr = as_finite_1d("values", values, min_points=1)
+    return float(arr[: window_size(arr.size, fraction)].mean())
+
+
+def tail_mean(values: ArrayLike, fraction: float = 0.1) -> float:
+    """Mean of the last ``fraction`` of the checkpoints: the "final" value of a run.
+
+    The paper's final sharpness and loss are the mean of the last 20 of 200 checkpoints
+    (``fraction=0.1``); averaging the tail, not taking the last point, damps the noise.
+
+    >>> tail_mean([1, 3, 5, 7], 0.5)
+    6.0
+    """
+    arr = as_finite_1d("values", values, min_points=1)
+    return float(arr[-window_size(arr.size, fraction) :].mean())
+
+
+def _number(value: Any) -> float | None:
+    """A finite float, or None for a missing, empty, non-numeric or non-finite entry."""
+    if value is None or isinstance(value, bool):
+        return None
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        return None
+    return out if math.isfinite(out) else None
+
+
+def _is_long(row: Mapping[str, Any]) -> bool:
+    return "quantity" in row and "value" in row
+
+
+def curves_from_records(rows: Iterable[Mapping[str, Any]], quantity: str | None = None) -> Curves:
+    """Group logged rows into one curve per model size for one quantity.
+
+    ``quantity=None`` means ``"sharpness"`` for long rows and ``"critical_sharpness"`` for wide
+    rows. Rows whose value is missing or not finite (a failed measurement, logged with its status)
+    are skipped. Several runs at one size are refused rather than silently merged.
+
+    >>> rows = [{"n_params": 1e7, "step": s, "critical_sharpness": v}
+    ...         for s, v in [(0, 1.0), (10, 2.0)]]
+    >>> t, v = curves_from_records(rows)[1e7]
+    >>> t.tolist(), v.tolist()
+    ([0.0, 1.0], [1.0, 2.0])
+    """
+    points: dict[tuple[float, Any], list[tuple[float | None, float | None, float]]]
+    points = defaultdict(list)
+    for index, row in enumerate(rows):
+        if _is_long(row):
+            wanted = quantity or DEFAULT_LONG_QUANTITY
+            if row["quantity"] != wanted:
+                continue
+            value = _number(row["value"])
+        else:
+            value = _number(row.get(quantity or DEFAULT_WIDE_QUANTITY))
+        if value is None:
+            continue
+        n_params = _number(row.get("n_params"))
+        if n_params is None or n_params <= 0:
+            raise ValueError(f"row {index} has no positive n_params: {dict(row)}")
+        step, fraction = _number(row.get("step")), _number(row.get("fraction"))
+        if step is None and fraction is None:
+            raise ValueError(f"row {index} has neither step nor fraction")
+        points[(n_params, row.get("run"))].append((fraction, step, value))
+    if not points:
+        raise ValueError(f"no finite values of quantity {quantity or '(default)'} in the records")
+
+    runs_per_size: dict[float, list[Any]] = defaultdict(list)
+    for n_params, run in points:
+        runs_per_size[n_params].append(run)
+    shared = {n: runs for n, runs in runs_per_size.items() if len(runs) > 1}
+    if shared:
+        raise ValueError(f"several runs share a model size; pass one run per size: {shared}")
+
+    curves: Curves = {}
+    for (n_params, _run), rows_of_run in sorted(points.items(), key=lambda kv: kv[0][0]):
+        curves[n_params] = _to_curve(rows_of_run)
+    return curves
+
+
+def _to_curve(points: list[tuple[float | None, float | None, float]]) -> tuple[np.ndarray, ...]:
+    """(fraction, step, value) triples -> (t, values) sorted by t."""
+    if all(fraction is not None for fraction, _, _ in points):
+        t = np.array([fraction for fraction, _, _ in points], dtype=float)
+    else:
+        if any(step is None for _, step, _ in points):
+            raise ValueError("a run mixes rows with only a fraction and rows with only a step")
+        steps = np.array([step for _, step, _ in points], dtype=float)
+        top = steps.max()
+        t = steps / top if top > 0 else steps
+    values = np.array([value for _, _, value in points], dtype=float)
+    order = np.argsort(t, kind="stable")
+    return t[order], values[order]

@@ -1,0 +1,119 @@
+"""power_iteration and lanczos against exact eigenvalues (dense matrices and a real GPT-2)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import causal_lm_loss
+
+import sharpmeter as sm
+
+
+def matrix_with_spectrum(values: list[float] | torch.Tensor, seed: int = 0) -> torch.Tensor:
+    values = torch.as_tensor(values, dtype=torch.float64)
+    generator = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(len(values), len(values), generator=generator, dtype=torch.float64))
+    return q @ torch.diag(values) @ q.T
+
+
+def test_lanczos_top_eigenvalues_of_gpt2_hessian(gpt2_reference):
+    model, batch, hessian = gpt2_reference
+    exact = torch.linalg.eigvalsh(hessian).flip(0)
+    op = sm.HessianOperator(model, causal_lm_loss, batch)
+    result = sm.lanczos(op, k=3, max_iter=80, tol=1e-10)
+    assert result.converged
+    assert torch.allclose(result.values, exact[:3], rtol=1e-8, atol=0)
+    assert result.num_matvecs == op.num_matvecs == result.iterations
+    # The residual it reports is the true one of the returned pair.
+    y = result.vector
+    true_residual = torch.linalg.vector_norm(hessian @ y - result.value * y) / abs(result.value)
+    assert float(true_residual) == pytest.approx(result.residual, abs=1e-9)
+
+
+def test_lanczos_default_settings_on_gpt2(gpt2_reference):
+    model, batch, hessian = gpt2_reference
+    top = float(torch.linalg.eigvalsh(hessian)[-1])
+    result = sm.lanczos(sm.HessianOperator(model, causal_lm_loss, batch))
+    assert 30 <= result.iterations or result.converged
+    assert result.value == pytest.approx(top, rel=1e-8)
+
+
+def test_power_iteration_on_gpt2_within_its_tolerance(gpt2_reference):
+    model, batch, hessian = gpt2_reference
+    values, vectors = torch.linalg.eigh(hessian)
+    op = sm.HessianOperator(model, causal_lm_loss, batch)
+    result = sm.power_iteration(op, tol=1e-4, max_iter=1000)
+    assert result.converged and result.residual <= 1e-4
+    # Rayleigh quotient error is bounded by residual^2 |lambda| / gap; well inside the residual.
+    assert abs(result.value - float(values[-1])) <= 1e-4 * abs(float(values[-1]))
+    y = result.vector
+    true_residual = torch.linalg.vector_norm(hessian @ y - result.value * y) / abs(result.value)
+    assert float(true_residual) == pytest.approx(result.residual, rel=1e-6)
+
+
+@pytest.mark.parametrize("solver", ["power", "lanczos"])
+def test_most_positive_eigenvalue_beats_a_larger_negative_one(solver):
+    spectrum = torch.linspace(-1.0, 2.0, 40)
+    spectrum[0] = -6.0
+    a = matrix_with_spectrum(spectrum)
+    if solver == "power":
+        result = sm.power_iteration(a, tol=1e-8, max_iter=5000)
+        assert result.converged
+        assert result.value == pytest.approx(2.0, rel=1e-7)
+        assert sm.power_iteration(a, which="LM", tol=1e-8, max_iter=5000).value == pytest.approx(-6.0, rel=1e-7)
+    else:
+        result = sm.lanczos(a, k=2, tol=1e-10)
+        assert result.values[0] == pytest.approx(2.0, rel=1e-8)
+        assert result.values[0] > result.values[1]
+
+
+def test_warm_start_saves_products():
+    a = matrix_with_spectrum(torch.cat([torch.tensor([5.0, 4.5]), torch.linspace(0, 4, 60)]))
+    cold = sm.power_iteration(a, tol=1e-6, max_iter=2000)
+    warm = sm.power_iteration(a + 1e-3 * matrix_with_spectrum(torch.ones(62), seed=1), tol=1e-6, max_iter=2000, v0=cold.vector)
+    assert warm.num_matvecs < cold.num_matvecs / 3
+    cold_lanczos = sm.lanczos(a, tol=1e-8)
+    warm_lanczos = sm.lanczos(a, tol=1e-8, v0=cold_lanczos.vector)
+    assert warm_lanczos.num_matvecs < cold_lanczos.num_matvecs
+
+
+def test_lanczos_stops_early_on_an_invariant_subspace():
+    a = torch.diag(torch.tensor([3.0, 1.0, 1.0, 1.0, 1.0], dtype=torch.float64))
+    result = sm.lanczos(a, k=1, v0=torch.tensor([1.0, 1.0, 0, 0, 0], dtype=torch.float64))
+    assert result.iterations == 2 and result.converged
+    assert result.value == pytest.approx(3.0, rel=1e-12)
+
+
+def test_lanczos_restarts_when_the_subspace_is_too_small():
+    a = torch.diag(torch.tensor([3.0, 2.0, 1.0, 0.5], dtype=torch.float64))
+    result = sm.lanczos(a, k=3, v0=torch.tensor([1.0, 0, 0, 0], dtype=torch.float64))
+    assert torch.allclose(result.values, torch.tensor([3.0, 2.0, 1.0], dtype=torch.float64), rtol=1e-10)
+
+
+def test_unconverged_results_say_so():
+    a = matrix_with_spectrum(torch.linspace(0, 1, 200))
+    assert not sm.power_iteration(a, max_iter=3, tol=1e-10).converged
+    result = sm.lanczos(a, k=1, max_iter=5, tol=1e-12)
+    assert not result.converged and result.iterations == 5
+
+
+def test_zero_operator():
+    result = sm.power_iteration(torch.zeros(4, 4))
+    assert result.value == 0.0 and result.converged
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match="square"):
+        sm.lanczos(torch.ones(3, 4))
+    with pytest.raises(ValueError, match="k"):
+        sm.lanczos(torch.eye(3), k=0)
+    with pytest.raises(ValueError, match="exceeds"):
+        sm.lanczos(torch.eye(3), k=4)
+    with pytest.raises(ValueError, match="v0"):
+        sm.power_iteration(torch.eye(3), v0=torch.ones(4))
+    with pytest.raises(ValueError, match="non-zero"):
+        sm.power_iteration(torch.eye(3), v0=torch.zeros(3))
+    with pytest.raises(ValueError, match="which"):
+        sm.power_iteration(torch.eye(3), which="SA")
+    with pytest.raises(ValueError, match="tol"):
+        sm.lanczos(torch.eye(3), tol=0)
