@@ -136,6 +136,8 @@ class ProbeLoss:
 
 
 def _normalised_weights(batches: list[Any], weights: Sequence[float] | None) -> list[float]:
+    if weights is None and len(batches) == 1:
+        return [1.0]  # nothing to weigh: the batch may hold no tensors at all
     raw = (
         [float(w) for w in weights]
         if weights is not None

@@ -93,10 +93,13 @@ def quadratic_loss(model: nn.Module, batch) -> torch.Tensor:
     return model(batch)
 
 
-def random_spd(n: int, seed: int = 0, low: float = 0.1, high: float = 10.0) -> torch.Tensor:
+def matrix_with_spectrum(values, seed: int = 0) -> torch.Tensor:
+    """Q diag(values) Q' with a random orthogonal Q."""
+    values = torch.as_tensor(values, dtype=torch.float64)
     generator = torch.Generator().manual_seed(seed)
-    q, _ = torch.linalg.qr(torch.randn(n, n, generator=generator, dtype=torch.float64))
-    return q @ torch.diag(torch.linspace(low, high, n, dtype=torch.float64)) @ q.T
+    gaussian = torch.randn(len(values), len(values), generator=generator, dtype=torch.float64)
+    q, _ = torch.linalg.qr(gaussian)
+    return q @ torch.diag(values) @ q.T
 
 
 @pytest.fixture
@@ -104,7 +107,7 @@ def quadratic() -> Quadratic:
     generator = torch.Generator().manual_seed(3)
     n = 12
     return Quadratic(
-        random_spd(n),
+        matrix_with_spectrum(torch.linspace(0.1, 10.0, n)),
         torch.randn(n, generator=generator, dtype=torch.float64),
         torch.randn(n, generator=generator, dtype=torch.float64),
     )

@@ -34,7 +34,9 @@ def test_error_shrinks_with_budget(gpt2_reference, estimator):
 def test_hutchpp_beats_hutchinson_on_a_low_rank_dominated_spectrum():
     generator = torch.Generator().manual_seed(0)
     q, _ = torch.linalg.qr(torch.randn(300, 300, generator=generator, dtype=torch.float64))
-    spectrum = torch.cat([torch.full((10,), 100.0), torch.rand(290, generator=generator, dtype=torch.float64)])
+    spectrum = torch.cat(
+        [torch.full((10,), 100.0), torch.rand(290, generator=generator, dtype=torch.float64)]
+    )
     a = q @ torch.diag(spectrum) @ q.T
     plain = sm.hutchinson(a, 60, seed=1)
     deflated = sm.hutchpp(a, 60, seed=1)

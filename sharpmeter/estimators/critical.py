@@ -156,7 +156,7 @@ def _base_loss(
         with torch.no_grad():
             return float(probe()), None
     loss, grads = loss_and_gradient(probe, params)
-    return float(loss), flatten(grads, vector_dtype(params))
+    return float(loss.detach()), flatten(grads, vector_dtype(params))
 
 
 class _LineSearch:

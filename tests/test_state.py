@@ -1,0 +1,143 @@
+"""Measuring never changes training: every estimator leaves the model, its optimizer and the RNG
+bit-identical (a GPT-2 with dropout on, mid-training, with gradients and Adam state)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import causal_lm_loss, tiny_gpt2, token_batch
+
+import sharpmeter as sm
+
+
+def snapshot(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    return {
+        "params": [p.detach().clone() for p in model.parameters()],
+        "grads": [None if p.grad is None else p.grad.clone() for p in model.parameters()],
+        "grad_ids": [id(p.grad) for p in model.parameters()],
+        "requires_grad": [p.requires_grad for p in model.parameters()],
+        "buffers": [b.clone() for b in model.buffers()],
+        "training": [m.training for m in model.modules()],
+        "rng": torch.get_rng_state(),
+        "optimizer": copy.deepcopy(optimizer.state_dict()),
+        "attn": model.config._attn_implementation,
+    }
+
+
+def assert_same(before: dict, after: dict) -> None:
+    assert all(torch.equal(a, b) for a, b in zip(before["params"], after["params"]))
+    assert all(
+        (a is None and b is None) or torch.equal(a, b)
+        for a, b in zip(before["grads"], after["grads"])
+    )
+    assert before["grad_ids"] == after["grad_ids"]
+    assert before["requires_grad"] == after["requires_grad"]
+    assert all(torch.equal(a, b) for a, b in zip(before["buffers"], after["buffers"]))
+    assert before["training"] == after["training"]
+    assert torch.equal(before["rng"], after["rng"])
+    assert before["attn"] == after["attn"]
+    for key, state in before["optimizer"]["state"].items():
+        for name, value in state.items():
+            assert torch.equal(
+                torch.as_tensor(value), torch.as_tensor(after["optimizer"]["state"][key][name])
+            )
+
+
+def start_training() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """A GPT-2 with dropout in train mode after two Adam steps, gradients of a third pending."""
+    torch.manual_seed(0)
+    model = tiny_gpt2(dropout=0.1).train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    for seed in range(3):
+        optimizer.zero_grad()
+        causal_lm_loss(model, token_batch(seed=seed)).backward()
+        if seed < 2:
+            optimizer.step()
+    return model, optimizer
+
+
+@pytest.fixture
+def training():
+    return *start_training(), token_batch(seed=10)
+
+
+def run_every_estimator(model, optimizer, batch) -> None:
+    for mode in ("double_backward", "fwd", "fd"):
+        op = sm.HessianOperator(model, causal_lm_loss, batch, mode=mode)
+        op @ torch.ones(op.dim, dtype=torch.float64)
+    op = sm.HessianOperator(model, causal_lm_loss, batch)
+    sm.power_iteration(op, max_iter=5)
+    sm.lanczos(op, k=2, max_iter=6)
+    sm.hutchinson(op, num_probes=3)
+    sm.hutchpp(op, num_matvecs=6)
+    sm.directional_sharpness(op, op.gradient)
+    preconditioner = sm.adam_preconditioner(optimizer, list(model.parameters()))
+    sm.lanczos(sm.PreconditionedOperator(op, preconditioner), max_iter=5)
+    sm.critical_sharpness(model, causal_lm_loss, batch, op.gradient, eta0=0.1)
+    sm.critical_sharpness(
+        model, None, [batch, token_batch(seed=11)], op.gradient, check_descent=False
+    )
+
+
+@pytest.mark.parametrize("dropout", ["eval", "train"])
+def test_every_estimator_inside_the_measurement_context(training, dropout):
+    model, optimizer, batch = training
+    before = snapshot(model, optimizer)
+    with sm.measurement(model, dropout=dropout):
+        if dropout == "eval":
+            assert not any(m.training for m in model.modules())
+        run_every_estimator(model, optimizer, batch)
+    assert_same(before, snapshot(model, optimizer))
+
+
+def test_every_estimator_on_its_own(training):
+    """Even without the context the operators fork the RNG and leave mode and grads alone."""
+    model, optimizer, batch = training
+    before = snapshot(model, optimizer)
+    run_every_estimator(model, optimizer, batch)
+    assert_same(before, snapshot(model, optimizer))
+
+
+def test_training_after_a_measurement_is_bit_identical(training):
+    model, optimizer, batch = training
+    twin, twin_optimizer = start_training()
+
+    def continue_training(model, optimizer):
+        optimizer.step()
+        optimizer.zero_grad()
+        causal_lm_loss(model, token_batch(seed=20)).backward()  # dropout draws from the RNG
+        optimizer.step()
+
+    torch.manual_seed(123)
+    with sm.measurement(model):
+        run_every_estimator(model, optimizer, batch)
+    continue_training(model, optimizer)
+    torch.manual_seed(123)
+    continue_training(twin, twin_optimizer)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), twin.parameters()))
+
+
+def test_batchnorm_statistics_and_mode_restored():
+    model = torch.nn.Sequential(
+        torch.nn.Linear(4, 6), torch.nn.BatchNorm1d(6), torch.nn.Dropout(0.5), torch.nn.Linear(6, 1)
+    ).train()
+    x, y = torch.randn(16, 4), torch.randn(16, 1)
+    buffers = [b.clone() for b in model.buffers()]
+
+    def loss_fn(m, batch):
+        return torch.nn.functional.mse_loss(m(batch[0]), batch[1])
+
+    with sm.measurement(model, dropout="train"):
+        op = sm.HessianOperator(model, loss_fn, (x, y))
+        sm.lanczos(op, max_iter=5)
+        sm.critical_sharpness(model, loss_fn, (x, y), op.gradient, eta0=0.1)
+    assert all(torch.equal(a, b) for a, b in zip(buffers, model.buffers()))
+    assert all(m.training for m in model.modules())
+
+
+def test_unknown_dropout_policy():
+    with pytest.raises(ValueError, match="dropout"):
+        with sm.measurement(torch.nn.Linear(2, 2), dropout="sometimes"):
+            pass
