@@ -9,6 +9,7 @@ Example::
     tr = sm.hutchinson(op, num_probes=32)              # .value .stderr
 """
 
+from sharpmeter.directions import learning_rate, update_direction
 from sharpmeter.estimators import (
     CriticalSharpnessResult,
     DirectionalSharpnessResult,
@@ -22,6 +23,7 @@ from sharpmeter.estimators import (
     lanczos,
     power_iteration,
 )
+from sharpmeter.meter import MEASURES, SharpnessMeter
 from sharpmeter.operators import (
     HessianOperator,
     NonFiniteLossError,
@@ -29,6 +31,7 @@ from sharpmeter.operators import (
     adam_preconditioner,
 )
 from sharpmeter.probe import attention_guard, measurement
+from sharpmeter.schedule import Schedule
 
 __version__ = "0.1.0"
 
@@ -48,6 +51,11 @@ __all__ = [
     "hutchinson",
     "hutchpp",
     "lanczos",
+    "learning_rate",
+    "MEASURES",
+    "Schedule",
+    "SharpnessMeter",
+    "update_direction",
     "measurement",
     "power_iteration",
 ]

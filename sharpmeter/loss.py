@@ -123,7 +123,7 @@ class ProbeLoss:
         batch = self.batches[index]
         if self.seed is None:
             return wide_loss(self.loss_fn(target, batch))
-        with torch.random.fork_rng(devices=cuda_device_indices(self.model)):
+        with torch.random.fork_rng(devices=cuda_device_indices(self.model.parameters())):
             torch.manual_seed(self.seed)
             return wide_loss(self.loss_fn(target, batch))
 

@@ -39,6 +39,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from sharpmeter.directions import adam_denominator, unwrap_optimizer
 from sharpmeter.loss import LossFn, ProbeLoss, loss_and_gradient
 from sharpmeter.params import (
     as_flat_vector,
@@ -254,7 +255,7 @@ def adam_preconditioner(
     ``amsgrad``). Raises ``ValueError`` when a parameter has no Adam state yet (before the
     first step) or belongs to no parameter group.
     """
-    optimizer = getattr(optimizer, "optimizer", optimizer)  # unwrap accelerate's wrapper
+    optimizer = unwrap_optimizer(optimizer)
     group_of = {id(p): group for group in optimizer.param_groups for p in group["params"]}
     parts = []
     for index, p in enumerate(params):
@@ -266,9 +267,9 @@ def adam_preconditioner(
                 f"params[{index}] has no Adam state: take an optimizer step before measuring"
             )
         second_moment = state["max_exp_avg_sq"] if group.get("amsgrad") else state["exp_avg_sq"]
-        step = float(state["step"])
-        bias_correction = 1 - group["betas"][1] ** step
-        parts.append((second_moment / bias_correction).sqrt() + group["eps"])
+        parts.append(
+            adam_denominator(second_moment, float(state["step"]), group["betas"][1], group["eps"])
+        )
     return flatten(parts, vector_dtype(params))
 
 

@@ -87,9 +87,9 @@ def as_flat_vector(
     return flatten(parts, vector_dtype(params)).to(params[0].device)
 
 
-def cuda_device_indices(model: nn.Module) -> list[int]:
-    """The CUDA devices holding the model's parameters (for ``torch.random.fork_rng``)."""
-    return sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
+def cuda_device_indices(tensors: Iterable[torch.Tensor]) -> list[int]:
+    """The CUDA devices holding these tensors (for ``torch.random.fork_rng``)."""
+    return sorted({t.device.index or 0 for t in tensors if t.device.type == "cuda"})
 
 
 def zeros_for_unused(

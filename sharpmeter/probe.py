@@ -105,7 +105,10 @@ def measurement(model: nn.Module, dropout: str = "eval") -> Iterator[None]:
         raise ValueError(f"dropout must be one of {DROPOUT_POLICIES}, got {dropout!r}")
     state = ModelState.capture(model)
     try:
-        with torch.random.fork_rng(devices=cuda_device_indices(model)), attention_guard(model):
+        with (
+            torch.random.fork_rng(devices=cuda_device_indices(model.parameters())),
+            attention_guard(model),
+        ):
             if dropout == "eval":
                 model.eval()
             yield

@@ -1,0 +1,369 @@
+r"""SharpnessMeter: a schedule and a set of estimators, one flat record per measurement.
+
+A measurement runs inside :func:`sharpmeter.probe.measurement` on a fixed probe batch, so
+training is never changed by it, and it never raises: a failed estimator leaves NaN in its
+columns and says why in its ``*_status`` column.
+
+The record (a flat ``dict`` of floats, ints and strings):
+
+=============================  ==========================================================
+``step``, ``lr``               training step; learning rate of the next update (first group)
+``loss``, ``grad_norm``        probe loss :math:`L(\theta)` and :math:`\lVert g\rVert`
+``loss_noise_floor``           :math:`\epsilon_{\rm dtype}|L|`: loss changes below it are rounding
+``critical_sharpness``         :math:`\lambda_c = 2/\eta_c` along the optimizer's update direction
+``critical_eta[_lo,_hi]``      :math:`\eta_c` and its bracket; ``critical_num_forward``
+``stability_ratio``            :math:`\mathrm{lr}\,\lambda_c/2 = \mathrm{lr}/\eta_c`: above 1 the
+                               next step raises the probe loss
+``directional_sharpness``      :math:`d^\top H d / d^\top g` (one HVP)
+``hessian_trace[_stderr]``     Hutchinson or Hutch++ with its standard error
+``lambda_max[_residual]``      top Hessian eigenvalue by Lanczos, residual, ``_converged``
+``preconditioned_lambda_max``  top eigenvalue of :math:`P^{-1/2} H P^{-1/2}` (Adam-type)
+``*_num_matvecs``              HVPs spent per estimator; ``wall_seconds`` in total
+``status``, ``*_status``       ``ok``, or what went wrong
+=============================  ==========================================================
+
+Warm starts: each measurement starts the line search at the previous :math:`\eta_c` and Lanczos
+at the previous top eigenvector.
+
+Example::
+
+    meter = sm.SharpnessMeter(model, probe_batch, schedule=sm.Schedule(every=50))
+    for step, batch in enumerate(loader):
+        loss = model(**batch).loss
+        loss.backward()
+        if meter.is_due(step):
+            print(meter.measure(step, optimizer=optimizer))
+        optimizer.step()
+        optimizer.zero_grad()
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from sharpmeter.directions import learning_rate, update_direction
+from sharpmeter.estimators import (
+    critical_sharpness,
+    directional_sharpness,
+    hutchinson,
+    hutchpp,
+    lanczos,
+)
+from sharpmeter.loss import LossFn, ProbeLoss, loss_and_gradient, split_probe
+from sharpmeter.operators import (
+    MODES,
+    HessianOperator,
+    NonFiniteLossError,
+    PreconditionedOperator,
+    adam_preconditioner,
+)
+from sharpmeter.params import flatten, resolve_params, unflatten, vector_dtype
+from sharpmeter.probe import DROPOUT_POLICIES, measurement
+from sharpmeter.schedule import Schedule
+
+MEASURES = ("critical", "directional", "trace", "spectral", "preconditioned")
+DEFAULT_MEASURES = ("critical", "trace", "spectral")
+HVP_MEASURES = ("directional", "trace", "spectral", "preconditioned")
+TRACE_METHODS = {"hutchinson": hutchinson, "hutchpp": hutchpp}
+
+_COLUMNS = {
+    "critical": (
+        "critical_sharpness",
+        "critical_eta",
+        "critical_eta_lo",
+        "critical_eta_hi",
+        "critical_num_forward",
+        "stability_ratio",
+    ),
+    "directional": ("directional_sharpness",),
+    "trace": ("hessian_trace", "hessian_trace_stderr", "hessian_trace_num_matvecs"),
+    "spectral": ("lambda_max", "lambda_max_residual", "lambda_max_num_matvecs"),
+    "preconditioned": (
+        "preconditioned_lambda_max",
+        "preconditioned_lambda_max_residual",
+        "preconditioned_num_matvecs",
+    ),
+}
+
+
+class SharpnessMeter:
+    """Measures sharpness of ``model`` on a fixed probe batch, on a schedule.
+
+    Args:
+        model: the (unwrapped) module being trained.
+        probe_batch: one batch or a list of batches, kept fixed for the whole run.
+        loss_fn: ``(model, batch) -> scalar``; ``None`` for the output's ``.loss`` (then the
+            probe batch must hold ``labels``).
+        measures: any of ``critical``, ``directional``, ``trace``, ``spectral``,
+            ``preconditioned``.
+        schedule: a :class:`Schedule` (default every 10 steps).
+        params: the parameters to measure (default all trainable).
+        dropout: ``"eval"`` (default) or ``"train"`` (fixed-seed masks).
+        trace_method: ``"hutchinson"`` or ``"hutchpp"``; ``trace_matvecs`` its HVP budget.
+        lanczos_steps, lanczos_tol: Krylov size and residual target of the top eigenvalue.
+        critical_k: bisection precision :math:`2^{-k}` of :math:`\\eta_c`.
+        max_grad_norm: gradient clipping the optimizer applies (as the Trainer does).
+        hvp_mode: ``"double_backward"``, ``"fwd"`` or ``"fd"``.
+        seed: seed of the probes and of the dropout masks.
+
+    Raises:
+        ValueError: an unknown measure, a probe batch without labels when the model's own loss
+            is used, a bad schedule or setting.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        probe_batch: Any,
+        loss_fn: LossFn | None = None,
+        measures: Sequence[str] = DEFAULT_MEASURES,
+        schedule: Schedule | None = None,
+        *,
+        params: Iterable[nn.Parameter] | None = None,
+        dropout: str = "eval",
+        trace_method: str = "hutchinson",
+        trace_matvecs: int = 8,
+        lanczos_steps: int = 20,
+        lanczos_tol: float = 1e-3,
+        critical_k: int = 4,
+        max_grad_norm: float | None = None,
+        hvp_mode: str = "double_backward",
+        seed: int = 0,
+    ) -> None:
+        unknown = [m for m in measures if m not in MEASURES]
+        if unknown or not measures:
+            raise ValueError(f"measures must be a non-empty subset of {MEASURES}, got {measures}")
+        if dropout not in DROPOUT_POLICIES:
+            raise ValueError(f"dropout must be one of {DROPOUT_POLICIES}, got {dropout!r}")
+        if trace_method not in TRACE_METHODS:
+            raise ValueError(f"trace_method must be one of {tuple(TRACE_METHODS)}")
+        if hvp_mode not in MODES:
+            raise ValueError(f"hvp_mode must be one of {MODES}, got {hvp_mode!r}")
+        for name, value, minimum in (
+            ("trace_matvecs", trace_matvecs, 4),
+            ("lanczos_steps", lanczos_steps, 1),
+            ("critical_k", critical_k, 1),
+        ):
+            if not isinstance(value, int) or value < minimum:
+                raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+        if loss_fn is None:
+            _check_labels(probe_batch)
+        self.model = model
+        self.probe_batch = probe_batch
+        self.loss_fn = loss_fn
+        self.measures = tuple(dict.fromkeys(measures))
+        self.schedule = schedule if schedule is not None else Schedule()
+        self.params = resolve_params(model, params)
+        self.dropout = dropout
+        self.trace_method = trace_method
+        self.trace_matvecs = trace_matvecs
+        self.lanczos_steps = lanczos_steps
+        self.lanczos_tol = lanczos_tol
+        self.critical_k = critical_k
+        self.max_grad_norm = max_grad_norm
+        self.hvp_mode = hvp_mode
+        self.seed = seed
+        self.eta_c: float | None = None
+        self.top_vector: torch.Tensor | None = None
+        self.preconditioned_vector: torch.Tensor | None = None
+        self.last_step: int | None = None
+        self.measuring_seconds = 0.0
+        self._started = time.perf_counter()
+
+    def is_due(self, step: int) -> bool:
+        """Whether ``step`` is on the schedule, not yet measured, and within the time budget."""
+        if self.last_step is not None and step <= self.last_step:
+            return False
+        training = time.perf_counter() - self._started - self.measuring_seconds
+        return self.schedule.is_due(step) and self.schedule.within_budget(
+            self.measuring_seconds, training
+        )
+
+    def measure(self, step: int, optimizer: torch.optim.Optimizer | None = None) -> dict:
+        """One measurement at the current parameters; never raises, never changes training.
+
+        With ``optimizer``, critical and directional sharpness follow the update it would
+        apply to the probe gradient (:func:`sharpmeter.update_direction`); without, the
+        gradient itself (``lr`` is then NaN).
+        """
+        started = time.perf_counter()
+        row: dict[str, Any] = {"step": int(step)}
+        try:
+            with measurement(self.model, self.dropout):
+                self._measure_into(row, optimizer)
+            row["status"] = _overall_status(row, self.measures)
+        except NonFiniteLossError as error:
+            row["status"] = "nonfinite"
+            row["error"] = str(error)
+        except Exception as error:  # a measurement must never stop training
+            row["status"] = "error"
+            row["error"] = f"{type(error).__name__}: {error}"
+        for measure in self.measures:
+            for column in _COLUMNS[measure]:
+                row.setdefault(column, math.nan)
+            row.setdefault(f"{measure}_status", row["status"])
+        row.setdefault("lr", math.nan)
+        elapsed = time.perf_counter() - started
+        row["wall_seconds"] = elapsed
+        self.measuring_seconds += elapsed
+        self.last_step = int(step)
+        return row
+
+    def _measure_into(self, row: dict, optimizer: torch.optim.Optimizer | None) -> None:
+        operator = None
+        if any(m in HVP_MEASURES for m in self.measures):
+            operator = HessianOperator(
+                self.model,
+                self.loss_fn,
+                self.probe_batch,
+                params=self.params,
+                mode=self.hvp_mode,
+                dropout_seed=self.seed,
+            )
+            loss, gradient = operator.loss, operator.gradient
+        else:
+            probe = ProbeLoss(self.model, self.loss_fn, self.probe_batch, seed=self.seed)
+            loss, grads = loss_and_gradient(probe, self.params)
+            loss, gradient = loss.detach(), flatten(grads, vector_dtype(self.params))
+            if not (torch.isfinite(loss) and torch.isfinite(gradient).all()):
+                raise NonFiniteLossError(f"the probe loss is not finite ({float(loss)})")
+        lr, direction = self._direction(optimizer, gradient)
+        row["lr"] = lr
+        row["loss"] = float(loss)
+        row["grad_norm"] = float(torch.linalg.vector_norm(gradient))
+        row["loss_noise_floor"] = torch.finfo(self.params[0].dtype).eps * abs(float(loss))
+        # HVP estimators first: the line search writes the parameters (and restores them), which
+        # would make the operator rebuild its graph.
+        steps = {
+            "directional": lambda: self._directional(operator, direction, gradient),
+            "trace": lambda: self._trace(operator),
+            "spectral": lambda: self._spectral(operator),
+            "preconditioned": lambda: self._preconditioned(operator, optimizer),
+            "critical": lambda: self._critical(direction, gradient, lr),
+        }
+        for measure in sorted(self.measures, key=lambda m: m == "critical"):
+            try:
+                row.update(steps[measure]())
+            except Exception as error:  # one estimator failing leaves the others standing
+                row[f"{measure}_status"] = f"error: {type(error).__name__}: {error}"
+
+    def _direction(
+        self, optimizer: torch.optim.Optimizer | None, gradient: torch.Tensor
+    ) -> tuple[float, torch.Tensor]:
+        if optimizer is None:
+            return math.nan, gradient
+        direction = update_direction(
+            optimizer,
+            self.params,
+            gradients=unflatten(gradient, self.params),
+            max_grad_norm=self.max_grad_norm,
+        )
+        return learning_rate(optimizer), direction.to(gradient.dtype)
+
+    def _directional(self, operator, direction, gradient) -> dict:
+        result = directional_sharpness(operator, direction, gradient)
+        return {"directional_sharpness": result.value, "directional_status": result.status}
+
+    def _trace(self, operator) -> dict:
+        result = TRACE_METHODS[self.trace_method](operator, self.trace_matvecs, seed=self.seed)
+        return {
+            "hessian_trace": result.value,
+            "hessian_trace_stderr": result.stderr,
+            "hessian_trace_num_matvecs": result.num_matvecs,
+            "trace_status": "ok",
+        }
+
+    def _spectral(self, operator) -> dict:
+        result = lanczos(
+            operator,
+            k=1,
+            max_iter=self.lanczos_steps,
+            tol=self.lanczos_tol,
+            v0=self.top_vector,
+            seed=self.seed,
+        )
+        self.top_vector = result.vector.detach()
+        return {
+            "lambda_max": result.value,
+            "lambda_max_residual": result.residual,
+            "lambda_max_num_matvecs": result.num_matvecs,
+            "lambda_max_converged": result.converged,
+            "spectral_status": "ok" if result.converged else "not_converged",
+        }
+
+    def _preconditioned(self, operator, optimizer) -> dict:
+        if optimizer is None:
+            return {"preconditioned_status": "no_optimizer"}
+        diagonal = adam_preconditioner(optimizer, self.params)
+        result = lanczos(
+            PreconditionedOperator(operator, diagonal),
+            k=1,
+            max_iter=self.lanczos_steps,
+            tol=self.lanczos_tol,
+            v0=self.preconditioned_vector,
+            seed=self.seed,
+        )
+        self.preconditioned_vector = result.vector.detach()
+        return {
+            "preconditioned_lambda_max": result.value,
+            "preconditioned_lambda_max_residual": result.residual,
+            "preconditioned_num_matvecs": result.num_matvecs,
+            "preconditioned_status": "ok" if result.converged else "not_converged",
+        }
+
+    def _critical(self, direction, gradient, lr) -> dict:
+        result = critical_sharpness(
+            self.model,
+            self.loss_fn,
+            self.probe_batch,
+            direction,
+            params=self.params,
+            eta0=self.eta_c if self.eta_c else (lr if lr > 0 else 1e-3),
+            k=self.critical_k,
+            gradient=gradient,
+            dropout_seed=self.seed,
+        )
+        if result.status == "ok":
+            self.eta_c = result.eta_c
+        return {
+            "critical_sharpness": result.value,
+            "critical_eta": result.eta_c,
+            "critical_eta_lo": result.lo,
+            "critical_eta_hi": result.hi,
+            "critical_num_forward": result.num_forward,
+            "stability_ratio": lr / result.eta_c,
+            "critical_status": result.status,
+        }
+
+    def state_dict(self) -> dict:
+        """JSON-able warm-start and schedule state (eigenvectors are not kept)."""
+        return {
+            "eta_c": self.eta_c,
+            "last_step": self.last_step,
+            "measuring_seconds": self.measuring_seconds,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.eta_c = state.get("eta_c")
+        self.last_step = state.get("last_step")
+        self.measuring_seconds = float(state.get("measuring_seconds", 0.0))
+
+
+def _check_labels(probe_batch: Any) -> None:
+    for batch in split_probe(probe_batch):
+        if not (isinstance(batch, Mapping) and "labels" in batch):
+            raise ValueError(
+                "the probe batch has no 'labels': with loss_fn=None the model's own .loss is "
+                "measured, which needs labels= (or pass loss_fn)"
+            )
+
+
+def _overall_status(row: Mapping[str, Any], measures: Sequence[str]) -> str:
+    failed = [m for m in measures if str(row.get(f"{m}_status", "ok")).startswith("error")]
+    return "ok" if not failed else "error: " + ",".join(failed)

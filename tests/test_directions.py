@@ -1,0 +1,380 @@
+"""update_direction against the real optimizer step, taken on a deep copy of model + optimizer."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from sharpmeter.directions import adam_denominator, learning_rate, update_direction
+from sharpmeter.params import flatten
+
+
+class Net(nn.Module):
+    """Two layers and a parameter the loss never touches (its .grad stays None)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hidden = nn.Linear(4, 5)
+        self.out = nn.Linear(5, 3)
+        self.unused = nn.Parameter(torch.randn(2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.tanh(self.hidden(x)))
+
+
+def make_model(seed: int = 0, dtype: torch.dtype = torch.float64) -> Net:
+    torch.manual_seed(seed)
+    return Net().to(dtype)
+
+
+def backward(model: Net, seed: int) -> None:
+    """Fresh gradients of a batch drawn from its own generator (the global RNG is untouched)."""
+    generator = torch.Generator().manual_seed(seed)
+    dtype = model.out.weight.dtype
+    x = torch.randn(8, 4, generator=generator, dtype=dtype)
+    y = torch.randn(8, 3, generator=generator, dtype=dtype)
+    model.zero_grad(set_to_none=True)
+    ((model(x) - y) ** 2).mean().backward()
+
+
+def train(model: Net, optimizer: torch.optim.Optimizer, steps: int) -> None:
+    """Build optimizer state with ``steps`` real steps, then leave fresh gradients."""
+    for step in range(steps):
+        backward(model, seed=100 + step)
+        optimizer.step()
+    backward(model, seed=7)
+
+
+def real_step(
+    model: Net, optimizer: torch.optim.Optimizer, max_grad_norm: float | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat parameters (in the optimizer's group order) before and after a real step on a copy."""
+    model_copy, optimizer_copy = copy.deepcopy((model, optimizer))
+    for p, q in zip(model.parameters(), model_copy.parameters()):
+        q.grad = None if p.grad is None else p.grad.clone()  # deepcopy drops .grad
+    params = [p for group in optimizer_copy.param_groups for p in group["params"]]
+    before = flatten([p.detach().clone() for p in params])
+    if max_grad_norm:
+        nn.utils.clip_grad_norm_(model_copy.parameters(), max_grad_norm)
+    optimizer_copy.step()
+    return before, flatten([p.detach() for p in params])
+
+
+def assert_matches_step(
+    model: Net, optimizer: torch.optim.Optimizer, d: torch.Tensor, max_grad_norm=None
+) -> None:
+    before, after = real_step(model, optimizer, max_grad_norm)
+    lr0 = learning_rate(optimizer)
+    torch.testing.assert_close(before - lr0 * d, after, rtol=1e-13, atol=1e-15)
+    # The step itself, far more demanding than theta - lr0 * d: it sees errors of 1e-10 in d.
+    torch.testing.assert_close(d, (before - after) / lr0, rtol=1e-10, atol=1e-12)
+
+
+def snapshot(model: Net, optimizer: torch.optim.Optimizer) -> dict:
+    return {
+        "params": [p.detach().clone() for p in model.parameters()],
+        "grads": [None if p.grad is None else p.grad.clone() for p in model.parameters()],
+        "state": copy.deepcopy(optimizer.state_dict()),
+        "state_keys": [id(p) for p in optimizer.state],
+        "versions": [p._version for p in model.parameters()],
+        "rng": torch.get_rng_state(),
+    }
+
+
+def assert_unchanged(model: Net, optimizer: torch.optim.Optimizer, saved: dict) -> None:
+    """Bit-identical params, grads, optimizer state and RNG; no parameter written at all."""
+    now = snapshot(model, optimizer)
+    for a, b in zip(saved["params"] + saved["grads"], now["params"] + now["grads"]):
+        assert (a is None and b is None) or torch.equal(a, b)
+    assert saved["versions"] == now["versions"]
+    assert saved["state_keys"] == now["state_keys"]  # no state created for a parameter
+    assert torch.equal(saved["rng"], now["rng"])
+    assert identical(saved["state"], now["state"])
+
+
+def identical(a, b) -> bool:
+    """Exact equality of nested state: tensors bit for bit (dtype included), the rest by ==."""
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(identical(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(identical(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+SGD_CASES = {
+    "plain": ({}, 0),
+    "momentum_first_step": ({"momentum": 0.9}, 0),
+    "momentum_later": ({"momentum": 0.9}, 3),
+    "dampening_first_step": ({"momentum": 0.8, "dampening": 0.3}, 0),
+    "dampening": ({"momentum": 0.8, "dampening": 0.3}, 3),
+    "nesterov": ({"momentum": 0.9, "nesterov": True}, 3),
+    "weight_decay": ({"momentum": 0.9, "weight_decay": 0.1}, 2),
+    "maximize": ({"momentum": 0.5, "weight_decay": 0.05, "maximize": True}, 2),
+}
+
+
+@pytest.mark.parametrize("case", SGD_CASES)
+def test_sgd_matches_real_step(case: str) -> None:
+    kwargs, steps = SGD_CASES[case]
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, **kwargs)
+    train(model, optimizer, steps)
+    saved = snapshot(model, optimizer)
+    d = update_direction(optimizer)
+    assert_unchanged(model, optimizer, saved)
+    assert_matches_step(model, optimizer, d)
+
+
+ADAM_CASES = {
+    "first_step": ({}, 0),
+    "later": ({}, 3),
+    "betas_eps": ({"betas": (0.8, 0.95), "eps": 1e-3}, 2),
+    "weight_decay": ({"weight_decay": 0.1}, 2),
+    "amsgrad_first_step": ({"amsgrad": True}, 0),
+    "amsgrad_later": ({"amsgrad": True, "weight_decay": 0.1}, 4),
+    "maximize": ({"maximize": True, "weight_decay": 0.1}, 2),
+}
+
+
+@pytest.mark.parametrize("optimizer_type", [torch.optim.Adam, torch.optim.AdamW])
+@pytest.mark.parametrize("case", ADAM_CASES)
+def test_adam_matches_real_step(optimizer_type: type, case: str) -> None:
+    kwargs, steps = ADAM_CASES[case]
+    model = make_model()
+    optimizer = optimizer_type(model.parameters(), lr=0.05, **kwargs)
+    train(model, optimizer, steps)
+    saved = snapshot(model, optimizer)
+    d = update_direction(optimizer)
+    assert_unchanged(model, optimizer, saved)
+    assert_matches_step(model, optimizer, d)
+
+
+@pytest.mark.parametrize("implementation", ["foreach", "fused"])
+@pytest.mark.parametrize("optimizer_type", [torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW])
+def test_foreach_and_fused_steps_agree(optimizer_type: type, implementation: str) -> None:
+    """The rules follow the single-tensor code; the other kernels differ only in rounding."""
+    model = make_model()
+    if optimizer_type is torch.optim.SGD:
+        kwargs = {"momentum": 0.9, "nesterov": True, "weight_decay": 0.1}
+    else:
+        kwargs = {"amsgrad": True, "weight_decay": 0.1}
+    optimizer = optimizer_type(model.parameters(), lr=0.05, **kwargs, **{implementation: True})
+    train(model, optimizer, 3)
+    assert_matches_step(model, optimizer, update_direction(optimizer))
+
+
+def test_adamw_weight_decay_is_decoupled() -> None:
+    """AdamW's decay adds wd * theta to d, outside the moments (where there is a gradient)."""
+    model = make_model()
+    train(model, torch.optim.Adam(model.parameters(), lr=0.05), 2)
+    directions = {}
+    for name, wd in (("none", 0.0), ("decay", 0.3)):
+        optimizer = torch.optim.AdamW(model.parameters(), lr=0.05, weight_decay=wd)
+        directions[name] = update_direction(optimizer)
+    theta = flatten([p.detach() * (p.grad is not None) for p in model.parameters()])
+    torch.testing.assert_close(directions["decay"] - directions["none"], 0.3 * theta)
+
+
+def test_several_groups_scale_by_their_lr() -> None:
+    model = make_model()
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": model.hidden.parameters(), "lr": 0.02, "weight_decay": 0.1},
+            {"params": model.out.parameters(), "lr": 0.2, "betas": (0.5, 0.9), "weight_decay": 0},
+            {"params": [model.unused], "lr": 0.1, "amsgrad": True},
+        ],
+        lr=1.0,
+    )
+    train(model, optimizer, 3)
+    d = update_direction(optimizer)
+    assert learning_rate(optimizer) == 0.02
+    assert_matches_step(model, optimizer, d)
+
+
+def test_several_sgd_groups() -> None:
+    model = make_model()
+    optimizer = torch.optim.SGD(
+        [
+            {"params": model.out.parameters(), "lr": 0.3, "momentum": 0.9, "nesterov": True},
+            {"params": model.hidden.parameters(), "lr": 0.01, "weight_decay": 0.2},
+        ],
+        lr=0.1,
+    )
+    train(model, optimizer, 2)
+    assert_matches_step(model, optimizer, update_direction(optimizer))
+
+
+@pytest.mark.parametrize("max_grad_norm", [1e-2, 1e3])  # clipping active, and not
+@pytest.mark.parametrize("optimizer_type", [torch.optim.SGD, torch.optim.AdamW])
+def test_gradient_clipping(optimizer_type: type, max_grad_norm: float) -> None:
+    model = make_model()
+    kwargs = {"momentum": 0.9} if optimizer_type is torch.optim.SGD else {}
+    optimizer = optimizer_type(model.parameters(), lr=0.05, **kwargs)
+    train(model, optimizer, 2)
+    saved = snapshot(model, optimizer)
+    d = update_direction(optimizer, max_grad_norm=max_grad_norm)
+    assert_unchanged(model, optimizer, saved)  # .grad is not clipped in place
+    assert_matches_step(model, optimizer, d, max_grad_norm=max_grad_norm)
+    clipped_differs = not torch.allclose(d, update_direction(optimizer))
+    assert clipped_differs == (max_grad_norm < 1)
+
+
+def test_parameters_without_gradient_are_zero() -> None:
+    model = make_model()
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.05, weight_decay=0.1)
+    train(model, optimizer, 1)
+    assert model.unused.grad is None
+    d = update_direction(optimizer)
+    assert torch.equal(d[:2], torch.zeros(2, dtype=d.dtype))  # own parameters come first
+    assert_matches_step(model, optimizer, d)
+
+
+def test_params_select_and_order_the_entries() -> None:
+    model = make_model()
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.05)
+    train(model, optimizer, 2)
+    full = update_direction(optimizer)
+    sizes = [p.numel() for p in model.parameters()]
+    parts = dict(zip(["u", "hw", "hb", "ow", "ob"], full.split(sizes)))
+    outsider = nn.Parameter(torch.ones(3, dtype=torch.float64))  # not optimized: zeros
+    chosen = [model.out.bias, outsider, model.hidden.weight]
+    d = update_direction(optimizer, chosen)
+    assert torch.equal(d, torch.cat([parts["ob"], torch.zeros(3, dtype=d.dtype), parts["hw"]]))
+
+
+def test_float32_parameters_give_a_float32_direction() -> None:
+    model = make_model(dtype=torch.float32)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.05)
+    train(model, optimizer, 2)
+    d = update_direction(optimizer)
+    assert d.dtype == torch.float32
+    before, after = real_step(model, optimizer)
+    torch.testing.assert_close(before - 0.05 * d, after, rtol=1e-6, atol=1e-7)
+
+
+def test_the_check_rejects_a_wrong_direction() -> None:
+    """The comparison can fail: the raw gradient is not Adam's direction."""
+    model = make_model()
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.05)
+    train(model, optimizer, 2)
+    gradient = flatten(
+        [torch.zeros_like(p) if p.grad is None else p.grad for p in model.parameters()]
+    )
+    with pytest.raises(AssertionError):
+        assert_matches_step(model, optimizer, gradient)
+
+
+FALLBACK_CASES = {
+    "rmsprop": (torch.optim.RMSprop, {"lr": 0.01, "momentum": 0.9, "centered": True}),
+    "adagrad": (torch.optim.Adagrad, {"lr": 0.1, "weight_decay": 0.1}),
+    "adam_subclass": (type("MyAdam", (torch.optim.Adam,), {}), {"lr": 0.05}),
+}
+
+
+@pytest.mark.parametrize("max_grad_norm", [None, 1e-2])
+@pytest.mark.parametrize("case", FALLBACK_CASES)
+def test_fallback_steps_a_shadow_and_leaves_everything_alone(case, max_grad_norm) -> None:
+    optimizer_type, kwargs = FALLBACK_CASES[case]
+    model = make_model()
+    optimizer = optimizer_type(model.parameters(), **kwargs)
+    train(model, optimizer, 2)
+    state_tensors = [id(t) for s in optimizer.state.values() for t in s.values()]
+    groups = [id(g) for g in optimizer.param_groups]
+    saved = snapshot(model, optimizer)
+    d = update_direction(optimizer, max_grad_norm=max_grad_norm)
+    assert_unchanged(model, optimizer, saved)
+    assert state_tensors == [id(t) for s in optimizer.state.values() for t in s.values()]
+    assert groups == [id(g) for g in optimizer.param_groups]
+    assert_matches_step(model, optimizer, d, max_grad_norm=max_grad_norm)
+
+
+def test_fallback_bypasses_the_lr_schedulers_step_counter() -> None:
+    model = make_model()
+    optimizer = torch.optim.RMSprop(model.parameters(), lr=0.01)
+    torch.optim.lr_scheduler.StepLR(optimizer, step_size=1)
+    optimizer._opt_called = False
+    train(model, optimizer, 0)
+    update_direction(optimizer)
+    assert optimizer._opt_called is False
+
+
+class Wrapper:
+    """accelerate's AcceleratedOptimizer exposes the torch optimizer as ``.optimizer``."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+        self.optimizer = optimizer
+
+
+def test_wrapped_optimizer_is_unwrapped() -> None:
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    train(model, optimizer, 1)
+    assert learning_rate(Wrapper(optimizer)) == 0.1
+    assert torch.equal(update_direction(Wrapper(optimizer)), update_direction(optimizer))
+
+
+def test_errors() -> None:
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="no parameter of the optimizer has a gradient"):
+        update_direction(optimizer)
+    backward(model, seed=0)
+    with pytest.raises(ValueError, match="max_grad_norm"):
+        update_direction(optimizer, max_grad_norm=-1.0)
+    with pytest.raises(ValueError, match="none of params"):
+        update_direction(optimizer, [nn.Parameter(torch.ones(2))])
+    with pytest.raises(TypeError):
+        update_direction(object())
+    two_groups = torch.optim.SGD(
+        [{"params": model.hidden.parameters(), "lr": 0.0}, {"params": model.out.parameters()}],
+        lr=0.1,
+    )
+    with pytest.raises(ValueError, match="learning rate is 0"):
+        update_direction(two_groups)
+    with pytest.raises(ValueError, match="one tensor per parameter"):
+        update_direction(optimizer, gradients=[torch.ones(1)])
+
+
+@pytest.mark.parametrize("optimizer_type", [torch.optim.AdamW, torch.optim.RMSprop])
+def test_all_rates_zero_gives_the_update_per_unit_rate(optimizer_type: type) -> None:
+    """At the end of a linear decay every rate is 0; d is then the step at rate 1."""
+    model = make_model()
+    optimizer = optimizer_type(model.parameters(), lr=0.05)
+    train(model, optimizer, 2)
+    for group in optimizer.param_groups:
+        group["lr"] = 1.0
+    expected = update_direction(optimizer)
+    for group in optimizer.param_groups:
+        group["lr"] = 0.0
+    d = update_direction(optimizer)
+    torch.testing.assert_close(d, expected, rtol=1e-13, atol=1e-15)
+    assert optimizer.param_groups[0]["lr"] == 0.0
+
+
+def test_given_gradients_replace_grad() -> None:
+    """A measurement steps with the probe gradient; the result is as if .grad held it."""
+    model = make_model()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.05)
+    train(model, optimizer, 2)
+    params = list(model.parameters())
+    probe = [torch.randn_like(p) for p in params]
+    d = update_direction(optimizer, params, gradients=probe, max_grad_norm=0.5)
+    saved = [p.grad for p in params]
+    for p, g in zip(params, probe):
+        p.grad = g
+    expected = update_direction(optimizer, params, max_grad_norm=0.5)
+    for p, g in zip(params, saved):
+        p.grad = g
+    torch.testing.assert_close(d, expected, rtol=0, atol=0)
+
+
+def test_adam_denominator_is_the_preconditioner() -> None:
+    """sqrt(v) / sqrt(1 - beta2^t) + eps equals sqrt(v_hat) + eps."""
+    v = torch.rand(10, dtype=torch.float64)
+    expected = (v / (1 - 0.99**3)).sqrt() + 1e-8
+    torch.testing.assert_close(adam_denominator(v, 3.0, 0.99, 1e-8), expected)
