@@ -22,7 +22,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from sharpmeter.params import cuda_device_indices, zeros_for_unused
+from sharpmeter.distributed import all_reduce_sum, is_distributed
+from sharpmeter.params import cuda_device_indices, flatten, vector_dtype, zeros_for_unused
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 
@@ -101,6 +102,9 @@ class ProbeLoss:
         seed: when not ``None``, every forward runs with the global RNG seeded to this value
             (inside ``fork_rng``, so the caller's RNG stream is untouched) and a model in train
             mode sees the same dropout masks at every evaluation.
+        distributed: this rank holds a shard of the probe (default: inside a process group of
+            more than one rank). Weights are then over the global loss-token count and
+            :meth:`reduce` sums a quantity over ranks (see :mod:`sharpmeter.distributed`).
     """
 
     def __init__(
@@ -110,12 +114,18 @@ class ProbeLoss:
         batch: Any,
         weights: Sequence[float] | None = None,
         seed: int | None = 0,
+        distributed: bool | None = None,
     ) -> None:
         self.model = model
         self.loss_fn: LossFn = loss_fn if loss_fn is not None else output_loss
         self.batches = split_probe(batch)
-        self.weights = _normalised_weights(self.batches, weights)
+        self.distributed = is_distributed() if distributed is None else distributed
+        self.weights = _normalised_weights(self.batches, weights, self.distributed)
         self.seed = seed
+
+    def reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum this rank's share over ranks (identity for a probe held whole)."""
+        return all_reduce_sum(tensor) if self.distributed else tensor
 
     def batch_loss(self, index: int, model: nn.Module | None = None) -> torch.Tensor:
         """Loss of batch ``index`` (float32 or wider), with the fixed RNG seed if one is set."""
@@ -135,8 +145,10 @@ class ProbeLoss:
         return sum(w * self.batch_loss(i, model) for i, w in enumerate(self.weights))
 
 
-def _normalised_weights(batches: list[Any], weights: Sequence[float] | None) -> list[float]:
-    if weights is None and len(batches) == 1:
+def _normalised_weights(
+    batches: list[Any], weights: Sequence[float] | None, distributed: bool
+) -> list[float]:
+    if weights is None and len(batches) == 1 and not distributed:
         return [1.0]  # nothing to weigh: the batch may hold no tensors at all
     raw = (
         [float(w) for w in weights]
@@ -146,6 +158,8 @@ def _normalised_weights(batches: list[Any], weights: Sequence[float] | None) -> 
     if len(raw) != len(batches):
         raise ValueError(f"got {len(raw)} weights for {len(batches)} batches")
     total = sum(raw)
+    if distributed:
+        total = float(all_reduce_sum(torch.tensor(total, dtype=torch.float64)))
     if any(w < 0 for w in raw) or not total > 0:
         raise ValueError(f"batch weights must be non-negative with a positive sum, got {raw}")
     return [w / total for w in raw]
@@ -162,3 +176,12 @@ def loss_and_gradient(
         loss = probe()
         grads = torch.autograd.grad(loss, params, create_graph=create_graph, allow_unused=True)
     return loss, zeros_for_unused(grads, params)
+
+
+def probe_loss_and_gradient(
+    probe: ProbeLoss, params: Sequence[torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The probe loss and flat gradient, detached and summed over ranks."""
+    loss, grads = loss_and_gradient(probe, params)
+    gradient = flatten([g.detach() for g in grads], vector_dtype(params))
+    return probe.reduce(loss.detach()), probe.reduce(gradient)

@@ -55,7 +55,7 @@ from sharpmeter.estimators import (
     hutchpp,
     lanczos,
 )
-from sharpmeter.loss import LossFn, ProbeLoss, loss_and_gradient, split_probe
+from sharpmeter.loss import LossFn, ProbeLoss, probe_loss_and_gradient, split_probe
 from sharpmeter.operators import (
     MODES,
     HessianOperator,
@@ -63,7 +63,7 @@ from sharpmeter.operators import (
     PreconditionedOperator,
     adam_preconditioner,
 )
-from sharpmeter.params import flatten, resolve_params, unflatten, vector_dtype
+from sharpmeter.params import resolve_params, unflatten
 from sharpmeter.probe import DROPOUT_POLICIES, measurement
 from sharpmeter.schedule import Schedule
 
@@ -229,8 +229,7 @@ class SharpnessMeter:
             loss, gradient = operator.loss, operator.gradient
         else:
             probe = ProbeLoss(self.model, self.loss_fn, self.probe_batch, seed=self.seed)
-            loss, grads = loss_and_gradient(probe, self.params)
-            loss, gradient = loss.detach(), flatten(grads, vector_dtype(self.params))
+            loss, gradient = probe_loss_and_gradient(probe, self.params)
             if not (torch.isfinite(loss) and torch.isfinite(gradient).all()):
                 raise NonFiniteLossError(f"the probe loss is not finite ({float(loss)})")
         lr, direction = self._direction(optimizer, gradient)

@@ -73,6 +73,8 @@ class HessianOperator:
             dropout masks in each product; ``None`` leaves the global RNG alone.
         reuse_graph: keep the gradient's graph for all products (``double_backward`` only).
         fd_eps: relative step of ``mode="fd"`` (default: cube root of the dtype's epsilon).
+        distributed: ``batch`` is this rank's shard of the probe; losses, gradients and
+            products are summed over ranks (default: inside a process group of >1 rank).
 
     Attributes:
         dim: number of scalar parameters; ``shape == (dim, dim)``.
@@ -100,6 +102,7 @@ class HessianOperator:
         dropout_seed: int | None = 0,
         reuse_graph: bool = True,
         fd_eps: float | None = None,
+        distributed: bool | None = None,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -108,7 +111,9 @@ class HessianOperator:
         self.model = model
         self.mode = mode
         self.params = resolve_params(model, params)
-        self.probe = ProbeLoss(model, loss_fn, batch, weights=weights, seed=dropout_seed)
+        self.probe = ProbeLoss(
+            model, loss_fn, batch, weights=weights, seed=dropout_seed, distributed=distributed
+        )
         self.dim = num_elements(self.params)
         self.shape = (self.dim, self.dim)
         self.dtype = vector_dtype(self.params)
@@ -122,8 +127,8 @@ class HessianOperator:
         """Probe loss and gradient at the current parameters (and the graph, when reused)."""
         with attention_guard(self.model):
             loss, grads = loss_and_gradient(self.probe, self.params, self.reuse_graph)
-        self.loss = loss.detach()
-        self.gradient = flatten([g.detach() for g in grads], self.dtype)
+        self.loss = self.probe.reduce(loss.detach().clone())
+        self.gradient = self.probe.reduce(flatten([g.detach() for g in grads], self.dtype))
         if not (torch.isfinite(self.loss) and torch.isfinite(self.gradient).all()):
             raise NonFiniteLossError(
                 f"the probe loss or its gradient is not finite (loss = {self.loss.item()})"
@@ -152,7 +157,7 @@ class HessianOperator:
             else:
                 hv = self._hvp_finite_difference(v)
         self.num_matvecs += 1
-        return hv
+        return self.probe.reduce(hv)
 
     def _hvp_double_backward(self, v: torch.Tensor) -> torch.Tensor:
         if self.reuse_graph and self._param_versions() != self._versions:

@@ -32,8 +32,8 @@ import torch
 from torch import nn
 
 from sharpmeter.estimators._operator import CountingOperator, LinearOperator, check_positive_int
-from sharpmeter.loss import LossFn, ProbeLoss, loss_and_gradient
-from sharpmeter.params import as_flat_vector, flatten, resolve_params, unflatten, vector_dtype
+from sharpmeter.loss import LossFn, ProbeLoss, probe_loss_and_gradient
+from sharpmeter.params import as_flat_vector, resolve_params, unflatten
 
 STATUSES = ("ok", "nondescent", "no_increase", "nonfinite")
 
@@ -79,6 +79,7 @@ def critical_sharpness(
     check_descent: bool = True,
     weights: Sequence[float] | None = None,
     dropout_seed: int | None = 0,
+    distributed: bool | None = None,
 ) -> CriticalSharpnessResult:
     r"""Critical sharpness :math:`2/\eta_c` along ``direction`` by a forward-only line search.
 
@@ -107,6 +108,8 @@ def critical_sharpness(
         check_descent: compute :math:`g` when not given to detect a non-descent direction.
         weights: per-batch weights of a multi-batch probe.
         dropout_seed: RNG seed of every forward (``None``: leave the global RNG alone).
+        distributed: ``batch`` is this rank's shard; losses are summed over ranks, so every
+            rank takes the same decisions (default: inside a process group of >1 rank).
     """
     if not (eta0 > 0 and math.isfinite(eta0)):
         raise ValueError(f"eta0 must be positive and finite, got {eta0}")
@@ -116,7 +119,9 @@ def critical_sharpness(
     d = as_flat_vector(direction, chosen, "direction")
     if not bool(torch.isfinite(d).all()):
         raise ValueError("the direction has non-finite entries")
-    probe = ProbeLoss(model, loss_fn, batch, weights=weights, seed=dropout_seed)
+    probe = ProbeLoss(
+        model, loss_fn, batch, weights=weights, seed=dropout_seed, distributed=distributed
+    )
     search = _LineSearch(probe, chosen, d)
     try:
         loss, g = _base_loss(probe, chosen, gradient, check_descent)
@@ -149,14 +154,12 @@ def _base_loss(
     gradient: torch.Tensor | Sequence[torch.Tensor] | None,
     check_descent: bool,
 ) -> tuple[float, torch.Tensor | None]:
-    if gradient is not None:
-        with torch.no_grad():
-            return float(probe()), as_flat_vector(gradient, params, "gradient")
-    if not check_descent:
-        with torch.no_grad():
-            return float(probe()), None
-    loss, grads = loss_and_gradient(probe, params)
-    return float(loss.detach()), flatten(grads, vector_dtype(params))
+    if gradient is None and check_descent:
+        loss, g = probe_loss_and_gradient(probe, params)
+        return float(loss), g
+    with torch.no_grad():
+        loss = float(probe.reduce(probe().detach()))
+    return loss, None if gradient is None else as_flat_vector(gradient, params, "gradient")
 
 
 class _LineSearch:
@@ -173,7 +176,7 @@ class _LineSearch:
         with torch.no_grad():
             for p, t, d in zip(self.params, self.theta0, self.direction, strict=True):
                 p.copy_(t - eta * d)
-            loss = float(self.probe())
+            loss = float(self.probe.reduce(self.probe()))
         self.num_forward += 1
         return not math.isfinite(loss) or loss > base
 
