@@ -1,0 +1,300 @@
+"""Cost of one Hessian-vector product against one gradient, on ~1M and ~10M-parameter GPT-2s.
+
+What is measured, per model (batch 8 x 128 random tokens, CPU, float32, next-token cross
+entropy on the logits):
+
+- **gradient**: one forward + backward (``torch.autograd.grad``), with the default attention
+  kernel (what training runs) and with the SDPA math kernel (what every HVP must run: the fused
+  kernels have no double backward and no forward-mode AD);
+- **training step**: forward + backward + ``AdamW.step()`` (on a copy of the model);
+- **HVP** ``op @ v`` of :class:`sharpmeter.HessianOperator` in each mode: ``double_backward``
+  reusing the gradient's graph (its one-off construction, a forward + backward with
+  ``create_graph=True``, is timed separately), ``double_backward`` rebuilding the graph per
+  product (``reuse_graph=False``), ``fwd`` (forward-over-reverse) and ``fd`` (central differences).
+
+**Seconds** come from one process per model that calls the methods round-robin (one call of each
+per round, ``--repeats`` rounds after a warm-up round) and reports the median per method: a
+neighbour's load then hits every method alike, so the ratios stay honest on a shared machine.
+Torch runs ``--threads`` threads (default 1: with 2 threads and another process busy, OpenMP
+barriers make timings swing tenfold).
+
+**Memory** is the peak RSS (``ru_maxrss``) of a fresh subprocess per method that builds the
+model and runs only that method (warm-up and two calls), so each figure is that method's own
+peak; "baseline" only builds the model and the batch. ``tracemalloc`` does not see torch's
+allocations, and a process's peak never goes down, hence one process per figure.
+
+Targets (issue 2): HVP with graph reuse <= 2.5x one gradient; the peak memory of every HVP mode
+<= 2x a training step's.
+
+    .venv/bin/python benchmarks/hvp.py                  # both sizes, writes results/hvp.md
+    .venv/bin/python benchmarks/hvp.py --sizes 1M --repeats 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from _common import (
+    GPT2_SIZES,
+    RESULTS,
+    causal_lm_loss,
+    command_line,
+    fmt,
+    gpt2,
+    header,
+    markdown_table,
+    median,
+    num_params,
+    peak_rss_mib,
+    run_worker,
+    token_batch,
+)
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+import sharpmeter as sm
+
+METHODS = {
+    "baseline": "baseline (model + batch only)",
+    "grad": "gradient, default attention",
+    "grad_math": "gradient, SDPA math kernel",
+    "train_step": "training step (fwd + bwd + AdamW)",
+    "db_build": "double_backward, reuse: construction",
+    "db_reuse": "HVP double_backward, graph reused",
+    "db_noreuse": "HVP double_backward, no reuse",
+    "fwd": "HVP fwd (jvp of grad)",
+    "fd": "HVP fd (central differences)",
+}
+HVP_MODES = {
+    "db_reuse": ("double_backward", True),
+    "db_noreuse": ("double_backward", False),
+    "fwd": ("fwd", True),
+    "fd": ("fd", True),
+}
+TIMED = [m for m in METHODS if m != "baseline"]
+# db_build's memory is part of db_reuse's (the worker builds, then multiplies).
+MEMORY = [m for m in METHODS if m != "db_build"]
+
+
+def make_call(method: str, model: torch.nn.Module, batch: dict) -> Callable[[], object]:
+    """A zero-argument callable doing one unit of ``method``; setup (an operator) is done here."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if method == "baseline":
+        return lambda: None
+    if method == "grad":
+        return lambda: torch.autograd.grad(causal_lm_loss(model, batch), params)
+    if method == "grad_math":
+
+        def grad_math() -> object:
+            with sdpa_kernel(SDPBackend.MATH):
+                return torch.autograd.grad(causal_lm_loss(model, batch), params)
+
+        return grad_math
+    if method == "train_step":
+        return make_train_step(copy.deepcopy(model).train(), batch)
+    if method == "db_build":
+        # Built and dropped at once: at most one extra graph is alive.
+        return lambda: sm.HessianOperator(model, causal_lm_loss, batch)
+    mode, reuse = HVP_MODES[method]
+    if mode == "fd":
+        # fd writes the parameters (and restores them): on a shared model that would bump their
+        # versions and make the graph-reusing operator rebuild its graph at every product.
+        model = copy.deepcopy(model)
+    op = sm.HessianOperator(model, causal_lm_loss, batch, mode=mode, reuse_graph=reuse)
+    v = torch.randn(op.dim, generator=torch.Generator().manual_seed(0))
+    return lambda: op @ v
+
+
+def make_train_step(model: torch.nn.Module, batch: dict) -> Callable[[], None]:
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        causal_lm_loss(model, batch).backward()
+        optimizer.step()
+
+    return step
+
+
+def setup(size: str, batch_size: int, seq_len: int, threads: int) -> tuple:
+    torch.set_num_threads(threads)
+    model = gpt2(GPT2_SIZES[size])
+    batch = token_batch(model.config.vocab_size, batch_size, seq_len)
+    return model, batch
+
+
+def time_round_robin(spec: dict) -> dict:
+    """Worker: every timed method, one call each per round; seconds per method and round."""
+    model, batch = setup(spec["size"], spec["batch_size"], spec["seq_len"], spec["threads"])
+    calls = {method: make_call(method, model, batch) for method in TIMED}
+    seconds: dict[str, list[float]] = {method: [] for method in TIMED}
+    outputs = {}
+    for round_index in range(spec["repeats"] + 1):  # round 0 warms up
+        for method, call in calls.items():
+            start = time.perf_counter()
+            outputs[method] = call()
+            elapsed = time.perf_counter() - start
+            if round_index:
+                seconds[method].append(elapsed)
+    reference = outputs["db_reuse"]
+    difference = {
+        method: float(torch.linalg.vector_norm(outputs[method] - reference) / reference.norm())
+        for method in HVP_MODES
+    }
+    return {"params": num_params(model), "seconds": seconds, "difference": difference}
+
+
+def peak_memory(spec: dict) -> dict:
+    """Worker: build the model, run one method (warm-up + 2 calls) and report the peak RSS."""
+    model, batch = setup(spec["size"], spec["batch_size"], spec["seq_len"], spec["threads"])
+    call = make_call(spec["method"], model, batch)
+    for _ in range(3):
+        call()
+    return {"peak_rss_mib": peak_rss_mib()}
+
+
+def run_size(size: str, args: argparse.Namespace) -> dict:
+    """Timings (one round-robin process) and peak RSS (one process per method) for one size."""
+    spec = {
+        "size": size,
+        "batch_size": args.batch_size,
+        "seq_len": args.seq_len,
+        "threads": args.threads,
+    }
+    script = Path(__file__)
+    timing = run_worker(script, {**spec, "worker": "time", "repeats": args.repeats})
+    if "error" in timing:
+        raise SystemExit(f"timing worker failed on GPT-2 {size}: {timing['error']}")
+    print(f"  {size}: timed {len(TIMED)} methods x {args.repeats} rounds", flush=True)
+    memory = {}
+    for method in MEMORY:
+        memory[method] = run_worker(script, {**spec, "worker": "memory", "method": method})
+        shown = memory[method].get("error") or f"{memory[method]['peak_rss_mib']:.0f} MiB"
+        print(f"  {size}: peak RSS {method:<11} {shown}", flush=True)
+    return {**timing, "memory": memory}
+
+
+def rss(result: dict, method: str) -> float:
+    return result["memory"].get(method, {}).get("peak_rss_mib", float("nan"))
+
+
+def size_table(size: str, result: dict) -> list[str]:
+    """Seconds, x gradient, peak RSS and x training step for every method of one size."""
+    seconds = {m: median(s) for m, s in result["seconds"].items()}
+    baseline, train = rss(result, "baseline"), rss(result, "train_step")
+    rows = []
+    for method, label in METHODS.items():
+        s = seconds.get(method, float("nan"))
+        spread = result["seconds"].get(method, [])
+        peak = rss(result, method) if method in MEMORY else float("nan")
+        error = result["memory"].get(method, {}).get("error")
+        difference = result["difference"].get(method)
+        rows.append(
+            [
+                label,
+                "–" if difference is None else f"{difference:.1e}",
+                fmt(s),
+                f"{fmt(min(spread))}–{fmt(max(spread))}" if spread else "–",
+                fmt(s / seconds["grad"], 2),
+                fmt(s / seconds["grad_math"], 2),
+                f"error: {error}" if error else fmt(peak, 4),
+                fmt(peak - baseline, 3),
+                fmt(peak / train, 2),
+                fmt((peak - baseline) / (train - baseline), 2),
+            ]
+        )
+    columns = [
+        "method",
+        "Hv rel. diff",
+        "s / call (median)",
+        "range",
+        "x grad",
+        "x grad (math)",
+        "peak RSS MiB",
+        "over baseline MiB",
+        "x train step",
+        "x train step (over baseline)",
+    ]
+    return [f"## GPT-2 {size} ({result['params']:,} parameters)", ""] + markdown_table(
+        columns, rows
+    )
+
+
+def targets_table(results: dict[str, dict]) -> list[str]:
+    """The two issue-2 targets per size, as ratios measured in this run."""
+    rows = []
+    for size, result in results.items():
+        seconds = {m: median(s) for m, s in result["seconds"].items()}
+        speed = seconds["db_reuse"] / seconds["grad"]
+        speed_math = seconds["db_reuse"] / seconds["grad_math"]
+        train = rss(result, "train_step")
+        worst_mode = max(HVP_MODES, key=lambda m: rss(result, m))
+        memory = rss(result, worst_mode) / train
+        reuse_memory = rss(result, "db_reuse") / train
+        rows.append(
+            [
+                f"GPT-2 {size}",
+                f"{speed:.2f}x ({'met' if speed <= 2.5 else 'NOT met'})",
+                f"{speed_math:.2f}x",
+                f"{reuse_memory:.2f}x ({'met' if reuse_memory <= 2.0 else 'NOT met'})",
+                f"{memory:.2f}x, {worst_mode} ({'met' if memory <= 2.0 else 'NOT met'})",
+            ]
+        )
+    columns = [
+        "model",
+        "HVP (reuse) / gradient: target <= 2.5x",
+        "HVP (reuse) / gradient (math kernel)",
+        "HVP (reuse) peak RSS / training step: target <= 2x",
+        "worst mode's peak RSS / training step",
+    ]
+    return ["## Targets", ""] + markdown_table(columns, rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", default="1M,10M", help="comma-separated: tiny, 1M, 10M")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=5, help="timed rounds after a warm-up")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    parser.add_argument("--out", type=Path, default=RESULTS / "hvp.md")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        spec = json.loads(args.worker)
+        worker = time_round_robin if spec.pop("worker") == "time" else peak_memory
+        print(json.dumps(worker(spec)))
+        return
+
+    sizes = args.sizes.split(",")
+    results = {}
+    for size in sizes:
+        print(f"GPT-2 {size}", flush=True)
+        results[size] = run_size(size, args)
+    extra = [
+        f"batch {args.batch_size} x {args.seq_len} random tokens, float32, eval mode, dropout 0, "
+        f"{args.threads} torch thread(s)",
+        f"seconds: median of {args.repeats} round-robin rounds after a warm-up round, all methods "
+        "in one process; peak RSS: ru_maxrss of a fresh subprocess per method",
+        "x grad: over one gradient with the default attention kernel (what training runs); "
+        "x grad (math): over one gradient under the SDPA math kernel, which every HVP needs",
+        "Hv rel. diff: ||Hv - Hv_double_backward|| / ||Hv_double_backward|| for the same v "
+        "(float32; the float64 accuracy against a dense Hessian is in peers.md)",
+    ]
+    lines = header("HVP cost against a gradient (issue 2)", command_line(), extra)
+    lines += targets_table(results)
+    for size in sizes:
+        lines += size_table(size, results[size])
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text("\n".join(lines))
+    print("\n".join(lines))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
