@@ -179,3 +179,15 @@ class WandbSink:
     def close(self) -> None:
         if self.owns_run:
             self.run.finish()
+
+
+def wandb_report_to() -> list[str]:
+    """``report_to`` for a Trainer: ``["wandb"]`` when wandb is installed, with ``WANDB_MODE``
+    set to :func:`wandb_mode` unless the user set it (so a machine without credentials runs
+    offline instead of prompting), else ``[]``."""
+    try:
+        import wandb  # noqa: F401
+    except ImportError:
+        return []
+    os.environ.setdefault("WANDB_MODE", wandb_mode())
+    return ["wandb"]

@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
+from sharpmeter.distributed import local_shard
 from sharpmeter.meter import SharpnessMeter
 from sharpmeter.sinks import JsonlSink, numeric_items, run_metadata
 
@@ -102,7 +103,8 @@ class SharpnessCallback(TrainerCallback):
         batch = self.probe_batch
         if batch is None:
             batch = self._draw_probe(train_dataloader)
-        batch = _to_device(batch, next(model.parameters()).device)
+        # Every rank holds the same global probe; each measures its shard (sums over ranks).
+        batch = local_shard(_to_device(batch, next(model.parameters()).device))
         options = {"max_grad_norm": args.max_grad_norm or None, **self.meter_options}
         self.meter = SharpnessMeter(model, batch, **options)
         if state.global_step > 0:
