@@ -43,7 +43,6 @@ import torch
 from _common import (
     GPT2_SIZES,
     RESULTS,
-    causal_lm_loss,
     command_line,
     fmt,
     gpt2,
@@ -58,6 +57,7 @@ from _common import (
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import sharpmeter as sm
+from sharpmeter.loss import causal_lm_loss
 
 METHODS = {
     "baseline": "baseline (model + batch only)",

@@ -83,7 +83,7 @@ class LogitsAdapter(nn.Module):
 
 
 def gpt2_problem(model: nn.Module, batch: dict[str, torch.Tensor], name: str) -> Problem:
-    from _common import causal_lm_loss
+    from sharpmeter.loss import causal_lm_loss
 
     return Problem(
         name=name,

@@ -61,6 +61,19 @@ def output_loss(model: nn.Module, batch: Any) -> torch.Tensor:
     return loss
 
 
+def causal_lm_loss(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """Next-token cross entropy of a causal LM in the model's own dtype, ignoring labels -100.
+
+    The same loss as a Hugging Face causal LM's ``labels=``, which is computed in float32
+    even for a float64 model: pass this as ``loss_fn`` where float64 exactness matters.
+    """
+    logits = model(input_ids=batch["input_ids"]).logits[:, :-1]
+    targets = batch["labels"][:, 1:]
+    return nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX
+    )
+
+
 def loss_token_count(batch: Any) -> int:
     """Number of loss tokens in a batch, the weight of a batch in a multi-batch probe.
 

@@ -8,6 +8,8 @@ import transformers
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from sharpmeter.loss import causal_lm_loss  # noqa: F401  (the tests import it from here)
+
 VOCAB, SEQ = 16, 8
 
 
@@ -33,15 +35,6 @@ def token_batch(batch_size: int = 3, seed: int = 1) -> dict[str, torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, VOCAB, (batch_size, SEQ), generator=generator)
     return {"input_ids": ids, "labels": ids}
-
-
-def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Next-token cross entropy in the model's own dtype (HF's labels= loss is float32)."""
-    logits = model(input_ids=batch["input_ids"]).logits[:, :-1]
-    targets = batch["labels"][:, 1:]
-    return nn.functional.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100
-    )
 
 
 def dense_hessian(model: nn.Module, loss_fn, batch, params=None) -> torch.Tensor:
