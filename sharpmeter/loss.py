@@ -38,6 +38,18 @@ def split_probe(batch: Any) -> list[Any]:
     return batches
 
 
+def move_to(batch: Any, device: torch.device) -> Any:
+    """A batch (tensor, mapping such as a collator's ``BatchEncoding``, tuple or list of
+    batches) with every tensor on ``device``."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device)
+    if isinstance(batch, Mapping):
+        return {k: move_to(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(move_to(v, device) for v in batch)
+    return batch
+
+
 def call_model(model: nn.Module, batch: Any) -> Any:
     """Call ``model`` the way the batch says: ``**mapping``, ``*tuple`` or a single tensor."""
     if isinstance(batch, Mapping):

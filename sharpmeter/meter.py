@@ -48,6 +48,7 @@ import torch
 from torch import nn
 
 from sharpmeter.directions import learning_rate, update_direction
+from sharpmeter.distributed import is_distributed
 from sharpmeter.estimators import (
     critical_sharpness,
     directional_sharpness,
@@ -180,10 +181,18 @@ class SharpnessMeter:
         """Whether ``step`` is on the schedule, not yet measured, and within the time budget."""
         if self.last_step is not None and step <= self.last_step:
             return False
+        if not self.schedule.is_due(step):
+            return False
+        if self.schedule.max_fraction is None:
+            return True
         training = time.perf_counter() - self._started - self.measuring_seconds
-        return self.schedule.is_due(step) and self.schedule.within_budget(
-            self.measuring_seconds, training
-        )
+        due = self.schedule.within_budget(self.measuring_seconds, training)
+        if is_distributed():
+            # Wall clocks differ between ranks; a measurement is collective, so rank 0 decides.
+            decision = torch.tensor(int(due), device=self.params[0].device)
+            torch.distributed.broadcast(decision, src=0)
+            due = bool(decision)
+        return due
 
     def measure(self, step: int, optimizer: torch.optim.Optimizer | None = None) -> dict:
         """One measurement at the current parameters; never raises, never changes training.

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +34,7 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from sharpmeter.distributed import local_shard
+from sharpmeter.loss import move_to
 from sharpmeter.meter import SharpnessMeter
 from sharpmeter.sinks import JsonlSink, numeric_items, run_metadata
 
@@ -104,7 +104,7 @@ class SharpnessCallback(TrainerCallback):
         if batch is None:
             batch = self._draw_probe(train_dataloader)
         # Every rank holds the same global probe; each measures its shard (sums over ranks).
-        batch = local_shard(_to_device(batch, next(model.parameters()).device))
+        batch = local_shard(move_to(batch, next(model.parameters()).device))
         options = {"max_grad_norm": args.max_grad_norm or None, **self.meter_options}
         self.meter = SharpnessMeter(model, batch, **options)
         if state.global_step > 0:
@@ -175,13 +175,3 @@ class SharpnessCallback(TrainerCallback):
 def _checkpoint_folder(args: TrainingArguments, step: int) -> Path:
     # transformers' own naming (trainer_utils.PREFIX_CHECKPOINT_DIR)
     return Path(args.output_dir) / f"checkpoint-{step}"
-
-
-def _to_device(batch: Any, device: torch.device) -> Any:
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device)
-    if isinstance(batch, Mapping):  # dict, or a collator's BatchEncoding
-        return {k: _to_device(v, device) for k, v in batch.items()}
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(_to_device(v, device) for v in batch)
-    return batch

@@ -1,0 +1,80 @@
+"""A hand-written training loop under ``accelerate`` with sharpmeter measuring on schedule.
+
+    python examples/accelerate_loop.py                                   # one process
+    accelerate launch --multi_gpu --num_processes 2 examples/accelerate_loop.py   # two CPU ranks
+
+On a machine without GPUs the loop asks for the CPU itself (``Accelerator(cpu=True)``); with
+``--multi_gpu`` and two processes that gives two gloo ranks, each training on half of every
+batch and measuring half of the probe. The rows (runs/accelerate/sharpness.jsonl) are the
+same as one process's.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from transformers import GPT2Config, GPT2LMHeadModel
+
+import sharpmeter as sm
+from sharpmeter.data import BYTE_VOCAB, lm_dataset
+from sharpmeter.integrations.accelerate import AcceleratedMeter
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="accelerate loop with sharpmeter")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--every", type=int, default=5)
+    parser.add_argument("--batch-size", type=int, default=8, help="global batch size")
+    parser.add_argument("--output", default="runs/accelerate")
+    args = parser.parse_args()
+
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    set_seed(0)
+    model = GPT2LMHeadModel(
+        GPT2Config(
+            vocab_size=BYTE_VOCAB,
+            n_positions=64,
+            n_embd=32,
+            n_layer=2,
+            n_head=2,
+            bos_token_id=0,
+            eos_token_id=0,
+        )
+    )
+    data = lm_dataset(block_size=64)
+    probe = torch.utils.data.default_collate([data[i] for i in range(8)])
+    train = torch.utils.data.Subset(data, range(8, len(data)))
+    loader = torch.utils.data.DataLoader(
+        train, batch_size=args.batch_size // accelerator.num_processes, shuffle=False
+    )
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    meter = AcceleratedMeter(
+        accelerator,
+        model,
+        probe,
+        jsonl_path=f"{args.output}/sharpness.jsonl",
+        schedule=sm.Schedule(every=args.every),
+    )
+    meter.step(0, optimizer)  # at initialisation, before the first update
+    model.train()
+    for step, batch in enumerate(loader, start=1):
+        accelerator.backward(model(**batch).loss)
+        optimizer.step()
+        optimizer.zero_grad()
+        row = meter.step(step, optimizer)
+        if row is not None:
+            accelerator.print(
+                f"step {step}: lambda_c {row['critical_sharpness']:.4g}, "
+                f"lambda_max {row['lambda_max']:.4g}, trace {row['hessian_trace']:.4g}"
+            )
+        if step == args.steps:
+            break
+    meter.close()
+
+
+if __name__ == "__main__":
+    main()

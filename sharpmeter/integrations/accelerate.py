@@ -1,0 +1,85 @@
+"""``accelerate`` integration for hand-written training loops: the same meter, a few lines.
+
+Every rank builds the meter on the same global probe batch and measures its shard of it
+(losses and HVPs are summed over ranks, so every rank gets the same numbers); only the main
+process writes the JSONL file and logs to W&B.
+
+Example (``accelerate launch --multi_gpu --num_processes 2 train.py``)::
+
+    accelerator = Accelerator()
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    meter = AcceleratedMeter(accelerator, model, probe_batch, jsonl_path="runs/a/sharpness.jsonl")
+    for step, batch in enumerate(loader, start=1):
+        accelerator.backward(model(**batch).loss)
+        optimizer.step()
+        optimizer.zero_grad()
+        meter.step(step, optimizer)     # measures when the schedule says so
+    meter.close()
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+
+from sharpmeter.distributed import local_shard
+from sharpmeter.loss import move_to
+from sharpmeter.meter import SharpnessMeter
+from sharpmeter.sinks import JsonlSink, WandbSink, run_metadata
+
+
+class AcceleratedMeter:
+    """A :class:`SharpnessMeter` on an ``accelerate``-prepared model, with its sinks.
+
+    Args:
+        accelerator: the loop's ``Accelerator``.
+        model: the prepared (possibly DDP-wrapped) model; the meter measures the unwrapped one.
+        probe_batch: the global probe batch, identical on every rank.
+        jsonl_path: the JSONL file the main process writes.
+        wandb: also log to W&B (the active run, or one started offline without credentials).
+        run_name: the ``run`` field of every row.
+        **meter_options: :class:`SharpnessMeter` arguments.
+    """
+
+    def __init__(
+        self,
+        accelerator: Accelerator,
+        model: torch.nn.Module,
+        probe_batch: Any,
+        *,
+        jsonl_path: str | os.PathLike = "sharpness.jsonl",
+        wandb: bool = False,
+        run_name: str | None = None,
+        **meter_options: Any,
+    ) -> None:
+        self.accelerator = accelerator
+        unwrapped = accelerator.unwrap_model(model)
+        batch = local_shard(move_to(probe_batch, accelerator.device))
+        self.meter = SharpnessMeter(unwrapped, batch, **meter_options)
+        self.sinks: list = []
+        if accelerator.is_main_process:
+            metadata = run_metadata(
+                unwrapped,
+                run=run_name or os.path.basename(os.path.dirname(jsonl_path) or "."),
+                world_size=accelerator.num_processes,
+            )
+            self.sinks.append(JsonlSink(jsonl_path, metadata))
+            if wandb:
+                self.sinks.append(WandbSink(name=run_name))
+
+    def step(self, step: int, optimizer: torch.optim.Optimizer) -> dict | None:
+        """Measure if ``step`` is due (after ``optimizer.step()``); returns the row or None."""
+        if not self.meter.is_due(step):
+            return None
+        row = self.meter.measure(step, optimizer=optimizer)
+        for sink in self.sinks:
+            sink.write(row)
+        return row
+
+    def close(self) -> None:
+        for sink in self.sinks:
+            if isinstance(sink, WandbSink):
+                sink.close()
