@@ -71,6 +71,9 @@ from sharpmeter.schedule import Schedule
 MEASURES = ("critical", "directional", "trace", "spectral", "preconditioned")
 DEFAULT_MEASURES = ("critical", "trace", "spectral")
 HVP_MEASURES = ("directional", "trace", "spectral", "preconditioned")
+# An HVP costs about two training steps whatever the model size, so a fixed grid alone would
+# multiply training time (benchmarks/results/overhead.md): by default measuring takes at most 5%.
+DEFAULT_SCHEDULE = Schedule(every=10, max_fraction=0.05)
 TRACE_METHODS = {"hutchinson": hutchinson, "hutchpp": hutchpp}
 
 _COLUMNS = {
@@ -103,7 +106,8 @@ class SharpnessMeter:
             probe batch must hold ``labels``).
         measures: any of ``critical``, ``directional``, ``trace``, ``spectral``,
             ``preconditioned``.
-        schedule: a :class:`Schedule` (default every 10 steps).
+        schedule: a :class:`Schedule` (default: every 10 steps while measuring has taken at
+            most 5% of the wall time, ``Schedule(every=10, max_fraction=0.05)``).
         params: the parameters to measure (default all trainable).
         dropout: ``"eval"`` (default) or ``"train"`` (fixed-seed masks).
         trace_method: ``"hutchinson"`` or ``"hutchpp"``; ``trace_matvecs`` its HVP budget.
@@ -159,7 +163,7 @@ class SharpnessMeter:
         self.probe_batch = probe_batch
         self.loss_fn = loss_fn
         self.measures = tuple(dict.fromkeys(measures))
-        self.schedule = schedule if schedule is not None else Schedule()
+        self.schedule = schedule if schedule is not None else DEFAULT_SCHEDULE
         self.params = resolve_params(model, params)
         self.dropout = dropout
         self.trace_method = trace_method
@@ -253,7 +257,7 @@ class SharpnessMeter:
             "trace": lambda: self._trace(operator),
             "spectral": lambda: self._spectral(operator),
             "preconditioned": lambda: self._preconditioned(operator, optimizer),
-            "critical": lambda: self._critical(direction, gradient, lr),
+            "critical": lambda: self._critical(direction, gradient, float(loss), lr),
         }
         for measure in sorted(self.measures, key=lambda m: m == "critical"):
             try:
@@ -325,7 +329,7 @@ class SharpnessMeter:
             "preconditioned_status": "ok" if result.converged else "not_converged",
         }
 
-    def _critical(self, direction, gradient, lr) -> dict:
+    def _critical(self, direction, gradient, loss, lr) -> dict:
         result = critical_sharpness(
             self.model,
             self.loss_fn,
@@ -335,6 +339,7 @@ class SharpnessMeter:
             eta0=self.eta_c if self.eta_c else (lr if lr > 0 else 1e-3),
             k=self.critical_k,
             gradient=gradient,
+            loss=loss,
             dropout_seed=self.seed,
         )
         if result.status == "ok":

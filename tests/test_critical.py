@@ -154,3 +154,22 @@ def test_bad_input(quadratic):
         sm.critical_sharpness(quadratic, quadratic_loss, None, d, k=0)
     with pytest.raises(ValueError, match="gradient="):
         sm.directional_sharpness(torch.eye(12, dtype=torch.float64), d)
+
+
+def test_known_loss_and_gradient_save_the_base_forward(quadratic):
+    d = descent_direction(quadratic, 1)
+    eta_c = 2 / exact_critical(quadratic, d)
+    with torch.no_grad():
+        loss = float(quadratic_loss(quadratic, None))
+    result = sm.critical_sharpness(
+        quadratic,
+        quadratic_loss,
+        None,
+        d,
+        eta0=1.1 * eta_c,
+        k=K,
+        gradient=quadratic.gradient(),
+        loss=loss,
+    )
+    assert result.num_forward == 2 + K
+    assert result.value == pytest.approx(exact_critical(quadratic, d), rel=TOLERANCE)

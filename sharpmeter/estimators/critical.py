@@ -76,6 +76,7 @@ def critical_sharpness(
     k: int = 4,
     max_forward: int = 64,
     gradient: torch.Tensor | Sequence[torch.Tensor] | None = None,
+    loss: float | None = None,
     check_descent: bool = True,
     weights: Sequence[float] | None = None,
     dropout_seed: int | None = 0,
@@ -105,6 +106,8 @@ def critical_sharpness(
         k: bisection precision, relative bracket width :math:`2^{-k}`.
         max_forward: budget of forwards, the base one included.
         gradient: :math:`g` if already known (e.g. the training gradient); saves a backward.
+        loss: :math:`L(\theta)` if already known (with ``gradient``); saves the base forward,
+            which is then not counted.
         check_descent: compute :math:`g` when not given to detect a non-descent direction.
         weights: per-batch weights of a multi-batch probe.
         dropout_seed: RNG seed of every forward (``None``: leave the global RNG alone).
@@ -124,8 +127,11 @@ def critical_sharpness(
     )
     search = _LineSearch(probe, chosen, d)
     try:
-        loss, g = _base_loss(probe, chosen, gradient, check_descent)
-        search.num_forward = 1
+        if loss is not None and gradient is not None:
+            g = as_flat_vector(gradient, chosen, "gradient")
+        else:
+            loss, g = _base_loss(probe, chosen, gradient, check_descent)
+            search.num_forward = 1
         slope = float(d @ g) if g is not None else math.nan
         if not math.isfinite(loss):
             status, lo, hi = "nonfinite", math.nan, math.nan
