@@ -12,6 +12,7 @@ import pytest
 
 import sharpmeter.records
 import sharpmeter.simulator
+from sharpmeter import sizes
 from sharpmeter.records import read_records
 from sharpmeter.simulator import (
     PAPER,
@@ -24,7 +25,6 @@ from sharpmeter.simulator import (
     run,
     simulate_run,
     simulate_study,
-    sizes,
     study,
 )
 from sharpmeter.simulator import cli as simulator_cli

@@ -23,6 +23,7 @@ from sharpmeter.analysis.scaling import (
     extrapolation_error,
 )
 from sharpmeter.records import read_records
+from sharpmeter.sizes import format_size
 
 _MIN_SCALES = 3
 _PARAMETER_LABELS = {"s_p": "S_p", "s_f": "S_f", "t_p": "t_p", "lam": "lambda"}
@@ -99,14 +100,6 @@ def run_fit(args: argparse.Namespace) -> int:
 
         print(f"\nwrote {plot_scaling_fit(comparison, args.output, f'final {quantity}')}")
     return 0
-
-
-def format_size(n: float) -> str:
-    """``1.3e9 -> '1.3B'``, ``1.25e8 -> '125M'``."""
-    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.4g}{unit}"
-    return f"{n:.4g}"
 
 
 def _interval(ci: tuple[float, float]) -> str:

@@ -13,9 +13,10 @@ Example:
     | 7B | 2.1803 | 1.7718 | 1.0745 |
 """
 
+from sharpmeter.sizes import format_size, parse_size
+
 from .presets import PAPER, PAPER_SCALES, PRESETS, Linear, SimulatorPreset, get_preset
 from .run import QUANTITIES, SimulatedRun, simulate_run
-from .sizes import format_size, parse_size
 from .study import ScaleSummary, Study, simulate_study
 
 __all__ = [

@@ -12,9 +12,9 @@ import sys
 from pathlib import Path
 
 from sharpmeter.records import write_records
+from sharpmeter.sizes import parse_size
 
 from .presets import PRESETS
-from .sizes import parse_size
 from .study import simulate_study
 
 

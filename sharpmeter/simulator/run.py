@@ -14,9 +14,10 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.typing import NDArray
 
+from sharpmeter.sizes import format_size
+
 from .model import log_scale, loss_trend, peak_sharpness, plateau_sharpness, sharpness_trend
 from .presets import SimulatorPreset, get_preset
-from .sizes import format_size
 
 MIN_CHECKPOINTS = 10
 """Fewer checkpoints leave the phases and the "final" window without a meaningful sample."""

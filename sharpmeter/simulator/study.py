@@ -18,9 +18,10 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.typing import NDArray
 
+from sharpmeter.sizes import format_size, parse_size
+
 from .presets import SimulatorPreset, get_preset
 from .run import SimulatedRun, simulate_run
-from .sizes import format_size, parse_size
 
 TASK_HEADERS = {
     "HellaSwag": "Hella.",
