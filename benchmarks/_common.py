@@ -175,3 +175,10 @@ def command_line() -> str:
     except ValueError:
         pass
     return " ".join(["python", str(script), *sys.argv[1:]])
+
+
+def save_markdown(path: Path, lines: list[str]) -> None:
+    """Write a Markdown results file (creating its folder) and say where."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines))
+    print(f"wrote {path}")

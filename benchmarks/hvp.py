@@ -52,6 +52,7 @@ from _common import (
     num_params,
     peak_rss_mib,
     run_worker,
+    save_markdown,
     token_batch,
 )
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -124,7 +125,9 @@ def make_train_step(model: torch.nn.Module, batch: dict) -> Callable[[], None]:
 def setup(size: str, batch_size: int, seq_len: int, threads: int) -> tuple:
     torch.set_num_threads(threads)
     model = gpt2(GPT2_SIZES[size])
-    batch = token_batch(model.config.vocab_size, batch_size, seq_len)
+    # The tiny model has 8 positions: longer sequences would index past its position table.
+    length = min(seq_len, model.config.n_positions)
+    batch = token_batch(model.config.vocab_size, batch_size, length)
     return model, batch
 
 
@@ -290,10 +293,8 @@ def main() -> None:
     lines += targets_table(results)
     for size in sizes:
         lines += size_table(size, results[size])
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(lines))
     print("\n".join(lines))
-    print(f"wrote {args.out}")
+    save_markdown(args.out, lines)
 
 
 if __name__ == "__main__":

@@ -45,6 +45,7 @@ from _common import (
     markdown_table,
     median,
     num_params,
+    save_markdown,
 )
 
 import sharpmeter as sm
@@ -422,9 +423,7 @@ def main() -> None:
     ]
     print("\n".join(lines))
     if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text("\n".join(lines))
-        print(f"wrote {out}")
+        save_markdown(out, lines)
 
 
 if __name__ == "__main__":

@@ -53,6 +53,7 @@ from _common import (
     median,
     peak_rss_mib,
     run_worker,
+    save_markdown,
     token_batch,
 )
 from peer_tools import (
@@ -1053,10 +1054,8 @@ def write_report(args, raw: dict, seconds: float) -> None:
             "",
         ]
         lines += side_effect_table(accuracy)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(lines))
     print("\n".join(lines))
-    print(f"wrote {args.out}")
+    save_markdown(args.out, lines)
 
 
 if __name__ == "__main__":
