@@ -166,3 +166,14 @@ def test_bad_options_fail_at_construction():
         sm.Schedule(every=0)
     with pytest.raises(ValueError, match="probe_size"):
         SharpnessCallback(probe_size=0)
+
+
+def test_a_parameter_subset_given_with_the_probe_batch(tmp_path):
+    trainer = make_trainer(tmp_path, max_steps=2)
+    layer = list(trainer.model.transformer.h[0].attn.parameters())
+    probe = TokenDataset(size=4)[0]
+    probe = {k: v[None] for k, v in probe.items()}
+    SharpnessCallback.attach(trainer, probe, params=layer, schedule=sm.Schedule(every=2))
+    trainer.train()
+    (row,) = read_rows(tmp_path / "out" / "sharpness.jsonl")
+    assert row["status"] == "ok" and row["step"] == 2

@@ -79,8 +79,9 @@ class SharpnessCallback(TrainerCallback):
         self.sink: JsonlSink | None = None
         self.trainer: Trainer | None = None
         if probe_batch is not None:
-            # Fail at construction on bad options (unknown measure, no labels, bad schedule).
-            SharpnessMeter(torch.nn.Linear(1, 1), probe_batch, **meter_options)
+            # Fail at construction on bad options (unknown measure, no labels, bad schedule). The
+            # model is not known yet: ``params`` belong to it and are checked at train begin.
+            SharpnessMeter(torch.nn.Linear(1, 1), probe_batch, **{**meter_options, "params": None})
 
     @classmethod
     def attach(cls, trainer: Trainer, probe_batch: Any = None, **options: Any):
