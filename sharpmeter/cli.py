@@ -8,15 +8,17 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
+from sharpmeter import commands
 from sharpmeter.analysis import cli as analysis_cli
 from sharpmeter.simulator import cli as simulator_cli
 
-_PARTS = (simulator_cli, analysis_cli)
+_PARTS = (simulator_cli, analysis_cli, commands)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="sharpmeter", description="Loss-landscape sharpness: simulate, fit, compare."
+        prog="sharpmeter",
+        description="Loss-landscape sharpness: simulate, fit, study, compare, report.",
     )
     subparsers = parser.add_subparsers(dest="command", required=True)
     for part in _PARTS:

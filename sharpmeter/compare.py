@@ -1,0 +1,241 @@
+"""Measured sharpness curves against the paper's simulator, and a verdict on each of its claims.
+
+Levels are not comparable: the simulator is calibrated on 10M-7B language models, a measured run
+is whatever its model, data and optimizer make it. Shapes are. Each curve is divided by its
+final value ``S_final`` (the mean of its last ``final_fraction`` of measurements) and put on a
+common axis, the fraction of training ``t = step / last step``; the simulated curve is the
+paper's noise-free eq. (1) at the same parameter count. Per size this gives the shape RMSE and
+correlation, where each curve peaks, and its peak-to-final ratio.
+
+The verdicts test the paper's claims on the measured curves alone:
+
+1. three phases (rise, decay, plateau): eq. (1) fits with ``S_p > S_f > 0``, ``0 < t_p < 1``;
+2. final sharpness falls with scale: sign of the log-linear slope and its interval;
+3. the log-linear law is preferred over the power law by AIC;
+4. larger models peak higher relative to their plateau (Spearman of peak/final against N);
+5. flatter is better: final sharpness correlates positively with the final probe loss.
+
+Example::
+
+    curves = curves_from_records(read_records("runs/study/small/sharpness.jsonl"))
+    for c in compare_with_simulator(curves):
+        print(c.n_params, c.shape_rmse, c.measured_peak_t, c.simulated_peak_t)
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from sharpmeter.analysis import (
+    FitComparison,
+    ThreePhaseFit,
+    compare_fits,
+    fit_three_phase,
+    pearson,
+    spearman,
+    tail_mean,
+)
+from sharpmeter.analysis.curves import Curves
+from sharpmeter.simulator import simulate_run
+
+GRID_POINTS = 101
+MIN_SIZES_FOR_SCALING = 3
+
+
+@dataclass(frozen=True)
+class CurveComparison:
+    """One size's measured and simulated curves, normalised by their final values, on ``t``."""
+
+    n_params: float
+    t: np.ndarray = field(repr=False)
+    measured: np.ndarray = field(repr=False)
+    simulated: np.ndarray = field(repr=False)
+    measured_final: float
+    simulated_final: float
+    shape_rmse: float
+    shape_correlation: float
+
+    @property
+    def measured_peak_t(self) -> float:
+        return float(self.t[np.argmax(self.measured)])
+
+    @property
+    def simulated_peak_t(self) -> float:
+        return float(self.t[np.argmax(self.simulated)])
+
+    @property
+    def measured_peak_ratio(self) -> float:
+        return float(self.measured.max())
+
+    @property
+    def simulated_peak_ratio(self) -> float:
+        return float(self.simulated.max())
+
+
+def compare_curve(
+    n_params: float, t: np.ndarray, s: np.ndarray, final_fraction: float = 0.2
+) -> CurveComparison:
+    """Put a measured curve and the simulator's at ``n_params`` on one normalised grid.
+
+    The grid spans the measured range of ``t`` (a run is usually first measured after step 0).
+    """
+    grid = np.linspace(t[0], t[-1], GRID_POINTS)
+    measured_final = tail_mean(s, final_fraction)
+    measured = np.interp(grid, t, s) / measured_final
+    with warnings.catch_warnings():
+        # below 10M parameters the simulator extrapolates its calibration; it warns each time
+        warnings.simplefilter("ignore", RuntimeWarning)
+        run = simulate_run(n_params, noise=False, oscillation=False)
+    simulated_final = tail_mean(run.sharpness_trend, final_fraction)
+    simulated = np.interp(grid, run.t, run.sharpness_trend) / simulated_final
+    return CurveComparison(
+        n_params=n_params,
+        t=grid,
+        measured=measured,
+        simulated=simulated,
+        measured_final=measured_final,
+        simulated_final=simulated_final,
+        shape_rmse=float(np.sqrt(np.mean((measured - simulated) ** 2))),
+        shape_correlation=_correlation(measured, simulated),
+    )
+
+
+def _correlation(a: np.ndarray, b: np.ndarray) -> float:
+    """Pearson r; NaN when either curve is flat (no shape to correlate)."""
+    if np.ptp(a) == 0 or np.ptp(b) == 0:
+        return float("nan")
+    return float(np.corrcoef(a, b)[0, 1])
+
+
+def compare_with_simulator(curves: Curves, final_fraction: float = 0.2) -> list[CurveComparison]:
+    """:func:`compare_curve` for every size, smallest first."""
+    return [compare_curve(n, *curves[n], final_fraction) for n in sorted(curves)]
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """A claim of the paper and what the measurements say: ``holds`` is None when they cannot
+    decide it (too few sizes, a fit that failed)."""
+
+    claim: str
+    holds: bool | None
+    evidence: str
+
+    def line(self) -> str:
+        answer = {True: "yes", False: "no", None: "undecided"}[self.holds]
+        return f"{self.claim}: **{answer}** ({self.evidence})"
+
+
+@dataclass(frozen=True)
+class StudyAnalysis:
+    """Everything a report shows, computed from the curves alone."""
+
+    curves: Curves = field(repr=False)
+    finals: dict[float, float]
+    phase_fits: dict[float, ThreePhaseFit | str] = field(repr=False)
+    scaling: FitComparison | None
+    comparisons: list[CurveComparison] = field(repr=False)
+    verdicts: list[Verdict]
+
+
+def analyse_curves(
+    curves: Curves, final_fraction: float = 0.2, losses: Curves | None = None
+) -> StudyAnalysis:
+    """Fits, simulator comparison and verdicts for one curve per size (``losses``: the probe
+    loss curves of the same runs, for the flatter-is-better claim)."""
+    sizes = sorted(curves)
+    finals = {n: tail_mean(curves[n][1], final_fraction) for n in sizes}
+    phase_fits = {n: _three_phase_or_reason(*curves[n]) for n in sizes}
+    scaling = None
+    if len(sizes) >= MIN_SIZES_FOR_SCALING:
+        scaling = compare_fits(sizes, [finals[n] for n in sizes])
+    comparisons = compare_with_simulator(curves, final_fraction)
+    verdicts = [
+        _three_phases_verdict(phase_fits),
+        *_scaling_verdicts(scaling),
+        _peak_verdict(comparisons),
+        _loss_verdict(finals, losses, final_fraction),
+    ]
+    return StudyAnalysis(curves, finals, phase_fits, scaling, comparisons, verdicts)
+
+
+def _three_phase_or_reason(t: np.ndarray, s: np.ndarray) -> ThreePhaseFit | str:
+    try:
+        return fit_three_phase(t, s)
+    except (ValueError, RuntimeError) as error:
+        return f"no fit: {error}"
+
+
+def has_three_phases(fit: ThreePhaseFit | str) -> bool:
+    return isinstance(fit, ThreePhaseFit) and fit.s_p > fit.s_f > 0 and 0 < fit.t_p < 1
+
+
+def _three_phases_verdict(phase_fits: Mapping[float, ThreePhaseFit | str]) -> Verdict:
+    found = sum(has_three_phases(fit) for fit in phase_fits.values())
+    return Verdict(
+        "Three phases (rise, decay, plateau) in every run",
+        found == len(phase_fits),
+        f"eq. (1) fits with S_p > S_f and 0 < t_p < 1 in {found} of {len(phase_fits)} runs",
+    )
+
+
+def _scaling_verdicts(scaling: FitComparison | None) -> list[Verdict]:
+    if scaling is None:
+        reason = f"needs at least {MIN_SIZES_FOR_SCALING} sizes"
+        return [
+            Verdict("Final sharpness falls with scale", None, reason),
+            Verdict("Log-linear law preferred over the power law", None, reason),
+        ]
+    fit = scaling.log_linear
+    lo, hi = fit.slope_ci
+    decided = hi < 0 or lo > 0
+    return [
+        Verdict(
+            "Final sharpness falls with scale",
+            (fit.slope < 0) if decided else None,
+            f"log-linear slope {fit.slope:.4g} per decade, "
+            f"{fit.level:.0%} interval [{lo:.3g}, {hi:.3g}], R^2 {fit.r2:.3f}",
+        ),
+        Verdict(
+            "Log-linear law preferred over the power law",
+            scaling.best == fit.form,
+            f"AIC {fit.aic:.2f} vs {scaling.power_law.aic:.2f}, delta {scaling.delta_aic:.2f}",
+        ),
+    ]
+
+
+def _peak_verdict(comparisons: list[CurveComparison]) -> Verdict:
+    claim = "Larger models peak higher relative to their plateau"
+    if len(comparisons) < MIN_SIZES_FOR_SCALING:
+        return Verdict(claim, None, f"needs at least {MIN_SIZES_FOR_SCALING} sizes")
+    n = [c.n_params for c in comparisons]
+    ratios = [c.measured_peak_ratio for c in comparisons]
+    rho = spearman(n, ratios)
+    decided = rho.p_value < 0.05
+    return Verdict(
+        claim,
+        (rho.r > 0) if decided else None,
+        f"Spearman rho {rho.r:.3f} (p = {rho.p_value:.3g}) of peak/final against N; "
+        f"peak/final from {min(ratios):.3g} to {max(ratios):.3g}",
+    )
+
+
+def _loss_verdict(
+    finals: Mapping[float, float], losses: Curves | None, final_fraction: float
+) -> Verdict:
+    claim = "Flatter is better: final sharpness rises with final loss across sizes"
+    sizes = [n for n in finals if losses is not None and n in losses]
+    if len(sizes) < MIN_SIZES_FOR_SCALING:
+        return Verdict(claim, None, f"needs the probe loss of at least {MIN_SIZES_FOR_SCALING}")
+    final_loss = [tail_mean(losses[n][1], final_fraction) for n in sizes]
+    r = pearson([finals[n] for n in sizes], final_loss)
+    decided = r.ci[0] > 0 or r.ci[1] < 0
+    return Verdict(
+        claim,
+        (r.r > 0) if decided else None,
+        f"Pearson r {r.r:.3f}, {r.level:.0%} interval [{r.ci[0]:.3f}, {r.ci[1]:.3f}]",
+    )

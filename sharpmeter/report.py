@@ -1,0 +1,400 @@
+"""A study report from logged runs: Markdown beside its PNG figures, and one self-contained
+HTML file with the same figures embedded.
+
+Every number in it is computed here from the runs' JSONL files (through
+:func:`sharpmeter.compare.analyse_curves`); nothing is carried over from training.
+
+Example::
+
+    files = write_report(["runs/study"], out="runs/study")
+    files.html          # runs/study/report.html, open it in a browser
+
+A run is a folder holding ``sharpness.jsonl`` (what ``SharpnessCallback`` writes into the
+Trainer's ``output_dir``), the JSONL file itself, or a study folder with one such folder per
+size. The W&B runs found beside a JSONL file are listed with the command that uploads them.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import math
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from sharpmeter.analysis import curves_from_records
+from sharpmeter.analysis.plotting import plot_scaling_fit
+from sharpmeter.compare import StudyAnalysis, analyse_curves, has_three_phases
+from sharpmeter.records import read_records
+from sharpmeter.sizes import format_size
+
+RUN_FILE = "sharpness.jsonl"
+_WANDB_URL = re.compile(r"https://wandb\.ai/\S+/runs/\w+")
+
+
+@dataclass(frozen=True)
+class RunFiles:
+    """One logged run: its JSONL file and the W&B run folders beside it."""
+
+    jsonl: Path
+    wandb_dirs: tuple[Path, ...]
+
+    @property
+    def name(self) -> str:
+        return self.jsonl.parent.name
+
+    def wandb_lines(self) -> list[str]:
+        """How to look at each W&B run: its URL when it went online, else `wandb sync`."""
+        lines = []
+        for folder in self.wandb_dirs:
+            url = _wandb_url(folder)
+            lines.append(url if url else f"`wandb sync {folder}`")
+        return lines
+
+
+def find_runs(paths: Iterable[str | Path]) -> list[RunFiles]:
+    """JSONL files, run folders, or study folders (one run folder per size) -> runs."""
+    runs = []
+    for path in map(Path, paths):
+        if path.is_file():
+            files = [path]
+        elif (path / RUN_FILE).is_file():
+            files = [path / RUN_FILE]
+        else:
+            files = sorted(path.glob(f"*/{RUN_FILE}"))
+        if not files:
+            raise ValueError(f"no {RUN_FILE} at {str(path)!r} or in its sub-folders")
+        runs += [RunFiles(f, tuple(sorted(f.parent.glob("wandb/*run-*")))) for f in files]
+    return runs
+
+
+def _wandb_url(folder: Path) -> str | None:
+    log = folder / "logs" / "debug.log"
+    match = _WANDB_URL.search(log.read_text(errors="replace")) if log.is_file() else None
+    return match.group(0) if match else None
+
+
+def load_analysis(
+    paths: Sequence[str | Path], quantity: str = "critical_sharpness", final_fraction: float = 0.2
+) -> tuple[list[RunFiles], list[dict], StudyAnalysis]:
+    """The runs under ``paths``, their rows, and the analysis of ``quantity`` over them."""
+    runs = find_runs(paths)
+    rows = [row for run in runs for row in read_records(run.jsonl)]
+    curves = curves_from_records(rows, quantity=quantity)
+    try:
+        losses = curves_from_records(rows, quantity="loss")
+    except ValueError:  # runs logged without the probe loss
+        losses = None
+    return runs, rows, analyse_curves(curves, final_fraction, losses)
+
+
+@dataclass(frozen=True)
+class ReportFiles:
+    markdown: Path
+    html: Path
+    figures: tuple[Path, ...]
+
+
+def write_report(
+    paths: Sequence[str | Path],
+    out: str | Path,
+    quantity: str = "critical_sharpness",
+    final_fraction: float = 0.2,
+    title: str = "Sharpness scaling study",
+) -> ReportFiles:
+    """Analyse the runs under ``paths`` and write ``report.md``, ``report.html`` and the
+    figures ``curves.png`` and (with 3+ sizes) ``scaling.png`` into ``out``."""
+    runs, rows, analysis = load_analysis(paths, quantity, final_fraction)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    figures = [plot_curves(analysis, out / "curves.png", quantity)]
+    if analysis.scaling is not None:
+        figures.append(plot_scaling_fit(analysis.scaling, out / "scaling.png", f"final {quantity}"))
+    blocks = report_blocks(analysis, runs, rows, quantity, final_fraction, title, figures)
+    markdown = out / "report.md"
+    markdown.write_text(render_markdown(blocks, relative_to=out))
+    page = out / "report.html"
+    page.write_text(render_html(blocks, title))
+    return ReportFiles(markdown, page, tuple(figures))
+
+
+# ---- content -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Table:
+    header: tuple[str, ...]
+    rows: tuple[tuple[str, ...], ...]
+
+
+@dataclass(frozen=True)
+class Figure:
+    path: Path
+    caption: str
+
+
+Block = str | Table | Figure | list  # str: a paragraph or "## heading"; list: bullet items
+
+
+def report_blocks(
+    analysis: StudyAnalysis,
+    runs: Sequence[RunFiles],
+    rows: Sequence[dict],
+    quantity: str,
+    final_fraction: float,
+    title: str,
+    figures: Sequence[Path],
+) -> list[Block]:
+    blocks: list[Block] = [
+        f"# {title}",
+        f"Quantity `{quantity}`; the final value of a run is the mean of its last "
+        f"{final_fraction:.0%} of measurements (± its standard error). "
+        f"{len(runs)} runs, {len(rows)} logged measurements.",
+        *compare_blocks(analysis),
+        Figure(
+            figures[0],
+            "Measured curves with their three-phase fits (left); the same curves "
+            "divided by their final value, beside the paper's simulator at the same sizes "
+            "(right, dashed).",
+        ),
+        "## Runs",
+        _runs_table(analysis, final_fraction),
+        "## Three-phase fits (eq. 1)",
+        _phase_table(analysis),
+    ]
+    if analysis.scaling is not None:
+        blocks += ["## Scaling of the final value", _scaling_table(analysis)]
+        blocks.append(Figure(figures[1], "Final value against parameters, both fits."))
+    blocks += ["## Files", _files_list(runs, rows)]
+    return blocks
+
+
+def compare_blocks(analysis: StudyAnalysis) -> list[Block]:
+    """The verdicts and the measured-against-simulated table."""
+    return [
+        "## Verdicts on the paper's claims",
+        [verdict.line() for verdict in analysis.verdicts],
+        "## Measured against the simulator (shapes, common training-fraction axis)",
+        _comparison_table(analysis),
+        "The simulator is calibrated on 10M-7B parameter language models; below 10M its "
+        "levels are extrapolated, so only shapes are compared.",
+    ]
+
+
+def _runs_table(analysis: StudyAnalysis, final_fraction: float) -> Table:
+    rows = []
+    for n in sorted(analysis.curves):
+        t, s = analysis.curves[n]
+        tail = s[-max(1, math.ceil(final_fraction * s.size - 1e-9)) :]
+        stderr = tail.std(ddof=1) / math.sqrt(tail.size) if tail.size > 1 else math.nan
+        rows.append(
+            (
+                f"{n:,.0f}",
+                str(s.size),
+                f"{analysis.finals[n]:.4g} ± {stderr:.2g}",
+                f"{s.max():.4g}",
+                f"{t[np.argmax(s)]:.2f}",
+            )
+        )
+    header = ("parameters", "measurements", "final", "peak", "peak at t")
+    return Table(header, tuple(rows))
+
+
+def _comparison_table(analysis: StudyAnalysis) -> Table:
+    rows = tuple(
+        (
+            f"{c.n_params:,.0f}",
+            f"{c.measured_peak_ratio:.3g} / {c.simulated_peak_ratio:.3g}",
+            f"{c.measured_peak_t:.2f} / {c.simulated_peak_t:.2f}",
+            f"{c.shape_rmse:.3g}",
+            f"{c.shape_correlation:.3f}",
+        )
+        for c in analysis.comparisons
+    )
+    header = (
+        "parameters",
+        "peak/final (measured / simulated)",
+        "peak at t (measured / simulated)",
+        "shape RMSE",
+        "shape correlation",
+    )
+    return Table(header, rows)
+
+
+def _phase_table(analysis: StudyAnalysis) -> Table:
+    rows = []
+    for n, fit in sorted(analysis.phase_fits.items()):
+        if isinstance(fit, str):
+            rows.append((f"{n:,.0f}", fit, "", "", "", "", "no"))
+            continue
+        cells = [f"{getattr(fit, p):.4g} ± {fit.stderr[p]:.2g}" for p in ("s_p", "s_f", "t_p")]
+        rows.append(
+            (
+                f"{n:,.0f}",
+                *cells,
+                f"{fit.lam:.3g} ± {fit.stderr['lam']:.2g}",
+                f"{fit.r2:.3f}",
+                "yes" if has_three_phases(fit) else "no",
+            )
+        )
+    header = ("parameters", "S_p", "S_f", "t_p", "lambda", "R^2", "three phases")
+    return Table(header, tuple(rows))
+
+
+def _scaling_table(analysis: StudyAnalysis) -> Table:
+    scaling = analysis.scaling
+    rows = []
+    for name, fit in (
+        ("log-linear S = a log10 N + b", scaling.log_linear),
+        ("power law S = c N^k", scaling.power_law),
+    ):
+        lo, hi = fit.slope_ci
+        rows.append(
+            (
+                name,
+                f"{fit.slope:.4g}",
+                f"[{lo:.3g}, {hi:.3g}]",
+                f"{fit.r2:.4f}",
+                f"{fit.aic:.2f}",
+                f"{fit.bic:.2f}",
+            )
+        )
+    header = (
+        "form",
+        "slope / exponent",
+        f"{scaling.log_linear.level:.0%} interval",
+        "R^2",
+        "AIC",
+        "BIC",
+    )
+    return Table(header, tuple(rows))
+
+
+def _files_list(runs: Sequence[RunFiles], rows: Sequence[dict]) -> list[str]:
+    failed = sum(1 for row in rows if row.get("status") not in (None, "ok"))
+    items = [
+        f"`{run.jsonl}` ({run.name}); W&B: {', '.join(run.wandb_lines()) or 'none'}" for run in runs
+    ]
+    items.append(f"measurements with a status other than ok: {failed}")
+    return items
+
+
+# ---- figures -------------------------------------------------------------------------------
+
+
+def plot_curves(analysis: StudyAnalysis, path: Path, quantity: str) -> Path:
+    """Measured curves with their three-phase fits, and normalised shapes beside the
+    simulator's."""
+    from matplotlib.figure import Figure as MplFigure
+
+    figure = MplFigure(figsize=(11, 4), layout="constrained")
+    measured, shapes = figure.subplots(1, 2)
+    colours = _colours(len(analysis.comparisons))
+    for colour, comparison in zip(colours, analysis.comparisons, strict=True):
+        n = comparison.n_params
+        t, s = analysis.curves[n]
+        measured.plot(t, s, color=colour, label=format_size(n))
+        fit = analysis.phase_fits[n]
+        if not isinstance(fit, str):
+            measured.plot(t, fit.predict(t), color=colour, linestyle=":", linewidth=1)
+        shapes.plot(comparison.t, comparison.measured, color=colour)
+        shapes.plot(comparison.t, comparison.simulated, color=colour, linestyle="--")
+    measured.set(
+        title=f"measured {quantity} (dotted: eq. 1 fit)",
+        xlabel="fraction of training",
+        ylabel=quantity,
+        yscale="log",
+    )
+    shapes.set(
+        title="S / S_final: measured (solid), simulator (dashed)",
+        xlabel="fraction of training",
+        ylabel="S / S_final",
+        yscale="log",
+    )
+    measured.legend(title="parameters", fontsize=8)
+    figure.savefig(path, dpi=120)
+    return path
+
+
+def _colours(count: int) -> list:
+    from matplotlib import colormaps
+
+    return list(colormaps["viridis"](np.linspace(0, 0.9, count)))
+
+
+# ---- rendering -----------------------------------------------------------------------------
+
+
+def render_markdown(blocks: Sequence[Block], relative_to: Path) -> str:
+    parts = []
+    for block in blocks:
+        if isinstance(block, Table):
+            parts.append(_markdown_table(block))
+        elif isinstance(block, Figure):
+            link = (
+                block.path.relative_to(relative_to)
+                if block.path.is_relative_to(relative_to)
+                else block.path
+            )
+            parts.append(f"![{block.path.stem}]({link})\n\n*{block.caption}*")
+        elif isinstance(block, list):
+            parts.append("\n".join(f"- {item}" for item in block))
+        else:
+            parts.append(block)
+    return "\n\n".join(parts) + "\n"
+
+
+def _markdown_table(table: Table) -> str:
+    lines = ["| " + " | ".join(table.header) + " |", "|" + "---|" * len(table.header)]
+    lines += ["| " + " | ".join(row) + " |" for row in table.rows]
+    return "\n".join(lines)
+
+
+_STYLE = (
+    "body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
+    "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;"
+    "text-align:right}th{background:#f4f4f4}img{max-width:100%}code{background:#f4f4f4}"
+)
+
+
+def render_html(blocks: Sequence[Block], title: str) -> str:
+    parts = [
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}"
+        f"</title><style>{_STYLE}</style></head><body>"
+    ]
+    for block in blocks:
+        if isinstance(block, Table):
+            head = "".join(f"<th>{_inline(cell)}</th>" for cell in block.header)
+            body = "".join(
+                "<tr>" + "".join(f"<td>{_inline(cell)}</td>" for cell in row) + "</tr>"
+                for row in block.rows
+            )
+            parts.append(f"<table><tr>{head}</tr>{body}</table>")
+        elif isinstance(block, Figure):
+            data = base64.b64encode(block.path.read_bytes()).decode("ascii")
+            parts.append(
+                f"<figure><img src='data:image/png;base64,{data}' "
+                f"alt='{html.escape(block.caption)}'><figcaption>"
+                f"{_inline(block.caption)}</figcaption></figure>"
+            )
+        elif isinstance(block, list):
+            parts.append("<ul>" + "".join(f"<li>{_inline(item)}</li>" for item in block) + "</ul>")
+        elif block.startswith("#"):
+            level = len(block) - len(block.lstrip("#"))
+            parts.append(f"<h{level}>{_inline(block[level:].strip())}</h{level}>")
+        else:
+            parts.append(f"<p>{_inline(block)}</p>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def _inline(text: str) -> str:
+    """The two Markdown marks the report uses, ``**bold**`` and ```code```, as HTML."""
+    text = html.escape(text)
+    text = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", text)
+    text = re.sub(r"`(.+?)`", r"<code>\1</code>", text)
+    return re.sub(r"(https://\S+)", r"<a href='\1'>\1</a>", text)

@@ -1,0 +1,62 @@
+"""Measured-vs-simulated comparison and the verdicts on the paper's claims."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from sharpmeter.analysis import tail_mean
+from sharpmeter.compare import analyse_curves, compare_curve
+from sharpmeter.simulator import PAPER_SCALES, simulate_run
+
+
+def test_a_curve_shaped_like_the_simulator_matches_it():
+    run = simulate_run(1e8, noise=False, oscillation=False)
+    comparison = compare_curve(1e8, run.t, 3.7 * run.sharpness_trend)
+    assert comparison.shape_rmse < 1e-12 and comparison.shape_correlation == pytest.approx(1)
+    assert comparison.measured_peak_t == comparison.simulated_peak_t
+    assert comparison.measured_final == pytest.approx(3.7 * comparison.simulated_final)
+
+
+def test_a_flat_curve_differs_from_the_simulator():
+    run = simulate_run(1e8, noise=False, oscillation=False)
+    comparison = compare_curve(1e8, run.t, np.ones_like(run.t))
+    simulated = run.sharpness_trend / tail_mean(run.sharpness_trend, 0.2)
+    assert comparison.shape_rmse == pytest.approx(
+        np.sqrt(np.mean((np.interp(comparison.t, run.t, simulated) - 1) ** 2))
+    )
+    assert comparison.shape_rmse > 0.1
+
+
+def simulated_study(seed: int = 42):
+    runs = [simulate_run(n, seed=seed + i) for i, n in enumerate(PAPER_SCALES.values())]
+    curves = {run.n_params: (run.t, run.sharpness) for run in runs}
+    losses = {run.n_params: (run.t, run.loss) for run in runs}
+    return curves, losses
+
+
+def test_the_paper_s_own_curves_confirm_its_claims():
+    curves, losses = simulated_study()
+    analysis = analyse_curves(curves, final_fraction=0.1, losses=losses)
+    assert [v.holds for v in analysis.verdicts] == [True, True, True, True, True], [
+        v.line() for v in analysis.verdicts
+    ]
+    # Table 1's log-linear fit, from the same kind of curves
+    assert analysis.scaling.log_linear.slope == pytest.approx(-0.1055, abs=0.01)
+
+
+def test_verdicts_say_no_when_sharpness_grows_with_scale():
+    curves, losses = simulated_study()
+    grown = {n: (t, s * np.log10(n) ** 3) for n, (t, s) in curves.items()}
+    analysis = analyse_curves(grown, final_fraction=0.1, losses=losses)
+    falls = analysis.verdicts[1]
+    assert falls.claim.startswith("Final sharpness falls") and falls.holds is False
+
+
+def test_two_sizes_leave_scaling_claims_undecided():
+    curves, _ = simulated_study()
+    two = dict(list(curves.items())[:2])
+    analysis = analyse_curves(two)
+    assert analysis.scaling is None
+    assert [v.holds for v in analysis.verdicts[1:]] == [None, None, None, None]
+    assert "undecided" in analysis.verdicts[1].line()

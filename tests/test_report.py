@@ -1,0 +1,87 @@
+"""The report: computed from the JSONL files, figures embedded, CLI entry points."""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import pytest
+
+from sharpmeter.analysis import compare_fits, tail_mean
+from sharpmeter.cli import main
+from sharpmeter.report import find_runs, write_report
+from sharpmeter.simulator import simulate_run
+
+SIZES = {"a": 1e7, "b": 5e7, "c": 2e8, "d": 1e9}
+
+
+def write_runs(root, statuses=("ok",)):
+    """One folder per size with wide rows as the callback writes them, from the simulator."""
+    for i, (name, n) in enumerate(SIZES.items()):
+        run = simulate_run(n, n_checkpoints=60, seed=i)
+        folder = root / name
+        folder.mkdir(parents=True)
+        rows = [
+            {
+                "run": name,
+                "n_params": n,
+                "step": 10 * (k + 1),
+                "critical_sharpness": s,
+                "loss": loss,
+                "status": statuses[k % len(statuses)],
+            }
+            for k, (s, loss) in enumerate(zip(run.sharpness, run.loss))
+        ]
+        (folder / "sharpness.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (root / "a" / "wandb" / "offline-run-20261123_120000-abc123").mkdir(parents=True)
+    return root
+
+
+def test_report_numbers_come_from_the_logs(tmp_path):
+    root = write_runs(tmp_path / "study", statuses=("ok", "ok", "nondescent"))
+    files = write_report([root], out=root)
+    markdown = files.markdown.read_text()
+    finals = []
+    for name, n in SIZES.items():
+        rows = [json.loads(line) for line in (root / name / "sharpness.jsonl").open()]
+        final = tail_mean([r["critical_sharpness"] for r in rows], 0.2)
+        finals.append(final)
+        assert f"| {n:,.0f} | 60 | {final:.4g} ± " in markdown
+    slope = compare_fits(list(SIZES.values()), finals).log_linear.slope
+    assert f"| log-linear S = a log10 N + b | {slope:.4g} |" in markdown
+    assert "Final sharpness falls with scale: **" in markdown
+    assert "measurements with a status other than ok: 80" in markdown
+    assert f"wandb sync {root / 'a' / 'wandb' / 'offline-run-20261123_120000-abc123'}" in markdown
+    assert [f.name for f in files.figures] == ["curves.png", "scaling.png"]
+    assert "](curves.png)" in markdown
+
+
+def test_html_report_is_self_contained(tmp_path):
+    root = write_runs(tmp_path / "study")
+    files = write_report([root], out=tmp_path / "out")
+    page = files.html.read_text()
+    assert page.count("data:image/png;base64,") == 2
+    encoded = page.split("data:image/png;base64,")[1].split("'")[0]
+    assert base64.b64decode(encoded) == (tmp_path / "out" / "curves.png").read_bytes()
+    assert "<table>" in page and ("<b>yes</b>" in page or "<b>no</b>" in page)
+    assert "src='curves.png'" not in page
+
+
+def test_runs_are_found_by_folder_file_or_study(tmp_path):
+    root = write_runs(tmp_path / "study")
+    by_study = find_runs([root])
+    assert [r.name for r in by_study] == list(SIZES)
+    assert find_runs([root / "b", root / "c" / "sharpness.jsonl"])[1].name == "c"
+    with pytest.raises(ValueError, match="no sharpness.jsonl"):
+        find_runs([tmp_path / "empty"])
+
+
+def test_cli_compare_and_report(tmp_path, capsys):
+    root = write_runs(tmp_path / "study")
+    assert main(["compare", str(root), "--out", str(tmp_path / "fig")]) == 0
+    printed = capsys.readouterr().out
+    assert "## Verdicts on the paper's claims" in printed and "shape RMSE" in printed
+    assert (tmp_path / "fig" / "compare.png").stat().st_size > 10_000
+    assert main(["report", str(root)]) == 0
+    assert (root / "report.html").is_file() and (root / "report.md").is_file()
+    assert str(root / "report.html") in capsys.readouterr().out
