@@ -179,6 +179,7 @@ class SharpnessMeter:
         self.preconditioned_vector: torch.Tensor | None = None
         self.last_step: int | None = None
         self.measuring_seconds = 0.0
+        self.last_cost = 0.0
         self._started = time.perf_counter()
 
     def is_due(self, step: int) -> bool:
@@ -189,8 +190,9 @@ class SharpnessMeter:
             return False
         if self.schedule.max_fraction is None:
             return True
-        training = time.perf_counter() - self._started - self.measuring_seconds
-        due = self.schedule.within_budget(self.measuring_seconds, training)
+        due = self.schedule.within_budget(
+            self.measuring_seconds, self.training_seconds, next_cost=self.last_cost
+        )
         if is_distributed():
             # Wall clocks differ between ranks; a measurement is collective, so rank 0 decides.
             decision = torch.tensor(int(due), device=self.params[0].device)
@@ -225,8 +227,14 @@ class SharpnessMeter:
         elapsed = time.perf_counter() - started
         row["wall_seconds"] = elapsed
         self.measuring_seconds += elapsed
+        self.last_cost = elapsed
         self.last_step = int(step)
         return row
+
+    @property
+    def training_seconds(self) -> float:
+        """Wall time since the meter started (or the run, after a resume), less measuring."""
+        return time.perf_counter() - self._started - self.measuring_seconds
 
     def _measure_into(self, row: dict, optimizer: torch.optim.Optimizer | None) -> None:
         operator = None
@@ -360,12 +368,18 @@ class SharpnessMeter:
             "eta_c": self.eta_c,
             "last_step": self.last_step,
             "measuring_seconds": self.measuring_seconds,
+            "training_seconds": self.training_seconds,
+            "last_cost": self.last_cost,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.eta_c = state.get("eta_c")
         self.last_step = state.get("last_step")
         self.measuring_seconds = float(state.get("measuring_seconds", 0.0))
+        self.last_cost = float(state.get("last_cost", 0.0))
+        # The budget compares totals over the whole run, so the clock resumes where it stopped.
+        elapsed = self.measuring_seconds + float(state.get("training_seconds", 0.0))
+        self._started = time.perf_counter() - elapsed
 
 
 def _check_labels(probe_batch: Any) -> None:

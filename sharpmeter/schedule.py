@@ -55,8 +55,15 @@ class Schedule:
             round(10 ** (i / self.per_decade)) == step for i in range(max(index - 1, 0), index + 2)
         )
 
-    def within_budget(self, measuring_seconds: float, training_seconds: float) -> bool:
-        """Whether one more measurement keeps measuring within ``max_fraction`` of training."""
+    def within_budget(
+        self, measuring_seconds: float, training_seconds: float, next_cost: float = 0.0
+    ) -> bool:
+        """Whether one more measurement, expected to take ``next_cost`` seconds, keeps the
+        time spent measuring within ``max_fraction`` of the time spent training.
+
+        With ``next_cost`` the last measurement's duration, only the first measurement can
+        overshoot, so over a run of training time ``T`` measuring takes at most
+        ``max_fraction * T + (first measurement)``."""
         if self.max_fraction is None:
             return True
-        return measuring_seconds <= self.max_fraction * training_seconds
+        return measuring_seconds + next_cost <= self.max_fraction * training_seconds

@@ -26,6 +26,9 @@ def test_time_budget():
     assert budget.within_budget(measuring_seconds=4.9, training_seconds=100)
     assert not budget.within_budget(measuring_seconds=5.1, training_seconds=100)
     assert sm.Schedule().within_budget(1e9, 0.0)
+    # the next measurement's expected cost counts against the budget too
+    assert not budget.within_budget(measuring_seconds=4.0, training_seconds=100, next_cost=1.5)
+    assert budget.within_budget(measuring_seconds=4.0, training_seconds=100, next_cost=0.9)
 
 
 def test_meter_skips_measured_and_over_budget_steps():
@@ -43,6 +46,21 @@ def test_meter_skips_measured_and_over_budget_steps():
     meter.measuring_seconds = 1e6  # far over 5% of the training time so far
     assert not meter.is_due(2)
     assert sm.SharpnessMeter(model, token_batch(), causal_lm_loss).schedule.max_fraction == 0.05
+
+
+def test_budget_clock_survives_a_resume():
+    model = tiny_gpt2().eval()
+    options = {"measures": ("critical",), "schedule": sm.Schedule(every=1, max_fraction=0.05)}
+    meter = sm.SharpnessMeter(model, token_batch(), causal_lm_loss, **options)
+    meter.measure(1)
+    state = meter.state_dict()
+    resumed = sm.SharpnessMeter(model, token_batch(), causal_lm_loss, **options)
+    resumed.load_state_dict(state)
+    assert resumed.last_cost == meter.last_cost > 0
+    assert resumed.measuring_seconds == meter.measuring_seconds
+    # a fresh clock would give ~0 s of training and refuse every measurement after a resume
+    assert resumed.training_seconds == pytest.approx(state["training_seconds"], abs=0.5)
+    assert resumed.training_seconds >= state["training_seconds"]
 
 
 @pytest.mark.parametrize(
