@@ -12,11 +12,12 @@ from sharpmeter.analysis import compare_fits, curves_from_records, tail_mean
 from sharpmeter.records import read_records
 
 RECIPE = Path(__file__).parent.parent / "recipes" / "scale_study.py"
+SMALL = ["--sizes", "tiny", "small", "medium", "--max_steps", "60", "--every", "5"]
 
 
 def run_study(out: Path, *extra: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, str(RECIPE), "--out", str(out), *extra],
+        [sys.executable, str(RECIPE), "--output_dir", str(out), *extra],
         capture_output=True,
         text=True,
         timeout=600,
@@ -26,7 +27,7 @@ def run_study(out: Path, *extra: str) -> subprocess.CompletedProcess:
 
 def test_small_study_report_is_computed_from_the_logs(tmp_path):
     out = tmp_path / "study"
-    done = run_study(out, "--sizes", "tiny,small,medium", "--steps", "60", "--every", "5")
+    done = run_study(out, *SMALL)
     assert done.returncode == 0, done.stderr[-2000:]
     paths = [out / name / "sharpness.jsonl" for name in ("tiny", "small", "medium")]
     rows = [row for path in paths for row in read_records(path)]
@@ -36,22 +37,25 @@ def test_small_study_report_is_computed_from_the_logs(tmp_path):
     finals = [tail_mean(curves[n][1], 0.2) for n in sizes]
     report = (out / "report.md").read_text()
     for n, final in zip(sizes, finals):
-        assert f"| {n:,.0f} | {final:.4g} |" in report
+        assert f"| {n:,.0f} | 12 | {final:.4g} ± " in report
     slope = compare_fits(sizes, finals).log_linear.slope
     assert f"| log-linear S = a log10 N + b | {slope:.4g} |" in report
     assert (out / "curves.png").stat().st_size > 10_000
+    assert "data:image/png;base64," in (out / "report.html").read_text()
     assert list(out.glob("tiny/wandb/offline-run-*"))
 
     # Interrupted and run again: finished sizes are not retrained.
     before = [p.stat().st_mtime_ns for p in paths]
-    again = run_study(out, "--sizes", "tiny,small,medium", "--steps", "60", "--every", "5")
+    again = run_study(out, *SMALL)
     assert again.returncode == 0 and again.stdout.count("already trained") == 3
     assert [p.stat().st_mtime_ns for p in paths] == before
 
 
 def test_bad_input_fails_before_training(tmp_path):
-    done = run_study(tmp_path, "--sizes", "tiny,gigantic")
-    assert done.returncode != 0 and "unknown size" in done.stderr
+    done = run_study(tmp_path, "--sizes", "tiny", "gigantic")
+    assert done.returncode != 0 and "unknown model size" in done.stderr
     assert not list(tmp_path.glob("tiny"))
-    done = run_study(tmp_path, "--steps", "20", "--every", "5")
-    assert done.returncode != 0 and "at least 10 measurements" in done.stderr
+    done = run_study(tmp_path, "--max_steps", "20", "--every", "5")
+    assert done.returncode != 0 and "fewer than 10 measurements" in done.stderr
+    done = run_study(tmp_path, "--corpus", "missing/corpus.txt")
+    assert done.returncode != 0 and "missing/corpus.txt" in done.stderr

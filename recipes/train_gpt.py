@@ -1,0 +1,33 @@
+"""Train one GPT-2 with the sharpness callback; every option comes from a YAML config and can
+be overridden as ``--key value`` (see sharpmeter/config.py for the keys).
+
+    python recipes/train_gpt.py configs/tiny.yaml
+    python recipes/train_gpt.py configs/tiny.yaml --max_steps 200 --learning_rate 1e-3
+    accelerate launch --multi_gpu --num_processes 2 recipes/train_gpt.py configs/tiny.yaml
+    accelerate launch --config_file configs/accelerate/multi_gpu.yaml \
+        recipes/train_gpt.py configs/gpt_gpu.yaml
+
+The second line runs two CPU ranks over gloo (the config's ``use_cpu: true`` picks the CPU;
+``accelerate launch --cpu`` would start one process). The curve goes to
+``<output_dir>/sharpness.jsonl`` and, with ``report_to: wandb``, into a W&B run in the same
+folder (offline without a key: ``wandb sync <output_dir>/wandb/offline-run-*``).
+"""
+
+import sys
+
+from sharpmeter.config import parse_config
+from sharpmeter.train import train_gpt
+
+
+def main(argv: list[str]) -> None:
+    try:
+        model_args, data_args, sharpness_args, training_args = parse_config(argv)
+    except ValueError as error:  # a bad config: say what is wrong, before any training
+        sys.exit(f"train_gpt.py: error: {error}")
+    jsonl = train_gpt(model_args, data_args, sharpness_args, training_args)
+    if training_args.process_index == 0:
+        print(f"sharpness curve: {jsonl}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,177 @@
+"""Run and study configs: one flat YAML file, overridable on the command line.
+
+Every option of a run lives in one of four dataclasses (model, data, sharpness, and
+transformers' own ``TrainingArguments``); a study adds :class:`StudyArguments`. A YAML file
+gives their values by field name, and ``--name value`` after it overrides any of them, as
+transformers' ``HfArgumentParser`` reads them::
+
+    # configs/tiny.yaml
+    size: tiny
+    corpus: kjv
+    max_steps: 60
+    output_dir: runs/tiny
+
+    python recipes/train_gpt.py configs/tiny.yaml --learning_rate 1e-3 --max_steps 100
+
+A key the dataclasses do not know, a missing required key (``size``), an unknown model size,
+a corpus path that does not exist: each is a clear error before any training starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from transformers import HfArgumentParser, TrainingArguments
+
+from sharpmeter.data import TOKENIZERS, check_corpus
+from sharpmeter.gpt import check_size
+from sharpmeter.meter import MEASURES
+from sharpmeter.schedule import Schedule
+
+
+@dataclass
+class ModelArguments:
+    """The GPT-2 to build (see :mod:`sharpmeter.gpt` for the named sizes)."""
+
+    # Required in a run config (parse_config checks it); a study config names its sizes instead.
+    size: str | None = field(
+        default=None, metadata={"help": "a named model size, e.g. tiny or d768-l12"}
+    )
+    block_size: int = field(default=64, metadata={"help": "context length in tokens"})
+    dropout: float = field(default=0.0, metadata={"help": "dropout of the model while training"})
+    attn_implementation: str = field(
+        default="sdpa", metadata={"help": "attention for training: sdpa, eager, flash_attention_2"}
+    )
+
+    def __post_init__(self) -> None:
+        if self.size is not None:
+            check_size(self.size)
+        if self.block_size < 2:
+            raise ValueError(f"block_size must be at least 2, got {self.block_size}")
+
+
+@dataclass
+class DataArguments:
+    """The corpus and its tokenizer (see :mod:`sharpmeter.data`)."""
+
+    corpus: str = field(
+        default="kjv", metadata={"help": "kjv, a local text file or folder, or a datasets name"}
+    )
+    tokenizer: str = field(default="byte", metadata={"help": f"one of {TOKENIZERS}"})
+    vocab_size: int | None = field(default=None, metadata={"help": "BPE vocabulary size"})
+    text_column: str = field(default="text", metadata={"help": "text column of a dataset"})
+    cache_dir: str | None = field(default=None, metadata={"help": "tokenizer and token cache"})
+
+    def __post_init__(self) -> None:
+        check_corpus(self.corpus)
+        if self.tokenizer not in TOKENIZERS:
+            raise ValueError(f"tokenizer must be one of {TOKENIZERS}, got {self.tokenizer!r}")
+
+
+@dataclass
+class SharpnessArguments:
+    """What the :class:`~sharpmeter.integrations.hf.SharpnessCallback` measures, and when."""
+
+    measures: list[str] = field(
+        default_factory=lambda: ["critical"], metadata={"help": f"any of {MEASURES}"}
+    )
+    every: int = field(default=10, metadata={"help": "measure every n steps"})
+    per_decade: int | None = field(default=None, metadata={"help": "log-spaced steps instead"})
+    max_fraction: float | None = field(
+        default=None, metadata={"help": "most wall time measuring may take (None: no budget)"}
+    )
+    probe_size: int = field(default=16, metadata={"help": "examples in the probe batch"})
+    probe_seed: int = field(default=0, metadata={"help": "seed that draws the probe batch"})
+
+    def __post_init__(self) -> None:
+        unknown = [m for m in self.measures if m not in MEASURES]
+        if unknown or not self.measures:
+            raise ValueError(f"measures must be a non-empty subset of {MEASURES}, got {unknown}")
+        self.schedule()  # its own checks
+        if self.probe_size <= 0:
+            raise ValueError(f"probe_size must be positive, got {self.probe_size}")
+
+    def schedule(self) -> Schedule:
+        return Schedule(self.every, self.per_decade, self.max_fraction)
+
+
+@dataclass
+class StudyArguments:
+    """A ladder of sizes trained alike, and how its report summarises them."""
+
+    sizes: list[str] = field(
+        default_factory=lambda: ["tiny", "small", "medium", "large", "xlarge"],
+        metadata={"help": "named sizes to train, each into <output_dir>/<size>"},
+    )
+    quantity: str = field(default="critical_sharpness", metadata={"help": "logged column"})
+    final_fraction: float = field(
+        default=0.2, metadata={"help": "share of the last measurements averaged as 'final'"}
+    )
+
+    def __post_init__(self) -> None:
+        for size in self.sizes:
+            check_size(size)
+        if len(set(self.sizes)) != len(self.sizes):
+            raise ValueError(f"sizes must be distinct, got {self.sizes}")
+        if not 0 < self.final_fraction <= 1:
+            raise ValueError(f"final_fraction must be in (0, 1], got {self.final_fraction}")
+
+
+RUN_ARGUMENTS = (ModelArguments, DataArguments, SharpnessArguments, TrainingArguments)
+STUDY_ARGUMENTS = (StudyArguments, *RUN_ARGUMENTS)
+
+
+def parse_config(
+    argv: Sequence[str],
+    dataclass_types: tuple[type, ...] = RUN_ARGUMENTS,
+    required: Sequence[str] = ("size",),
+) -> tuple[Any, ...]:
+    """``[CONFIG.yaml] [--name value ...]`` -> one instance per dataclass type.
+
+    The YAML values become command-line arguments placed before the user's, so a later
+    ``--name`` wins, and every value goes through the same parsing and checks. Each key in
+    ``required`` must be given, in the file or on the command line."""
+    argv = list(argv)
+    config_args: list[str] = []
+    source = "the command line"
+    if argv and argv[0].endswith((".yaml", ".yml")):
+        source = argv[0]
+        config_args = yaml_as_arguments(Path(argv.pop(0)), dataclass_types)
+    given = {arg[2:].split("=")[0] for arg in config_args + argv if arg.startswith("--")}
+    missing = [key for key in required if key not in given]
+    if missing:
+        raise ValueError(f"missing config key(s) {missing} in {source} (or give --{missing[0]})")
+    parser = HfArgumentParser(dataclass_types)
+    # A ValueError from a dataclass check is re-raised as is: it names the bad value.
+    return parser.parse_args_into_dataclasses(args=config_args + argv, look_for_args_file=False)
+
+
+def yaml_as_arguments(path: Path, dataclass_types: tuple[type, ...]) -> list[str]:
+    """The ``key: value`` pairs of a flat YAML file as ``--key value`` arguments."""
+    import yaml
+
+    if not path.is_file():
+        raise ValueError(f"config file {str(path)!r} does not exist")
+    values = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(values, dict):
+        raise ValueError(f"{path}: expected 'key: value' pairs, got {type(values).__name__}")
+    known = {f.name for kind in dataclass_types for f in dataclasses.fields(kind)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"{path}: unknown config key(s) {unknown}")
+    arguments: list[str] = []
+    for key, value in values.items():
+        if value is None:
+            continue
+        items = value if isinstance(value, list) else [value]
+        arguments += [f"--{key}", *(_as_text(item) for item in items)]
+    return arguments
+
+
+def _as_text(value: Any) -> str:
+    # YAML reads true/false as bools; HfArgumentParser reads bools from "true"/"false".
+    return str(value).lower() if isinstance(value, bool) else str(value)

@@ -1,0 +1,75 @@
+"""YAML configs with command-line overrides, and the errors a bad config raises before training."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from sharpmeter.config import RUN_ARGUMENTS, STUDY_ARGUMENTS, parse_config
+
+CONFIGS = Path(__file__).parent.parent / "configs"
+
+
+def write(tmp_path: Path, text: str) -> str:
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_yaml_values_reach_every_dataclass():
+    model, data, sharpness, training = parse_config([str(CONFIGS / "tiny.yaml")])
+    assert (model.size, model.block_size) == ("small", 64)
+    assert (data.corpus, data.tokenizer) == ("kjv", "byte")
+    assert sharpness.measures == ["critical", "trace", "spectral"]
+    assert sharpness.schedule().every == 10
+    assert training.max_steps == 60 and training.learning_rate == pytest.approx(3e-3)
+    assert training.use_cpu is True and training.report_to == ["wandb"]
+
+
+def test_command_line_overrides_the_file():
+    model, _, sharpness, training = parse_config(
+        [str(CONFIGS / "tiny.yaml"), "--size", "tiny", "--measures", "critical", "--max_steps", "7"]
+    )
+    assert model.size == "tiny" and sharpness.measures == ["critical"]
+    assert training.max_steps == 7
+
+
+@pytest.mark.parametrize(
+    "name, types",
+    [
+        ("tiny", RUN_ARGUMENTS),
+        ("gpt_gpu", RUN_ARGUMENTS),
+        ("study_cpu", STUDY_ARGUMENTS),
+        ("study_gpu", STUDY_ARGUMENTS),
+    ],
+)
+def test_every_shipped_config_parses(name, types):
+    required = ("size",) if types is RUN_ARGUMENTS else ()
+    # transformers refuses bf16 on a machine without a GPU: check the rest of the GPU configs
+    cpu = ["--bf16", "false", "--use_cpu", "true"] if "gpu" in name else []
+    parsed = parse_config([str(CONFIGS / f"{name}.yaml"), *cpu], types, required=required)
+    assert len(parsed) == len(types)
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("corpus: kjv\nmax_steps: 5\n", "missing config key"),
+        ("size: tiny\nlearning_rat: 0.1\n", "unknown config key"),
+        ("size: gigantic\n", "unknown model size"),
+        ("size: tiny\ncorpus: /no/such/corpus.txt\n", "no/such/corpus.txt"),
+        ("size: tiny\nmeasures: [critical, curvature]\n", "measures"),
+        ("size: tiny\nevery: 0\n", "every"),
+        ("size: tiny\ntokenizer: wordpiece\n", "tokenizer"),
+        ("- size\n- tiny\n", "key: value"),
+    ],
+)
+def test_bad_config_raises_a_clear_error(tmp_path, text, message):
+    with pytest.raises(ValueError, match=message):
+        parse_config([write(tmp_path, text)])
+
+
+def test_missing_config_file():
+    with pytest.raises(ValueError, match="does not exist"):
+        parse_config(["/no/such/config.yaml"])

@@ -1,0 +1,75 @@
+"""recipes/train_gpt.py: one process, two gloo ranks, and bad configs that stop before training."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sharpmeter.train import is_finished
+
+ROOT = Path(__file__).parent.parent
+RECIPE = ROOT / "recipes" / "train_gpt.py"
+CONFIG = ROOT / "configs" / "tiny.yaml"
+QUICK = ["--size", "tiny", "--max_steps", "20", "--every", "5", "--logging_steps", "5"]
+
+
+def launch(prefix: list[str], out: Path, *extra: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "HOME": str(out)}
+    return subprocess.run(
+        [*prefix, str(RECIPE), str(CONFIG), "--output_dir", str(out), *extra],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
+
+
+def rows_of(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "sharpness.jsonl").read_text().splitlines()]
+
+
+def test_one_process_run_logs_every_measure(tmp_path):
+    out = tmp_path / "run"
+    done = launch([sys.executable], out, *QUICK)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = rows_of(out)
+    assert [r["step"] for r in rows] == [5, 10, 15, 20]
+    assert all(r["status"] == "ok" for r in rows), rows
+    for key in ("critical_sharpness", "hessian_trace", "lambda_max", "loss"):
+        assert all(isinstance(r[key], float) for r in rows), key
+    assert is_finished(out, 20) and not is_finished(out, 40)
+    assert list(out.glob("wandb/offline-run-*"))  # report_to: wandb, offline without a key
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--size", "gigantic"], "unknown model size"),
+        (["--corpus", "/no/such/corpus.txt"], "/no/such/corpus.txt"),
+        (["--measures", "curvature"], "measures"),
+    ],
+)
+def test_bad_config_stops_before_training(tmp_path, extra, message):
+    out = tmp_path / "run"
+    done = launch([sys.executable], out, *extra)
+    assert done.returncode != 0 and message in done.stderr
+    assert "Traceback" not in done.stderr
+    assert not out.exists()
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_log_what_one_process_logs(tmp_path):
+    single = launch([sys.executable], tmp_path / "one", *QUICK)
+    accelerate = str(Path(sys.executable).parent / "accelerate")
+    command = [accelerate, "launch", "--multi_gpu", "--num_processes", "2"]
+    double = launch(command, tmp_path / "two", *QUICK)
+    assert single.returncode == 0 and double.returncode == 0, double.stderr[-3000:]
+    one, two = rows_of(tmp_path / "one"), rows_of(tmp_path / "two")
+    assert [r["step"] for r in one] == [r["step"] for r in two]
+    assert set(one[0]) == set(two[0])
+    assert all(r["status"] == "ok" for r in one + two)
