@@ -65,7 +65,7 @@ def train_gpt(
         dropout=model_args.dropout,
         attn_implementation=model_args.attn_implementation,
     )
-    _prepare_wandb(training_args)
+    _start_wandb(training_args, {**vars(model_args), **vars(data_args), **vars(sharpness_args)})
 
     trainer = Trainer(model=model, args=training_args, train_dataset=dataset)
     SharpnessCallback.attach(
@@ -87,12 +87,22 @@ def is_finished(output_dir: str | Path, max_steps: int) -> bool:
     return path.is_file() and json.loads(path.read_text()).get("global_step") == max_steps
 
 
-def _prepare_wandb(training_args: TrainingArguments) -> None:
-    """W&B offline without credentials (never a prompt), its run inside the output folder."""
-    if "wandb" in (training_args.report_to or []):
-        os.environ.setdefault("WANDB_MODE", wandb_mode())
-        os.environ["WANDB_DIR"] = training_args.output_dir
-        Path(training_args.output_dir).mkdir(parents=True, exist_ok=True)
+def _start_wandb(training_args: TrainingArguments, config: dict) -> None:
+    """Start the W&B run the Trainer's ``WandbCallback`` will log into: offline without
+    credentials (never a prompt), in the output folder beside the JSONL. ``WANDB_DIR`` would
+    not do: W&B reads it once per process, and a study trains several runs in one."""
+    if "wandb" not in (training_args.report_to or []) or training_args.process_index != 0:
+        return
+    import wandb
+
+    Path(training_args.output_dir).mkdir(parents=True, exist_ok=True)
+    wandb.init(
+        project=os.environ.get("WANDB_PROJECT", "sharpmeter"),
+        name=training_args.run_name,
+        dir=training_args.output_dir,
+        mode=wandb_mode(),
+        config=config,
+    )
 
 
 def _finish_wandb() -> None:

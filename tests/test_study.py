@@ -42,7 +42,8 @@ def test_small_study_report_is_computed_from_the_logs(tmp_path):
     assert f"| log-linear S = a log10 N + b | {slope:.4g} |" in report
     assert (out / "curves.png").stat().st_size > 10_000
     assert "data:image/png;base64," in (out / "report.html").read_text()
-    assert list(out.glob("tiny/wandb/offline-run-*"))
+    for name in ("tiny", "small", "medium"):  # each run's W&B folder beside its JSONL
+        assert len(list(out.glob(f"{name}/wandb/offline-run-*"))) == 1, name
 
     # Interrupted and run again: finished sizes are not retrained.
     before = [p.stat().st_mtime_ns for p in paths]
