@@ -46,6 +46,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from sharpmeter.directions import learning_rate, update_direction
 from sharpmeter.distributed import is_distributed
@@ -74,6 +75,7 @@ HVP_MEASURES = ("directional", "trace", "spectral", "preconditioned")
 # An HVP costs about two training steps whatever the model size, so a fixed grid alone would
 # multiply training time (benchmarks/results/overhead.md): by default measuring takes at most 5%.
 DEFAULT_SCHEDULE = Schedule(every=10, max_fraction=0.05)
+PROGRESS_DELAY = 2.0  # seconds before a measurement shows its bar: short ones stay quiet
 TRACE_METHODS = {"hutchinson": hutchinson, "hutchpp": hutchpp}
 
 _COLUMNS = {
@@ -116,6 +118,8 @@ class SharpnessMeter:
         max_grad_norm: gradient clipping the optimizer applies (as the Trainer does).
         hvp_mode: ``"double_backward"``, ``"fwd"`` or ``"fd"``.
         seed: seed of the probes and of the dropout masks.
+        progress: show a progress bar (measure, HVPs so far) for measurements that take more
+            than two seconds.
 
     Raises:
         ValueError: an unknown measure, a probe batch without labels when the model's own loss
@@ -140,6 +144,7 @@ class SharpnessMeter:
         max_grad_norm: float | None = None,
         hvp_mode: str = "double_backward",
         seed: int = 0,
+        progress: bool = False,
     ) -> None:
         unknown = [m for m in measures if m not in MEASURES]
         if unknown or not measures:
@@ -174,6 +179,7 @@ class SharpnessMeter:
         self.max_grad_norm = max_grad_norm
         self.hvp_mode = hvp_mode
         self.seed = seed
+        self.progress = progress
         self.eta_c: float | None = None
         self.top_vector: torch.Tensor | None = None
         self.preconditioned_vector: torch.Tensor | None = None
@@ -267,7 +273,13 @@ class SharpnessMeter:
             "preconditioned": lambda: self._preconditioned(operator, optimizer),
             "critical": lambda: self._critical(direction, gradient, float(loss), lr),
         }
-        for measure in sorted(self.measures, key=lambda m: m == "critical"):
+        ordered = sorted(self.measures, key=lambda m: m == "critical")
+        bar = tqdm(
+            ordered, desc="measuring", leave=False, delay=PROGRESS_DELAY, disable=not self.progress
+        )
+        for measure in bar:
+            hvps = operator.num_matvecs if operator is not None else 0
+            bar.set_postfix_str(f"{measure}, {hvps} HVPs so far", refresh=False)
             try:
                 row.update(steps[measure]())
             except Exception as error:  # one estimator failing leaves the others standing

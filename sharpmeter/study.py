@@ -43,11 +43,12 @@ def run_study(config: tuple) -> ReportFiles | None:
     study, model_args, data_args, sharpness_args, training_args = config
     root = Path(training_args.output_dir)
     dataset = load_data(data_args, model_args.block_size, training_args)
-    for size in study.sizes:
+    for index, size in enumerate(study.sizes, start=1):
         run_args = dataclasses.replace(training_args, output_dir=str(root / size), run_name=size)
         if is_finished(run_args.output_dir, run_args.max_steps):
-            print(f"{size}: already trained in {run_args.output_dir}")
+            print(f"[{index}/{len(study.sizes)}] {size}: already trained in {run_args.output_dir}")
             continue
+        print(f"[{index}/{len(study.sizes)}] {size}: training into {run_args.output_dir}")
         size_args = dataclasses.replace(model_args, size=size)
         train_gpt(size_args, data_args, sharpness_args, run_args, dataset=dataset)
     if training_args.process_index != 0:

@@ -85,3 +85,16 @@ def test_meter_bad_settings():
         sm.SharpnessMeter(model, batch, trace_matvecs=2)
     with pytest.raises(ValueError, match="hvp_mode"):
         sm.SharpnessMeter(model, batch, hvp_mode="jacrev")
+
+
+def test_progress_bar_shows_only_when_asked(monkeypatch, capsys):
+    monkeypatch.setattr("sharpmeter.meter.PROGRESS_DELAY", 0.0)
+    model = tiny_gpt2().eval()
+    for progress in (False, True):
+        meter = sm.SharpnessMeter(
+            model, token_batch(), causal_lm_loss, measures=("trace",), progress=progress
+        )
+        row = meter.measure(1)
+        assert row["status"] == "ok"
+        shown = capsys.readouterr().err
+        assert ("measuring" in shown) is progress, shown

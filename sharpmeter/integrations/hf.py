@@ -106,7 +106,11 @@ class SharpnessCallback(TrainerCallback):
             batch = self._draw_probe(train_dataloader)
         # Every rank holds the same global probe; each measures its shard (sums over ranks).
         batch = local_shard(move_to(batch, next(model.parameters()).device))
-        options = {"max_grad_norm": args.max_grad_norm or None, **self.meter_options}
+        options = {
+            "max_grad_norm": args.max_grad_norm or None,
+            "progress": state.is_world_process_zero and not args.disable_tqdm,
+            **self.meter_options,
+        }
         self.meter = SharpnessMeter(model, batch, **options)
         if state.global_step > 0:
             self._restore(args, state)
