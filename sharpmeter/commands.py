@@ -45,7 +45,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run_study_command(args: argparse.Namespace) -> int:
     from sharpmeter.study import parse_study, run_study
 
-    files = run_study(parse_study([args.config, *args.overrides]))
+    try:
+        config = parse_study([args.config, *args.overrides])
+    except ValueError as error:  # a bad config: one line, before any training
+        raise SystemExit(f"sharpmeter study: error: {error}") from None
+    files = run_study(config)
     if files is not None:
         print(f"report: {files.html}\n        {files.markdown}")
     return 0
@@ -54,7 +58,10 @@ def run_study_command(args: argparse.Namespace) -> int:
 def run_compare(args: argparse.Namespace) -> int:
     from sharpmeter.report import compare_blocks, load_analysis, plot_curves, render_markdown
 
-    _, _, analysis = load_analysis(args.runs, args.quantity, args.final_fraction)
+    try:
+        _, _, analysis = load_analysis(args.runs, args.quantity, args.final_fraction)
+    except ValueError as error:  # no runs there, no such quantity in them
+        raise SystemExit(f"sharpmeter compare: error: {error}") from None
     print(render_markdown(compare_blocks(analysis), relative_to=Path.cwd()))
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
@@ -66,7 +73,10 @@ def run_report(args: argparse.Namespace) -> int:
     from sharpmeter.report import write_report
 
     out = args.out or _default_out(args.runs)
-    files = write_report(args.runs, out, args.quantity, args.final_fraction)
+    try:
+        files = write_report(args.runs, out, args.quantity, args.final_fraction)
+    except ValueError as error:
+        raise SystemExit(f"sharpmeter report: error: {error}") from None
     print(f"report: {files.html}\n        {files.markdown}")
     return 0
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+from pathlib import Path
 
 import pytest
 
@@ -12,6 +13,7 @@ from sharpmeter.cli import main
 from sharpmeter.report import find_runs, write_report
 from sharpmeter.simulator import simulate_run
 
+CONFIGS = Path(__file__).parent.parent / "configs"
 SIZES = {"a": 1e7, "b": 5e7, "c": 2e8, "d": 1e9}
 
 
@@ -85,3 +87,9 @@ def test_cli_compare_and_report(tmp_path, capsys):
     assert main(["report", str(root)]) == 0
     assert (root / "report.html").is_file() and (root / "report.md").is_file()
     assert str(root / "report.html") in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="no sharpness.jsonl"):
+        main(["report", str(tmp_path / "nothing")])
+    with pytest.raises(SystemExit, match="no finite values of quantity lambda_max"):
+        main(["compare", str(root), "--quantity", "lambda_max"])
+    with pytest.raises(SystemExit, match="unknown model size"):
+        main(["study", str(CONFIGS / "study_cpu.yaml"), "--sizes", "tiny", "huge"])
