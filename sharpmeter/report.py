@@ -290,6 +290,7 @@ def plot_curves(analysis: StudyAnalysis, path: Path, quantity: str) -> Path:
     """Measured curves with their three-phase fits, and normalised shapes beside the
     simulator's."""
     from matplotlib.figure import Figure as MplFigure
+    from matplotlib.ticker import FuncFormatter
 
     figure = MplFigure(figsize=(11, 4), layout="constrained")
     measured, shapes = figure.subplots(1, 2)
@@ -316,6 +317,9 @@ def plot_curves(analysis: StudyAnalysis, path: Path, quantity: str) -> Path:
         yscale="log",
     )
     measured.legend(title="parameters", fontsize=8)
+    for axes in (measured, shapes):  # plain numbers on the log axes, not 2 x 10^0
+        axes.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+        axes.yaxis.set_minor_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
     figure.savefig(path, dpi=120)
     return path
 
