@@ -17,11 +17,25 @@ What is measured:
   measure is timed on that model, warm-started from the callback's meter as the callback's
   next measurement would be. With the step time this gives the overhead of any schedule.
 
+The table above measures the plain ``every=10`` grid (``GRID``): the meter's default schedule
+adds a 5% wall-time budget that only shows over a long run. ``--long STEPS`` measures that:
+
+- **Long run at the default schedule** (``--long STEPS``): the two arms run *at the same time*, as
+  two child processes of one torch thread each (same seed, data and initial weights, released
+  together once both are set up), so both see the same machine noise: one trains without the
+  callback, one with ``SharpnessCallback.attach(trainer)`` and no schedule argument (the meter's
+  ``DEFAULT_SCHEDULE``, every 10 steps within 5% of the wall time). Each child writes the wall
+  time of ``trainer.train()``, its final state dict and (with the callback) the JSONL rows; the
+  parent reports the ratio, checks the final parameters bit for bit, and writes
+  ``results/overhead_long.md``.
+
 Targets: training time with / without the callback <= 1.05 at the default schedule; mean
 forwards per warm-started critical-sharpness measurement <= 7.
 
     .venv/bin/python benchmarks/overhead.py              # ~9 minutes, writes results/overhead.md
     .venv/bin/python benchmarks/overhead.py --small      # a ~1M GPT-2, one pair; writes nothing
+    .venv/bin/python benchmarks/overhead.py --long 1000  # ~32 minutes, results/overhead_long.md
+    .venv/bin/python benchmarks/overhead.py --size 1M --long 60 --out /tmp/long.md   # a check
 """
 
 from __future__ import annotations
@@ -29,7 +43,10 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import resource
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -47,11 +64,12 @@ from _common import (
     num_params,
     save_markdown,
 )
+from transformers import TrainerCallback
 
 import sharpmeter as sm
 from sharpmeter.data import BYTE_VOCAB, lm_dataset
 from sharpmeter.integrations.hf import SharpnessCallback
-from sharpmeter.meter import DEFAULT_MEASURES
+from sharpmeter.meter import DEFAULT_MEASURES, DEFAULT_SCHEDULE
 
 # The fixed grid this table measures: the meter's default adds a 5% wall-time budget on top,
 # which caps the long-run ratio at 1.05 by skipping due steps; the grid shows the raw cost.
@@ -169,12 +187,13 @@ def targets_table(summary: dict) -> list[str]:
     ratio, forwards, implied = summary["ratio"], summary["warm_forwards_mean"], summary["implied"]
     rows = [
         [
-            f"training time with / without the callback (default schedule, {summary['steps']} "
-            f"steps, median of {summary['pairs']} pair(s)): target <= {TARGET_RATIO}",
+            f"training time with / without the callback (every-10 grid, no time budget, "
+            f"{summary['steps']} steps, median of {summary['pairs']} pair(s)): target <= "
+            f"{TARGET_RATIO} (default schedule: `--long`)",
             f"{ratio:.2f}x ({'met' if ratio <= TARGET_RATIO else 'NOT met'})",
         ],
         [
-            "same, implied for a long run: 1 + warm measurement / (every x step)",
+            "same, implied for a long run on the grid: 1 + warm measurement / (every x step)",
             f"{implied:.2f}x ({'met' if implied <= TARGET_RATIO else 'NOT met'})",
         ],
         [
@@ -327,6 +346,258 @@ def singles_table(singles: dict, warm_rows: list[dict], step_seconds: float, eve
     ] + markdown_table(columns, rows)
 
 
+# --- Long run at the default schedule: the two arms at once, in two child processes ----------
+
+ARMS = ("without", "with")
+LONG_TITLE = "Long run at the default schedule (budget 5%)"
+
+
+class Progress(TrainerCallback):
+    """Prints elapsed seconds a few times per run (the same cheap call in both arms)."""
+
+    def __init__(self, arm: str, steps: int, callback: SharpnessCallback | None) -> None:
+        self.arm, self.callback = arm, callback
+        self.interval = max(steps // 20, 1)
+        self.started = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step % self.interval == 0:
+            line = (
+                f"[{self.arm}] step {state.global_step}: {time.perf_counter() - self.started:.0f} s"
+            )
+            meter = self.callback.meter if self.callback else None
+            if meter is not None:
+                line += f", measuring {meter.measuring_seconds:.0f} s (last at {meter.last_step})"
+            print(line, flush=True)
+        return control
+
+
+def long_worker(args: argparse.Namespace) -> None:
+    """One arm of the long run: set up, wait for the parent's go, train, write the results."""
+    torch.set_num_threads(args.threads)
+    workdir, arm = Path(args.worker_dir), args.worker_arm
+    dataset = lm_dataset(block_size=SIZES[args.size].n_positions)
+    with tempfile.TemporaryDirectory() as output_dir:
+        trainer = make_trainer(args, dataset, output_dir, args.long)
+        # No schedule argument: the meter's DEFAULT_SCHEDULE, with its time budget.
+        callback = SharpnessCallback.attach(trainer) if arm == "with" else None
+        trainer.add_callback(Progress(arm, args.long, callback))
+        (workdir / f"{arm}.ready").touch()
+        while not (workdir / "go").exists():
+            time.sleep(0.01)
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        start = time.perf_counter()
+        output = trainer.train()
+        seconds = time.perf_counter() - start
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
+        jsonl = Path(output_dir) / "sharpness.jsonl"
+        rows = [json.loads(line) for line in jsonl.read_text().splitlines()] if callback else []
+    torch.save(trainer.model.state_dict(), workdir / f"{arm}.pt")
+    meter = callback.meter if callback else None
+    result = {
+        "seconds": seconds,
+        "loss": output.training_loss,
+        "rows": rows,
+        "minor_faults": faults,
+        "n_params": num_params(trainer.model),
+        "schedule": repr(meter.schedule) if meter else None,
+        "meter_measuring_seconds": meter.measuring_seconds if meter else None,
+        "meter_training_seconds": meter.training_seconds if meter else None,
+    }
+    (workdir / f"{arm}.json").write_text(json.dumps(result))
+    print(f"[{arm}] done: {seconds:.1f} s", flush=True)
+    keep_busy(trainer, workdir)
+
+
+def keep_busy(trainer, workdir: Path) -> None:
+    """Untimed training steps until both arms are done, so the arm still timed never runs alone
+    on the machine (the arm that finishes first would otherwise speed up the other's tail)."""
+    while not all((workdir / f"{arm}.json").exists() for arm in ARMS):
+        continue_training(trainer, 1)
+
+
+def run_arms(args: argparse.Namespace) -> tuple[dict, dict, bool]:
+    """Both arms at once; returns their results and whether the final parameters are equal."""
+    with tempfile.TemporaryDirectory() as workdir:
+        command = [sys.executable, str(Path(__file__).resolve()), "--size", args.size]
+        command += ["--long", str(args.long), "--batch-size", str(args.batch_size)]
+        command += ["--lr", repr(args.lr), "--seed", str(args.seed), "--threads", str(args.threads)]
+        command += ["--worker-dir", workdir, "--worker-arm"]
+        children = {arm: subprocess.Popen([*command, arm]) for arm in ARMS}
+        try:
+            # Released together once both have built their data, model and Trainer.
+            while not all((Path(workdir) / f"{arm}.ready").exists() for arm in ARMS):
+                if any(child.poll() is not None for child in children.values()):
+                    raise SystemExit("a child exited before training started")
+                time.sleep(0.05)
+            (Path(workdir) / "go").touch()
+            codes = {arm: child.wait() for arm, child in children.items()}
+        finally:
+            for child in children.values():
+                if child.poll() is None:
+                    child.kill()
+        if any(codes.values()):
+            raise SystemExit(f"a child failed: exit codes {codes}")
+        results = {arm: json.loads((Path(workdir) / f"{arm}.json").read_text()) for arm in ARMS}
+        states = {arm: torch.load(Path(workdir) / f"{arm}.pt", weights_only=True) for arm in ARMS}
+    without, with_ = states["without"], states["with"]
+    identical = without.keys() == with_.keys() and all(
+        torch.equal(without[k], with_[k]) for k in without
+    )
+    return results["without"], results["with"], identical
+
+
+def long_section(
+    args: argparse.Namespace, without: dict, with_: dict, identical: bool
+) -> list[str]:
+    steps, rows = args.long, with_["rows"]
+    fraction = DEFAULT_SCHEDULE.max_fraction
+    ratio = with_["seconds"] / without["seconds"]
+    measuring = sum(r["wall_seconds"] for r in rows)
+    equal = 1 + measuring / without["seconds"]
+    training = with_["seconds"] - measuring
+    step_seconds = without["seconds"] / steps
+    first = rows[0]["wall_seconds"] if rows else 0.0
+    bound = fraction * training + first
+    at_steps = ", ".join(str(r["step"]) for r in rows) or "none"
+    # The next due step passes the budget once measuring + last cost <= fraction x training.
+    last = rows[-1]["wall_seconds"] if rows else 0.0
+    next_training = (measuring + last) / fraction
+    table = [
+        ["steps (both arms)", str(steps)],
+        [
+            "without the callback: s of `trainer.train()` (s / step)",
+            f"{fmt(without['seconds'], 5)} ({fmt(step_seconds)})",
+        ],
+        [
+            "with the callback: s of `trainer.train()` (s / step, measuring left out)",
+            f"{fmt(with_['seconds'], 5)} ({fmt(training / steps)})",
+        ],
+        [
+            f"training time with / without: target <= {TARGET_RATIO}",
+            f"**{ratio:.3f}x** ({'met' if ratio <= TARGET_RATIO else 'NOT met'})",
+        ],
+        [
+            "same at equal training step times: 1 + seconds measuring / without-arm seconds",
+            f"{equal:.3f}x ({'met' if equal <= TARGET_RATIO else 'NOT met'})",
+        ],
+        ["measurements taken, at steps", f"{len(rows)}, at {at_steps}"],
+        [
+            "seconds measuring (sum of JSONL `wall_seconds`), fraction of training time "
+            "(with-arm seconds less measuring)",
+            f"{fmt(measuring, 4)} s = {measuring / training:.1%}",
+        ],
+        [
+            "first measurement (cold), the only one that can overshoot the budget",
+            f"{fmt(first, 4)} s = {first / step_seconds:.3g} training steps",
+        ],
+        [
+            f"bound the budget guarantees: measuring <= {fraction:g} x training + first "
+            "measurement",
+            f"{fraction:g} x {fmt(training, 4)} + {fmt(first, 4)} = {fmt(bound, 4)} s "
+            f"({'held' if measuring <= bound else 'NOT held'}); as a ratio "
+            f"<= {1 + fraction + first / training:.3f}x",
+        ],
+        [
+            "meter's own clock at the end: measuring / training seconds",
+            f"{fmt(with_['meter_measuring_seconds'], 4)} / "
+            f"{fmt(with_['meter_training_seconds'], 5)} = "
+            f"{with_['meter_measuring_seconds'] / with_['meter_training_seconds']:.1%}",
+        ],
+        [
+            "next measurement allowed once training time reaches (measuring + last cost) / "
+            f"{fraction:g}",
+            f"{fmt(next_training, 4)} s = step ~{next_training / (training / steps):.0f}",
+        ],
+        [
+            "final parameters with vs without: bit-identical",
+            "yes" if identical else "**NO**",
+        ],
+        [
+            "final training loss (mean over the run): without / with",
+            f"{fmt(without['loss'], 6)} / {fmt(with_['loss'], 6)}",
+        ],
+    ]
+    if "minor_faults" in without:
+        table.append(
+            [
+                "minor page faults per step in `trainer.train()`: without / with (measurements "
+                "included)",
+                f"{without['minor_faults'] / steps:.0f} / {with_['minor_faults'] / steps:.0f}",
+            ]
+        )
+    measured = []
+    for position, row in enumerate(rows):
+        measured.append(
+            [
+                str(row["step"]),
+                "cold" if position == 0 else "warm",
+                fmt(row["wall_seconds"], 3),
+                fmt(row["wall_seconds"] / step_seconds, 3),
+                str(row.get("critical_num_forward")),
+                str(hvps(row)),
+                fmt(row.get("critical_sharpness"), 4),
+                fmt(row.get("lambda_max"), 4),
+                fmt(row.get("hessian_trace"), 4),
+                row["status"],
+            ]
+        )
+    columns = ["step", "start", "seconds", "x training step", "critical forwards", "HVPs"]
+    columns += ["critical_sharpness", "lambda_max", "hessian_trace", "status"]
+    return (
+        [f"## {LONG_TITLE}", ""]
+        + markdown_table(["quantity", "result"], table)
+        + ["### Measurements (JSONL rows of the with-arm)", ""]
+        + markdown_table(columns, measured)
+        + [
+            f"`{with_['schedule']}`: a step on the grid is measured only while measuring so far "
+            f"plus the last measurement's cost stays within {fraction:g} x the training time so "
+            "far, so only the first measurement can overshoot. x training step: over the "
+            "without-arm's mean step.",
+            "",
+            "With / without can come out below 1 + measuring / without: the with-arm's training "
+            "steps can be faster than the without-arm's, because a measurement's large "
+            "allocations (create_graph, several GiB on the 10M model) leave glibc's heap grown, "
+            "and the training steps after it reuse pages already mapped instead of taking fresh "
+            "ones from the kernel (minor page faults) every step. That is the allocator, not "
+            "the callback; the equal-step-times ratio is the cost of measuring alone.",
+            "",
+        ]
+    )
+
+
+def main_long(args: argparse.Namespace, out: Path | None) -> None:
+    started = time.perf_counter()
+    print(f"long run: {args.long} steps, both arms at once", flush=True)
+    without, with_, identical = run_arms(args)
+    size = SIZES[args.size]
+    extra = [
+        f"model: GPT-2 {args.size}, {with_['n_params']:,} parameters (n_embd {size.n_embd}, "
+        f"n_layer {size.n_layer}, n_head {size.n_head}, vocab {size.vocab_size}), float32, "
+        "dropout 0, random init",
+        f"data: KJV bytes (`sharpmeter.data.lm_dataset`), batch {args.batch_size} x "
+        f"{size.n_positions}; AdamW lr {args.lr:g} constant, max_grad_norm 1, seed {args.seed}; "
+        "`Trainer(use_cpu=True, report_to=[], save_strategy='no', disable_tqdm=True)`",
+        "callback: `SharpnessCallback.attach(trainer)`, no schedule argument: the meter's "
+        f"`DEFAULT_SCHEDULE` = `{with_['schedule']}`; measures {', '.join(DEFAULT_MEASURES)}, "
+        "probe of 8 training examples, trace 8 HVPs, Lanczos <= 20 steps",
+        "both arms at the same time, two child processes of "
+        f"{args.threads} torch thread(s) each, released together after building data, model "
+        "and Trainer (no warm-up run); the arm that finishes first goes on with untimed "
+        "training steps until the other is done, so neither runs alone; seconds: wall time of "
+        "`trainer.train()`; whole "
+        f"benchmark {(time.perf_counter() - started) / 60:.1f} min",
+        "short runs on the plain every-10 grid and the cost of each measure: `results/overhead.md`",
+    ]
+    lines = header(
+        f"Training overhead of SharpnessCallback: {LONG_TITLE.lower()}", command_line(), extra
+    )
+    lines += long_section(args, without, with_, identical)
+    print("\n".join(lines))
+    if out is not None:
+        save_markdown(out, lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", choices=sorted(SIZES), default="10M")
@@ -345,9 +616,29 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument("--small", action="store_true", help="quick check: --size 1M --pairs 1")
     parser.add_argument(
-        "--out", type=Path, default=None, help="default results/overhead.md (--small: none)"
+        "--long",
+        type=int,
+        default=None,
+        metavar="STEPS",
+        help="long run at the default schedule: both arms at once in two child processes",
     )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="default results/overhead.md (--long: results/overhead_long.md; --small: none)",
+    )
+    parser.add_argument("--worker-arm", choices=ARMS, help=argparse.SUPPRESS)
+    parser.add_argument("--worker-dir", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.worker_arm:
+        long_worker(args)
+        return
+    if args.long is not None:
+        if args.long <= 0:
+            parser.error("--long needs a positive number of steps")
+        main_long(args, args.out or RESULTS / "overhead_long.md")
+        return
     if args.small:
         args.size, args.pairs = "1M", 1
     measures = [m for m in args.measures.split(",") if m]
@@ -400,8 +691,9 @@ def main() -> None:
         f"data: KJV bytes (`sharpmeter.data.lm_dataset`), batch {args.batch_size} x "
         f"{size.n_positions}; AdamW lr {args.lr:g} constant, max_grad_norm 1, seed {args.seed}; "
         "`Trainer(use_cpu=True, report_to=[], save_strategy='no', disable_tqdm=True)`",
-        f"callback: `SharpnessCallback.attach(trainer)` with its defaults: measures "
-        f"{', '.join(DEFAULT_MEASURES)}, every {every} steps, probe of 8 training examples "
+        f"callback: `SharpnessCallback.attach(trainer, schedule=Schedule(every={every}))` (the "
+        f"plain grid, no time budget), otherwise its defaults: measures "
+        f"{', '.join(DEFAULT_MEASURES)}, probe of 8 training examples "
         f"({args.batch_size} x {size.n_positions} tokens), trace 8 HVPs, Lanczos <= 20 steps",
         f"{args.pairs} pair(s) of {args.steps}-step runs, alternating without / with, after an "
         f"untimed {args.warmup_steps}-step run; seconds: wall time of `trainer.train()`; "
@@ -419,6 +711,9 @@ def main() -> None:
     lines += [
         f"Median training step without the callback: {step_seconds:.3g} s. A measurement takes "
         f"{warm_seconds:.3g} s warm ({warm_seconds / step_seconds:.3g} steps), {cold:.3g} s cold.",
+        "",
+        "The default schedule's 5% budget over a long run: `results/overhead_long.md` "
+        "(`overhead.py --long STEPS`).",
         "",
     ]
     print("\n".join(lines))
