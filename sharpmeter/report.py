@@ -111,7 +111,8 @@ def write_report(
     runs, rows, analysis = load_analysis(paths, quantity, final_fraction)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    figures = [plot_curves(analysis, out / "curves.png", quantity)]
+    stability = stability_line(rows) if quantity == "critical_sharpness" else None
+    figures = [plot_curves(analysis, out / "curves.png", quantity, stability)]
     if analysis.scaling is not None:
         figures.append(plot_scaling_fit(analysis.scaling, out / "scaling.png", f"final {quantity}"))
     blocks = report_blocks(analysis, runs, rows, quantity, final_fraction, title, figures)
@@ -157,7 +158,9 @@ def report_blocks(
         *compare_blocks(analysis),
         Figure(
             figures[0],
-            "Measured curves with their three-phase fits (left); the same curves "
+            "Measured curves with their three-phase fits (dotted) and, when the rows carry a "
+            "learning rate, 2 / lr (dashed), where the next step would raise the probe loss "
+            "(left); the same curves "
             "divided by their final value, beside the paper's simulator at the same sizes "
             "(right, dashed).",
         ),
@@ -286,11 +289,28 @@ def _files_list(runs: Sequence[RunFiles], rows: Sequence[dict]) -> list[str]:
 # ---- figures -------------------------------------------------------------------------------
 
 
-def plot_curves(analysis: StudyAnalysis, path: Path, quantity: str) -> Path:
-    """Measured curves with their three-phase fits, and normalised shapes beside the
-    simulator's."""
+def stability_line(rows: Sequence[dict]) -> tuple[np.ndarray, np.ndarray] | None:
+    """``2 / lr`` along the first run (a study trains every size on one schedule): where
+    critical sharpness meets it, the next step raises the probe loss."""
+    try:
+        lr_curves = curves_from_records(rows, quantity="lr")
+    except ValueError:  # measured without an optimizer: no learning rate logged
+        return None
+    t, lr = next(iter(lr_curves.values()))
+    keep = lr > 0
+    return t[keep], 2 / lr[keep]
+
+
+def plot_curves(
+    analysis: StudyAnalysis,
+    path: Path,
+    quantity: str,
+    stability: tuple[np.ndarray, np.ndarray] | None = None,
+) -> Path:
+    """Measured curves with their three-phase fits (and ``2 / lr`` when given), and
+    normalised shapes beside the simulator's."""
     from matplotlib.figure import Figure as MplFigure
-    from matplotlib.ticker import FuncFormatter
+    from matplotlib.ticker import FuncFormatter, NullFormatter
 
     figure = MplFigure(figsize=(11, 4), layout="constrained")
     measured, shapes = figure.subplots(1, 2)
@@ -316,10 +336,18 @@ def plot_curves(analysis: StudyAnalysis, path: Path, quantity: str) -> Path:
         ylabel="S / S_final",
         yscale="log",
     )
+    if stability is not None:
+        low, high = measured.get_ylim()
+        measured.plot(*stability, color="grey", linestyle="--", label="2 / lr")
+        # 2 / lr runs off to infinity as a schedule decays to 0: keep the measured range in view
+        measured.set_ylim(low, 3 * high)
     measured.legend(title="parameters", fontsize=8)
     for axes in (measured, shapes):  # plain numbers on the log axes, not 2 x 10^0
-        axes.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
-        axes.yaxis.set_minor_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+        plain = FuncFormatter(lambda value, _: f"{value:g}")
+        axes.yaxis.set_major_formatter(plain)
+        low, high = axes.get_ylim()
+        # minor labels only when the axis spans less than a decade; else they pile up
+        axes.yaxis.set_minor_formatter(plain if high / low < 10 else NullFormatter())
     figure.savefig(path, dpi=120)
     return path
 

@@ -53,6 +53,13 @@ def test_verdicts_say_no_when_sharpness_grows_with_scale():
     assert falls.claim.startswith("Final sharpness falls") and falls.holds is False
 
 
+def test_a_curve_that_only_rises_has_no_three_phases():
+    curves, _ = simulated_study()
+    rising = {n: (t, 1 + 5 * t**2 + 0.01 * np.sin(40 * t)) for n, (t, _) in curves.items()}
+    verdict = analyse_curves(rising).verdicts[0]
+    assert verdict.holds is False and "in 0 of 6 runs" in verdict.evidence
+
+
 def test_two_sizes_leave_scaling_claims_undecided():
     curves, _ = simulated_study()
     two = dict(list(curves.items())[:2])

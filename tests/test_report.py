@@ -10,7 +10,7 @@ import pytest
 
 from sharpmeter.analysis import compare_fits, tail_mean
 from sharpmeter.cli import main
-from sharpmeter.report import find_runs, write_report
+from sharpmeter.report import find_runs, stability_line, write_report
 from sharpmeter.simulator import simulate_run
 
 CONFIGS = Path(__file__).parent.parent / "configs"
@@ -30,6 +30,7 @@ def write_runs(root, statuses=("ok",)):
                 "step": 10 * (k + 1),
                 "critical_sharpness": s,
                 "loss": loss,
+                "lr": 1e-3 * (1 + k) ** -0.5,
                 "status": statuses[k % len(statuses)],
             }
             for k, (s, loss) in enumerate(zip(run.sharpness, run.loss))
@@ -67,6 +68,14 @@ def test_html_report_is_self_contained(tmp_path):
     assert base64.b64decode(encoded) == (tmp_path / "out" / "curves.png").read_bytes()
     assert "<table>" in page and ("<b>yes</b>" in page or "<b>no</b>" in page)
     assert "src='curves.png'" not in page
+
+
+def test_stability_line_is_two_over_the_learning_rate(tmp_path):
+    root = write_runs(tmp_path / "study")
+    rows = [json.loads(line) for line in (root / "a" / "sharpness.jsonl").open()]
+    t, line = stability_line(rows)
+    assert t[-1] == 1.0 and line == pytest.approx([2 / r["lr"] for r in rows])
+    assert stability_line([{k: v for k, v in r.items() if k != "lr"} for r in rows]) is None
 
 
 def test_runs_are_found_by_folder_file_or_study(tmp_path):
