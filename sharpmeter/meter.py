@@ -19,6 +19,8 @@ The record (a flat ``dict`` of floats, ints and strings):
 ``lambda_max[_residual]``      top Hessian eigenvalue by Lanczos, residual, ``_converged``
 ``preconditioned_lambda_max``  top eigenvalue of :math:`P^{-1/2} H P^{-1/2}` (Adam-type)
 ``*_num_matvecs``              HVPs spent per estimator; ``wall_seconds`` in total
+``skipped_for_budget``         steps on the grid left out since the previous measurement
+                               because measuring was over its time budget
 ``status``, ``*_status``       ``ok``, or what went wrong
 =============================  ==========================================================
 
@@ -186,6 +188,7 @@ class SharpnessMeter:
         self.last_step: int | None = None
         self.measuring_seconds = 0.0
         self.last_cost = 0.0
+        self.skipped_for_budget = 0
         self._started = time.perf_counter()
 
     def is_due(self, step: int) -> bool:
@@ -204,6 +207,7 @@ class SharpnessMeter:
             decision = torch.tensor(int(due), device=self.params[0].device)
             torch.distributed.broadcast(decision, src=0)
             due = bool(decision)
+        self.skipped_for_budget += not due
         return due
 
     def measure(self, step: int, optimizer: torch.optim.Optimizer | None = None) -> dict:
@@ -232,6 +236,8 @@ class SharpnessMeter:
         row.setdefault("lr", math.nan)
         elapsed = time.perf_counter() - started
         row["wall_seconds"] = elapsed
+        row["skipped_for_budget"] = self.skipped_for_budget
+        self.skipped_for_budget = 0
         self.measuring_seconds += elapsed
         self.last_cost = elapsed
         self.last_step = int(step)

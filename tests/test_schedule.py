@@ -44,7 +44,11 @@ def test_meter_skips_measured_and_over_budget_steps():
     meter.measure(1)
     assert not meter.is_due(1)  # already measured
     meter.measuring_seconds = 1e6  # far over 5% of the training time so far
-    assert not meter.is_due(2)
+    assert not meter.is_due(2) and not meter.is_due(3)
+    meter.measuring_seconds = meter.last_cost = 0.0  # back within budget
+    assert meter.is_due(4)
+    assert meter.measure(4)["skipped_for_budget"] == 2  # the row says what the budget left out
+    assert meter.measure(5)["skipped_for_budget"] == 0
     assert sm.SharpnessMeter(model, token_batch(), causal_lm_loss).schedule.max_fraction == 0.05
 
 

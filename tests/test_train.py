@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from sharpmeter.data import lm_dataset
+from sharpmeter.gpt import build_gpt
 from sharpmeter.train import is_finished
 
 ROOT = Path(__file__).parent.parent
@@ -44,6 +46,23 @@ def test_one_process_run_logs_every_measure(tmp_path):
         assert all(isinstance(r[key], float) for r in rows), key
     assert is_finished(out, 20) and not is_finished(out, 40)
     assert list(out.glob("wandb/offline-run-*"))  # report_to: wandb, offline without a key
+
+
+def test_bpe_on_a_local_corpus(tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("the quick brown fox jumps over the lazy dog\n" * 400)
+    out, cache = tmp_path / "run", tmp_path / "cache"
+    bpe = ["--corpus", str(corpus), "--tokenizer", "bpe", "--vocab_size", "300"]
+    extra = [*bpe, "--cache_dir", str(cache), "--measures", "critical", "--report_to", "none"]
+    done = launch([sys.executable], out, *QUICK, *extra)
+    assert done.returncode == 0, done.stderr[-3000:]
+    data = lm_dataset(str(corpus), 64, tokenizer="bpe", vocab_size=300, cache_dir=cache)
+    assert data.vocab_size <= 300 and list(cache.glob("bpe-*/tokenizer.json"))
+    model = build_gpt("tiny", vocab_size=data.vocab_size, block_size=64)
+    rows = rows_of(out)
+    assert rows[0]["n_params"] == sum(p.numel() for p in model.parameters())
+    assert [r["status"] for r in rows] == ["ok"] * 4
+    assert not (out / "wandb").exists()
 
 
 @pytest.mark.parametrize(
