@@ -9,6 +9,7 @@ import time
 import pytest
 import torch
 import wandb
+import wandb_records
 from conftest import VOCAB, tiny_gpt2
 from transformers import Trainer, TrainingArguments
 
@@ -98,12 +99,19 @@ def test_wandb_offline_run_gets_the_metrics(tmp_path, monkeypatch):
     wandb.finish()  # flush the offline run file
     run_files = list(tmp_path.glob("wandb/offline-run-*/run-*.wandb"))
     assert len(run_files) == 1
-    expected = [f"train/sharpness/{key}".encode() for key in KEYS]
     # wandb's service process writes the offline file asynchronously, even after finish().
     deadline = time.monotonic() + 60
-    while not all(key in run_files[0].read_bytes() for key in expected):
+    while len(logged := sharpness_history(run_files[0])) < len(rows):
         assert time.monotonic() < deadline, "the W&B run file never got the sharpness metrics"
         time.sleep(0.5)
+    for row, entry in zip(rows, logged, strict=True):  # the JSONL's numbers, on the Trainer's axis
+        assert entry["train/global_step"] == row["step"]
+        for key in KEYS:
+            assert entry[f"train/sharpness/{key}"] == pytest.approx(row[key], rel=1e-12), key
+
+
+def sharpness_history(run_file) -> list[dict]:
+    return [h for h in wandb_records.history(run_file) if "train/sharpness/lambda_max" in h]
 
 
 def test_report_to_none_writes_only_jsonl(tmp_path, monkeypatch):
