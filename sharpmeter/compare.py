@@ -1,21 +1,26 @@
 """Measured sharpness curves against the paper's simulator, and a verdict on each of its claims.
 
 Levels are not comparable: the simulator is calibrated on 10M-7B language models, a measured run
-is whatever its model, data and optimizer make it. Shapes are. Each curve is divided by its
-final value ``S_final`` (the mean of its last ``final_fraction`` of measurements) and put on a
-common axis, the fraction of training ``t = step / last step``; the simulated curve is the
-paper's noise-free eq. (1) at the same parameter count. Per size this gives the shape RMSE and
-correlation, where each curve peaks, and its peak-to-final ratio.
+is whatever its model, data and optimizer make it. Shapes are. Each curve is put on a common
+axis, the fraction of training ``t = step / last step``, and divided by its final value
+``S_final``, the mean over the last ``final_fraction`` of training time (``t >= 1 - f``: the
+same span whatever the schedule's spacing); the simulated curve is the paper's noise-free
+eq. (1) at the same parameter count. Per size this gives the shape RMSE and correlation on a
+common grid, and, from the raw points, where each curve peaks and its peak-to-final ratio.
 
 The verdicts test the paper's claims on the measured curves alone:
 
-1. three phases (rise, decay, plateau): eq. (1) fits with ``S_p > S_f > 0``, ``0 < t_p < 1``
-   and a decay at least half done by the end, ``lambda (1 - t_p) >= ln 2`` (a curve that
-   only rises fits with its "peak" at the last point and no decay);
-2. final sharpness falls with scale: sign of the log-linear slope and its interval;
-3. the log-linear law is preferred over the power law by AIC;
-4. larger models peak higher relative to their plateau (Spearman of peak/final against N);
-5. flatter is better: final sharpness correlates positively with the final probe loss.
+1. three phases (rise, decay, plateau): eq. (1) fits with ``S_p > S_f > 0``, at least two
+   measurements before the peak ``t_p < 1`` (a rise seen) and a decay at least half done by
+   the end, ``lambda (1 - t_p) >= ln 2``;
+2. final sharpness falls with scale: sign of the log-linear slope, decided when its interval
+   excludes 0;
+3. the log-linear law is preferred over the power law: decided when the AIC difference is at
+   least 2 (below that the two cannot be told apart);
+4. larger models peak higher relative to their plateau: Spearman's rho of peak/final against
+   N, with an exact permutation p-value (the t approximation is far off with a few sizes);
+5. flatter is better: final sharpness correlates positively with the final probe loss
+   (Pearson, decided when its Fisher-z interval excludes 0; needs 4+ sizes).
 
 Example::
 
@@ -26,6 +31,7 @@ Example::
 
 from __future__ import annotations
 
+import itertools
 import math
 import warnings
 from collections.abc import Mapping
@@ -40,13 +46,40 @@ from sharpmeter.analysis import (
     fit_three_phase,
     pearson,
     spearman,
-    tail_mean,
 )
 from sharpmeter.analysis.curves import Curves
 from sharpmeter.simulator import simulate_run
 
 GRID_POINTS = 101
 MIN_SIZES_FOR_SCALING = 3
+MIN_SIZES_FOR_CORRELATION = 4  # a Fisher-z interval needs n - 3 > 0
+MIN_POINTS_BEFORE_PEAK = 2
+DECIDING_DELTA_AIC = 2.0
+SIGNIFICANCE = 0.05
+MAX_EXACT_SIZES = 8  # 8! orderings enumerate in a blink; beyond, the t approximation is fine
+
+
+def final_value(t: np.ndarray, s: np.ndarray, fraction: float = 0.2) -> float:
+    """Mean of ``s`` over the last ``fraction`` of training time, ``t >= t_end - fraction``
+    (the last point alone when no other falls in that span).
+
+    >>> final_value(np.array([0.0, 0.5, 0.9, 1.0]), np.array([5.0, 3.0, 2.0, 1.0]))
+    1.5
+    """
+    return float(np.mean(s[_final_span(t, fraction)]))
+
+
+def final_stderr(t: np.ndarray, s: np.ndarray, fraction: float = 0.2) -> float:
+    """Standard error of :func:`final_value` as if the points were independent (NaN for one
+    point); neighbouring measurements are correlated, so it understates the uncertainty."""
+    tail = s[_final_span(t, fraction)]
+    return float(tail.std(ddof=1) / math.sqrt(tail.size)) if tail.size > 1 else math.nan
+
+
+def _final_span(t: np.ndarray, fraction: float) -> np.ndarray:
+    span = t >= t[-1] - fraction - 1e-12
+    span[-1] = True
+    return span
 
 
 @dataclass(frozen=True)
@@ -59,24 +92,12 @@ class CurveComparison:
     simulated: np.ndarray = field(repr=False)
     measured_final: float
     simulated_final: float
+    measured_peak_t: float
+    simulated_peak_t: float
+    measured_peak_ratio: float
+    simulated_peak_ratio: float
     shape_rmse: float
     shape_correlation: float
-
-    @property
-    def measured_peak_t(self) -> float:
-        return float(self.t[np.argmax(self.measured)])
-
-    @property
-    def simulated_peak_t(self) -> float:
-        return float(self.t[np.argmax(self.simulated)])
-
-    @property
-    def measured_peak_ratio(self) -> float:
-        return float(self.measured.max())
-
-    @property
-    def simulated_peak_ratio(self) -> float:
-        return float(self.simulated.max())
 
 
 def compare_curve(
@@ -84,17 +105,19 @@ def compare_curve(
 ) -> CurveComparison:
     """Put a measured curve and the simulator's at ``n_params`` on one normalised grid.
 
-    The grid spans the measured range of ``t`` (a run is usually first measured after step 0).
+    The grid spans the measured range of ``t`` (a run is usually first measured after step 0);
+    peaks come from the raw points, which interpolation onto the grid would smooth away.
     """
     grid = np.linspace(t[0], t[-1], GRID_POINTS)
-    measured_final = tail_mean(s, final_fraction)
+    measured_final = final_value(t, s, final_fraction)
     measured = np.interp(grid, t, s) / measured_final
     with warnings.catch_warnings():
         # below 10M parameters the simulator extrapolates its calibration; it warns each time
         warnings.simplefilter("ignore", RuntimeWarning)
         run = simulate_run(n_params, noise=False, oscillation=False)
-    simulated_final = tail_mean(run.sharpness_trend, final_fraction)
-    simulated = np.interp(grid, run.t, run.sharpness_trend) / simulated_final
+    trend = run.sharpness_trend
+    simulated_final = final_value(run.t, trend, final_fraction)
+    simulated = np.interp(grid, run.t, trend) / simulated_final
     return CurveComparison(
         n_params=n_params,
         t=grid,
@@ -102,6 +125,10 @@ def compare_curve(
         simulated=simulated,
         measured_final=measured_final,
         simulated_final=simulated_final,
+        measured_peak_t=float(t[np.argmax(s)]),
+        simulated_peak_t=float(run.t[np.argmax(trend)]),
+        measured_peak_ratio=float(s.max() / measured_final),
+        simulated_peak_ratio=float(trend.max() / simulated_final),
         shape_rmse=float(np.sqrt(np.mean((measured - simulated) ** 2))),
         shape_correlation=_correlation(measured, simulated),
     )
@@ -151,14 +178,14 @@ def analyse_curves(
     """Fits, simulator comparison and verdicts for one curve per size (``losses``: the probe
     loss curves of the same runs, for the flatter-is-better claim)."""
     sizes = sorted(curves)
-    finals = {n: tail_mean(curves[n][1], final_fraction) for n in sizes}
+    finals = {n: final_value(*curves[n], final_fraction) for n in sizes}
     phase_fits = {n: _three_phase_or_reason(*curves[n]) for n in sizes}
     scaling = None
     if len(sizes) >= MIN_SIZES_FOR_SCALING:
         scaling = compare_fits(sizes, [finals[n] for n in sizes])
     comparisons = compare_with_simulator(curves, final_fraction)
     verdicts = [
-        _three_phases_verdict(phase_fits),
+        _three_phases_verdict(phase_fits, curves),
         *_scaling_verdicts(scaling),
         _peak_verdict(comparisons),
         _loss_verdict(finals, losses, final_fraction),
@@ -173,21 +200,26 @@ def _three_phase_or_reason(t: np.ndarray, s: np.ndarray) -> ThreePhaseFit | str:
         return f"no fit: {error}"
 
 
-def has_three_phases(fit: ThreePhaseFit | str) -> bool:
-    """A peak above the plateau, inside the run, with at least half the decay seen."""
+def has_three_phases(fit: ThreePhaseFit | str, t: np.ndarray) -> bool:
+    """A peak above the plateau with a rise seen before it and half the decay after it."""
     if not isinstance(fit, ThreePhaseFit):
         return False
+    rise_seen = np.sum(t < fit.t_p) >= MIN_POINTS_BEFORE_PEAK
     decay_seen = fit.lam * (1 - fit.t_p) >= math.log(2)
-    return fit.s_p > fit.s_f > 0 and 0 < fit.t_p < 1 and decay_seen
+    return fit.s_p > fit.s_f > 0 and fit.t_p < 1 and rise_seen and decay_seen
 
 
-def _three_phases_verdict(phase_fits: Mapping[float, ThreePhaseFit | str]) -> Verdict:
-    found = sum(has_three_phases(fit) for fit in phase_fits.values())
+def _three_phases_verdict(phase_fits: Mapping[float, ThreePhaseFit | str], curves: Curves):
+    found = sum(has_three_phases(fit, curves[n][0]) for n, fit in phase_fits.items())
+    failed = sum(isinstance(fit, str) for fit in phase_fits.values())
+    holds = (
+        True if found == len(phase_fits) else None if found + failed == len(phase_fits) else False
+    )
     return Verdict(
         "Three phases (rise, decay, plateau) in every run",
-        found == len(phase_fits),
-        f"eq. (1) fits with S_p > S_f > 0, 0 < t_p < 1 and half the decay seen in {found} of "
-        f"{len(phase_fits)} runs",
+        holds,
+        f"eq. (1) fits with S_p > S_f > 0, a rise and half the decay seen in {found} of "
+        f"{len(phase_fits)} runs" + (f"; {failed} fits failed" if failed else ""),
     )
 
 
@@ -210,8 +242,9 @@ def _scaling_verdicts(scaling: FitComparison | None) -> list[Verdict]:
         ),
         Verdict(
             "Log-linear law preferred over the power law",
-            scaling.best == fit.form,
-            f"AIC {fit.aic:.2f} vs {scaling.power_law.aic:.2f}, delta {scaling.delta_aic:.2f}",
+            (scaling.best == fit.form) if scaling.delta_aic >= DECIDING_DELTA_AIC else None,
+            f"AIC {fit.aic:.2f} vs {scaling.power_law.aic:.2f}, delta {scaling.delta_aic:.2f}"
+            f" (decided at >= {DECIDING_DELTA_AIC:g})",
         ),
     ]
 
@@ -224,14 +257,31 @@ def _peak_verdict(comparisons: list[CurveComparison]) -> Verdict:
     ratios = [c.measured_peak_ratio for c in comparisons]
     if np.ptp(ratios) == 0:
         return Verdict(claim, None, f"peak/final is {ratios[0]:.3g} at every size")
-    rho = spearman(n, ratios)
-    decided = rho.p_value < 0.05
+    correlation = spearman(n, ratios)
+    rho = correlation.r
+    exact = len(ratios) <= MAX_EXACT_SIZES
+    p_value = exact_spearman_p(len(ratios), rho) if exact else correlation.p_value
     return Verdict(
         claim,
-        (rho.r > 0) if decided else None,
-        f"Spearman rho {rho.r:.3f} (p = {rho.p_value:.3g}) of peak/final against N; "
+        (rho > 0) if p_value < SIGNIFICANCE else None,
+        f"Spearman rho {rho:.3f} ({'exact ' if exact else ''}p = {p_value:.3g}) of peak/final "
+        f"against N; "
         f"peak/final from {min(ratios):.3g} to {max(ratios):.3g}",
     )
+
+
+def exact_spearman_p(n: int, rho: float) -> float:
+    """Two-sided permutation p-value of Spearman's rho over ``n`` untied pairs: the share of
+    the n! orderings whose ``|rho|`` is at least the observed one.
+
+    >>> exact_spearman_p(3, 1.0)   # 2 of the 6 orderings are as extreme
+    0.3333333333333333
+    """
+    order = np.arange(n, dtype=float)
+    permutations = np.array(list(itertools.permutations(order)))
+    centred = permutations - order.mean()
+    rhos = centred @ (order - order.mean()) / np.sum((order - order.mean()) ** 2)
+    return float(np.mean(np.abs(rhos) >= abs(rho) - 1e-12))
 
 
 def _loss_verdict(
@@ -239,9 +289,11 @@ def _loss_verdict(
 ) -> Verdict:
     claim = "Flatter is better: final sharpness rises with final loss across sizes"
     sizes = [n for n in finals if losses is not None and n in losses]
-    if len(sizes) < MIN_SIZES_FOR_SCALING:
-        return Verdict(claim, None, f"needs the probe loss of at least {MIN_SIZES_FOR_SCALING}")
-    final_loss = [tail_mean(losses[n][1], final_fraction) for n in sizes]
+    if len(sizes) < MIN_SIZES_FOR_CORRELATION:
+        return Verdict(
+            claim, None, f"needs the probe loss of at least {MIN_SIZES_FOR_CORRELATION} sizes"
+        )
+    final_loss = [final_value(*losses[n], final_fraction) for n in sizes]
     r = pearson([finals[n] for n in sizes], final_loss)
     decided = r.ci[0] > 0 or r.ci[1] < 0
     return Verdict(

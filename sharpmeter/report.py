@@ -27,8 +27,9 @@ from pathlib import Path
 import numpy as np
 
 from sharpmeter.analysis import curves_from_records
+from sharpmeter.analysis.phases import PARAMETERS
 from sharpmeter.analysis.plotting import plot_scaling_fit
-from sharpmeter.compare import StudyAnalysis, analyse_curves, has_three_phases
+from sharpmeter.compare import StudyAnalysis, analyse_curves, final_stderr, has_three_phases
 from sharpmeter.records import read_records
 from sharpmeter.sizes import format_size
 
@@ -152,8 +153,9 @@ def report_blocks(
 ) -> list[Block]:
     blocks: list[Block] = [
         f"# {title}",
-        f"Quantity `{quantity}`; the final value of a run is the mean of its last "
-        f"{final_fraction:.0%} of measurements (± its standard error). "
+        f"Quantity `{quantity}`; the final value of a run is the mean over its last "
+        f"{final_fraction:.0%} of training (± the standard error of that mean as if the "
+        "measurements were independent: neighbours are correlated, so it is a lower bound). "
         f"{len(runs)} runs, {len(rows)} logged measurements.",
         *compare_blocks(analysis),
         Figure(
@@ -192,8 +194,7 @@ def _runs_table(analysis: StudyAnalysis, final_fraction: float) -> Table:
     rows = []
     for n in sorted(analysis.curves):
         t, s = analysis.curves[n]
-        tail = s[-max(1, math.ceil(final_fraction * s.size - 1e-9)) :]
-        stderr = tail.std(ddof=1) / math.sqrt(tail.size) if tail.size > 1 else math.nan
+        stderr = final_stderr(t, s, final_fraction)
         rows.append(
             (
                 f"{n:,.0f}",
@@ -234,18 +235,23 @@ def _phase_table(analysis: StudyAnalysis) -> Table:
         if isinstance(fit, str):
             rows.append((f"{n:,.0f}", fit, "", "", "", "", "no"))
             continue
-        cells = [f"{getattr(fit, p):.4g} ± {fit.stderr[p]:.2g}" for p in ("s_p", "s_f", "t_p")]
+        cells = [_with_stderr(getattr(fit, p), fit.stderr[p]) for p in PARAMETERS]
         rows.append(
             (
                 f"{n:,.0f}",
                 *cells,
-                f"{fit.lam:.3g} ± {fit.stderr['lam']:.2g}",
                 f"{fit.r2:.3f}",
-                "yes" if has_three_phases(fit) else "no",
+                "yes" if has_three_phases(fit, analysis.curves[n][0]) else "no",
             )
         )
     header = ("parameters", "S_p", "S_f", "t_p", "lambda", "R^2", "three phases")
     return Table(header, tuple(rows))
+
+
+def _with_stderr(value: float, stderr: float) -> str:
+    # A fit pinned at a bound of its parameters has a singular covariance: no error to show.
+    shown = f"{stderr:.2g}" if math.isfinite(stderr) and stderr > 0 else "n/a"
+    return f"{value:.4g} ± {shown}"
 
 
 def _scaling_table(analysis: StudyAnalysis) -> Table:

@@ -67,3 +67,39 @@ def test_two_sizes_leave_scaling_claims_undecided():
     assert analysis.scaling is None
     assert [v.holds for v in analysis.verdicts[1:]] == [None, None, None, None]
     assert "undecided" in analysis.verdicts[1].line()
+
+
+def test_a_curve_that_only_decays_has_no_three_phases():
+    t = np.arange(1, 61) / 60
+    decaying = {n: (t, 1 + 3 * np.exp(-5 * t) * (1 + i / 10)) for i, n in enumerate([1e7, 1e8])}
+    verdict = analyse_curves(decaying).verdicts[0]
+    assert verdict.holds is False and "in 0 of 2 runs" in verdict.evidence
+
+
+def test_three_sizes_cannot_decide_a_peak_trend():
+    curves, _ = simulated_study()
+    three = dict(list(curves.items())[:3])
+    peak = analyse_curves(three).verdicts[3]
+    assert peak.claim.startswith("Larger models peak higher")
+    # a perfect ordering of 3 happens in 2 of 6 permutations: p = 1/3, not significant
+    assert peak.holds is None and "exact p = 0.333" in peak.evidence
+
+
+def test_indistinguishable_fits_leave_the_form_undecided():
+    curves, _ = simulated_study()
+    analysis = analyse_curves(curves, final_fraction=0.1)
+    form = analysis.verdicts[2]
+    assert (form.holds is None) == (analysis.scaling.delta_aic < 2)
+    t = np.arange(1, 61) / 60
+    no_trend = {
+        n: (t, np.full(60, v)) for n, v in zip([1e7, 1e8, 1e9, 1e10], [1.0, 1.1, 0.95, 1.05])
+    }
+    tied = analyse_curves(no_trend)
+    assert tied.scaling.delta_aic < 2 and tied.verdicts[2].holds is None
+
+
+def test_sharper_but_lower_loss_says_no_to_flatter_is_better():
+    curves, losses = simulated_study()
+    inverted = {n: (t, 10 - loss) for n, (t, loss) in losses.items()}
+    verdict = analyse_curves(curves, final_fraction=0.1, losses=inverted).verdicts[4]
+    assert verdict.claim.startswith("Flatter is better") and verdict.holds is False
