@@ -20,6 +20,7 @@ a corpus path that does not exist: each is a clear error before any training sta
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -141,7 +142,8 @@ def parse_config(
     if argv and argv[0].endswith((".yaml", ".yml")):
         source = argv[0]
         config_args = yaml_as_arguments(Path(argv.pop(0)), dataclass_types)
-    given = {arg[2:].split("=")[0] for arg in config_args + argv if arg.startswith("--")}
+    flags = [arg for arg in config_args + argv if arg.startswith("--")]
+    given = {flag[2:].split("=")[0].replace("-", "_") for flag in flags}  # --max-steps too
     missing = [key for key in required if key not in given]
     if missing:
         raise ValueError(f"missing config key(s) {missing} in {source} (or give --{missing[0]})")
@@ -151,27 +153,36 @@ def parse_config(
 
 
 def yaml_as_arguments(path: Path, dataclass_types: tuple[type, ...]) -> list[str]:
-    """The ``key: value`` pairs of a flat YAML file as ``--key value`` arguments."""
+    """The ``key: value`` pairs of a flat YAML file as ``--key value`` arguments.
+
+    Scalars keep the text written in the file (YAML 1.1 would turn ``save_strategy: no`` into
+    False); a mapping becomes JSON, which transformers reads for its dict options; ``null``
+    is only accepted where the default is None (elsewhere it would silently mean the default).
+    """
     import yaml
 
     if not path.is_file():
         raise ValueError(f"config file {str(path)!r} does not exist")
-    values = yaml.safe_load(path.read_text()) or {}
+    text = path.read_text()
+    values = yaml.safe_load(text) or {}
     if not isinstance(values, dict):
         raise ValueError(f"{path}: expected 'key: value' pairs, got {type(values).__name__}")
-    known = {f.name for kind in dataclass_types for f in dataclasses.fields(kind)}
-    unknown = sorted(set(values) - known)
+    written = yaml.load(text, Loader=yaml.BaseLoader)  # every scalar as its text
+    defaults = {f.name: f.default for kind in dataclass_types for f in dataclasses.fields(kind)}
+    unknown = sorted(set(values) - set(defaults))
     if unknown:
         raise ValueError(f"{path}: unknown config key(s) {unknown}")
     arguments: list[str] = []
     for key, value in values.items():
         if value is None:
+            if defaults[key] is not None:
+                raise ValueError(f"{path}: {key} cannot be null (its default is {defaults[key]!r})")
             continue
-        items = value if isinstance(value, list) else [value]
-        arguments += [f"--{key}", *(_as_text(item) for item in items)]
+        if isinstance(value, dict):
+            items = [json.dumps(value)]
+        elif isinstance(value, list):
+            items = written[key]
+        else:
+            items = [written[key]]
+        arguments += [f"--{key}", *items]
     return arguments
-
-
-def _as_text(value: Any) -> str:
-    # YAML reads true/false as bools; HfArgumentParser reads bools from "true"/"false".
-    return str(value).lower() if isinstance(value, bool) else str(value)

@@ -73,3 +73,27 @@ def test_bad_config_raises_a_clear_error(tmp_path, text, message):
 def test_missing_config_file():
     with pytest.raises(ValueError, match="does not exist"):
         parse_config(["/no/such/config.yaml"])
+
+
+def test_yaml_text_is_read_as_written(tmp_path):
+    config = write(
+        tmp_path,
+        "size: tiny\nsave_strategy: no\nrun_name: yes\nlearning_rate: 3.0e-3\n"
+        "lr_scheduler_type: cosine_with_min_lr\nlr_scheduler_kwargs: {min_lr: 1.0e-5}\n"
+        "use_cpu: true\nvocab_size: null\n",
+    )
+    model, data, _, training = parse_config([config])
+    assert training.save_strategy == "no" and training.run_name == "yes"  # not False / True
+    assert training.learning_rate == pytest.approx(3e-3) and training.use_cpu is True
+    assert training.lr_scheduler_kwargs == {"min_lr": 1e-5}
+    assert data.vocab_size is None
+
+
+def test_null_where_the_default_is_not_none_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="max_grad_norm cannot be null"):
+        parse_config([write(tmp_path, "size: tiny\nmax_grad_norm: null\n")])
+
+
+def test_required_key_given_with_dashes():
+    *_, training = parse_config(["--size", "tiny", "--max-steps", "5"], required=("max_steps",))
+    assert training.max_steps == 5
