@@ -15,23 +15,16 @@ paper, and the figures. A finished size is not trained again: an interrupted stu
 import sys
 from pathlib import Path
 
-from sharpmeter.study import parse_study, run_study
+from sharpmeter.cli import main as sharpmeter
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "study_cpu.yaml"
 
 
-def main(argv: list[str]) -> None:
+def main(argv: list[str]) -> int:
     if not argv or not argv[0].endswith((".yaml", ".yml")):
         argv = [str(DEFAULT_CONFIG), *argv]
-    try:
-        config = parse_study(argv)
-    except ValueError as error:  # a bad config: say what is wrong, before any training
-        sys.exit(f"scale_study.py: error: {error}")
-    files = run_study(config)
-    if files is not None:
-        print(f"report: {files.html}\n        {files.markdown}")
-        print(files.markdown.read_text())
+    return sharpmeter(["study", *argv])
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    raise SystemExit(main(sys.argv[1:]))

@@ -51,6 +51,7 @@ def run_study_command(args: argparse.Namespace) -> int:
         raise SystemExit(f"sharpmeter study: error: {error}") from None
     files = run_study(config)
     if files is not None:
+        print(files.markdown.read_text())
         print(f"report: {files.html}\n        {files.markdown}")
     return 0
 

@@ -100,6 +100,11 @@ _COLUMNS = {
 }
 
 
+def measure_of(column: str) -> str | None:
+    """The measure that logs ``column`` (None for what every row has: loss, grad_norm, ...)."""
+    return next((measure for measure, names in _COLUMNS.items() if column in names), None)
+
+
 class SharpnessMeter:
     """Measures sharpness of ``model`` on a fixed probe batch, on a schedule.
 

@@ -15,47 +15,91 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
-from sharpmeter.config import STUDY_ARGUMENTS, parse_config
+from transformers import TrainingArguments
+
+from sharpmeter.config import (
+    STUDY_ARGUMENTS,
+    DataArguments,
+    ModelArguments,
+    SharpnessArguments,
+    StudyArguments,
+    parse_config,
+)
+from sharpmeter.meter import measure_of
 from sharpmeter.report import ReportFiles, write_report
-from sharpmeter.train import is_finished, load_data, train_gpt
+from sharpmeter.train import is_finished, load_data, run_config, train_gpt
 
 MIN_MEASUREMENTS = 10
 
 
-def parse_study(argv: Sequence[str]) -> tuple:
-    """``[CONFIG.yaml] [--name value ...]`` -> (study, model, data, sharpness, training)
-    arguments; every check that can fail before training fails here."""
-    config = parse_config(argv, STUDY_ARGUMENTS, required=("output_dir", "max_steps"))
-    sharpness_args, training_args = config[3], config[4]
-    if training_args.max_steps < MIN_MEASUREMENTS * sharpness_args.every:
+@dataclass(frozen=True)
+class StudyConfig:
+    """A parsed study config: the ladder and the run settings every size shares."""
+
+    study: StudyArguments
+    model: ModelArguments
+    data: DataArguments
+    sharpness: SharpnessArguments
+    training: TrainingArguments
+
+    def size_arguments(self, size: str) -> tuple:
+        """(model, data, sharpness, training) arguments of one size of the ladder."""
+        output_dir = str(Path(self.training.output_dir) / size)
+        training = dataclasses.replace(self.training, output_dir=output_dir, run_name=size)
+        model = dataclasses.replace(self.model, size=size)
+        return model, self.data, self.sharpness, training
+
+
+def parse_study(argv: Sequence[str]) -> StudyConfig:
+    """``[CONFIG.yaml] [--name value ...]`` -> :class:`StudyConfig`; every check that can fail
+    before training fails here, including a finished size trained with other settings."""
+    config = StudyConfig(*parse_config(argv, STUDY_ARGUMENTS, required=("output_dir", "max_steps")))
+    if config.model.size is not None:
+        raise ValueError("a study names its model sizes in 'sizes', not 'size'")
+    quantity, measures = config.study.quantity, config.sharpness.measures
+    needed = measure_of(quantity)
+    if needed is not None and needed not in measures:
         raise ValueError(
-            f"max_steps = {training_args.max_steps} allows fewer than {MIN_MEASUREMENTS} "
-            f"measurements every {sharpness_args.every} steps"
+            f"quantity {quantity!r} needs the {needed!r} measure; measures: {measures}"
+        )
+    schedule, steps = config.sharpness.schedule(), config.training.max_steps
+    count = sum(schedule.is_due(step) for step in range(1, steps + 1))
+    if count < MIN_MEASUREMENTS:
+        raise ValueError(
+            f"max_steps = {steps} leaves {count} measurements on the schedule; a curve needs "
+            f"at least {MIN_MEASUREMENTS}"
+        )
+    for size in config.study.sizes:
+        is_finished(
+            config.size_arguments(size)[3].output_dir, run_config(*config.size_arguments(size))
         )
     return config
 
 
-def run_study(config: tuple) -> ReportFiles | None:
+def run_study(config: StudyConfig) -> ReportFiles | None:
     """Train the sizes of a parsed study config that are not finished, then write the report
     into its ``output_dir``. Returns None on ranks other than 0."""
-    study, model_args, data_args, sharpness_args, training_args = config
-    root = Path(training_args.output_dir)
-    dataset = load_data(data_args, model_args.block_size, training_args)
-    for index, size in enumerate(study.sizes, start=1):
-        run_args = dataclasses.replace(training_args, output_dir=str(root / size), run_name=size)
-        if is_finished(run_args.output_dir, run_args.max_steps):
-            print(f"[{index}/{len(study.sizes)}] {size}: already trained in {run_args.output_dir}")
-            continue
-        print(f"[{index}/{len(study.sizes)}] {size}: training into {run_args.output_dir}")
-        size_args = dataclasses.replace(model_args, size=size)
-        train_gpt(size_args, data_args, sharpness_args, run_args, dataset=dataset)
-    if training_args.process_index != 0:
-        return None  # one process writes the report
+    main_process = config.training.process_index == 0
+    dataset = load_data(config.data, config.model.block_size, config.training)
+    sizes = config.study.sizes
+    for index, size in enumerate(sizes, start=1):
+        arguments = config.size_arguments(size)
+        output_dir = arguments[3].output_dir
+        finished = is_finished(output_dir, run_config(*arguments))
+        if main_process:
+            action = "already trained in" if finished else "training into"
+            print(f"[{index}/{len(sizes)}] {size}: {action} {output_dir}")
+        if not finished:
+            train_gpt(*arguments, dataset=dataset)
+    if not main_process:
+        return None
+    root = Path(config.training.output_dir)
     return write_report(
-        [root / size for size in study.sizes],
+        [root / size for size in sizes],
         out=root,
-        quantity=study.quantity,
-        final_fraction=study.final_fraction,
+        quantity=config.study.quantity,
+        final_fraction=config.study.final_fraction,
     )

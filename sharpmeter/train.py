@@ -16,8 +16,9 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainingArguments, set_seed
 
 from sharpmeter.config import DataArguments, ModelArguments, SharpnessArguments
 from sharpmeter.data import TokenBlocks, lm_dataset
@@ -25,7 +26,9 @@ from sharpmeter.gpt import build_gpt
 from sharpmeter.integrations.hf import SharpnessCallback
 from sharpmeter.sinks import wandb_mode
 
-DONE_FILE = "trainer_state.json"
+DONE_FILE = "sharpmeter_run.json"
+# Where a run writes and what it resumes from do not change the run itself.
+_NOT_SHAPING = {"output_dir", "logging_dir", "resume_from_checkpoint", "overwrite_output_dir"}
 
 
 def load_data(
@@ -58,6 +61,9 @@ def train_gpt(
         raise ValueError("model_args.size is required: name a model size")
     if dataset is None:
         dataset = load_data(data_args, model_args.block_size, training_args)
+    # The Trainer seeds only when it is built, after the model: seed here so that `seed` sets
+    # the initial weights too, whatever ran before (a study's earlier sizes, a resume).
+    set_seed(training_args.seed)
     model = build_gpt(
         model_args.size,
         vocab_size=dataset.vocab_size,
@@ -75,16 +81,46 @@ def train_gpt(
         probe_size=sharpness_args.probe_size,
         probe_seed=sharpness_args.probe_seed,
     )
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    trainer.save_state()  # trainer_state.json marks the run as finished (see is_finished)
-    _finish_wandb()
+    try:
+        trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    finally:
+        _finish_wandb()
+    if training_args.process_index == 0:
+        done = run_config(model_args, data_args, sharpness_args, training_args)
+        (Path(training_args.output_dir) / DONE_FILE).write_text(json.dumps(done, indent=1))
     return Path(training_args.output_dir) / "sharpness.jsonl"
 
 
-def is_finished(output_dir: str | Path, max_steps: int) -> bool:
-    """Whether a run in ``output_dir`` trained all of ``max_steps``."""
+def run_config(
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    sharpness_args: SharpnessArguments,
+    training_args: TrainingArguments,
+) -> dict[str, Any]:
+    """Everything that shapes a run, JSON-able: what a finished run is compared against."""
+    training = {k: v for k, v in training_args.to_dict().items() if k not in _NOT_SHAPING}
+    config = {**vars(model_args), **vars(data_args), **vars(sharpness_args), **training}
+    return json.loads(json.dumps(config, default=str))
+
+
+def is_finished(output_dir: str | Path, config: dict[str, Any]) -> bool:
+    """Whether ``output_dir`` holds a run finished with ``config``.
+
+    Raises:
+        ValueError: it holds a finished run with another config (reusing it would report
+            numbers of a run that is not the one asked for).
+    """
     path = Path(output_dir) / DONE_FILE
-    return path.is_file() and json.loads(path.read_text()).get("global_step") == max_steps
+    if not path.is_file():
+        return False
+    done = json.loads(path.read_text())
+    changed = sorted(k for k in config.keys() | done.keys() if config.get(k) != done.get(k))
+    if changed:
+        raise ValueError(
+            f"{output_dir} holds a finished run with other settings ({', '.join(changed)}); "
+            "use another output_dir or remove it"
+        )
+    return True
 
 
 def _start_wandb(training_args: TrainingArguments, config: dict) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -45,11 +46,22 @@ def test_small_study_report_is_computed_from_the_logs(tmp_path):
     for name in ("tiny", "small", "medium"):  # each run's W&B folder beside its JSONL
         assert len(list(out.glob(f"{name}/wandb/offline-run-*"))) == 1, name
 
-    # Interrupted and run again: finished sizes are not retrained.
+    # Interrupted and run again: finished sizes are not retrained, and a size trained again
+    # (here: its folder lost) gets the same curve, whatever trained before it in the process.
     before = [p.stat().st_mtime_ns for p in paths]
+    first_small = read_records(paths[1])
+    shutil.rmtree(out / "small")
     again = run_study(out, *SMALL)
-    assert again.returncode == 0 and again.stdout.count("already trained") == 3
-    assert [p.stat().st_mtime_ns for p in paths] == before
+    assert again.returncode == 0 and again.stdout.count("already trained") == 2
+    assert [paths[0].stat().st_mtime_ns, paths[2].stat().st_mtime_ns] == [before[0], before[2]]
+    measured = ("critical_sharpness", "loss", "lr")
+    assert [[r[k] for k in measured] for r in read_records(paths[1])] == [
+        [r[k] for k in measured] for r in first_small
+    ]
+
+    # The same output_dir with other settings is refused before anything trains.
+    changed = run_study(out, *SMALL, "--learning_rate", "1e-3")
+    assert changed.returncode != 0 and "other settings (learning_rate)" in changed.stderr
 
 
 def test_bad_input_fails_before_training(tmp_path):
@@ -57,6 +69,10 @@ def test_bad_input_fails_before_training(tmp_path):
     assert done.returncode != 0 and "unknown model size" in done.stderr
     assert not list(tmp_path.glob("tiny"))
     done = run_study(tmp_path, "--max_steps", "20", "--every", "5")
-    assert done.returncode != 0 and "fewer than 10 measurements" in done.stderr
+    assert done.returncode != 0 and "leaves 4 measurements on the schedule" in done.stderr
+    done = run_study(tmp_path, "--quantity", "lambda_max")
+    assert done.returncode != 0 and "needs the 'spectral' measure" in done.stderr
+    done = run_study(tmp_path, "--size", "tiny")
+    assert done.returncode != 0 and "not 'size'" in done.stderr
     done = run_study(tmp_path, "--corpus", "missing/corpus.txt")
     assert done.returncode != 0 and "missing/corpus.txt" in done.stderr

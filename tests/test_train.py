@@ -44,7 +44,11 @@ def test_one_process_run_logs_every_measure(tmp_path):
     assert all(r["status"] == "ok" for r in rows), rows
     for key in ("critical_sharpness", "hessian_trace", "lambda_max", "loss"):
         assert all(isinstance(r[key], float) for r in rows), key
-    assert is_finished(out, 20) and not is_finished(out, 40)
+    config = json.loads((out / "sharpmeter_run.json").read_text())
+    assert config["size"] == "tiny" and config["max_steps"] == 20
+    assert is_finished(out, config) and not is_finished(tmp_path / "elsewhere", config)
+    with pytest.raises(ValueError, match="other settings \\(max_steps\\)"):
+        is_finished(out, {**config, "max_steps": 40})
     assert list(out.glob("wandb/offline-run-*"))  # report_to: wandb, offline without a key
 
 
