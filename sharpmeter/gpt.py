@@ -1,7 +1,7 @@
 """GPT-2-style models built from a config (no weights downloaded), in named sizes.
 
 Two ladders: a CPU one of five sizes spanning about two decades of parameters (the README's
-main job trains it in minutes on two cores), and a GPU one from ~15M to ~200M parameters (with
+main job trains it in minutes on two cores), and a GPU one from ~14M to ~210M parameters (with
 an 8K-token BPE vocabulary). A size is ``(n_embd, n_layer, n_head)``; the parameter count
 follows from it, the vocabulary and the context length, and is what the analysis uses.
 

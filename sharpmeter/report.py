@@ -69,8 +69,15 @@ def find_runs(paths: Iterable[str | Path]) -> list[RunFiles]:
             files = sorted(path.glob(f"*/{RUN_FILE}"))
         if not files:
             raise ValueError(f"no {RUN_FILE} at {str(path)!r} or in its sub-folders")
-        runs += [RunFiles(f, tuple(sorted(f.parent.glob("wandb/*run-*")))) for f in files]
+        runs += [RunFiles(f, _latest_wandb_run(f.parent)) for f in files]
     return runs
+
+
+def _latest_wandb_run(folder: Path) -> tuple[Path, ...]:
+    """The newest W&B run beside a JSONL file: an attempt that was restarted from scratch
+    leaves its old run folder behind. Names carry the start time: ``[offline-]run-DATE-ID``."""
+    runs = sorted(folder.glob("wandb/*run-*"), key=lambda path: path.name.split("run-")[-1])
+    return tuple(runs[-1:])
 
 
 def _wandb_url(folder: Path) -> str | None:

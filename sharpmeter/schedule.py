@@ -61,8 +61,9 @@ class Schedule:
         """Whether one more measurement, expected to take ``next_cost`` seconds, keeps the
         time spent measuring within ``max_fraction`` of the time spent training.
 
-        With ``next_cost`` the last measurement's duration, only the first measurement can
-        overshoot, so over a run of training time ``T`` measuring takes at most
+        With ``next_cost`` the last measurement's duration, a measurement overshoots only by
+        what it costs beyond the one before it (the first: all of it), so while costs do not
+        grow, measuring over a run of training time ``T`` takes at most
         ``max_fraction * T + (first measurement)``."""
         if self.max_fraction is None:
             return True

@@ -19,7 +19,7 @@ def write(tmp_path: Path, text: str) -> str:
 
 def test_yaml_values_reach_every_dataclass():
     model, data, sharpness, training = parse_config([str(CONFIGS / "tiny.yaml")])
-    assert (model.size, model.block_size) == ("small", 64)
+    assert (model.size, model.block_size) == ("tiny", 64)
     assert (data.corpus, data.tokenizer) == ("kjv", "byte")
     assert sharpness.measures == ["critical", "trace", "spectral"]
     assert sharpness.schedule().every == 10
@@ -29,9 +29,17 @@ def test_yaml_values_reach_every_dataclass():
 
 def test_command_line_overrides_the_file():
     model, _, sharpness, training = parse_config(
-        [str(CONFIGS / "tiny.yaml"), "--size", "tiny", "--measures", "critical", "--max_steps", "7"]
+        [
+            str(CONFIGS / "tiny.yaml"),
+            "--size",
+            "small",
+            "--measures",
+            "critical",
+            "--max_steps",
+            "7",
+        ]
     )
-    assert model.size == "tiny" and sharpness.measures == ["critical"]
+    assert model.size == "small" and sharpness.measures == ["critical"]
     assert training.max_steps == 7
 
 

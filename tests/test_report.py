@@ -38,6 +38,7 @@ def write_runs(root, statuses=("ok",)):
         ]
         (folder / "sharpness.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (root / "a" / "wandb" / "offline-run-20261123_120000-abc123").mkdir(parents=True)
+    (root / "a" / "wandb" / "run-20261123_110000-old999").mkdir(parents=True)  # an older attempt
     return root
 
 
@@ -60,6 +61,7 @@ def test_report_numbers_come_from_the_logs(tmp_path):
     assert "Final sharpness falls with scale: **yes**" in markdown
     assert "measurements with a status other than ok: 80" in markdown
     assert f"wandb sync {root / 'a' / 'wandb' / 'offline-run-20261123_120000-abc123'}" in markdown
+    assert "old999" not in markdown
     assert [f.name for f in files.figures] == ["curves.png", "scaling.png"]
     assert "](curves.png)" in markdown
 

@@ -57,7 +57,9 @@ def test_budget_clock_survives_a_resume():
     options = {"measures": ("critical",), "schedule": sm.Schedule(every=1, max_fraction=0.05)}
     meter = sm.SharpnessMeter(model, token_batch(), causal_lm_loss, **options)
     meter.measure(1)
+    meter._started -= 100.0  # as if it had trained for 100 s
     state = meter.state_dict()
+    assert state["training_seconds"] == pytest.approx(100, abs=1)
     resumed = sm.SharpnessMeter(model, token_batch(), causal_lm_loss, **options)
     resumed.load_state_dict(state)
     assert resumed.last_cost == meter.last_cost > 0
