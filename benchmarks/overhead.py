@@ -236,6 +236,27 @@ def runs_table(pairs: list[tuple[dict, dict]], steps: int) -> list[str]:
     return ["## Runs (in the order taken: without, then with)", ""] + markdown_table(columns, rows)
 
 
+def timing_cells(row: dict, position: int, step_seconds: float) -> list[str]:
+    """Start (a run's first measurement is cold), seconds, training steps' worth, forwards."""
+    return [
+        "cold" if position == 0 else "warm",
+        fmt(row["wall_seconds"], 3),
+        fmt(row["wall_seconds"] / step_seconds, 3),
+        str(row.get("critical_num_forward")),
+    ]
+
+
+def value_cells(row: dict) -> list[str]:
+    """HVPs in all, the three measured values, the status."""
+    return [
+        str(hvps(row)),
+        fmt(row.get("critical_sharpness"), 4),
+        fmt(row.get("lambda_max"), 4),
+        fmt(row.get("hessian_trace"), 4),
+        row["status"],
+    ]
+
+
 def measurements_table(pairs: list[tuple[dict, dict]], step_seconds: float) -> list[str]:
     rows = []
     for index, (_, with_) in enumerate(pairs, 1):
@@ -243,17 +264,10 @@ def measurements_table(pairs: list[tuple[dict, dict]], step_seconds: float) -> l
             rows.append(
                 [
                     f"{index} / {row['step']}",
-                    "cold" if position == 0 else "warm",
-                    fmt(row["wall_seconds"], 3),
-                    fmt(row["wall_seconds"] / step_seconds, 3),
-                    str(row.get("critical_num_forward")),
+                    *timing_cells(row, position, step_seconds),
                     str(row.get("hessian_trace_num_matvecs")),
                     str(row.get("lambda_max_num_matvecs")),
-                    str(hvps(row)),
-                    fmt(row.get("critical_sharpness"), 4),
-                    fmt(row.get("lambda_max"), 4),
-                    fmt(row.get("hessian_trace"), 4),
-                    row["status"],
+                    *value_cells(row),
                 ]
             )
     columns = [
@@ -529,18 +543,7 @@ def long_section(
     measured = []
     for position, row in enumerate(rows):
         measured.append(
-            [
-                str(row["step"]),
-                "cold" if position == 0 else "warm",
-                fmt(row["wall_seconds"], 3),
-                fmt(row["wall_seconds"] / step_seconds, 3),
-                str(row.get("critical_num_forward")),
-                str(hvps(row)),
-                fmt(row.get("critical_sharpness"), 4),
-                fmt(row.get("lambda_max"), 4),
-                fmt(row.get("hessian_trace"), 4),
-                row["status"],
-            ]
+            [str(row["step"]), *timing_cells(row, position, step_seconds), *value_cells(row)]
         )
     columns = ["step", "start", "seconds", "x training step", "critical forwards", "HVPs"]
     columns += ["critical_sharpness", "lambda_max", "hessian_trace", "status"]

@@ -92,7 +92,8 @@ def test_bpe_round_trips_any_text_and_is_deterministic(tmp_path):
     assert train_bpe(text, 400).to_str() == train_bpe(text, 400).to_str()
 
 
-def test_second_bpe_call_reads_the_cache(prose_file, tmp_path, monkeypatch):
+def count_bpe_training(monkeypatch) -> list[int]:
+    """The vocabulary sizes ``train_bpe`` is called with from now on."""
     trained = []
     real_train_bpe = data.train_bpe
 
@@ -101,6 +102,11 @@ def test_second_bpe_call_reads_the_cache(prose_file, tmp_path, monkeypatch):
         return real_train_bpe(text, vocab_size)
 
     monkeypatch.setattr(data, "train_bpe", counting_train_bpe)
+    return trained
+
+
+def test_second_bpe_call_reads_the_cache(prose_file, tmp_path, monkeypatch):
+    trained = count_bpe_training(monkeypatch)
     first = lm_dataset(str(prose_file), 8, tokenizer="bpe", vocab_size=300, cache_dir=tmp_path)
     assert trained == [300]
 
@@ -118,14 +124,7 @@ def test_second_bpe_call_reads_the_cache(prose_file, tmp_path, monkeypatch):
 
 
 def test_cache_key_covers_text_and_vocab_size(tmp_path, monkeypatch):
-    trained = []
-    real_train_bpe = data.train_bpe
-
-    def counting_train_bpe(text, vocab_size):
-        trained.append(vocab_size)
-        return real_train_bpe(text, vocab_size)
-
-    monkeypatch.setattr(data, "train_bpe", counting_train_bpe)
+    trained = count_bpe_training(monkeypatch)
     encode_corpus(PROSE, "bpe", 300, tmp_path)
     encode_corpus(PROSE, "bpe", 300, tmp_path)
     encode_corpus(PROSE, "bpe", 280, tmp_path)
