@@ -28,7 +28,7 @@ from typing import Any
 
 from transformers import HfArgumentParser, TrainingArguments
 
-from sharpmeter.data import TOKENIZERS, check_corpus
+from sharpmeter.data import TOKENIZERS, check_corpus, checked_vocab_size
 from sharpmeter.gpt import check_size
 from sharpmeter.meter import MEASURES
 from sharpmeter.schedule import Schedule
@@ -69,8 +69,7 @@ class DataArguments:
 
     def __post_init__(self) -> None:
         check_corpus(self.corpus)
-        if self.tokenizer not in TOKENIZERS:
-            raise ValueError(f"tokenizer must be one of {TOKENIZERS}, got {self.tokenizer!r}")
+        checked_vocab_size(self.tokenizer, self.vocab_size)
 
 
 @dataclass

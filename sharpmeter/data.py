@@ -196,7 +196,7 @@ def encode_corpus(
         encode_corpus("héllo").ids              # tensor([104, 195, 169, 108, 108, 111])
         encode_corpus(text, "bpe", 4096).vocab_size   # 4096
     """
-    vocab_size = _checked_vocab_size(tokenizer, vocab_size)
+    vocab_size = checked_vocab_size(tokenizer, vocab_size)
     if tokenizer == "byte":
         return EncodedCorpus(_byte_ids(text), BYTE_VOCAB)
     folder = _cache_root(cache_dir) / _cache_key(text, vocab_size)
@@ -215,7 +215,7 @@ def encode_corpus(
     return EncodedCorpus(ids, bpe.get_vocab_size(), tokenizer_path)
 
 
-def _checked_vocab_size(tokenizer: str, vocab_size: int | None) -> int:
+def checked_vocab_size(tokenizer: str, vocab_size: int | None) -> int:
     """The vocabulary size to use with ``tokenizer``, or a ValueError naming what is wrong."""
     if tokenizer not in TOKENIZERS:
         raise ValueError(f"tokenizer must be one of {TOKENIZERS}, got {tokenizer!r}")
@@ -271,7 +271,7 @@ def train_bpe(text: str, vocab_size: int) -> tokenizers.Tokenizer:
         bpe = train_bpe(kjv_text(), 4096)
         bpe.decode(bpe.encode("And God said").ids)   # 'And God said'
     """
-    _checked_vocab_size("bpe", vocab_size)
+    checked_vocab_size("bpe", vocab_size)
     tokenizers = _import_tokenizers()
     byte_level = tokenizers.pre_tokenizers.ByteLevel
     bpe = tokenizers.Tokenizer(tokenizers.models.BPE())
@@ -390,7 +390,7 @@ def lm_dataset(
         lm_dataset("corpus/", tokenizer="bpe", vocab_size=8192, cache_dir="/scratch/cache")
     """
     # argument errors before the (possibly slow) corpus read
-    _checked_vocab_size(tokenizer, vocab_size)
+    checked_vocab_size(tokenizer, vocab_size)
     _check_block_size(block_size)
     datasets_cache = None if cache_dir is None else Path(cache_dir).expanduser() / "datasets"
     text = load_text(source, text_column, cache_dir=datasets_cache)

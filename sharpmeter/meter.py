@@ -393,6 +393,7 @@ class SharpnessMeter:
             "measuring_seconds": self.measuring_seconds,
             "training_seconds": self.training_seconds,
             "last_cost": self.last_cost,
+            "skipped_for_budget": self.skipped_for_budget,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -400,6 +401,7 @@ class SharpnessMeter:
         self.last_step = state.get("last_step")
         self.measuring_seconds = float(state.get("measuring_seconds", 0.0))
         self.last_cost = float(state.get("last_cost", 0.0))
+        self.skipped_for_budget = int(state.get("skipped_for_budget", 0))
         # The budget compares totals over the whole run, so the clock resumes where it stopped.
         elapsed = self.measuring_seconds + float(state.get("training_seconds", 0.0))
         self._started = time.perf_counter() - elapsed

@@ -70,6 +70,8 @@ def test_every_shipped_config_parses(name, types):
         ("size: tiny\nmeasures: [critical, curvature]\n", "measures"),
         ("size: tiny\nevery: 0\n", "every"),
         ("size: tiny\ntokenizer: wordpiece\n", "tokenizer"),
+        ("size: tiny\nvocab_size: 1000\n", "vocab_size"),
+        ("size: tiny\ntokenizer: bpe\nvocab_size: 100\n", "vocab_size"),
         ("- size\n- tiny\n", "key: value"),
     ],
 )

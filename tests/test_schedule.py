@@ -58,11 +58,13 @@ def test_budget_clock_survives_a_resume():
     meter = sm.SharpnessMeter(model, token_batch(), causal_lm_loss, **options)
     meter.measure(1)
     meter._started -= 100.0  # as if it had trained for 100 s
+    meter.skipped_for_budget = 3  # and left out three grid steps since its last measurement
     state = meter.state_dict()
     assert state["training_seconds"] == pytest.approx(100, abs=1)
     resumed = sm.SharpnessMeter(model, token_batch(), causal_lm_loss, **options)
     resumed.load_state_dict(state)
     assert resumed.last_cost == meter.last_cost > 0
+    assert resumed.skipped_for_budget == 3
     assert resumed.measuring_seconds == meter.measuring_seconds
     # a fresh clock would give ~0 s of training and refuse every measurement after a resume
     assert resumed.training_seconds == pytest.approx(state["training_seconds"], abs=0.5)

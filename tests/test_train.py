@@ -96,3 +96,4 @@ def test_two_gloo_ranks_log_what_one_process_logs(tmp_path):
     assert [r["step"] for r in one] == [r["step"] for r in two]
     assert set(one[0]) == set(two[0])
     assert all(r["status"] == "ok" for r in one + two)
+    assert len(list((tmp_path / "two").glob("wandb/offline-run-*"))) == 1  # rank 0's run only
