@@ -70,6 +70,7 @@ import sharpmeter as sm
 from sharpmeter.data import BYTE_VOCAB, lm_dataset
 from sharpmeter.integrations.hf import SharpnessCallback
 from sharpmeter.meter import DEFAULT_MEASURES, DEFAULT_SCHEDULE
+from sharpmeter.records import read_records
 
 # The fixed grid this table measures: the meter's default adds a 5% wall-time budget on top,
 # which caps the long-run ratio at 1.05 by skipping due steps; the grid shows the raw cost.
@@ -124,7 +125,7 @@ def run_once(args: argparse.Namespace, dataset, with_callback: bool, steps: int)
         output = trainer.train()
         seconds = time.perf_counter() - start
         jsonl = Path(output_dir) / "sharpness.jsonl"
-        rows = [json.loads(line) for line in jsonl.read_text().splitlines()] if callback else []
+        rows = read_records(jsonl) if callback else []
     params = [p.detach().clone() for p in trainer.model.parameters()]
     return {
         "seconds": seconds,
@@ -405,7 +406,7 @@ def long_worker(args: argparse.Namespace) -> None:
         seconds = time.perf_counter() - start
         faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
         jsonl = Path(output_dir) / "sharpness.jsonl"
-        rows = [json.loads(line) for line in jsonl.read_text().splitlines()] if callback else []
+        rows = read_records(jsonl) if callback else []
     torch.save(trainer.model.state_dict(), workdir / f"{arm}.pt")
     meter = callback.meter if callback else None
     result = {

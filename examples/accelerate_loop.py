@@ -16,10 +16,10 @@ import argparse
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from transformers import GPT2Config, GPT2LMHeadModel
 
 import sharpmeter as sm
 from sharpmeter.data import BYTE_VOCAB, lm_dataset
+from sharpmeter.gpt import build_gpt
 from sharpmeter.integrations.accelerate import AcceleratedMeter
 
 
@@ -33,17 +33,8 @@ def main() -> None:
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     set_seed(0)
-    model = GPT2LMHeadModel(
-        GPT2Config(
-            vocab_size=BYTE_VOCAB,
-            n_positions=64,
-            n_embd=32,
-            n_layer=2,
-            n_head=2,
-            bos_token_id=0,
-            eos_token_id=0,
-        )
-    )
+    # n_embd 32, 2 layers, 2 heads; dropout as GPT-2's default
+    model = build_gpt("small", vocab_size=BYTE_VOCAB, block_size=64, dropout=0.1)
     data = lm_dataset(block_size=64)
     probe = torch.utils.data.default_collate([data[i] for i in range(8)])
     train = torch.utils.data.Subset(data, range(8, len(data)))

@@ -15,10 +15,11 @@ import math
 import os
 from pathlib import Path
 
-from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
+from transformers import Trainer, TrainingArguments
 
 import sharpmeter as sm
 from sharpmeter.data import BYTE_VOCAB, lm_dataset
+from sharpmeter.gpt import build_gpt
 from sharpmeter.integrations.hf import SharpnessCallback
 from sharpmeter.sinks import wandb_report_to
 
@@ -33,16 +34,8 @@ def main() -> None:
     output = Path(args.output)
     os.environ.setdefault("WANDB_DIR", str(output))
     os.environ.setdefault("WANDB_PROJECT", "sharpmeter-quickstart")
-    config = GPT2Config(
-        vocab_size=BYTE_VOCAB,
-        n_positions=128,
-        n_embd=64,
-        n_layer=2,
-        n_head=4,
-        bos_token_id=0,
-        eos_token_id=0,
-    )
-    model = GPT2LMHeadModel(config)
+    # n_embd 64, 2 layers, 4 heads; dropout as GPT-2's default, to show the measurement copes
+    model = build_gpt("medium", vocab_size=BYTE_VOCAB, block_size=128, dropout=0.1)
     training = TrainingArguments(
         output_dir=str(output),
         max_steps=args.steps,

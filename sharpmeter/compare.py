@@ -47,7 +47,7 @@ from sharpmeter.analysis import (
     pearson,
     spearman,
 )
-from sharpmeter.analysis.curves import Curves
+from sharpmeter.analysis.curves import Curves, final_value
 from sharpmeter.simulator import simulate_run
 
 GRID_POINTS = 101
@@ -57,29 +57,6 @@ MIN_POINTS_BEFORE_PEAK = 2
 DECIDING_DELTA_AIC = 2.0
 SIGNIFICANCE = 0.05
 MAX_EXACT_SIZES = 8  # 8! orderings enumerate in a blink; beyond, the t approximation is fine
-
-
-def final_value(t: np.ndarray, s: np.ndarray, fraction: float = 0.2) -> float:
-    """Mean of ``s`` over the last ``fraction`` of training time, ``t >= t_end - fraction``
-    (the last point alone when no other falls in that span).
-
-    >>> final_value(np.array([0.0, 0.5, 0.9, 1.0]), np.array([5.0, 3.0, 2.0, 1.0]))
-    1.5
-    """
-    return float(np.mean(s[_final_span(t, fraction)]))
-
-
-def final_stderr(t: np.ndarray, s: np.ndarray, fraction: float = 0.2) -> float:
-    """Standard error of :func:`final_value` as if the points were independent (NaN for one
-    point); neighbouring measurements are correlated, so it understates the uncertainty."""
-    tail = s[_final_span(t, fraction)]
-    return float(tail.std(ddof=1) / math.sqrt(tail.size)) if tail.size > 1 else math.nan
-
-
-def _final_span(t: np.ndarray, fraction: float) -> np.ndarray:
-    span = t >= t[-1] - fraction - 1e-12
-    span[-1] = True
-    return span
 
 
 @dataclass(frozen=True)
@@ -212,9 +189,12 @@ def has_three_phases(fit: ThreePhaseFit | str, t: np.ndarray) -> bool:
 def _three_phases_verdict(phase_fits: Mapping[float, ThreePhaseFit | str], curves: Curves):
     found = sum(has_three_phases(fit, curves[n][0]) for n, fit in phase_fits.items())
     failed = sum(isinstance(fit, str) for fit in phase_fits.values())
-    holds = (
-        True if found == len(phase_fits) else None if found + failed == len(phase_fits) else False
-    )
+    if found == len(phase_fits):
+        holds = True
+    elif found + failed == len(phase_fits):
+        holds = None  # no run said no; the failed fits cannot say yes
+    else:
+        holds = False
     return Verdict(
         "Three phases (rise, decay, plateau) in every run",
         holds,

@@ -109,7 +109,7 @@ class StudyArguments:
     )
     quantity: str = field(default="critical_sharpness", metadata={"help": "logged column"})
     final_fraction: float = field(
-        default=0.2, metadata={"help": "share of the last measurements averaged as 'final'"}
+        default=0.2, metadata={"help": "last share of training time averaged as 'final'"}
     )
 
     def __post_init__(self) -> None:

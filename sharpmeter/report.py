@@ -26,10 +26,10 @@ from pathlib import Path
 
 import numpy as np
 
-from sharpmeter.analysis import curves_from_records
+from sharpmeter.analysis import curves_from_records, final_stderr
 from sharpmeter.analysis.phases import PARAMETERS
 from sharpmeter.analysis.plotting import plot_scaling_fit
-from sharpmeter.compare import StudyAnalysis, analyse_curves, final_stderr, has_three_phases
+from sharpmeter.compare import StudyAnalysis, analyse_curves, has_three_phases
 from sharpmeter.records import read_records
 from sharpmeter.sizes import format_size
 
@@ -39,22 +39,20 @@ _WANDB_URL = re.compile(r"https://wandb\.ai/\S+/runs/\w+")
 
 @dataclass(frozen=True)
 class RunFiles:
-    """One logged run: its JSONL file and the W&B run folders beside it."""
+    """One logged run: its JSONL file and the W&B run folder beside it, if any."""
 
     jsonl: Path
-    wandb_dirs: tuple[Path, ...]
+    wandb_dir: Path | None
 
     @property
     def name(self) -> str:
         return self.jsonl.parent.name
 
-    def wandb_lines(self) -> list[str]:
-        """How to look at each W&B run: its URL when it went online, else `wandb sync`."""
-        lines = []
-        for folder in self.wandb_dirs:
-            url = _wandb_url(folder)
-            lines.append(url if url else f"`wandb sync {folder}`")
-        return lines
+    def wandb_line(self) -> str:
+        """How to look at the W&B run: its URL when it went online, else `wandb sync`."""
+        if self.wandb_dir is None:
+            return "none"
+        return _wandb_url(self.wandb_dir) or f"`wandb sync {self.wandb_dir}`"
 
 
 def find_runs(paths: Iterable[str | Path]) -> list[RunFiles]:
@@ -73,11 +71,11 @@ def find_runs(paths: Iterable[str | Path]) -> list[RunFiles]:
     return runs
 
 
-def _latest_wandb_run(folder: Path) -> tuple[Path, ...]:
+def _latest_wandb_run(folder: Path) -> Path | None:
     """The newest W&B run beside a JSONL file: an attempt that was restarted from scratch
     leaves its old run folder behind. Names carry the start time: ``[offline-]run-DATE-ID``."""
     runs = sorted(folder.glob("wandb/*run-*"), key=lambda path: path.name.split("run-")[-1])
-    return tuple(runs[-1:])
+    return runs[-1] if runs else None
 
 
 def _wandb_url(folder: Path) -> str | None:
@@ -292,9 +290,7 @@ def _scaling_table(analysis: StudyAnalysis) -> Table:
 
 def _files_list(runs: Sequence[RunFiles], rows: Sequence[dict]) -> list[str]:
     failed = sum(1 for row in rows if row.get("status") not in (None, "ok"))
-    items = [
-        f"`{run.jsonl}` ({run.name}); W&B: {', '.join(run.wandb_lines()) or 'none'}" for run in runs
-    ]
+    items = [f"`{run.jsonl}` ({run.name}); W&B: {run.wandb_line()}" for run in runs]
     items.append(f"measurements with a status other than ok: {failed}")
     return items
 

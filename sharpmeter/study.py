@@ -17,6 +17,7 @@ import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from transformers import TrainingArguments
 
@@ -35,6 +36,19 @@ from sharpmeter.train import is_finished, load_data, run_config, train_gpt
 MIN_MEASUREMENTS = 10
 
 
+class RunArguments(NamedTuple):
+    """The arguments of one run, in the order :func:`~sharpmeter.train.train_gpt` takes them."""
+
+    model: ModelArguments
+    data: DataArguments
+    sharpness: SharpnessArguments
+    training: TrainingArguments
+
+    def finished(self) -> bool:
+        """Whether this run already finished (ValueError: finished with other settings)."""
+        return is_finished(self.training.output_dir, run_config(*self))
+
+
 @dataclass(frozen=True)
 class StudyConfig:
     """A parsed study config: the ladder and the run settings every size shares."""
@@ -45,12 +59,12 @@ class StudyConfig:
     sharpness: SharpnessArguments
     training: TrainingArguments
 
-    def size_arguments(self, size: str) -> tuple:
-        """(model, data, sharpness, training) arguments of one size of the ladder."""
+    def size_arguments(self, size: str) -> RunArguments:
+        """The run of one size of the ladder, in ``<output_dir>/<size>``."""
         output_dir = str(Path(self.training.output_dir) / size)
         training = dataclasses.replace(self.training, output_dir=output_dir, run_name=size)
         model = dataclasses.replace(self.model, size=size)
-        return model, self.data, self.sharpness, training
+        return RunArguments(model, self.data, self.sharpness, training)
 
 
 def parse_study(argv: Sequence[str]) -> StudyConfig:
@@ -73,9 +87,7 @@ def parse_study(argv: Sequence[str]) -> StudyConfig:
             f"at least {MIN_MEASUREMENTS}"
         )
     for size in config.study.sizes:
-        is_finished(
-            config.size_arguments(size)[3].output_dir, run_config(*config.size_arguments(size))
-        )
+        config.size_arguments(size).finished()
     return config
 
 
@@ -87,8 +99,8 @@ def run_study(config: StudyConfig) -> ReportFiles | None:
     sizes = config.study.sizes
     for index, size in enumerate(sizes, start=1):
         arguments = config.size_arguments(size)
-        output_dir = arguments[3].output_dir
-        finished = is_finished(output_dir, run_config(*arguments))
+        output_dir = arguments.training.output_dir
+        finished = arguments.finished()
         if main_process:
             action = "already trained in" if finished else "training into"
             print(f"[{index}/{len(sizes)}] {size}: {action} {output_dir}")

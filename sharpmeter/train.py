@@ -71,7 +71,8 @@ def train_gpt(
         dropout=model_args.dropout,
         attn_implementation=model_args.attn_implementation,
     )
-    _start_wandb(training_args, {**vars(model_args), **vars(data_args), **vars(sharpness_args)})
+    config = run_config(model_args, data_args, sharpness_args, training_args)
+    _start_wandb(training_args, config)
 
     trainer = Trainer(model=model, args=training_args, train_dataset=dataset)
     SharpnessCallback.attach(
@@ -86,8 +87,7 @@ def train_gpt(
     finally:
         _finish_wandb()
     if training_args.process_index == 0:
-        done = run_config(model_args, data_args, sharpness_args, training_args)
-        (Path(training_args.output_dir) / DONE_FILE).write_text(json.dumps(done, indent=1))
+        (Path(training_args.output_dir) / DONE_FILE).write_text(json.dumps(config, indent=1))
     return Path(training_args.output_dir) / "sharpness.jsonl"
 
 

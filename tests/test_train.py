@@ -12,6 +12,7 @@ import pytest
 
 from sharpmeter.data import lm_dataset
 from sharpmeter.gpt import build_gpt
+from sharpmeter.records import read_records
 from sharpmeter.train import is_finished
 
 ROOT = Path(__file__).parent.parent
@@ -32,7 +33,7 @@ def launch(prefix: list[str], out: Path, *extra: str) -> subprocess.CompletedPro
 
 
 def rows_of(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "sharpness.jsonl").read_text().splitlines()]
+    return read_records(out / "sharpness.jsonl")
 
 
 def test_one_process_run_logs_every_measure(tmp_path):

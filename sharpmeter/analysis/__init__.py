@@ -5,7 +5,8 @@
 * ``prediction``: final sharpness from the early mean and the scale;
 * ``correlation``: Pearson / Spearman with intervals, across scales and within runs;
 * ``pacbayes``: the paper's bound ``sqrt((S ln N + ln(m/delta)) / m)``;
-* ``curves``: logged rows -> per-run curves; head and tail means.
+* ``curves``: logged rows -> per-run curves; head and tail means (over checkpoints) and the
+  final value (over the last share of training time).
 
 >>> from sharpmeter.analysis import fit_log_linear
 >>> round(fit_log_linear([1e7, 1e8, 1e9], [1.3, 1.2, 1.1]).slope, 6)
@@ -19,7 +20,13 @@ from sharpmeter.analysis.correlation import (
     spearman,
     within_run_correlations,
 )
-from sharpmeter.analysis.curves import curves_from_records, head_mean, tail_mean
+from sharpmeter.analysis.curves import (
+    curves_from_records,
+    final_stderr,
+    final_value,
+    head_mean,
+    tail_mean,
+)
 from sharpmeter.analysis.pacbayes import (
     PacBayesTerms,
     bound_accuracy_correlation,
@@ -71,6 +78,8 @@ __all__ = [
     "early_prediction",
     "effective_sample_size",
     "extrapolation_error",
+    "final_stderr",
+    "final_value",
     "fit_log_linear",
     "fit_power_law",
     "fit_three_phase",

@@ -63,6 +63,29 @@ def tail_mean(values: ArrayLike, fraction: float = 0.1) -> float:
     return float(arr[-window_size(arr.size, fraction) :].mean())
 
 
+def final_value(t: np.ndarray, s: np.ndarray, fraction: float = 0.2) -> float:
+    """Mean of ``s`` over the last ``fraction`` of training time, ``t >= t_end - fraction``
+    (the last point alone when no other falls in that span).
+
+    >>> final_value(np.array([0.0, 0.5, 0.9, 1.0]), np.array([5.0, 3.0, 2.0, 1.0]))
+    1.5
+    """
+    return float(np.mean(s[_final_span(t, fraction)]))
+
+
+def final_stderr(t: np.ndarray, s: np.ndarray, fraction: float = 0.2) -> float:
+    """Standard error of :func:`final_value` as if the points were independent (NaN for one
+    point); neighbouring measurements are correlated, so it understates the uncertainty."""
+    tail = s[_final_span(t, fraction)]
+    return float(tail.std(ddof=1) / math.sqrt(tail.size)) if tail.size > 1 else math.nan
+
+
+def _final_span(t: np.ndarray, fraction: float) -> np.ndarray:
+    span = t >= t[-1] - fraction - 1e-12
+    span[-1] = True
+    return span
+
+
 def _number(value: Any) -> float | None:
     """A finite float, or None for a missing, empty, non-numeric or non-finite entry."""
     if value is None or isinstance(value, bool):
