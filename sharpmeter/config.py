@@ -14,13 +14,15 @@ transformers' ``HfArgumentParser`` reads them::
     python recipes/train_gpt.py configs/tiny.yaml --learning_rate 1e-3 --max_steps 100
 
 A key the dataclasses do not know, a missing required key (``size``), an unknown model size,
-a corpus path that does not exist: each is a clear error before any training starts.
+a corpus path that does not exist, a Hessian-vector-product measure on a model FSDP will
+shard: each is a clear error before any training starts.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,8 +31,9 @@ from typing import Any
 from transformers import HfArgumentParser, TrainingArguments
 
 from sharpmeter.data import TOKENIZERS, check_corpus, checked_vocab_size
+from sharpmeter.distributed import NO_FSDP_HVP
 from sharpmeter.gpt import check_size
-from sharpmeter.meter import MEASURES
+from sharpmeter.meter import HVP_MEASURES, MEASURES
 from sharpmeter.schedule import Schedule
 
 
@@ -148,7 +151,27 @@ def parse_config(
         raise ValueError(f"missing config key(s) {missing} in {source} (or give --{missing[0]})")
     parser = HfArgumentParser(dataclass_types)
     # A ValueError from a dataclass check is re-raised as is: it names the bad value.
-    return parser.parse_args_into_dataclasses(args=config_args + argv, look_for_args_file=False)
+    parsed = parser.parse_args_into_dataclasses(args=config_args + argv, look_for_args_file=False)
+    _check_fsdp_measures(parsed)
+    return parsed
+
+
+def uses_fsdp(training_args: TrainingArguments) -> bool:
+    """Whether the Trainer will shard the model with FSDP: ``fsdp`` in the config, or an
+    ``accelerate launch`` FSDP config (which sets ``ACCELERATE_USE_FSDP``)."""
+    launched = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    return launched or bool(training_args.fsdp)
+
+
+def _check_fsdp_measures(parsed: Sequence[Any]) -> None:
+    """Refuse, before training, measures that the meter would refuse on a sharded model."""
+    sharpness = next((a for a in parsed if isinstance(a, SharpnessArguments)), None)
+    training = next((a for a in parsed if isinstance(a, TrainingArguments)), None)
+    if sharpness is None or training is None or not uses_fsdp(training):
+        return
+    hvp = [m for m in sharpness.measures if m in HVP_MEASURES]
+    if hvp:
+        raise ValueError(f"measures {hvp} under FSDP: {NO_FSDP_HVP} (--measures critical)")
 
 
 def yaml_as_arguments(path: Path, dataclass_types: tuple[type, ...]) -> list[str]:

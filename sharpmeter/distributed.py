@@ -4,14 +4,30 @@ Each rank weights its batches by its loss tokens over the *global* token count, 
 loss is its share of the global mean; summing shares (and their gradients, and the HVPs, which
 are linear in them) over ranks gives exactly the numbers of one process on the whole probe. The
 random probes of the estimators come from private seeded generators, identical on every rank.
+
+Fully sharded models (FSDP2, ``fully_shard``) hold each parameter as a ``DTensor`` of which a
+rank keeps a shard. There the forward runs on all-gathered copies, so ``torch.autograd.grad``
+cannot reach the parameters: the gradient comes from ``backward()``, which FSDP reduce-scatters
+as a mean over ranks. Flat vectors then hold this rank's shard of every parameter (its
+:func:`local` part), and inner products are summed over ranks. Only forward-only measurements
+(critical sharpness) work there: a Hessian-vector product would need a double backward
+through FSDP's all-gathers.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import nn
+
+if dist.is_available():
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor
+else:  # a torch built without distributed support shards nothing
+    FSDPModule = DTensor = type("Unavailable", (), {})
 
 
 def is_distributed() -> bool:
@@ -49,3 +65,50 @@ def local_shard(batch: Any) -> Any:
     if not is_distributed():
         return batch
     return shard_batch(batch, dist.get_rank(), dist.get_world_size())
+
+
+NO_FSDP_HVP = (
+    "Hessian-vector products need a double backward through FSDP's all-gathers, which FSDP2 "
+    "does not support; measure critical sharpness (forward-only) on a fully sharded model"
+)
+
+
+def world_size() -> int:
+    """Ranks in the process group (1 outside one)."""
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def is_sharded(params: Iterable[torch.Tensor]) -> bool:
+    """True when any parameter is a ``DTensor`` shard (FSDP2)."""
+    return any(isinstance(p, DTensor) for p in params)
+
+
+def local(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a ``DTensor`` (a view: writing it writes the parameter); any other
+    tensor itself."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def like_parameter(part: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """A local tensor shaped like ``local(param)`` as a tensor shaped like ``param``: a
+    ``DTensor`` with the same sharding for a sharded parameter, itself otherwise."""
+    if not isinstance(param, DTensor):
+        return part
+    return DTensor.from_local(
+        part, param.device_mesh, param.placements, shape=param.shape, stride=param.stride()
+    )
+
+
+def fsdp_modules(model: nn.Module) -> list[nn.Module]:
+    """The modules of ``model`` that ``fully_shard`` wrapped."""
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+
+def reshard(modules: Iterable[nn.Module]) -> None:
+    """Free the all-gathered parameters of FSDP modules.
+
+    FSDP keeps the root module's parameters gathered after a forward that no backward
+    follows; a forward after the shards were written would then read the stale copies.
+    """
+    for module in modules:
+        module.reshard()

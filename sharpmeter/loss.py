@@ -22,7 +22,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from sharpmeter.distributed import all_reduce_sum, is_distributed
+from sharpmeter.distributed import (
+    all_reduce_sum,
+    fsdp_modules,
+    is_distributed,
+    is_sharded,
+    reshard,
+    world_size,
+)
 from sharpmeter.params import cuda_device_indices, flatten, vector_dtype, zeros_for_unused
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
@@ -147,6 +154,7 @@ class ProbeLoss:
         self.distributed = is_distributed() if distributed is None else distributed
         self.weights = _normalised_weights(self.batches, weights, self.distributed)
         self.seed = seed
+        self.fsdp_modules = fsdp_modules(model)
 
     def reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum this rank's share over ranks (identity for a probe held whole)."""
@@ -166,8 +174,11 @@ class ProbeLoss:
         """The weighted probe loss :math:`\\sum_b w_b L_b` (keeps the autograd graph if enabled).
 
         ``model`` stands in for ``self.model`` (``torch.func.functional_call`` passes a wrapper).
+        A fully sharded model is resharded afterwards, so the next forward reads the shards.
         """
-        return sum(w * self.batch_loss(i, model) for i, w in enumerate(self.weights))
+        loss = sum(w * self.batch_loss(i, model) for i, w in enumerate(self.weights))
+        reshard(self.fsdp_modules)
+        return loss
 
 
 def _normalised_weights(
@@ -207,6 +218,33 @@ def probe_loss_and_gradient(
     probe: ProbeLoss, params: Sequence[torch.Tensor]
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The probe loss and flat gradient, detached and summed over ranks."""
+    if is_sharded(params):
+        return _sharded_loss_and_gradient(probe, params)
     loss, grads = loss_and_gradient(probe, params)
     gradient = flatten([g.detach() for g in grads], vector_dtype(params))
     return probe.reduce(loss.detach()), probe.reduce(gradient)
+
+
+def _sharded_loss_and_gradient(
+    probe: ProbeLoss, params: Sequence[torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The FSDP2 gradient, by ``backward()`` into ``.grad``, every ``.grad`` put back after.
+
+    FSDP reduce-scatters the mean over ranks of their shares' gradients; the shares already sum
+    to the probe loss, so the mean times the world size is its gradient.
+    """
+    every_param = list(probe.model.parameters())
+    saved = [p.grad for p in every_param]
+    try:
+        for p in every_param:
+            p.grad = None
+        with torch.enable_grad():
+            loss = probe()
+            loss.backward()
+        grads = zeros_for_unused([p.grad for p in params], params)
+        gradient = flatten(grads, vector_dtype(params))
+    finally:
+        for p, grad in zip(every_param, saved, strict=True):
+            p.grad = grad
+    scale = world_size() if probe.distributed else 1
+    return probe.reduce(loss.detach()), gradient * scale

@@ -51,7 +51,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from sharpmeter.directions import learning_rate, update_direction
-from sharpmeter.distributed import is_distributed
+from sharpmeter.distributed import NO_FSDP_HVP, is_distributed, is_sharded
 from sharpmeter.estimators import (
     critical_sharpness,
     directional_sharpness,
@@ -67,7 +67,7 @@ from sharpmeter.operators import (
     PreconditionedOperator,
     adam_preconditioner,
 )
-from sharpmeter.params import resolve_params, unflatten
+from sharpmeter.params import norm, resolve_params, unflatten
 from sharpmeter.probe import DROPOUT_POLICIES, measurement
 from sharpmeter.schedule import Schedule
 
@@ -130,7 +130,8 @@ class SharpnessMeter:
 
     Raises:
         ValueError: an unknown measure, a probe batch without labels when the model's own loss
-            is used, a bad schedule or setting.
+            is used, a bad schedule or setting, a measure that needs Hessian-vector products on
+            a model sharded by FSDP (only ``critical`` works there).
     """
 
     def __init__(
@@ -177,6 +178,9 @@ class SharpnessMeter:
         self.measures = tuple(dict.fromkeys(measures))
         self.schedule = schedule if schedule is not None else DEFAULT_SCHEDULE
         self.params = resolve_params(model, params)
+        hvp_measures = [m for m in self.measures if m in HVP_MEASURES]
+        if hvp_measures and is_sharded(self.params):
+            raise ValueError(f"cannot measure {hvp_measures} on an FSDP model: {NO_FSDP_HVP}")
         self.dropout = dropout
         self.trace_method = trace_method
         self.trace_matvecs = trace_matvecs
@@ -273,7 +277,7 @@ class SharpnessMeter:
         lr, direction = self._direction(optimizer, gradient)
         row["lr"] = lr
         row["loss"] = float(loss)
-        row["grad_norm"] = float(torch.linalg.vector_norm(gradient))
+        row["grad_norm"] = float(norm(gradient, self.params))
         row["loss_noise_floor"] = torch.finfo(self.params[0].dtype).eps * abs(float(loss))
         # HVP estimators first: the line search writes the parameters (and restores them), which
         # would make the operator rebuild its graph.

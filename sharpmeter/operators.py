@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from sharpmeter.directions import adam_denominator, unwrap_optimizer
+from sharpmeter.distributed import NO_FSDP_HVP, is_sharded
 from sharpmeter.loss import LossFn, ProbeLoss, loss_and_gradient
 from sharpmeter.params import (
     as_flat_vector,
@@ -87,7 +88,7 @@ class HessianOperator:
 
     Raises:
         ValueError: empty parameter list, unknown mode, bad weights, a model output without
-            ``.loss`` and no ``loss_fn``.
+            ``.loss`` and no ``loss_fn``, parameters sharded by FSDP.
         NonFiniteLossError: the probe loss or gradient is not finite.
     """
 
@@ -111,6 +112,8 @@ class HessianOperator:
         self.model = model
         self.mode = mode
         self.params = resolve_params(model, params)
+        if is_sharded(self.params):
+            raise ValueError(f"the parameters are sharded by FSDP: {NO_FSDP_HVP}")
         self.probe = ProbeLoss(
             model, loss_fn, batch, weights=weights, seed=dropout_seed, distributed=distributed
         )

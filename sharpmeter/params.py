@@ -2,6 +2,10 @@
 
 Every curvature quantity lives in the space of the selected parameters, flattened in the order
 ``model.parameters()`` yields them. These helpers are the one place that order is defined.
+
+For FSDP-sharded parameters (``DTensor``), a flat vector holds this rank's shard of each
+parameter, per-parameter tensors are ``DTensor`` objects sharded like the parameter, and
+:func:`dot` and :func:`norm` sum over ranks (see :mod:`sharpmeter.distributed`).
 """
 
 from __future__ import annotations
@@ -10,6 +14,8 @@ from collections.abc import Iterable, Sequence
 
 import torch
 from torch import nn
+
+from sharpmeter.distributed import all_reduce_sum, is_sharded, like_parameter, local
 
 
 def resolve_params(
@@ -49,23 +55,39 @@ def vector_dtype(params: Sequence[torch.Tensor]) -> torch.dtype:
 
 
 def num_elements(params: Sequence[torch.Tensor]) -> int:
-    return sum(p.numel() for p in params)
+    """Length of the flat vectors over ``params`` (this rank's shards for sharded ones)."""
+    return sum(local(p).numel() for p in params)
 
 
 def flatten(tensors: Sequence[torch.Tensor], dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Concatenate tensors into one flat vector (optionally cast)."""
-    flat = torch.cat([t.reshape(-1) for t in tensors])
+    """Concatenate tensors (their local shards) into one flat vector (optionally cast)."""
+    flat = torch.cat([local(t).reshape(-1) for t in tensors])
     return flat if dtype is None else flat.to(dtype)
 
 
 def unflatten(vector: torch.Tensor, like: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """Split a flat vector into tensors shaped (and typed) like ``like``."""
+    """Split a flat vector into tensors shaped (and typed, and sharded) like ``like``."""
     parts, offset = [], 0
     for t in like:
-        n = t.numel()
-        parts.append(vector[offset : offset + n].view_as(t).to(t.dtype))
+        shard = local(t)
+        n = shard.numel()
+        part = vector[offset : offset + n].view_as(shard).to(t.dtype)
+        parts.append(like_parameter(part, t))
         offset += n
     return parts
+
+
+def dot(a: torch.Tensor, b: torch.Tensor, params: Sequence[torch.Tensor]) -> torch.Tensor:
+    """:math:`a^\\top b` of two flat vectors over ``params``, whole even when sharded."""
+    product = a @ b
+    return all_reduce_sum(product) if is_sharded(params) else product
+
+
+def norm(vector: torch.Tensor, params: Sequence[torch.Tensor]) -> torch.Tensor:
+    """:math:`\\lVert v\\rVert_2` of a flat vector over ``params``, whole even when sharded."""
+    if is_sharded(params):
+        return dot(vector, vector, params).sqrt()
+    return torch.linalg.vector_norm(vector)
 
 
 def as_flat_vector(

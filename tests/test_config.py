@@ -80,6 +80,25 @@ def test_bad_config_raises_a_clear_error(tmp_path, text, message):
         parse_config([write(tmp_path, text)])
 
 
+def test_hvp_measures_under_fsdp_are_refused_before_training(tmp_path, monkeypatch):
+    config = write(tmp_path, "size: tiny\nmeasures: [critical, spectral]\n")
+    parse_config([config])  # fine without FSDP
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what accelerate launch's FSDP config sets
+    with pytest.raises(ValueError, match=r"\['spectral'\] under FSDP"):
+        parse_config([config])
+    assert parse_config([config, "--measures", "critical"])[2].measures == ["critical"]
+
+
+@pytest.mark.parametrize("name", ["multi_gpu", "fsdp"])
+def test_accelerate_configs_load(name):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    config = load_config_from_file(str(CONFIGS / "accelerate" / f"{name}.yaml"))
+    assert config.mixed_precision == "bf16" and not config.use_cpu
+    if name == "fsdp":
+        assert config.fsdp_config["fsdp_version"] == 2
+
+
 def test_missing_config_file():
     with pytest.raises(ValueError, match="does not exist"):
         parse_config(["/no/such/config.yaml"])

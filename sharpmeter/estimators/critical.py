@@ -31,9 +31,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from sharpmeter.distributed import local
 from sharpmeter.estimators._operator import CountingOperator, LinearOperator, check_positive_int
 from sharpmeter.loss import LossFn, ProbeLoss, probe_loss_and_gradient
-from sharpmeter.params import as_flat_vector, resolve_params, unflatten
+from sharpmeter.params import as_flat_vector, dot, resolve_params, unflatten
 
 STATUSES = ("ok", "nondescent", "no_increase", "nonfinite")
 
@@ -132,7 +133,7 @@ def critical_sharpness(
         else:
             loss, g = _base_loss(probe, chosen, gradient, check_descent)
             search.num_forward = 1
-        slope = float(d @ g) if g is not None else math.nan
+        slope = float(dot(d, g, chosen)) if g is not None else math.nan
         if not math.isfinite(loss):
             status, lo, hi = "nonfinite", math.nan, math.nan
         elif slope <= 0:
@@ -224,7 +225,8 @@ class _LineSearch:
         with torch.no_grad():
             for p, t in zip(self.params, self.theta0, strict=True):
                 p.copy_(t)
-        if not all(torch.equal(p, t) for p, t in zip(self.params, self.theta0, strict=True)):
+        restored = zip(self.params, self.theta0, strict=True)
+        if not all(torch.equal(local(p), local(t)) for p, t in restored):
             raise RuntimeError("parameters were not restored bit-identically")
 
 

@@ -1,0 +1,170 @@
+"""Critical sharpness on a fully sharded (FSDP2) model: two gloo ranks give one process's numbers.
+
+The model has parameters whose rows do not split evenly over two ranks (17-token vocabulary,
+9 positions), it is trained with clipped AdamW for a few steps (so the update direction reads
+sharded optimizer state), and the measurement must leave parameters, gradients and optimizer
+state exactly as it found them.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import transformers
+from torch.distributed.fsdp import fully_shard
+
+import sharpmeter as sm
+from sharpmeter.distributed import local, local_shard
+
+TESTS = os.path.dirname(__file__)
+STEPS = 3
+COLUMNS = ("loss", "grad_norm", "lr", "critical_sharpness", "critical_eta", "stability_ratio")
+
+
+def uneven_gpt2() -> torch.nn.Module:
+    sys.path.insert(0, TESTS)
+    from conftest import SEQ, VOCAB
+
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(
+        vocab_size=VOCAB + 1,
+        n_positions=SEQ + 1,
+        n_embd=8,
+        n_layer=2,
+        n_head=2,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+    return transformers.GPT2LMHeadModel(config).double()
+
+
+def batches() -> tuple[dict, dict]:
+    sys.path.insert(0, TESTS)
+    from conftest import token_batch
+
+    probe = token_batch(batch_size=6, seed=4)
+    probe["labels"] = probe["labels"].clone()
+    probe["labels"][0, 5:] = -100  # unequal loss tokens per shard: weights must be global
+    return token_batch(batch_size=4, seed=7), probe
+
+
+def train_and_measure(sharded: bool) -> dict:
+    """Train ``STEPS`` AdamW steps, then measure; returns the row and what changed."""
+    from conftest import causal_lm_loss
+
+    model = uneven_gpt2()
+    if sharded:
+        for block in model.transformer.h:
+            fully_shard(block)
+        fully_shard(model)
+    train, probe = batches()
+    if sharded:
+        train = local_shard(train)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.05, weight_decay=0.1)
+    for _ in range(STEPS):
+        optimizer.zero_grad()
+        causal_lm_loss(model, train).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+        optimizer.step()
+    meter = sm.SharpnessMeter(
+        model,
+        local_shard(probe) if sharded else probe,
+        causal_lm_loss,
+        measures=("critical",),
+        schedule=sm.Schedule(every=1),
+        max_grad_norm=0.5,
+        critical_k=10,
+    )
+    before = snapshot(model, optimizer)
+    row = meter.measure(STEPS, optimizer=optimizer)
+    after = snapshot(model, optimizer)
+    return {
+        **{key: row[key] for key in (*COLUMNS, "critical_num_forward", "status")},
+        "unchanged": before == after,
+        "grads_kept": all(p.grad is g for p, g in zip(model.parameters(), before[1], strict=True)),
+        "refusals": refusals(model, probe) if sharded else [],
+    }
+
+
+def refusals(model: torch.nn.Module, probe: dict) -> list[str]:
+    """What the HVP entry points say on a sharded model."""
+    from conftest import causal_lm_loss
+
+    messages = []
+    for build in (
+        lambda: sm.SharpnessMeter(model, probe, causal_lm_loss, measures=("critical", "trace")),
+        lambda: sm.HessianOperator(model, causal_lm_loss, probe),
+    ):
+        try:
+            build()
+        except ValueError as error:
+            messages.append(str(error))
+    return messages
+
+
+def snapshot(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple:
+    params = [local(p).clone() for p in model.parameters()]
+    state = [
+        local(value).clone() if isinstance(value, torch.Tensor) else value
+        for per_param in optimizer.state.values()
+        for value in per_param.values()
+    ]
+    return _Exact(params), [p.grad for p in model.parameters()], _Exact(state)
+
+
+class _Exact:
+    """Tensors compared bit for bit."""
+
+    def __init__(self, values: list) -> None:
+        self.values = values
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Exact) and all(
+            torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
+            for a, b in zip(self.values, other.values, strict=True)
+        )
+
+
+def rank_main(rank: int, world_size: int, port: int, results) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    sys.path.insert(0, TESTS)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        results[rank] = train_and_measure(sharded=True)
+    finally:
+        dist.destroy_process_group()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_fsdp_critical_sharpness_matches_one_process():
+    sys.path.insert(0, TESTS)
+    single = train_and_measure(sharded=False)
+    assert single["status"] == "ok"
+    results = mp.Manager().dict()
+    mp.start_processes(rank_main, args=(2, free_port(), results), nprocs=2, start_method="spawn")
+    for rank in (0, 1):
+        ranked = results[rank]
+        assert ranked["status"] == "ok", ranked
+        assert ranked["unchanged"] and ranked["grads_kept"]
+        assert len(ranked["refusals"]) == 2
+        assert all("FSDP" in message for message in ranked["refusals"])
+        assert ranked["critical_num_forward"] == single["critical_num_forward"]
+        for key in COLUMNS:
+            assert ranked[key] == pytest.approx(single[key], rel=1e-9), key
+    assert results[0] == results[1]
