@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import transformers
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 import sharpmeter as sm
 from sharpmeter.distributed import local, local_shard
@@ -56,15 +56,20 @@ def batches() -> tuple[dict, dict]:
     return token_batch(batch_size=4, seed=7), probe
 
 
-def train_and_measure(sharded: bool) -> dict:
-    """Train ``STEPS`` AdamW steps, then measure; returns the row and what changed."""
+def train_and_measure(sharded: bool, bf16: bool = False) -> dict:
+    """Train ``STEPS`` AdamW steps, then measure; returns the row and what changed.
+
+    ``bf16``: float32 shards gathered as bfloat16 for compute, as accelerate's FSDP config with
+    ``mixed_precision: bf16`` sets up."""
     from conftest import causal_lm_loss
 
-    model = uneven_gpt2()
+    model = uneven_gpt2().float() if bf16 else uneven_gpt2()
     if sharded:
+        policy = MixedPrecisionPolicy(torch.bfloat16, torch.float32) if bf16 else None
+        options = {"mp_policy": policy} if policy else {}
         for block in model.transformer.h:
-            fully_shard(block)
-        fully_shard(model)
+            fully_shard(block, **options)
+        fully_shard(model, **options)
     train, probe = batches()
     if sharded:
         train = local_shard(train)
@@ -133,13 +138,13 @@ class _Exact:
         )
 
 
-def rank_main(rank: int, world_size: int, port: int, results) -> None:
+def rank_main(rank: int, world_size: int, port: int, results, bf16: bool) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     sys.path.insert(0, TESTS)
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
-        results[rank] = train_and_measure(sharded=True)
+        results[rank] = train_and_measure(sharded=True, bf16=bf16)
     finally:
         dist.destroy_process_group()
 
@@ -152,19 +157,30 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_fsdp_critical_sharpness_matches_one_process():
-    sys.path.insert(0, TESTS)
-    single = train_and_measure(sharded=False)
-    assert single["status"] == "ok"
+def two_ranks(bf16: bool = False) -> dict:
     results = mp.Manager().dict()
-    mp.start_processes(rank_main, args=(2, free_port(), results), nprocs=2, start_method="spawn")
+    mp.start_processes(
+        rank_main, args=(2, free_port(), results, bf16), nprocs=2, start_method="spawn"
+    )
     for rank in (0, 1):
         ranked = results[rank]
         assert ranked["status"] == "ok", ranked
         assert ranked["unchanged"] and ranked["grads_kept"]
         assert len(ranked["refusals"]) == 2
         assert all("FSDP" in message for message in ranked["refusals"])
-        assert ranked["critical_num_forward"] == single["critical_num_forward"]
-        for key in COLUMNS:
-            assert ranked[key] == pytest.approx(single[key], rel=1e-9), key
     assert results[0] == results[1]
+    return results[0]
+
+
+def test_fsdp_critical_sharpness_matches_one_process():
+    sys.path.insert(0, TESTS)
+    single = train_and_measure(sharded=False)
+    assert single["status"] == "ok"
+    sharded = two_ranks()
+    assert sharded["critical_num_forward"] == single["critical_num_forward"]
+    for key in COLUMNS:
+        assert sharded[key] == pytest.approx(single[key], rel=1e-9), key
+
+
+def test_fsdp_bf16_compute_measures_and_leaves_training_alone():
+    assert two_ranks(bf16=True)["critical_sharpness"] > 0
