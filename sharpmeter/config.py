@@ -194,6 +194,13 @@ def yaml_as_arguments(path: Path, dataclass_types: tuple[type, ...]) -> list[str
     unknown = sorted(set(values) - set(defaults))
     if unknown:
         raise ValueError(f"{path}: unknown config key(s) {unknown}")
+    # Fields typed as a plain list take several values; a union such as report_to's
+    # (str | list[str]) takes one on transformers' command line, so it does here too.
+    multi_valued = {
+        action.dest
+        for action in HfArgumentParser(dataclass_types)._actions
+        if action.nargs in ("+", "*")
+    }
     arguments: list[str] = []
     for key, value in values.items():
         if value is None:
@@ -204,6 +211,8 @@ def yaml_as_arguments(path: Path, dataclass_types: tuple[type, ...]) -> list[str
             items = [json.dumps(value)]
         elif isinstance(value, list):
             items = written[key]
+            if len(items) > 1 and key not in multi_valued:
+                raise ValueError(f"{path}: {key} takes one value, got {len(items)}: {value}")
         else:
             items = [written[key]]
         arguments += [f"--{key}", *items]
