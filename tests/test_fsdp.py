@@ -8,28 +8,21 @@ state exactly as it found them.
 
 from __future__ import annotations
 
-import os
-import sys
-
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import transformers
+from conftest import SEQ, VOCAB, causal_lm_loss, token_batch
+from ranks import run_on_ranks
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 import sharpmeter as sm
 from sharpmeter.distributed import local, local_shard
 
-TESTS = os.path.dirname(__file__)
 STEPS = 3
 COLUMNS = ("loss", "grad_norm", "lr", "critical_sharpness", "critical_eta", "stability_ratio")
 
 
 def uneven_gpt2() -> torch.nn.Module:
-    sys.path.insert(0, TESTS)
-    from conftest import SEQ, VOCAB
-
     torch.manual_seed(0)
     config = transformers.GPT2Config(
         vocab_size=VOCAB + 1,
@@ -47,9 +40,6 @@ def uneven_gpt2() -> torch.nn.Module:
 
 
 def batches() -> tuple[dict, dict]:
-    sys.path.insert(0, TESTS)
-    from conftest import token_batch
-
     probe = token_batch(batch_size=6, seed=4)
     probe["labels"] = probe["labels"].clone()
     probe["labels"][0, 5:] = -100  # unequal loss tokens per shard: weights must be global
@@ -61,8 +51,6 @@ def train_and_measure(sharded: bool, bf16: bool = False) -> dict:
 
     ``bf16``: float32 shards gathered as bfloat16 for compute, as accelerate's FSDP config with
     ``mixed_precision: bf16`` sets up."""
-    from conftest import causal_lm_loss
-
     model = uneven_gpt2().float() if bf16 else uneven_gpt2()
     if sharded:
         policy = MixedPrecisionPolicy(torch.bfloat16, torch.float32) if bf16 else None
@@ -101,8 +89,6 @@ def train_and_measure(sharded: bool, bf16: bool = False) -> dict:
 
 def refusals(model: torch.nn.Module, probe: dict) -> list[str]:
     """What the HVP entry points say on a sharded model."""
-    from conftest import causal_lm_loss
-
     messages = []
     for build in (
         lambda: sm.SharpnessMeter(model, probe, causal_lm_loss, measures=("critical", "trace")),
@@ -138,32 +124,9 @@ class _Exact:
         )
 
 
-def rank_main(rank: int, world_size: int, port: int, results, bf16: bool) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    sys.path.insert(0, TESTS)
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
-    try:
-        results[rank] = train_and_measure(sharded=True, bf16=bf16)
-    finally:
-        dist.destroy_process_group()
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def two_ranks(bf16: bool = False) -> dict:
-    results = mp.Manager().dict()
-    mp.start_processes(
-        rank_main, args=(2, free_port(), results, bf16), nprocs=2, start_method="spawn"
-    )
-    for rank in (0, 1):
-        ranked = results[rank]
+    results = run_on_ranks(train_and_measure, True, bf16)
+    for ranked in results:
         assert ranked["status"] == "ok", ranked
         assert ranked["unchanged"] and ranked["grads_kept"]
         assert len(ranked["refusals"]) == 2
@@ -173,7 +136,6 @@ def two_ranks(bf16: bool = False) -> dict:
 
 
 def test_fsdp_critical_sharpness_matches_one_process():
-    sys.path.insert(0, TESTS)
     single = train_and_measure(sharded=False)
     assert single["status"] == "ok"
     sharded = two_ranks()
