@@ -8,6 +8,8 @@ state exactly as it found them.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import transformers
@@ -146,3 +148,45 @@ def test_fsdp_critical_sharpness_matches_one_process():
 
 def test_fsdp_bf16_compute_measures_and_leaves_training_alone():
     assert two_ranks(bf16=True)["critical_sharpness"] > 0
+
+
+def callback_rows(output_dir: str) -> list[dict]:
+    """The Trainer's hooks, called as its loop calls them, on a sharded model trained by hand
+    (accelerate shards only on GPUs): the callback's own rows."""
+    from transformers import TrainerControl, TrainerState, TrainingArguments
+
+    from sharpmeter.integrations.hf import SharpnessCallback
+
+    model = uneven_gpt2()
+    for block in model.transformer.h:
+        fully_shard(block)
+    fully_shard(model)
+    train, probe = batches()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.05)
+    args = TrainingArguments(output_dir=output_dir, use_cpu=True, max_grad_norm=0.5)
+    state = TrainerState(is_world_process_zero=torch.distributed.get_rank() == 0)
+    control = TrainerControl()
+    callback = SharpnessCallback(
+        probe, loss_fn=causal_lm_loss, measures=("critical",), schedule=sm.Schedule(every=2)
+    )
+    callback.on_train_begin(args, state, control, model=model)
+    for step in range(1, 5):
+        causal_lm_loss(model, local_shard(train)).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+        optimizer.step()
+        optimizer.zero_grad()
+        state.global_step = step
+        callback.on_step_end(args, state, control, optimizer=optimizer)
+    # wall clocks differ between ranks; every number measured must not
+    return [
+        {k: v for k, v in row.items() if k != "sharpness/wall_seconds"} for row in state.log_history
+    ]
+
+
+def test_callback_hooks_on_a_sharded_model(tmp_path):
+    results = run_on_ranks(callback_rows, str(tmp_path))
+    assert results[0] == results[1]
+    assert [row["step"] for row in results[0]] == [2, 4]
+    assert all(row["sharpness/critical_sharpness"] > 0 for row in results[0])
+    rows = [json.loads(line) for line in (tmp_path / "sharpness.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == [2, 4] and all(r["status"] == "ok" for r in rows)
