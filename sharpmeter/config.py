@@ -141,40 +141,52 @@ def parse_config(
     argv = list(argv)
     config_args: list[str] = []
     source = "the command line"
+    parser = HfArgumentParser(dataclass_types)
     if argv and argv[0].endswith((".yaml", ".yml")):
         source = argv[0]
-        config_args = yaml_as_arguments(Path(argv.pop(0)), dataclass_types)
+        config_args = yaml_as_arguments(Path(argv.pop(0)), dataclass_types, parser)
     flags = [arg for arg in config_args + argv if arg.startswith("--")]
     given = {flag[2:].split("=")[0].replace("-", "_") for flag in flags}  # --max-steps too
     missing = [key for key in required if key not in given]
     if missing:
         raise ValueError(f"missing config key(s) {missing} in {source} (or give --{missing[0]})")
-    parser = HfArgumentParser(dataclass_types)
     # A ValueError from a dataclass check is re-raised as is: it names the bad value.
     parsed = parser.parse_args_into_dataclasses(args=config_args + argv, look_for_args_file=False)
     _check_fsdp_measures(parsed)
     return parsed
 
 
-def uses_fsdp(training_args: TrainingArguments) -> bool:
-    """Whether the Trainer will shard the model with FSDP: ``fsdp`` in the config, or an
-    ``accelerate launch`` FSDP config (which sets ``ACCELERATE_USE_FSDP``)."""
-    launched = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
-    return launched or bool(training_args.fsdp)
+def fsdp_version(training_args: TrainingArguments) -> int | None:
+    """The FSDP version the Trainer will shard with (None: no FSDP), from ``fsdp`` and
+    ``fsdp_config`` in the config or from an ``accelerate launch`` FSDP config (which sets
+    ``ACCELERATE_USE_FSDP`` and ``FSDP_VERSION``, 1 unless the file says ``fsdp_version``)."""
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        return int(os.environ.get("FSDP_VERSION", "1"))
+    if training_args.fsdp:
+        return int((training_args.fsdp_config or {}).get("version", 1))
+    return None
 
 
 def _check_fsdp_measures(parsed: Sequence[Any]) -> None:
-    """Refuse, before training, measures that the meter would refuse on a sharded model."""
+    """Refuse, before training, what the meter would refuse on a sharded model."""
     sharpness = next((a for a in parsed if isinstance(a, SharpnessArguments)), None)
     training = next((a for a in parsed if isinstance(a, TrainingArguments)), None)
-    if sharpness is None or training is None or not uses_fsdp(training):
+    version = None if training is None else fsdp_version(training)
+    if sharpness is None or version is None:
         return
+    if version != 2:
+        raise ValueError(
+            f"FSDP version {version}: the meter measures FSDP2 models only "
+            "(fsdp_version: 2, as in configs/accelerate/fsdp.yaml)"
+        )
     hvp = [m for m in sharpness.measures if m in HVP_MEASURES]
     if hvp:
         raise ValueError(f"measures {hvp} under FSDP: {NO_FSDP_HVP} (--measures critical)")
 
 
-def yaml_as_arguments(path: Path, dataclass_types: tuple[type, ...]) -> list[str]:
+def yaml_as_arguments(
+    path: Path, dataclass_types: tuple[type, ...], parser: HfArgumentParser
+) -> list[str]:
     """The ``key: value`` pairs of a flat YAML file as ``--key value`` arguments.
 
     Scalars keep the text written in the file (YAML 1.1 would turn ``save_strategy: no`` into
@@ -196,11 +208,7 @@ def yaml_as_arguments(path: Path, dataclass_types: tuple[type, ...]) -> list[str
         raise ValueError(f"{path}: unknown config key(s) {unknown}")
     # Fields typed as a plain list take several values; a union such as report_to's
     # (str | list[str]) takes one on transformers' command line, so it does here too.
-    multi_valued = {
-        action.dest
-        for action in HfArgumentParser(dataclass_types)._actions
-        if action.nargs in ("+", "*")
-    }
+    multi_valued = {action.dest for action in parser._actions if action.nargs in ("+", "*")}
     arguments: list[str] = []
     for key, value in values.items():
         if value is None:

@@ -121,7 +121,8 @@ def update_direction(
     Returns:
         The flat direction :math:`d` with :math:`\theta - \eta_0 d` equal to the parameters
         after ``optimizer.step()``, in :func:`~sharpmeter.params.vector_dtype` of the
-        parameters (float64 stays float64).
+        parameters (float64 stays float64). For FSDP2 parameters it is this rank's shard, and
+        ``gradients`` are ``DTensor`` objects sharded like the parameters.
 
     Raises:
         ValueError: :math:`\eta_0 = 0` while another group's rate is not, no gradients, a

@@ -23,11 +23,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-if dist.is_available():
-    from torch.distributed.fsdp import FSDPModule
-    from torch.distributed.tensor import DTensor
-else:  # a torch built without distributed support shards nothing
-    FSDPModule = DTensor = type("Unavailable", (), {})
+try:
+    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+    from torch.distributed.tensor import DTensor, Shard
+except ImportError:  # torch < 2.6, or built without distributed support: nothing is FSDP2
+    FSDPModule = FullyShardedDataParallel = DTensor = Shard = type("Unavailable", (), {})
 
 
 def is_distributed() -> bool:
@@ -79,8 +79,29 @@ def world_size() -> int:
 
 
 def is_sharded(params: Iterable[torch.Tensor]) -> bool:
-    """True when any parameter is a ``DTensor`` shard (FSDP2)."""
-    return any(isinstance(p, DTensor) for p in params)
+    """True when FSDP2 shards the parameters (``DTensor`` s over a 1-D mesh).
+
+    Raises:
+        ValueError: other ``DTensor`` layouts (hybrid sharding, tensor parallelism): their
+            shards repeat over part of the ranks, so sums over all ranks would be wrong.
+    """
+    sharded = [p for p in params if isinstance(p, DTensor)]
+    for p in sharded:
+        if p.device_mesh.ndim != 1 or not all(isinstance(x, Shard) for x in p.placements):
+            raise ValueError(
+                f"parameters laid out as {p.placements} over a {p.device_mesh.ndim}-D mesh: "
+                "only FSDP2 sharding over one mesh dimension is supported"
+            )
+    return bool(sharded)
+
+
+def check_not_fsdp1(model: nn.Module) -> None:
+    """FSDP1 flattens parameters into per-rank buffers that no measurement can address."""
+    if any(isinstance(m, FullyShardedDataParallel) for m in model.modules()):
+        raise ValueError(
+            "the model is wrapped in FSDP1 (FullyShardedDataParallel): shard it with FSDP2 "
+            "(fully_shard; accelerate: fsdp_version: 2, as in configs/accelerate/fsdp.yaml)"
+        )
 
 
 def local(tensor: torch.Tensor) -> torch.Tensor:
@@ -108,7 +129,8 @@ def reshard(modules: Iterable[nn.Module]) -> None:
     """Free the all-gathered parameters of FSDP modules.
 
     FSDP keeps the root module's parameters gathered after a forward that no backward
-    follows; a forward after the shards were written would then read the stale copies.
+    follows, and its next forward then skips the all-gather: after the shards were written
+    (a line-search step, or an optimizer step) it would read the stale copies.
     """
     for module in modules:
         module.reshard()

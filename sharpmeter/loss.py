@@ -176,9 +176,12 @@ class ProbeLoss:
         ``model`` stands in for ``self.model`` (``torch.func.functional_call`` passes a wrapper).
         A fully sharded model is resharded afterwards, so the next forward reads the shards.
         """
-        loss = sum(w * self.batch_loss(i, model) for i, w in enumerate(self.weights))
-        reshard(self.fsdp_modules)
-        return loss
+        try:
+            return sum(w * self.batch_loss(i, model) for i, w in enumerate(self.weights))
+        finally:
+            # Also before a backward, which gathers the root's parameters once more: the price
+            # of never leaving them gathered when the forward or the loss raises.
+            reshard(self.fsdp_modules)
 
 
 def _normalised_weights(
@@ -230,8 +233,11 @@ def _sharded_loss_and_gradient(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The FSDP2 gradient, by ``backward()`` into ``.grad``, every ``.grad`` put back after.
 
-    FSDP reduce-scatters the mean over ranks of their shares' gradients; the shares already sum
-    to the probe loss, so the mean times the world size is its gradient.
+    FSDP reduce-scatters the mean over ranks of their shares' gradients (its default divide
+    factor); the shares already sum to the probe loss, so the mean times the world size is its
+    gradient. Gradient sync must be on (after an optimizer step, as the callbacks measure):
+    inside ``no_sync`` / ``set_requires_gradient_sync(False)`` FSDP would add the probe's
+    gradient to the one being accumulated for training.
     """
     every_param = list(probe.model.parameters())
     saved = [p.grad for p in every_param]

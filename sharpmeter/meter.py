@@ -51,7 +51,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from sharpmeter.directions import learning_rate, update_direction
-from sharpmeter.distributed import NO_FSDP_HVP, is_distributed, is_sharded
+from sharpmeter.distributed import NO_FSDP_HVP, check_not_fsdp1, is_distributed, is_sharded
 from sharpmeter.estimators import (
     critical_sharpness,
     directional_sharpness,
@@ -67,7 +67,7 @@ from sharpmeter.operators import (
     PreconditionedOperator,
     adam_preconditioner,
 )
-from sharpmeter.params import norm, resolve_params, unflatten
+from sharpmeter.params import all_finite, norm, resolve_params, unflatten
 from sharpmeter.probe import DROPOUT_POLICIES, measurement
 from sharpmeter.schedule import Schedule
 
@@ -177,6 +177,7 @@ class SharpnessMeter:
         self.loss_fn = loss_fn
         self.measures = tuple(dict.fromkeys(measures))
         self.schedule = schedule if schedule is not None else DEFAULT_SCHEDULE
+        check_not_fsdp1(model)
         self.params = resolve_params(model, params)
         hvp_measures = [m for m in self.measures if m in HVP_MEASURES]
         if hvp_measures and is_sharded(self.params):
@@ -272,7 +273,7 @@ class SharpnessMeter:
         else:
             probe = ProbeLoss(self.model, self.loss_fn, self.probe_batch, seed=self.seed)
             loss, gradient = probe_loss_and_gradient(probe, self.params)
-            if not (torch.isfinite(loss) and torch.isfinite(gradient).all()):
+            if not (torch.isfinite(loss) and all_finite(gradient, self.params)):
                 raise NonFiniteLossError(f"the probe loss is not finite ({float(loss)})")
         lr, direction = self._direction(optimizer, gradient)
         row["lr"] = lr

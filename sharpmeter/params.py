@@ -83,6 +83,13 @@ def dot(a: torch.Tensor, b: torch.Tensor, params: Sequence[torch.Tensor]) -> tor
     return all_reduce_sum(product) if is_sharded(params) else product
 
 
+def all_finite(vector: torch.Tensor, params: Sequence[torch.Tensor]) -> bool:
+    """Whether every entry of a flat vector over ``params`` is finite, on every rank when
+    sharded: ranks that decided apart would wait for each other in different collectives."""
+    bad = torch.count_nonzero(~torch.isfinite(vector)).double()
+    return float(all_reduce_sum(bad) if is_sharded(params) else bad) == 0
+
+
 def norm(vector: torch.Tensor, params: Sequence[torch.Tensor]) -> torch.Tensor:
     """:math:`\\lVert v\\rVert_2` of a flat vector over ``params``, whole even when sharded."""
     if is_sharded(params):

@@ -99,7 +99,8 @@ def measurement(model: nn.Module, dropout: str = "eval") -> Iterator[None]:
     Parameters are not snapshotted here (that would cost a copy of the model): the estimators
     that move them (critical sharpness, finite differences) restore them by copy and check.
     ``.grad`` tensors are kept by reference: the operators differentiate with
-    ``torch.autograd.grad``, which never accumulates into ``.grad``.
+    ``torch.autograd.grad``, which never accumulates into ``.grad``, and the FSDP2 gradient,
+    which must go through ``.grad``, puts every ``.grad`` back itself.
     """
     if dropout not in DROPOUT_POLICIES:
         raise ValueError(f"dropout must be one of {DROPOUT_POLICIES}, got {dropout!r}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import os
 import socket
 from collections.abc import Callable
@@ -30,7 +31,9 @@ def run_on_ranks(function: Callable[..., Any], *args: Any, world_size: int = 2) 
 def _rank_main(rank: int, world_size: int, port: int, results, function, args) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)  # two ranks share the machine's cores
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    # A rank stuck in a collective fails the test in a minute instead of hanging it.
+    timeout = datetime.timedelta(seconds=60)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timeout)
     try:
         results[rank] = function(*args)
     finally:

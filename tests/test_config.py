@@ -84,7 +84,11 @@ def test_bad_config_raises_a_clear_error(tmp_path, text, message):
 def test_hvp_measures_under_fsdp_are_refused_before_training(tmp_path, monkeypatch):
     config = write(tmp_path, "size: tiny\nmeasures: [critical, spectral]\n")
     parse_config([config])  # fine without FSDP
-    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what accelerate launch's FSDP config sets
+    # what accelerate launch sets for an FSDP config (FSDP_VERSION=1 when it names no version)
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(ValueError, match="FSDP version 1"):
+        parse_config([config, "--measures", "critical"])
+    monkeypatch.setenv("FSDP_VERSION", "2")
     with pytest.raises(ValueError, match=r"\['spectral'\] under FSDP"):
         parse_config([config])
     assert parse_config([config, "--measures", "critical"])[2].measures == ["critical"]

@@ -1,9 +1,10 @@
 """Critical sharpness on a fully sharded (FSDP2) model: two gloo ranks give one process's numbers.
 
 The model has parameters whose rows do not split evenly over two ranks (17-token vocabulary,
-9 positions), it is trained with clipped AdamW for a few steps (so the update direction reads
-sharded optimizer state), and the measurement must leave parameters, gradients and optimizer
-state exactly as it found them.
+9 positions) and is trained for a few clipped steps, so the update direction reads sharded
+optimizer state; the last step's gradients stay in ``.grad``. Measuring must leave parameters,
+gradients and optimizer state exactly as it found them, and a failure on one rank must not
+leave the others waiting in a collective.
 """
 
 from __future__ import annotations
@@ -18,13 +19,20 @@ from ranks import run_on_ranks
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 import sharpmeter as sm
-from sharpmeter.distributed import local, local_shard
+from sharpmeter.distributed import is_sharded, local, local_shard
 
 STEPS = 3
 COLUMNS = ("loss", "grad_norm", "lr", "critical_sharpness", "critical_eta", "stability_ratio")
+OPTIMIZERS = {
+    "adamw": lambda params: torch.optim.AdamW(params, lr=0.05, weight_decay=0.1),
+    # no analytic rule: its direction comes from a shadow step on DTensor copies
+    "rmsprop": lambda params: torch.optim.RMSprop(params, lr=0.01, momentum=0.5),
+}
 
 
-def uneven_gpt2() -> torch.nn.Module:
+def uneven_gpt2(sharded: bool, bf16: bool = False) -> torch.nn.Module:
+    """``bf16``: float32 shards gathered as bfloat16 for compute, as accelerate's FSDP config
+    with ``mixed_precision: bf16`` sets up."""
     torch.manual_seed(0)
     config = transformers.GPT2Config(
         vocab_size=VOCAB + 1,
@@ -38,116 +46,196 @@ def uneven_gpt2() -> torch.nn.Module:
         bos_token_id=0,
         eos_token_id=0,
     )
-    return transformers.GPT2LMHeadModel(config).double()
-
-
-def batches() -> tuple[dict, dict]:
-    probe = token_batch(batch_size=6, seed=4)
-    probe["labels"] = probe["labels"].clone()
-    probe["labels"][0, 5:] = -100  # unequal loss tokens per shard: weights must be global
-    return token_batch(batch_size=4, seed=7), probe
-
-
-def train_and_measure(sharded: bool, bf16: bool = False) -> dict:
-    """Train ``STEPS`` AdamW steps, then measure; returns the row and what changed.
-
-    ``bf16``: float32 shards gathered as bfloat16 for compute, as accelerate's FSDP config with
-    ``mixed_precision: bf16`` sets up."""
-    model = uneven_gpt2().float() if bf16 else uneven_gpt2()
+    model = transformers.GPT2LMHeadModel(config)
+    model = model.float() if bf16 else model.double()
     if sharded:
         policy = MixedPrecisionPolicy(torch.bfloat16, torch.float32) if bf16 else None
         options = {"mp_policy": policy} if policy else {}
         for block in model.transformer.h:
             fully_shard(block, **options)
         fully_shard(model, **options)
-    train, probe = batches()
-    if sharded:
-        train = local_shard(train)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=0.05, weight_decay=0.1)
+    return model
+
+
+def probe_batch(sharded: bool) -> dict:
+    probe = token_batch(batch_size=6, seed=4)
+    probe["labels"] = probe["labels"].clone()
+    probe["labels"][0, 5:] = -100  # unequal loss tokens per shard: weights must be global
+    return local_shard(probe) if sharded else probe
+
+
+def train_batch(sharded: bool) -> dict:
+    train = token_batch(batch_size=4, seed=7)
+    return local_shard(train) if sharded else train
+
+
+def trained(sharded: bool, bf16: bool = False, optimizer: str = "adamw"):
+    """A model after ``STEPS`` clipped steps, its optimizer, and the last step's ``.grad``."""
+    model = uneven_gpt2(sharded, bf16)
+    train = train_batch(sharded)
+    stepper = OPTIMIZERS[optimizer](model.parameters())
     for _ in range(STEPS):
-        optimizer.zero_grad()
+        stepper.zero_grad()
         causal_lm_loss(model, train).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
-        optimizer.step()
+        stepper.step()
+    return model, stepper
+
+
+def measure(sharded: bool, bf16: bool = False, optimizer: str = "adamw") -> dict:
+    """The meter's row after training, and whether training state came through untouched."""
+    model, stepper = trained(sharded, bf16, optimizer)
     meter = sm.SharpnessMeter(
         model,
-        local_shard(probe) if sharded else probe,
+        probe_batch(sharded),
         causal_lm_loss,
         measures=("critical",),
         schedule=sm.Schedule(every=1),
         max_grad_norm=0.5,
         critical_k=10,
     )
-    before = snapshot(model, optimizer)
-    row = meter.measure(STEPS, optimizer=optimizer)
-    after = snapshot(model, optimizer)
+    before = Snapshot(model, stepper)
+    row = meter.measure(STEPS, optimizer=stepper)
     return {
         **{key: row[key] for key in (*COLUMNS, "critical_num_forward", "status")},
-        "unchanged": before == after,
-        "grads_kept": all(p.grad is g for p, g in zip(model.parameters(), before[1], strict=True)),
-        "refusals": refusals(model, probe) if sharded else [],
+        "unchanged": Snapshot(model, stepper) == before,
     }
 
 
-def refusals(model: torch.nn.Module, probe: dict) -> list[str]:
-    """What the HVP entry points say on a sharded model."""
-    messages = []
-    for build in (
-        lambda: sm.SharpnessMeter(model, probe, causal_lm_loss, measures=("critical", "trace")),
-        lambda: sm.HessianOperator(model, causal_lm_loss, probe),
-    ):
-        try:
-            build()
-        except ValueError as error:
-            messages.append(str(error))
-    return messages
+def critical_directly(sharded: bool) -> dict:
+    """``critical_sharpness`` outside the meter (no measurement context puts ``.grad`` back)
+    on the training batch, along its gradient given as one tensor per parameter."""
+    model, stepper = trained(sharded)
+    train = train_batch(sharded)
+    stepper.zero_grad()
+    causal_lm_loss(model, train).backward()
+    direction = [p.grad.clone() for p in model.parameters()]
+    before = Snapshot(model, stepper)
+    result = sm.critical_sharpness(model, causal_lm_loss, train, direction, eta0=0.1, k=10)
+    return {
+        "status": result.status,
+        "value": result.value,
+        "slope": result.slope,
+        "num_forward": result.num_forward,
+        "unchanged": Snapshot(model, stepper) == before,
+    }
 
 
-def snapshot(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple:
-    params = [local(p).clone() for p in model.parameters()]
-    state = [
-        local(value).clone() if isinstance(value, torch.Tensor) else value
-        for per_param in optimizer.state.values()
-        for value in per_param.values()
-    ]
-    return _Exact(params), [p.grad for p in model.parameters()], _Exact(state)
+class Snapshot:
+    """Parameters, ``.grad`` (identity and contents) and optimizer state, compared exactly."""
 
-
-class _Exact:
-    """Tensors compared bit for bit."""
-
-    def __init__(self, values: list) -> None:
-        self.values = values
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        params = list(model.parameters())
+        self.grads = [p.grad for p in params]
+        state = [v for per_param in optimizer.state.values() for v in per_param.values()]
+        self.values = [local(t).clone() for t in (*params, *self.grads)] + [
+            local(v).clone() if isinstance(v, torch.Tensor) else v for v in state
+        ]
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, _Exact) and all(
-            torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
-            for a, b in zip(self.values, other.values, strict=True)
+        return (
+            isinstance(other, Snapshot)
+            and all(a is b for a, b in zip(self.grads, other.grads, strict=True))
+            and all(
+                torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
+                for a, b in zip(self.values, other.values, strict=True)
+            )
         )
 
 
-def two_ranks(bf16: bool = False) -> dict:
-    results = run_on_ranks(train_and_measure, True, bf16)
-    for ranked in results:
-        assert ranked["status"] == "ok", ranked
-        assert ranked["unchanged"] and ranked["grads_kept"]
-        assert len(ranked["refusals"]) == 2
-        assert all("FSDP" in message for message in ranked["refusals"])
-    assert results[0] == results[1]
-    return results[0]
-
-
-def test_fsdp_critical_sharpness_matches_one_process():
-    single = train_and_measure(sharded=False)
+@pytest.mark.parametrize("optimizer", sorted(OPTIMIZERS))
+def test_meter_on_two_sharded_ranks_matches_one_process(optimizer):
+    single = measure(sharded=False, optimizer=optimizer)
     assert single["status"] == "ok"
-    sharded = two_ranks()
+    results = run_on_ranks(measure, True, False, optimizer)
+    assert results[0] == results[1]
+    sharded = results[0]
+    assert sharded["status"] == "ok" and sharded["unchanged"]
     assert sharded["critical_num_forward"] == single["critical_num_forward"]
     for key in COLUMNS:
         assert sharded[key] == pytest.approx(single[key], rel=1e-9), key
 
 
-def test_fsdp_bf16_compute_measures_and_leaves_training_alone():
-    assert two_ranks(bf16=True)["critical_sharpness"] > 0
+def test_critical_sharpness_on_sharded_ranks_keeps_grads():
+    single = critical_directly(sharded=False)
+    results = run_on_ranks(critical_directly, True)
+    assert results[0] == results[1]
+    assert single["status"] == results[0]["status"] == "ok"
+    assert results[0]["unchanged"]
+    assert results[0]["num_forward"] == single["num_forward"]
+    for key in ("value", "slope"):
+        assert results[0][key] == pytest.approx(single[key], rel=1e-9), key
+
+
+def test_bf16_compute_measures_and_leaves_training_alone():
+    results = run_on_ranks(measure, True, True)
+    assert results[0] == results[1]
+    assert results[0]["status"] == "ok" and results[0]["unchanged"]
+    assert results[0]["critical_sharpness"] > 0
+
+
+def failures() -> dict:
+    """What each rank records when something goes wrong on one rank or on all of them."""
+    model, stepper = trained(sharded=True)
+    probe = probe_batch(sharded=True)
+    outcome = {"refusals": []}
+    for build in (
+        lambda: sm.SharpnessMeter(model, probe, causal_lm_loss, measures=("critical", "trace")),
+        lambda: sm.HessianOperator(model, causal_lm_loss, probe),
+        lambda: is_sharded([replicated_copy(next(model.parameters()))]),
+    ):
+        try:
+            build()
+        except ValueError as error:
+            outcome["refusals"].append(str(error))
+
+    # A non-finite update on rank 0's shard only (a corrupted second moment): every rank must
+    # see it, or rank 1 would wait in the line search's collectives for ever.
+    meter = sm.SharpnessMeter(model, probe, causal_lm_loss, measures=("critical",))
+    moment = local(stepper.state[next(model.parameters())]["exp_avg_sq"])
+    saved = moment.clone()
+    if torch.distributed.get_rank() == 0:
+        moment.view(-1)[0] = -1.0
+    outcome["nan_shard"] = meter.measure(1, optimizer=stepper)["critical_status"]
+    moment.copy_(saved)
+
+    # A loss that raises in the middle of the line search: the model must not keep the
+    # perturbed parameters gathered for the next training forward.
+    calls = []
+
+    def failing_loss(model, batch):
+        loss = causal_lm_loss(model, batch)  # the forward has gathered the parameters
+        calls.append(1)
+        if len(calls) == 4:
+            raise RuntimeError("out of memory")
+        return loss
+
+    meter = sm.SharpnessMeter(model, probe, failing_loss, measures=("critical",))
+    outcome["raised"] = meter.measure(2, optimizer=stepper)["critical_status"]
+    with torch.no_grad():
+        next_forward = float(causal_lm_loss(model, probe))
+        for module in model.modules():
+            if isinstance(module, torch.distributed.fsdp.FSDPModule):
+                module.reshard()
+        outcome["stale"] = next_forward != float(causal_lm_loss(model, probe))
+    return outcome
+
+
+def replicated_copy(param: torch.Tensor) -> torch.Tensor:
+    from torch.distributed.tensor import Replicate
+
+    return param.redistribute(placements=[Replicate()])
+
+
+def test_failures_keep_ranks_in_step():
+    results = run_on_ranks(failures)
+    assert results[0] == results[1]
+    outcome = results[0]
+    assert ["FSDP" in m for m in outcome["refusals"][:2]] == [True, True]
+    assert "Replicate" in outcome["refusals"][2]
+    assert "non-finite" in outcome["nan_shard"]
+    assert "out of memory" in outcome["raised"]
+    assert not outcome["stale"]
 
 
 def callback_rows(output_dir: str) -> list[dict]:
@@ -157,21 +245,21 @@ def callback_rows(output_dir: str) -> list[dict]:
 
     from sharpmeter.integrations.hf import SharpnessCallback
 
-    model = uneven_gpt2()
-    for block in model.transformer.h:
-        fully_shard(block)
-    fully_shard(model)
-    train, probe = batches()
+    model = uneven_gpt2(sharded=True)
+    train = local_shard(token_batch(batch_size=4, seed=7))
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.05)
     args = TrainingArguments(output_dir=output_dir, use_cpu=True, max_grad_norm=0.5)
     state = TrainerState(is_world_process_zero=torch.distributed.get_rank() == 0)
     control = TrainerControl()
     callback = SharpnessCallback(
-        probe, loss_fn=causal_lm_loss, measures=("critical",), schedule=sm.Schedule(every=2)
+        probe_batch(sharded=False),
+        loss_fn=causal_lm_loss,
+        measures=("critical",),
+        schedule=sm.Schedule(every=2),
     )
     callback.on_train_begin(args, state, control, model=model)
     for step in range(1, 5):
-        causal_lm_loss(model, local_shard(train)).backward()
+        causal_lm_loss(model, train).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
         optimizer.step()
         optimizer.zero_grad()

@@ -11,8 +11,12 @@ On a quadratic :math:`L = \tfrac12 \theta^\top H \theta - b^\top\theta` with gra
 so :math:`\eta_c = 2 d^\top g / d^\top H d` and :math:`\lambda_c = d^\top H d / d^\top g`, the
 *directional sharpness* that :func:`directional_sharpness` computes with one HVP. Along the
 gradient it is the Rayleigh quotient :math:`g^\top H g / g^\top g`. Critical sharpness needs
-forward passes only, so it works wherever a forward works (DDP, FSDP, bf16), and it sees the
-loss beyond second order.
+forward passes only (and one backward for the descent check), so it works wherever training
+works (DDP, FSDP2, bf16), and it sees the loss beyond second order.
+
+On an FSDP2 model (``fully_shard``), a flat ``direction`` or ``gradient`` is this rank's shard
+of every parameter, and a per-parameter list holds ``DTensor`` objects sharded like the
+parameters (as ``.grad`` is); see :mod:`sharpmeter.distributed`.
 
 Example::
 
@@ -34,7 +38,7 @@ from torch import nn
 from sharpmeter.distributed import local
 from sharpmeter.estimators._operator import CountingOperator, LinearOperator, check_positive_int
 from sharpmeter.loss import LossFn, ProbeLoss, probe_loss_and_gradient
-from sharpmeter.params import as_flat_vector, dot, resolve_params, unflatten
+from sharpmeter.params import all_finite, as_flat_vector, dot, resolve_params, unflatten
 
 STATUSES = ("ok", "nondescent", "no_increase", "nonfinite")
 
@@ -121,7 +125,7 @@ def critical_sharpness(
     check_positive_int("max_forward", max_forward, minimum=3)
     chosen = resolve_params(model, params)
     d = as_flat_vector(direction, chosen, "direction")
-    if not bool(torch.isfinite(d).all()):
+    if not all_finite(d, chosen):
         raise ValueError("the direction has non-finite entries")
     probe = ProbeLoss(
         model, loss_fn, batch, weights=weights, seed=dropout_seed, distributed=distributed
