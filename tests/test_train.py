@@ -53,6 +53,16 @@ def test_one_process_run_logs_every_measure(tmp_path):
     assert list(out.glob("wandb/offline-run-*"))  # report_to: wandb, offline without a key
 
 
+def test_bf16_autocast_run_measures_every_measure(tmp_path):
+    """gpt_gpu.yaml's bf16 training, on the CPU's autocast: the measurements run outside it."""
+    out = tmp_path / "run"
+    done = launch([sys.executable], out, *QUICK, "--bf16", "true", "--report_to", "none")
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = rows_of(out)
+    assert len(rows) == 4 and all(r["status"] == "ok" for r in rows), rows
+    assert all(r["hessian_trace"] > 0 and r["critical_sharpness"] > 0 for r in rows)
+
+
 def test_bpe_on_a_local_corpus(tmp_path):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("the quick brown fox jumps over the lazy dog\n" * 400)
