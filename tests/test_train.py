@@ -21,10 +21,12 @@ CONFIG = ROOT / "configs" / "tiny.yaml"
 QUICK = ["--size", "tiny", "--max_steps", "20", "--every", "5", "--logging_steps", "5"]
 
 
-def launch(prefix: list[str], out: Path, *extra: str) -> subprocess.CompletedProcess:
+def launch(
+    prefix: list[str], out: Path, *extra: str, config: Path = CONFIG
+) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "HOME": str(out)}
     return subprocess.run(
-        [*prefix, str(RECIPE), str(CONFIG), "--output_dir", str(out), *extra],
+        [*prefix, str(RECIPE), str(config), "--output_dir", str(out), *extra],
         capture_output=True,
         text=True,
         timeout=600,
