@@ -188,10 +188,12 @@ def compare_blocks(analysis: StudyAnalysis) -> list[Block]:
     return [
         "## Verdicts on the paper's claims",
         [verdict.line() for verdict in analysis.verdicts],
-        "## Measured against the simulator (shapes, common training-fraction axis)",
+        "## Measured against the simulator (common training-fraction axis)",
         _comparison_table(analysis),
-        "The simulator is calibrated on 10M-7B parameter language models; below 10M its "
-        "levels are extrapolated, so only shapes are compared.",
+        "The simulator is calibrated on 10M-7B parameter language models, so its levels are "
+        "extrapolated below 10M and belong to the paper's runs: the final values stand side by "
+        "side for reference, and the shapes (each curve divided by its final value) are what "
+        "is compared.",
     ]
 
 
@@ -217,6 +219,7 @@ def _comparison_table(analysis: StudyAnalysis) -> Table:
     rows = tuple(
         (
             f"{c.n_params:,.0f}",
+            f"{c.measured_final:.4g} / {c.simulated_final:.4g}",
             f"{c.measured_peak_ratio:.3g} / {c.simulated_peak_ratio:.3g}",
             f"{c.measured_peak_t:.2f} / {c.simulated_peak_t:.2f}",
             f"{c.shape_rmse:.3g}",
@@ -226,6 +229,7 @@ def _comparison_table(analysis: StudyAnalysis) -> Table:
     )
     header = (
         "parameters",
+        "final (measured / simulated)",
         "peak/final (measured / simulated)",
         "peak at t (measured / simulated)",
         "shape RMSE",
