@@ -1,6 +1,6 @@
-"""On a CUDA GPU: fused attention in training with the measurements' math-kernel fallback, bf16,
-and FSDP2 through accelerate. Skipped without a GPU (CI has none); run them where one is lent:
-``python -m pytest -q tests/test_cuda.py``.
+"""On a CUDA GPU: the estimators through the math-kernel fallback of fused attention, and FSDP2
+through accelerate (bf16 training is ``test_train``'s ``[cuda]`` case). Skipped without a GPU
+(CI has none); where one is lent: ``python -m pytest -q tests -k cuda``.
 """
 
 from __future__ import annotations
@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import causal_lm_loss, tiny_gpt2, token_batch
-from test_train import ROOT, launch, rows_of
+from test_train import NEEDS_CUDA, ROOT, launch, rows_of
 
 import sharpmeter as sm
 from sharpmeter.loss import move_to
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+pytestmark = NEEDS_CUDA
 ACCELERATE = [str(Path(sys.executable).parent / "accelerate"), "launch"]
 QUICK = ["--max_steps", "30", "--every", "10", "--logging_steps", "10", "--report_to", "none"]
 
@@ -34,15 +34,6 @@ def estimates(device: str) -> list[float]:
 
 def test_estimators_on_cuda_give_the_cpu_numbers():
     assert estimates("cuda") == pytest.approx(estimates("cpu"), rel=1e-3)
-
-
-def test_bf16_training_with_fused_attention_measures_every_measure(tmp_path):
-    out = tmp_path / "run"
-    done = launch([sys.executable], out, *QUICK, "--use_cpu", "false", "--bf16", "true")
-    assert done.returncode == 0, done.stderr[-3000:]
-    rows = rows_of(out)
-    assert len(rows) == 3 and all(r["status"] == "ok" for r in rows), rows
-    assert all(r["lambda_max"] > 0 and r["critical_sharpness"] > 0 for r in rows)
 
 
 def gpt_gpu_without_budget(folder: Path) -> Path:

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from sharpmeter.data import lm_dataset
 from sharpmeter.gpt import build_gpt
@@ -19,6 +20,7 @@ ROOT = Path(__file__).parent.parent
 RECIPE = ROOT / "recipes" / "train_gpt.py"
 CONFIG = ROOT / "configs" / "tiny.yaml"
 QUICK = ["--size", "tiny", "--max_steps", "20", "--every", "5", "--logging_steps", "5"]
+NEEDS_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
 def launch(
@@ -55,10 +57,15 @@ def test_one_process_run_logs_every_measure(tmp_path):
     assert list(out.glob("wandb/offline-run-*"))  # report_to: wandb, offline without a key
 
 
-def test_bf16_autocast_run_measures_every_measure(tmp_path):
-    """gpt_gpu.yaml's bf16 training, on the CPU's autocast: the measurements run outside it."""
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=NEEDS_CUDA)])
+def test_bf16_autocast_run_measures_every_measure(tmp_path, device):
+    """gpt_gpu.yaml's bf16 training (on CUDA with SDPA's fused kernels, on CPU with its
+    autocast); the measurements run outside autocast and through the math kernel."""
     out = tmp_path / "run"
-    done = launch([sys.executable], out, *QUICK, "--bf16", "true", "--report_to", "none")
+    on_device = ["--use_cpu", str(device == "cpu").lower()]
+    done = launch(
+        [sys.executable], out, *QUICK, *on_device, "--bf16", "true", "--report_to", "none"
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     rows = rows_of(out)
     assert len(rows) == 4 and all(r["status"] == "ok" for r in rows), rows
