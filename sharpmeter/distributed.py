@@ -79,18 +79,23 @@ def world_size() -> int:
 
 
 def is_sharded(params: Iterable[torch.Tensor]) -> bool:
-    """True when FSDP2 shards the parameters (``DTensor`` s over a 1-D mesh).
+    """True when FSDP2 shards the parameters (``DTensor`` objects over every rank).
 
     Raises:
-        ValueError: other ``DTensor`` layouts (hybrid sharding, tensor parallelism): their
-            shards repeat over part of the ranks, so sums over all ranks would be wrong.
+        ValueError: other ``DTensor`` layouts (hybrid sharding, tensor parallelism, a mesh of
+            part of the ranks): sums over all ranks would count shards twice or miss some.
     """
     sharded = [p for p in params if isinstance(p, DTensor)]
     for p in sharded:
-        if p.device_mesh.ndim != 1 or not all(isinstance(x, Shard) for x in p.placements):
+        mesh = p.device_mesh
+        if (
+            mesh.ndim != 1
+            or mesh.size() != world_size()
+            or not all(isinstance(x, Shard) for x in p.placements)
+        ):
             raise ValueError(
-                f"parameters laid out as {p.placements} over a {p.device_mesh.ndim}-D mesh: "
-                "only FSDP2 sharding over one mesh dimension is supported"
+                f"parameters laid out as {p.placements} over a mesh of shape {mesh.shape}: "
+                f"only FSDP2 sharding over all {world_size()} ranks is supported"
             )
     return bool(sharded)
 

@@ -180,7 +180,8 @@ class SharpnessMeter:
         check_not_fsdp1(model)
         self.params = resolve_params(model, params)
         hvp_measures = [m for m in self.measures if m in HVP_MEASURES]
-        if hvp_measures and is_sharded(self.params):
+        # is_sharded also refuses parameter layouts that nothing can measure
+        if is_sharded(self.params) and hvp_measures:
             raise ValueError(f"cannot measure {hvp_measures} on an FSDP model: {NO_FSDP_HVP}")
         self.dropout = dropout
         self.trace_method = trace_method
