@@ -1,4 +1,5 @@
-"""The accelerate loop example on one process and on two gloo ranks (`accelerate launch`)."""
+"""The loop examples on one process and on two gloo ranks: accelerate's (`accelerate launch`)
+and FSDP2's (`torchrun`)."""
 
 from __future__ import annotations
 
@@ -10,14 +11,14 @@ from pathlib import Path
 
 import pytest
 
-EXAMPLE = Path(__file__).parent.parent / "examples" / "accelerate_loop.py"
+EXAMPLES = Path(__file__).parent.parent / "examples"
 KEYS = ("loss", "critical_sharpness", "lambda_max", "hessian_trace")
 
 
-def run(command: list[str], output: Path) -> list[dict]:
+def run(command: list[str], output: Path, example: str = "accelerate_loop.py") -> list[dict]:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run(
-        [*command, str(EXAMPLE), "--steps", "10", "--output", str(output)],
+        [*command, str(EXAMPLES / example), "--steps", "10", "--output", str(output)],
         check=True,
         env=env,
         capture_output=True,
@@ -38,3 +39,17 @@ def test_two_ranks_measure_what_one_process_measures(tmp_path):
     # trajectories part (each rank draws its own dropout masks).
     for key in KEYS:
         assert double[0][key] == pytest.approx(single[0][key], rel=1e-5), key
+
+
+@pytest.mark.slow
+def test_fsdp_loop_on_two_ranks_measures_what_one_rank_measures(tmp_path):
+    torchrun = str(Path(sys.executable).parent / "torchrun")
+    runs = {
+        ranks: run([torchrun, f"--nproc_per_node={ranks}"], tmp_path / str(ranks), "fsdp_loop.py")
+        for ranks in (1, 2)
+    }
+    assert [r["step"] for r in runs[1]] == [r["step"] for r in runs[2]] == [10]
+    assert all(r["status"] == "ok" for r in runs[1] + runs[2])
+    # no dropout and one global batch per step: the two trajectories differ by rounding only
+    for key in ("loss", "grad_norm", "critical_sharpness"):
+        assert runs[2][0][key] == pytest.approx(runs[1][0][key], rel=1e-4), key
