@@ -100,9 +100,18 @@ def is_sharded(params: Iterable[torch.Tensor]) -> bool:
     return bool(sharded)
 
 
+# What FSDP1 marks the parameters it flattened with (torch.distributed.fsdp._common_utils).
+FSDP1_FLATTENED = "_fsdp_flattened"
+
+
 def check_not_fsdp1(model: nn.Module) -> None:
-    """FSDP1 flattens parameters into per-rank buffers that no measurement can address."""
-    if any(isinstance(m, FullyShardedDataParallel) for m in model.modules()):
+    """FSDP1 flattens parameters into per-rank buffers that no measurement can address.
+
+    The Trainer hands its callbacks the module inside the FSDP1 wrapper, so the parameters'
+    mark is checked as well as the wrapper.
+    """
+    wrapped = any(isinstance(m, FullyShardedDataParallel) for m in model.modules())
+    if wrapped or any(getattr(p, FSDP1_FLATTENED, False) for p in model.parameters()):
         raise ValueError(
             "the model is wrapped in FSDP1 (FullyShardedDataParallel): shard it with FSDP2 "
             "(fully_shard; accelerate: fsdp_version: 2, as in configs/accelerate/fsdp.yaml)"

@@ -14,12 +14,12 @@ import json
 import pytest
 import torch
 import transformers
-from conftest import SEQ, VOCAB, causal_lm_loss, token_batch
+from conftest import SEQ, VOCAB, causal_lm_loss, tiny_gpt2, token_batch
 from ranks import run_on_ranks
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 import sharpmeter as sm
-from sharpmeter.distributed import is_sharded, local, local_shard
+from sharpmeter.distributed import FSDP1_FLATTENED, is_sharded, local, local_shard
 
 STEPS = 3
 COLUMNS = ("loss", "grad_norm", "lr", "critical_sharpness", "critical_eta", "stability_ratio")
@@ -278,3 +278,12 @@ def test_callback_hooks_on_a_sharded_model(tmp_path):
     assert all(row["sharpness/critical_sharpness"] > 0 for row in results[0])
     rows = [json.loads(line) for line in (tmp_path / "sharpness.jsonl").read_text().splitlines()]
     assert [row["step"] for row in rows] == [2, 4] and all(r["status"] == "ok" for r in rows)
+
+
+def test_a_model_inside_fsdp1_is_refused():
+    # FSDP1 needs a GPU; the Trainer would hand the callback the module it wrapped, whose
+    # parameters FSDP1 marks as flattened.
+    model = tiny_gpt2()
+    setattr(next(model.parameters()), FSDP1_FLATTENED, True)
+    with pytest.raises(ValueError, match="FSDP1"):
+        sm.SharpnessMeter(model, token_batch(), causal_lm_loss, measures=("critical",))
