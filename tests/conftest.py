@@ -8,6 +8,7 @@ import transformers
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from sharpmeter.distributed import local
 from sharpmeter.loss import causal_lm_loss  # noqa: F401  (the tests import it from here)
 
 VOCAB, SEQ = 16, 8
@@ -104,3 +105,47 @@ def quadratic() -> Quadratic:
         torch.randn(n, generator=generator, dtype=torch.float64),
         torch.randn(n, generator=generator, dtype=torch.float64),
     )
+
+
+def snapshot(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """Everything a measurement must leave as it was: parameters, gradients (contents and
+    identity), flags, buffers, modes, the RNG, optimizer state. Sharded (FSDP2) tensors are
+    compared by this rank's shard."""
+    return {
+        "params": [local(p).detach().clone() for p in model.parameters()],
+        "grads": [None if p.grad is None else local(p.grad).clone() for p in model.parameters()],
+        "grad_ids": [id(p.grad) for p in model.parameters()],
+        "requires_grad": [p.requires_grad for p in model.parameters()],
+        "buffers": [b.clone() for b in model.buffers()],
+        "training": [m.training for m in model.modules()],
+        "rng": torch.get_rng_state(),
+        "optimizer": {
+            key: {name: _copy(value) for name, value in state.items()}
+            for key, state in optimizer.state_dict()["state"].items()
+        },
+        "attn": model.config._attn_implementation,
+    }
+
+
+def _copy(value):
+    return local(value).clone() if isinstance(value, torch.Tensor) else value
+
+
+def assert_same(before: dict, after: dict) -> None:
+    """Bit for bit: :func:`snapshot` before and after."""
+    assert all(torch.equal(a, b) for a, b in zip(before["params"], after["params"]))
+    assert all(
+        (a is None and b is None) or torch.equal(a, b)
+        for a, b in zip(before["grads"], after["grads"])
+    )
+    assert before["grad_ids"] == after["grad_ids"]
+    assert before["requires_grad"] == after["requires_grad"]
+    assert all(torch.equal(a, b) for a, b in zip(before["buffers"], after["buffers"]))
+    assert before["training"] == after["training"]
+    assert torch.equal(before["rng"], after["rng"])
+    assert before["attn"] == after["attn"]
+    for key, state in before["optimizer"].items():
+        for name, value in state.items():
+            assert torch.equal(
+                torch.as_tensor(value), torch.as_tensor(after["optimizer"][key][name])
+            )

@@ -3,46 +3,11 @@ bit-identical (a GPT-2 with dropout on, mid-training, with gradients and Adam st
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
-from conftest import causal_lm_loss, tiny_gpt2, token_batch
+from conftest import assert_same, causal_lm_loss, snapshot, tiny_gpt2, token_batch
 
 import sharpmeter as sm
-
-
-def snapshot(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-    return {
-        "params": [p.detach().clone() for p in model.parameters()],
-        "grads": [None if p.grad is None else p.grad.clone() for p in model.parameters()],
-        "grad_ids": [id(p.grad) for p in model.parameters()],
-        "requires_grad": [p.requires_grad for p in model.parameters()],
-        "buffers": [b.clone() for b in model.buffers()],
-        "training": [m.training for m in model.modules()],
-        "rng": torch.get_rng_state(),
-        "optimizer": copy.deepcopy(optimizer.state_dict()),
-        "attn": model.config._attn_implementation,
-    }
-
-
-def assert_same(before: dict, after: dict) -> None:
-    assert all(torch.equal(a, b) for a, b in zip(before["params"], after["params"]))
-    assert all(
-        (a is None and b is None) or torch.equal(a, b)
-        for a, b in zip(before["grads"], after["grads"])
-    )
-    assert before["grad_ids"] == after["grad_ids"]
-    assert before["requires_grad"] == after["requires_grad"]
-    assert all(torch.equal(a, b) for a, b in zip(before["buffers"], after["buffers"]))
-    assert before["training"] == after["training"]
-    assert torch.equal(before["rng"], after["rng"])
-    assert before["attn"] == after["attn"]
-    for key, state in before["optimizer"]["state"].items():
-        for name, value in state.items():
-            assert torch.equal(
-                torch.as_tensor(value), torch.as_tensor(after["optimizer"]["state"][key][name])
-            )
 
 
 def start_training() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
