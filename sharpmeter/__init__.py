@@ -9,7 +9,7 @@ Example::
     tr = sm.hutchinson(op, num_probes=32)              # .value .stderr
 """
 
-from sharpmeter.directions import learning_rate, update_direction
+from sharpmeter.directions import adam_preconditioner, learning_rate, update_direction
 from sharpmeter.estimators import (
     CriticalSharpnessResult,
     DirectionalSharpnessResult,
@@ -28,7 +28,6 @@ from sharpmeter.operators import (
     HessianOperator,
     NonFiniteLossError,
     PreconditionedOperator,
-    adam_preconditioner,
 )
 from sharpmeter.probe import attention_guard, measurement
 from sharpmeter.schedule import Schedule

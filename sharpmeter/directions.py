@@ -32,20 +32,28 @@ and :math:`d = s_g / \eta_0`.
               \frac{m}{\sqrt{v} / \sqrt{1 - \beta_2^{t+1}} + \epsilon}
               \; [+\; \eta_g \lambda \theta \text{ for AdamW's decoupled decay}].
 
-Any other optimizer (RMSprop, Adagrad, subclasses of the above, ...)
-    Exact by construction: the optimizer steps a shadow copy of its parameters and state, and
-    :math:`s = \theta - \theta_{\text{shadow}}`. It costs one optimizer step, and memory for a
-    copy of the parameters, gradients and state.
+Any other optimizer (RMSprop, Adagrad, subclasses of the above, custom ones, ...)
+    Exact by construction: a deep copy of the optimizer, whose parameters are shadow clones,
+    takes one step, and :math:`s = \theta - \theta_{\text{shadow}}`. The copy carries every
+    attribute (a step counter, the optimizer's own list of parameters), so the real optimizer is
+    never stepped; that it was left alone is checked afterwards. When no faithful copy can be
+    made (the optimizer cannot be deep-copied, or its copy does not move the shadow
+    parameters) :class:`DirectionUnavailable` is raised, never a wrong direction. It costs one
+    optimizer step, and memory for a copy of the parameters, gradients and state.
 
 Gradient clipping as the Hugging Face Trainer does it (``max_grad_norm``, through
 ``torch.nn.utils.clip_grad_norm_``) scales every gradient by
-:math:`\min(1, c / (\lVert g \rVert_2 + 10^{-6}))` first, with the norm over all the
-optimizer's gradients (the Trainer clips ``model.parameters()``: the same set when the optimizer
-holds every parameter that has a gradient); ``.grad`` itself is left alone.
+:math:`\min(1, c / (\lVert g \rVert_2 + 10^{-6}))` first. The norm is the one the training
+loop clips by, over *every* gradient (the Trainer clips ``model.parameters()``); when ``d`` is
+taken over a subset of the parameters, pass that global norm as ``total_grad_norm``, or the
+subset's own norm would clip too little. ``.grad`` itself is left alone.
 
 Parameters without a gradient are skipped by the optimizer, so their entries of :math:`d` are 0.
 The analytic rules ignore ``foreach``/``fused``/``capturable``, which change the rounding of the
 real step, not its value.
+
+The direction is a :class:`~sharpmeter.params.ParameterVector`: it carries the parameters it
+belongs to, so the optimizer's group order can never be read as the model's order.
 
 Example::
 
@@ -58,16 +66,24 @@ Example::
 from __future__ import annotations
 
 import copy
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from sharpmeter.params import cuda_device_indices, flatten, vector_dtype
+from sharpmeter.distributed import all_reduce_sum, is_sharded, local
+from sharpmeter.params import ParameterVector, flatten, vector_dtype
+from sharpmeter.rng import fork_rng
 
 # Added to the total norm by ``torch.nn.utils.clip_grad_norm_`` before dividing by it.
 _CLIP_EPS = 1e-6
+ADAM_TYPES = (torch.optim.Adam, torch.optim.AdamW)
+
+
+class DirectionUnavailable(RuntimeError):
+    """The optimizer's update cannot be computed faithfully without stepping it."""
 
 
 def unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:
@@ -103,7 +119,8 @@ def update_direction(
     *,
     gradients: Sequence[torch.Tensor] | None = None,
     max_grad_norm: float | None = None,
-) -> torch.Tensor:
+    total_grad_norm: float | torch.Tensor | None = None,
+) -> ParameterVector:
     r"""What ``optimizer.step()`` would subtract from the parameters, per unit of :math:`\eta_0`.
 
     Args:
@@ -117,16 +134,20 @@ def update_direction(
             update the optimizer would make on the probe batch, from its current state.
         max_grad_norm: clip the gradients' total L2 norm to this before the update, as the
             Trainer's ``max_grad_norm`` does; ``None`` or 0 (the Trainer's "off") do not clip.
+        total_grad_norm: the norm clipping divides by, over every gradient the training loop
+            clips (default: the norm of the optimizer's gradients given here).
 
     Returns:
-        The flat direction :math:`d` with :math:`\theta - \eta_0 d` equal to the parameters
-        after ``optimizer.step()``, in :func:`~sharpmeter.params.vector_dtype` of the
-        parameters (float64 stays float64). For FSDP2 parameters it is this rank's shard, and
-        ``gradients`` are ``DTensor`` objects sharded like the parameters.
+        The direction :math:`d` over ``params`` with :math:`\theta - \eta_0 d` equal to the
+        parameters after ``optimizer.step()``, in :func:`~sharpmeter.params.vector_dtype` of
+        the parameters (float64 stays float64). For FSDP2 parameters it is this rank's shard,
+        and ``gradients`` are ``DTensor`` objects sharded like the parameters.
 
     Raises:
         ValueError: :math:`\eta_0 = 0` while another group's rate is not, no gradients, a
             negative ``max_grad_norm``, or ``params`` of which the optimizer holds none.
+        DirectionUnavailable: an optimizer without an analytic rule that cannot be stepped
+            faithfully on a copy.
     """
     optimizer = unwrap_optimizer(optimizer)
     lr0 = learning_rate(optimizer)
@@ -135,19 +156,11 @@ def update_direction(
     unit_rates = all(float(group["lr"]) == 0 for group in optimizer.param_groups)
     if lr0 == 0 and not unit_rates:
         raise ValueError("the first parameter group's learning rate is 0, the unit of d")
-    if max_grad_norm is not None and max_grad_norm < 0:
-        raise ValueError(f"max_grad_norm must be non-negative or None, got {max_grad_norm}")
     groups = [{**g, "lr": 1.0} for g in optimizer.param_groups] if unit_rates else None
     group_of = {id(p): group for group in groups or optimizer.param_groups for p in group["params"]}
-    owned = [p for group in optimizer.param_groups for p in group["params"]]
-    selected = owned if params is None else list(params)
-    if not any(id(p) in group_of for p in selected):
-        raise ValueError("none of params is optimized by this optimizer")
-    grad_of = _gradients_by_parameter(owned, selected, gradients)
-    grads = [grad_of[id(p)] for p in owned if id(p) in grad_of]
-    if not grads:
-        raise ValueError("no parameter of the optimizer has a gradient: call backward() first")
-    coef = _clip_coefficient(grads, max_grad_norm) if max_grad_norm else None
+    selected, grad_of, coef = _step_inputs(
+        optimizer, params, gradients, max_grad_norm, total_grad_norm
+    )
 
     dtype = vector_dtype(selected)
     rule = _RULES.get(type(optimizer))
@@ -162,7 +175,88 @@ def update_direction(
             if id(p) in group_of and id(p) in grad_of
         }
     parts = [steps[id(p)] if id(p) in steps else torch.zeros_like(p) for p in selected]
-    return flatten(parts, dtype) / (1.0 if unit_rates else lr0)
+    return ParameterVector(flatten(parts, dtype) / (1.0 if unit_rates else lr0), tuple(selected))
+
+
+def _step_inputs(
+    optimizer: torch.optim.Optimizer,
+    params: Iterable[nn.Parameter] | None,
+    gradients: Sequence[torch.Tensor] | None,
+    max_grad_norm: float | None,
+    total_grad_norm: float | torch.Tensor | None,
+) -> tuple[list[nn.Parameter], dict[int, torch.Tensor], torch.Tensor | None]:
+    """The selected parameters, the gradient each steps with, and the clipping factor."""
+    if max_grad_norm is not None and max_grad_norm < 0:
+        raise ValueError(f"max_grad_norm must be non-negative or None, got {max_grad_norm}")
+    owned = [p for group in optimizer.param_groups for p in group["params"]]
+    selected = owned if params is None else list(params)
+    held = {id(p) for p in owned}
+    if not any(id(p) in held for p in selected):
+        raise ValueError("none of params is optimized by this optimizer")
+    grad_of = _gradients_by_parameter(owned, selected, gradients)
+    grads = [grad_of[id(p)] for p in owned if id(p) in grad_of]
+    if not grads:
+        raise ValueError("no parameter of the optimizer has a gradient: call backward() first")
+    coef = _clip_coefficient(grads, max_grad_norm, total_grad_norm) if max_grad_norm else None
+    return selected, grad_of, coef
+
+
+@torch.no_grad()
+def adam_preconditioner(
+    optimizer: Any,
+    params: Iterable[nn.Parameter] | None = None,
+    *,
+    gradients: Sequence[torch.Tensor] | None = None,
+    max_grad_norm: float | None = None,
+    total_grad_norm: float | torch.Tensor | None = None,
+) -> ParameterVector:
+    r"""The diagonal preconditioner :math:`P` of the Adam step :func:`update_direction` measures.
+
+    The next step :math:`t + 1` on gradient :math:`g` (clipped, with Adam's coupled weight
+    decay, exactly as that step) divides by
+
+    .. math:: P = \sqrt{\hat v} + \epsilon, \qquad
+              \hat v = rac{eta_2 v_t + (1 - eta_2) g^2}{1 - eta_2^{t+1}}
+
+    (``amsgrad``: the maximum with :math:`v_{\max}` first), so :math:`P` and :math:`d` belong to
+    the same update, as in the reference implementation (facebookresearch/scalable-curvature).
+    Before the first step :math:`v_0 = 0` and :math:`P = |g| + \epsilon`.
+
+    Args and defaults are those of :func:`update_direction` (``gradients``: the probe
+    gradient the measured step would take; default ``.grad``).
+
+    Raises:
+        ValueError: not ``torch.optim.Adam``/``AdamW``, a parameter the optimizer does not
+            hold, or one without a gradient.
+    """
+    optimizer = unwrap_optimizer(optimizer)
+    check_adam_type(optimizer)
+    group_of = {id(p): group for group in optimizer.param_groups for p in group["params"]}
+    selected, grad_of, coef = _step_inputs(
+        optimizer, params, gradients, max_grad_norm, total_grad_norm
+    )
+    parts = []
+    for index, p in enumerate(selected):
+        if id(p) not in group_of or id(p) not in grad_of:
+            raise ValueError(
+                f"params[{index}] is not optimized by this optimizer or has no gradient"
+            )
+        group = group_of[id(p)]
+        grad = _clipped(grad_of[id(p)], coef)
+        if group["weight_decay"] != 0 and not _decoupled(type(optimizer), group):
+            grad = grad.add(p, alpha=group["weight_decay"])
+        parts.append(_adam_next_denominator(group, optimizer.state.get(p, {}), p, grad))
+    return ParameterVector(flatten(parts, vector_dtype(selected)), tuple(selected))
+
+
+def check_adam_type(optimizer: Any) -> None:
+    """Raise ``ValueError`` unless ``optimizer`` is (or wraps) ``torch.optim.Adam``/``AdamW``."""
+    inner = unwrap_optimizer(optimizer)
+    if not isinstance(inner, ADAM_TYPES):
+        raise ValueError(
+            f"the preconditioned measure needs an Adam-type optimizer (torch.optim.Adam or "
+            f"AdamW), got {type(inner).__name__}: drop 'preconditioned' from measures"
+        )
 
 
 def _gradients_by_parameter(
@@ -181,10 +275,16 @@ def _gradients_by_parameter(
     return {id(p): g for p, g in zip(selected, gradients, strict=True)}
 
 
-def _clip_coefficient(grads: Sequence[torch.Tensor], max_norm: float) -> torch.Tensor:
+def _clip_coefficient(
+    grads: Sequence[torch.Tensor],
+    max_norm: float,
+    total: float | torch.Tensor | None = None,
+) -> torch.Tensor:
     """``clip_grad_norm_``'s factor min(1, max_norm / (norm + 1e-6)), without touching grads."""
-    norms = [torch.linalg.vector_norm(g).to(grads[0].device) for g in grads]
-    total = torch.linalg.vector_norm(torch.stack(norms))
+    if total is None:
+        norms = [torch.linalg.vector_norm(g).to(grads[0].device) for g in grads]
+        total = torch.linalg.vector_norm(torch.stack(norms))
+    total = torch.as_tensor(total, device=grads[0].device)
     return torch.clamp(max_norm / (total + _CLIP_EPS), max=1.0)
 
 
@@ -226,17 +326,26 @@ def _adam_step(
     if weight_decay != 0 and not decoupled:
         grad = grad.add(param, alpha=weight_decay)
     exp_avg = _moment(state, "exp_avg", param).lerp(grad, 1 - beta1)
-    exp_avg_sq = _moment(state, "exp_avg_sq", param).mul(beta2)
-    exp_avg_sq.addcmul_(grad, grad, value=1 - beta2)
-    if group["amsgrad"]:
-        exp_avg_sq = torch.maximum(_moment(state, "max_exp_avg_sq", param), exp_avg_sq)
     step = float(state.get("step", 0)) + 1
-    denom = adam_denominator(exp_avg_sq, step, beta2, group["eps"])
+    denom = _adam_next_denominator(group, state, param, grad)
     update = (exp_avg / denom).mul_(lr / (1 - beta1**step))
     if weight_decay != 0 and decoupled:
         # AdamW scales theta by (1 - lr * wd) before the Adam step: lr * wd * theta of the step.
         update.add_(param, alpha=lr * weight_decay)
     return update
+
+
+def _adam_next_denominator(
+    group: dict[str, Any], state: dict[str, Any], param: torch.Tensor, grad: torch.Tensor
+) -> torch.Tensor:
+    """The denominator of the next Adam step on ``grad`` (weight decay already applied)."""
+    beta2 = float(group["betas"][1])
+    exp_avg_sq = _moment(state, "exp_avg_sq", param).mul(beta2)
+    exp_avg_sq.addcmul_(grad, grad, value=1 - beta2)
+    if group["amsgrad"]:
+        exp_avg_sq = torch.maximum(_moment(state, "max_exp_avg_sq", param), exp_avg_sq)
+    step = float(state.get("step", 0)) + 1
+    return adam_denominator(exp_avg_sq, step, beta2, group["eps"])
 
 
 def _moment(state: dict[str, Any], key: str, param: torch.Tensor) -> torch.Tensor:
@@ -245,13 +354,18 @@ def _moment(state: dict[str, Any], key: str, param: torch.Tensor) -> torch.Tenso
     return torch.zeros_like(param, memory_format=torch.preserve_format) if value is None else value
 
 
+def _decoupled(optimizer_type: type, group: dict[str, Any]) -> bool:
+    # Older torch has no decoupled_weight_decay key: there AdamW is a class of its own.
+    return issubclass(optimizer_type, torch.optim.AdamW) or bool(
+        group.get("decoupled_weight_decay")
+    )
+
+
 def _adam_rule(optimizer_type: type) -> Callable[..., torch.Tensor]:
     def rule(
         group: dict[str, Any], state: dict[str, Any], param: torch.Tensor, grad: torch.Tensor
     ) -> torch.Tensor:
-        # Older torch has no decoupled_weight_decay key: there AdamW is a class of its own.
-        decoupled = optimizer_type is torch.optim.AdamW or group.get("decoupled_weight_decay")
-        return _adam_step(group, state, param, grad, bool(decoupled))
+        return _adam_step(group, state, param, grad, _decoupled(optimizer_type, group))
 
     return rule
 
@@ -271,13 +385,14 @@ def _steps_by_shadow_step(
     dtype: torch.dtype,
     unit_rates: bool,
 ) -> dict[int, torch.Tensor]:
-    """Each parameter's step, taken by the optimizer itself on copies of parameters and state.
+    """Each parameter's step, taken by a deep copy of the optimizer on shadow parameters.
 
-    The optimizer's ``param_groups`` and ``state`` are swapped for deep copies whose parameters
-    are clones (carrying clipped copies of the gradients) for the duration of one ``step()``, so
-    the real parameters, gradients and state tensors are never written (not even their version
-    counters move) and keep their identity. ``step`` is called through the class, bypassing
-    instance patches such as the LR scheduler's call counter; the RNG is forked.
+    The deep copy's memo maps every real parameter to its shadow (a clone carrying a clipped
+    copy of its gradient), so the copied groups, state and any attribute of the optimizer's own
+    (a list of parameters, a step counter) refer to the shadows or to copies. ``step`` is called
+    through the class, bypassing instance patches such as the LR scheduler's call counter, with
+    the copy's own step hooks removed (they belong to the training loop) and every RNG forked.
+    Afterwards the real optimizer is checked to be untouched.
     """
     owned = [p for group in optimizer.param_groups for p in group["params"]]
     shadows = {}
@@ -286,26 +401,73 @@ def _steps_by_shadow_step(
         if id(p) in grad_of:
             shadow.grad = _clipped(grad_of[id(p)], coef).clone()
         shadows[id(p)] = shadow
-    # The memo maps every real parameter to its shadow, so the copied groups and the copied
-    # state (keyed by parameter) refer to the shadows.
-    shadow_groups, shadow_state = copy.deepcopy(
-        (optimizer.param_groups, optimizer.state), dict(shadows)
-    )
-    if unit_rates:
-        for group in shadow_groups:
-            group["lr"] = 1.0
-    versions = [p._version for p in owned]
-    real_groups, real_state = optimizer.param_groups, optimizer.state
+    before = _fingerprint((optimizer, [p._version for p in owned]))
+    # Through __dict__: Optimizer.__getstate__ keeps only defaults, state and param_groups, so a
+    # deepcopy would drop the optimizer's own attributes, and its __setstate__ writes into the
+    # defaults (which copy.copy would share with the real optimizer).
+    copied = object.__new__(type(optimizer))
     try:
-        optimizer.param_groups, optimizer.state = shadow_groups, shadow_state
-        with torch.random.fork_rng(devices=cuda_device_indices(owned)):
-            type(optimizer).step(optimizer)
-    finally:
-        optimizer.param_groups, optimizer.state = real_groups, real_state
-    if [p._version for p in owned] != versions:
+        copied.__dict__ = copy.deepcopy(optimizer.__dict__, dict(shadows))
+    except Exception as error:
+        raise DirectionUnavailable(
+            f"{type(optimizer).__name__} cannot be deep-copied ({type(error).__name__}: "
+            f"{error}), so its update cannot be computed without stepping it"
+        ) from error
+    copied._optimizer_step_pre_hooks = OrderedDict()
+    copied._optimizer_step_post_hooks = OrderedDict()
+    if unit_rates:
+        for group in copied.param_groups:
+            group["lr"] = 1.0
+    with fork_rng(owned):
+        type(optimizer).step(copied)
+    if _fingerprint((optimizer, [p._version for p in owned])) != before:
         raise RuntimeError(
-            f"{type(optimizer).__name__}.step() wrote the real parameters, which it does not "
-            "reach through param_groups: they have been stepped, and its update direction "
-            "cannot be computed by a shadow step"
+            f"{type(optimizer).__name__}.step() on a deep copy changed the real optimizer or "
+            "its parameters: it reaches them through something a copy shares"
+        )
+    if not _moved_any(owned, shadows):
+        raise DirectionUnavailable(
+            f"a copy of {type(optimizer).__name__} did not move any parameter with a gradient: "
+            "it keeps its parameters where a copy cannot redirect them (tensors other than "
+            "the Parameter objects of param_groups)"
         )
     return {id(p): p.detach().to(dtype) - shadows[id(p)].detach().to(dtype) for p in owned}
+
+
+def _moved_any(owned: Sequence[nn.Parameter], shadows: dict[int, nn.Parameter]) -> bool:
+    """Whether the shadow step moved a parameter that has a non-zero gradient (or none has
+    one), decided over all ranks of a sharded model."""
+    with_gradient = [p for p in owned if _nonzero(shadows[id(p)].grad)]
+    if not with_gradient:
+        return True
+    moved = sum(not torch.equal(local(shadows[id(p)]), local(p)) for p in with_gradient)
+    if is_sharded(owned):
+        return float(all_reduce_sum(torch.tensor(float(moved), device=local(owned[0]).device))) > 0
+    return moved > 0
+
+
+def _nonzero(grad: torch.Tensor | None) -> bool:
+    return grad is not None and bool(local(grad).any())
+
+
+def _fingerprint(value: Any, depth: int = 5) -> Any:
+    """A structural summary of an object that changes when anything in it is written: tensor
+    version counters, plain values, containers and instance attributes (to ``depth``)."""
+    if isinstance(value, torch.Tensor):
+        return ("tensor", id(value), value._version)
+    if isinstance(value, (int, float, str, bool, bytes, type(None))):
+        return value
+    if depth == 0:
+        return ("object", id(value))
+    if isinstance(value, dict):
+        return tuple((_key(k), _fingerprint(v, depth - 1)) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return tuple(_fingerprint(v, depth - 1) for v in value)
+    attributes = getattr(value, "__dict__", None)
+    if isinstance(attributes, dict) and not callable(value):
+        return (type(value).__name__, _fingerprint(attributes, depth - 1))
+    return ("object", id(value))
+
+
+def _key(key: Any) -> Any:
+    return ("tensor", id(key)) if isinstance(key, torch.Tensor) else key

@@ -41,6 +41,8 @@ Example::
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import math
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -50,7 +52,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from sharpmeter.directions import learning_rate, update_direction
+from sharpmeter.directions import (
+    DirectionUnavailable,
+    adam_preconditioner,
+    check_adam_type,
+    learning_rate,
+    update_direction,
+)
 from sharpmeter.distributed import NO_FSDP_HVP, check_not_fsdp1, is_distributed, is_sharded
 from sharpmeter.estimators import (
     critical_sharpness,
@@ -59,14 +67,9 @@ from sharpmeter.estimators import (
     hutchpp,
     lanczos,
 )
-from sharpmeter.loss import LossFn, ProbeLoss, probe_loss_and_gradient, split_probe
-from sharpmeter.operators import (
-    MODES,
-    HessianOperator,
-    NonFiniteLossError,
-    PreconditionedOperator,
-    adam_preconditioner,
-)
+from sharpmeter.estimators._operator import check_positive_int
+from sharpmeter.loss import LossFn, ProbeLoss, probe_loss_and_gradient
+from sharpmeter.operators import MODES, HessianOperator, NonFiniteLossError, PreconditionedOperator
 from sharpmeter.params import all_finite, norm, resolve_params, unflatten
 from sharpmeter.probe import DROPOUT_POLICIES, measurement
 from sharpmeter.schedule import Schedule
@@ -74,6 +77,7 @@ from sharpmeter.schedule import Schedule
 MEASURES = ("critical", "directional", "trace", "spectral", "preconditioned")
 DEFAULT_MEASURES = ("critical", "trace", "spectral")
 HVP_MEASURES = ("directional", "trace", "spectral", "preconditioned")
+DIRECTION_MEASURES = ("critical", "directional")
 # An HVP costs about two training steps whatever the model size, so a fixed grid alone would
 # multiply training time (benchmarks/results/overhead.md): by default measuring takes at most 5%.
 DEFAULT_SCHEDULE = Schedule(every=10, max_fraction=0.05)
@@ -111,8 +115,8 @@ class SharpnessMeter:
     Args:
         model: the (unwrapped) module being trained.
         probe_batch: one batch or a list of batches, kept fixed for the whole run.
-        loss_fn: ``(model, batch) -> scalar``; ``None`` for the output's ``.loss`` (then the
-            probe batch must hold ``labels``).
+        loss_fn: ``(model, batch) -> scalar``; ``None`` for the output's ``.loss`` (a Hugging
+            Face model given ``labels``, or ``start_positions``/``end_positions``, ...).
         measures: any of ``critical``, ``directional``, ``trace``, ``spectral``,
             ``preconditioned``.
         schedule: a :class:`Schedule` (default: every 10 steps while measuring has taken at
@@ -128,10 +132,14 @@ class SharpnessMeter:
         progress: show a progress bar (measure, HVPs so far) for measurements that take more
             than two seconds.
 
+    Construction runs one probe forward (RNG, buffers and modes restored), so that a probe
+    that gives no loss fails here rather than once per measurement.
+
     Raises:
-        ValueError: an unknown measure, a probe batch without labels when the model's own loss
-            is used, a bad schedule or setting, a measure that needs Hessian-vector products on
-            a model sharded by FSDP (only ``critical`` works there).
+        ValueError: an unknown measure, a probe whose forward gives no scalar loss (no
+            ``.loss`` in the output and no ``loss_fn``), a bad schedule or setting, a measure
+            that needs Hessian-vector products on a model sharded by FSDP (only ``critical``
+            works there).
     """
 
     def __init__(
@@ -154,24 +162,22 @@ class SharpnessMeter:
         seed: int = 0,
         progress: bool = False,
     ) -> None:
-        unknown = [m for m in measures if m not in MEASURES]
-        if unknown or not measures:
-            raise ValueError(f"measures must be a non-empty subset of {MEASURES}, got {measures}")
-        if dropout not in DROPOUT_POLICIES:
-            raise ValueError(f"dropout must be one of {DROPOUT_POLICIES}, got {dropout!r}")
-        if trace_method not in TRACE_METHODS:
-            raise ValueError(f"trace_method must be one of {tuple(TRACE_METHODS)}")
-        if hvp_mode not in MODES:
-            raise ValueError(f"hvp_mode must be one of {MODES}, got {hvp_mode!r}")
-        for name, value, minimum in (
-            ("trace_matvecs", trace_matvecs, 4),
-            ("lanczos_steps", lanczos_steps, 1),
-            ("critical_k", critical_k, 1),
-        ):
-            if not isinstance(value, int) or value < minimum:
-                raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-        if loss_fn is None:
-            _check_labels(probe_batch)
+        _check_settings(
+            loss_fn=loss_fn,
+            measures=measures,
+            schedule=schedule,
+            params=params,
+            dropout=dropout,
+            trace_method=trace_method,
+            trace_matvecs=trace_matvecs,
+            lanczos_steps=lanczos_steps,
+            lanczos_tol=lanczos_tol,
+            critical_k=critical_k,
+            max_grad_norm=max_grad_norm,
+            hvp_mode=hvp_mode,
+            seed=seed,
+            progress=progress,
+        )
         self.model = model
         self.probe_batch = probe_batch
         self.loss_fn = loss_fn
@@ -193,6 +199,12 @@ class SharpnessMeter:
         self.hvp_mode = hvp_mode
         self.seed = seed
         self.progress = progress
+        # The Trainer clips by the norm over every trainable parameter's gradient.
+        measured = {id(p) for p in self.params}
+        self.clips_a_subset = bool(max_grad_norm) and any(
+            id(p) not in measured for p in resolve_params(model)
+        )
+        self._check_probe_loss()
         self.eta_c: float | None = None
         self.top_vector: torch.Tensor | None = None
         self.preconditioned_vector: torch.Tensor | None = None
@@ -201,6 +213,18 @@ class SharpnessMeter:
         self.last_cost = 0.0
         self.skipped_for_budget = 0
         self._started = time.perf_counter()
+
+    def _check_probe_loss(self) -> None:
+        """One probe forward now, so that a model without a loss (no ``.loss`` and no
+        ``loss_fn``) or a loss that is not a scalar is refused here, not once per row."""
+        with measurement(self.model, self.dropout), torch.no_grad():
+            ProbeLoss(self.model, self.loss_fn, self.probe_batch, seed=self.seed)()
+
+    def check_optimizer(self, optimizer: Any) -> None:
+        """Refuse, before training, an optimizer a chosen measure cannot follow: the
+        ``preconditioned`` measure needs Adam's second moments."""
+        if "preconditioned" in self.measures:
+            check_adam_type(optimizer)
 
     def is_due(self, step: int) -> bool:
         """Whether ``step`` is on the schedule, not yet measured, and within the time budget."""
@@ -276,7 +300,8 @@ class SharpnessMeter:
             loss, gradient = probe_loss_and_gradient(probe, self.params)
             if not (torch.isfinite(loss) and all_finite(gradient, self.params)):
                 raise NonFiniteLossError(f"the probe loss is not finite ({float(loss)})")
-        lr, direction = self._direction(optimizer, gradient)
+        clip_norm = self._total_gradient_norm(gradient)
+        lr, direction = self._direction(optimizer, gradient, clip_norm)
         row["lr"] = lr
         row["loss"] = float(loss)
         row["grad_norm"] = float(norm(gradient, self.params))
@@ -287,7 +312,9 @@ class SharpnessMeter:
             "directional": lambda: self._directional(operator, direction, gradient),
             "trace": lambda: self._trace(operator),
             "spectral": lambda: self._spectral(operator),
-            "preconditioned": lambda: self._preconditioned(operator, optimizer),
+            "preconditioned": lambda: self._preconditioned(
+                operator, optimizer, gradient, clip_norm
+            ),
             "critical": lambda: self._critical(direction, gradient, float(loss), lr),
         }
         ordered = sorted(self.measures, key=lambda m: m == "critical")
@@ -297,23 +324,44 @@ class SharpnessMeter:
         for measure in bar:
             hvps = operator.num_matvecs if operator is not None else 0
             bar.set_postfix_str(f"{measure}, {hvps} HVPs so far", refresh=False)
+            if measure in DIRECTION_MEASURES and isinstance(direction, DirectionUnavailable):
+                row[f"{measure}_status"] = f"no_direction: {direction}"
+                continue
             try:
                 row.update(steps[measure]())
             except Exception as error:  # one estimator failing leaves the others standing
                 row[f"{measure}_status"] = f"error: {type(error).__name__}: {error}"
 
+    def _total_gradient_norm(self, gradient: torch.Tensor) -> torch.Tensor | None:
+        """The norm clipping divides by: over every trainable parameter, as the Trainer clips,
+        even when only a subset is measured (one more backward then)."""
+        if not self.clips_a_subset:
+            return None
+        every = resolve_params(self.model)
+        probe = ProbeLoss(self.model, self.loss_fn, self.probe_batch, seed=self.seed)
+        return norm(probe_loss_and_gradient(probe, every)[1], every)
+
     def _direction(
-        self, optimizer: torch.optim.Optimizer | None, gradient: torch.Tensor
-    ) -> tuple[float, torch.Tensor]:
+        self,
+        optimizer: torch.optim.Optimizer | None,
+        gradient: torch.Tensor,
+        clip_norm: torch.Tensor | None,
+    ) -> tuple[float, torch.Tensor | DirectionUnavailable]:
+        """The learning rate and the update direction, or why the direction is unavailable
+        (the HVP measures that do not need it still run)."""
         if optimizer is None:
             return math.nan, gradient
-        direction = update_direction(
-            optimizer,
-            self.params,
-            gradients=unflatten(gradient, self.params),
-            max_grad_norm=self.max_grad_norm,
-        )
-        return learning_rate(optimizer), direction.to(gradient.dtype)
+        try:
+            direction = update_direction(
+                optimizer,
+                self.params,
+                gradients=unflatten(gradient, self.params),
+                max_grad_norm=self.max_grad_norm,
+                total_grad_norm=clip_norm,
+            )
+        except DirectionUnavailable as error:
+            return learning_rate(optimizer), error
+        return learning_rate(optimizer), direction.over(self.params).to(gradient.dtype)
 
     def _directional(self, operator, direction, gradient) -> dict:
         result = directional_sharpness(operator, direction, gradient)
@@ -346,10 +394,17 @@ class SharpnessMeter:
             "spectral_status": "ok" if result.converged else "not_converged",
         }
 
-    def _preconditioned(self, operator, optimizer) -> dict:
+    def _preconditioned(self, operator, optimizer, gradient, clip_norm) -> dict:
         if optimizer is None:
             return {"preconditioned_status": "no_optimizer"}
-        diagonal = adam_preconditioner(optimizer, self.params)
+        # P of the very update critical sharpness follows: the probe gradient's next step.
+        diagonal = adam_preconditioner(
+            optimizer,
+            self.params,
+            gradients=unflatten(gradient, self.params),
+            max_grad_norm=self.max_grad_norm,
+            total_grad_norm=clip_norm,
+        )
         result = lanczos(
             PreconditionedOperator(operator, diagonal),
             k=1,
@@ -413,15 +468,102 @@ class SharpnessMeter:
         self._started = time.perf_counter() - elapsed
 
 
-def _check_labels(probe_batch: Any) -> None:
-    for batch in split_probe(probe_batch):
-        if not (isinstance(batch, Mapping) and "labels" in batch):
-            raise ValueError(
-                "the probe batch has no 'labels': with loss_fn=None the model's own .loss is "
-                "measured, which needs labels= (or pass loss_fn)"
-            )
+_OPTION_NAMES = tuple(inspect.signature(SharpnessMeter.__init__).parameters)[3:]
+
+
+def check_options(options: Mapping[str, Any]) -> None:
+    """Check :class:`SharpnessMeter` keyword options without a model or a probe.
+
+    Names and values are checked as the meter checks them, so a callback or a config can
+    refuse a bad option at once; nothing is built and no random number is drawn.
+
+    Raises:
+        ValueError: an unknown (e.g. misspelled) option or a bad value.
+    """
+    unknown = [name for name in options if name not in _OPTION_NAMES]
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], _OPTION_NAMES, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(
+            f"unknown sharpness option {unknown[0]!r}{hint}; the options are "
+            + ", ".join(_OPTION_NAMES)
+        )
+    defaults = {
+        name: parameter.default
+        for name, parameter in inspect.signature(SharpnessMeter.__init__).parameters.items()
+        if name in _OPTION_NAMES
+    }
+    _check_settings(**{**defaults, **options})
+
+
+def _check_settings(
+    *,
+    loss_fn: Any,
+    measures: Any,
+    schedule: Any,
+    params: Any,
+    dropout: Any,
+    trace_method: Any,
+    trace_matvecs: Any,
+    lanczos_steps: Any,
+    lanczos_tol: Any,
+    critical_k: Any,
+    max_grad_norm: Any,
+    hvp_mode: Any,
+    seed: Any,
+    progress: Any,
+) -> None:
+    """Every model-free check of the meter's settings, in one place."""
+    if loss_fn is not None and not callable(loss_fn):
+        raise ValueError(f"loss_fn must be a callable (model, batch) -> loss, got {loss_fn!r}")
+    if isinstance(measures, str) or not isinstance(measures, Iterable):
+        raise ValueError(
+            f"measures must be a tuple of names such as ('critical',), got {measures!r}"
+        )
+    unknown = [m for m in measures if m not in MEASURES]
+    if unknown or not measures:
+        raise ValueError(f"measures must be a non-empty subset of {MEASURES}, got {measures}")
+    if schedule is not None and not isinstance(schedule, Schedule):
+        raise ValueError(f"schedule must be a sharpmeter.Schedule, got {schedule!r}")
+    if params is not None and (
+        isinstance(params, torch.Tensor) or not isinstance(params, Iterable)
+    ):
+        raise ValueError("params must be a list of parameters (e.g. list(layer.parameters()))")
+    if dropout not in DROPOUT_POLICIES:
+        raise ValueError(f"dropout must be one of {DROPOUT_POLICIES}, got {dropout!r}")
+    if trace_method not in TRACE_METHODS:
+        raise ValueError(
+            f"trace_method must be one of {tuple(TRACE_METHODS)}, got {trace_method!r}"
+        )
+    if hvp_mode not in MODES:
+        raise ValueError(f"hvp_mode must be one of {MODES}, got {hvp_mode!r}")
+    for name, value, minimum in (
+        ("trace_matvecs", trace_matvecs, 4),
+        ("lanczos_steps", lanczos_steps, 1),
+        ("critical_k", critical_k, 1),
+        ("seed", seed, 0),
+    ):
+        check_positive_int(name, value, minimum)
+    if not _is_number(lanczos_tol) or not lanczos_tol > 0:
+        raise ValueError(f"lanczos_tol must be a positive number, got {lanczos_tol!r}")
+    if max_grad_norm is not None and (not _is_number(max_grad_norm) or max_grad_norm < 0):
+        raise ValueError(
+            f"max_grad_norm must be a non-negative number or None, got {max_grad_norm!r}"
+        )
+    if not isinstance(progress, bool):
+        raise ValueError(f"progress must be True or False, got {progress!r}")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _overall_status(row: Mapping[str, Any], measures: Sequence[str]) -> str:
-    failed = [m for m in measures if str(row.get(f"{m}_status", "ok")).startswith("error")]
-    return "ok" if not failed else "error: " + ",".join(failed)
+    """``ok`` only when every measure is: what raised is named as an error, what finished
+    without a trustworthy value (no increase, not converged, no direction, ...) as incomplete."""
+    statuses = {m: str(row.get(f"{m}_status", "ok")) for m in measures}
+    errors = [m for m, status in statuses.items() if status.startswith("error")]
+    if errors:
+        return "error: " + ",".join(errors)
+    incomplete = [m for m, status in statuses.items() if status != "ok"]
+    return "ok" if not incomplete else "incomplete: " + ",".join(incomplete)

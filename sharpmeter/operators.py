@@ -39,10 +39,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from sharpmeter.directions import adam_denominator, unwrap_optimizer
 from sharpmeter.distributed import NO_FSDP_HVP, is_sharded
 from sharpmeter.loss import LossFn, ProbeLoss, loss_and_gradient
 from sharpmeter.params import (
+    ParameterVector,
     as_flat_vector,
     flatten,
     num_elements,
@@ -223,14 +223,24 @@ class PreconditionedOperator:
     r"""The preconditioned Hessian :math:`P^{-1/2} H P^{-1/2}` for a diagonal :math:`P > 0`.
 
     Its top eigenvalue is the sharpness an adaptive optimizer sees: with Adam,
-    :math:`P = \sqrt{\hat v} + \epsilon` (:func:`adam_preconditioner`), and a step of size
-    :math:`\eta` is stable along the top direction when
-    :math:`\eta\,\lambda_{\max}(P^{-1}H) < 2`. (:math:`P^{-1}H` and
+    :math:`P = \sqrt{\hat v} + \epsilon` (:func:`~sharpmeter.adam_preconditioner`). On a
+    quadratic, with :math:`P` frozen, Adam's momentum :math:`\beta_1` makes the update a
+    heavy-ball step, stable along the top direction while
+
+    .. math:: \eta\,\lambda_{\max}(P^{-1}H) < \frac{2 + 2\beta_1}{1 - \beta_1}
+
+    (38 at :math:`\beta_1 = 0.9`; 2 only without momentum), the threshold of Cohen et al.,
+    "Adaptive gradient methods at the edge of stability". (:math:`P^{-1}H` and
     :math:`P^{-1/2} H P^{-1/2}` share their eigenvalues; the second is symmetric, so Lanczos
     applies.) One product costs one Hessian-vector product.
+
+    ``diagonal`` is a flat vector over the operator's parameters, or a
+    :class:`~sharpmeter.params.ParameterVector` (read by parameter identity).
     """
 
-    def __init__(self, operator: HessianOperator, diagonal: torch.Tensor) -> None:
+    def __init__(self, operator: HessianOperator, diagonal: ParameterVector | torch.Tensor) -> None:
+        if isinstance(diagonal, ParameterVector):
+            diagonal = as_flat_vector(diagonal, operator.params, "the preconditioner")
         if diagonal.shape != (operator.dim,):
             raise ValueError(
                 f"the preconditioner must be a flat vector of length {operator.dim}, "
@@ -252,33 +262,6 @@ class PreconditionedOperator:
     def __matmul__(self, v: torch.Tensor) -> torch.Tensor:
         scale = self.inv_sqrt if v.dim() == 1 else self.inv_sqrt[:, None]
         return scale * (self.operator @ (scale * v))
-
-
-def adam_preconditioner(
-    optimizer: torch.optim.Optimizer, params: Sequence[nn.Parameter]
-) -> torch.Tensor:
-    r"""Adam's diagonal preconditioner :math:`P = \sqrt{\hat v} + \epsilon`, flat over ``params``.
-
-    :math:`\hat v = v_t / (1 - \beta_2^t)` from the optimizer state (``max_exp_avg_sq`` with
-    ``amsgrad``). Raises ``ValueError`` when a parameter has no Adam state yet (before the
-    first step) or belongs to no parameter group.
-    """
-    optimizer = unwrap_optimizer(optimizer)
-    group_of = {id(p): group for group in optimizer.param_groups for p in group["params"]}
-    parts = []
-    for index, p in enumerate(params):
-        if id(p) not in group_of:
-            raise ValueError(f"params[{index}] is not optimized by this optimizer")
-        group, state = group_of[id(p)], optimizer.state.get(p, {})
-        if "exp_avg_sq" not in state:
-            raise ValueError(
-                f"params[{index}] has no Adam state: take an optimizer step before measuring"
-            )
-        second_moment = state["max_exp_avg_sq"] if group.get("amsgrad") else state["exp_avg_sq"]
-        parts.append(
-            adam_denominator(second_moment, float(state["step"]), group["betas"][1], group["eps"])
-        )
-    return flatten(parts, vector_dtype(params))
 
 
 class _LossModule(nn.Module):

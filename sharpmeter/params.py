@@ -11,6 +11,7 @@ parameter, per-parameter tensors are ``DTensor`` objects sharded like the parame
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -97,11 +98,66 @@ def norm(vector: torch.Tensor, params: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.linalg.vector_norm(vector)
 
 
+@dataclass(frozen=True, eq=False)
+class ParameterVector:
+    """A flat vector together with the parameters it lives on, in the order it holds them.
+
+    Optimizers order parameters by group (decay / no-decay), models by module: two flat
+    vectors of the same length can hold the same numbers for different parameters. A
+    direction that carries its parameters is read by identity wherever it is used, so that
+    mix-up cannot happen (:func:`as_flat_vector`).
+
+    Attributes:
+        vector: the flat vector (for FSDP2 parameters, this rank's shard of each).
+        params: the parameters, in the order ``vector`` holds them.
+    """
+
+    vector: torch.Tensor
+    params: tuple[nn.Parameter, ...]
+
+    def __post_init__(self) -> None:
+        if self.vector.dim() != 1 or self.vector.numel() != num_elements(self.params):
+            raise ValueError(
+                f"a vector of length {num_elements(self.params)} over these parameters "
+                f"was expected, got shape {tuple(self.vector.shape)}"
+            )
+
+    def over(self, params: Sequence[nn.Parameter]) -> torch.Tensor:
+        """The flat vector in the order of ``params``, which may be a subset of its own.
+
+        Raises ``ValueError`` for a parameter the vector does not cover.
+        """
+        slices, offset = {}, 0
+        for p in self.params:
+            n = local(p).numel()
+            slices[id(p)] = self.vector[offset : offset + n]
+            offset += n
+        missing = [i for i, p in enumerate(params) if id(p) not in slices]
+        if missing:
+            raise ValueError(f"the vector has no entries for params[{missing[0]}]")
+        return torch.cat([slices[id(p)] for p in params])
+
+
 def as_flat_vector(
-    vector: torch.Tensor | Sequence[torch.Tensor], params: Sequence[torch.Tensor], name: str
+    vector: ParameterVector | torch.Tensor | Sequence[torch.Tensor],
+    params: Sequence[torch.Tensor],
+    name: str,
 ) -> torch.Tensor:
-    """Accept a flat vector or a per-parameter list and return the flat form, checking sizes."""
+    """A flat vector over ``params`` (in their order) from any accepted form, sizes checked.
+
+    A :class:`ParameterVector` is reordered by parameter identity and must cover exactly
+    ``params`` (``vector.over(subset)`` restricts it on purpose); a bare flat tensor is taken
+    to be in the order of ``params``; a list holds one tensor per parameter.
+    """
     dim = num_elements(params)
+    if isinstance(vector, ParameterVector):
+        if {id(p) for p in vector.params} != {id(p) for p in params}:
+            raise ValueError(
+                f"{name} lives on other parameters than the ones measured "
+                f"({len(vector.params)} vs {len(params)} tensors): build it over the same "
+                f"parameters, or restrict it with {name}.over(params)"
+            )
+        vector = vector.over(params)
     if isinstance(vector, torch.Tensor):
         if vector.dim() != 1 or vector.numel() != dim:
             raise ValueError(

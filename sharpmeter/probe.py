@@ -2,7 +2,8 @@
 
 Inside :func:`measurement` a model can be evaluated, differentiated twice and perturbed; on exit
 its parameters, ``.grad`` tensors, ``requires_grad`` flags, buffers (BatchNorm running
-statistics), train/eval flags and the global RNG streams are exactly what they were on entry.
+statistics), train/eval flags and the global RNG streams (torch CPU and CUDA, Python's
+``random``, NumPy) are exactly what they were on entry.
 
 Two things the context switches on purpose while it is open:
 
@@ -31,7 +32,7 @@ import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from sharpmeter.params import cuda_device_indices
+from sharpmeter.rng import fork_rng
 
 DROPOUT_POLICIES = ("eval", "train")
 
@@ -107,7 +108,7 @@ def measurement(model: nn.Module, dropout: str = "eval") -> Iterator[None]:
     state = ModelState.capture(model)
     try:
         with (
-            torch.random.fork_rng(devices=cuda_device_indices(model.parameters())),
+            fork_rng(model.parameters()),
             attention_guard(model),
         ):
             if dropout == "eval":

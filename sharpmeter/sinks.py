@@ -10,10 +10,13 @@ a run is started in offline mode; ``wandb sync`` uploads it later.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import platform
+import secrets
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -58,8 +61,44 @@ def _optional_versions(*names: str) -> dict[str, str]:
     return found
 
 
+class SinkWarning(RuntimeWarning):
+    """A sink could not write (or writes again): training goes on, rows wait in memory."""
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Replaces ``path`` by ``text`` so that a crash or a full disk midway leaves the old file
+    whole, never an empty or torn one: the text goes to a temporary file in the same folder
+    (a rename stays on one file system), is synced to disk, then renamed over ``path``.
+
+    Raises the ``OSError`` of a failed step, after removing the temporary file.
+    """
+    path = Path(path)
+    temp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    try:
+        with open(temp, "xb", buffering=0) as handle:
+            _write_all(handle, text.encode("utf-8"))
+            os.fsync(handle.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            temp.unlink()
+        raise
+
+
+def _write_all(handle: Any, data: bytes) -> None:
+    """An unbuffered file may take part of ``data`` per call; the rest must follow in order."""
+    view = memoryview(data)
+    while view:
+        view = view[handle.write(view) :]
+
+
 class JsonlSink:
     """Appends one JSON line per measurement, flushed at once (a crash loses nothing).
+
+    A failing write (read-only folder, full disk) never stops training: the rows that could not
+    be written wait in :attr:`pending` and every later :meth:`write` (or :meth:`flush`) writes
+    them first, so once the disk is back the file holds every row, in order, exactly once. A
+    :class:`SinkWarning` says when writing fails and when it works again, once each.
 
     Args:
         path: the ``.jsonl`` file; parent folders are created.
@@ -67,7 +106,7 @@ class JsonlSink:
             put in every row.
         resume_step: when resuming from a checkpoint at this step, rows measured after it
             (by the run that crashed or was stopped) are dropped first, so the curve continues
-            without duplicates.
+            without duplicates; so is a torn last line the crash left.
     """
 
     def __init__(
@@ -77,31 +116,146 @@ class JsonlSink:
         resume_step: int | None = None,
     ) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         metadata = dict(metadata or {})
         self.identity = {k: metadata[k] for k in ("run", "n_params") if k in metadata}
-        if metadata:
-            meta_path = self.path.with_name(self.path.stem + ".meta.json")
-            meta_path.write_text(json.dumps(metadata, indent=2, default=str) + "\n")
-        if resume_step is not None:
-            self._truncate_after(resume_step)
-        elif self.path.exists():
-            self.path.write_text("")
-
-    def _truncate_after(self, step: int) -> None:
-        if not self.path.exists():
-            return
-        kept = [
-            line
-            for line in self.path.read_text().splitlines()
-            if line.strip() and json.loads(line).get("step", -1) <= step
-        ]
-        self.path.write_text("".join(line + "\n" for line in kept))
+        self.meta_path = self.path.with_name(self.path.stem + ".meta.json")
+        # What is still to be written; each is retried until it succeeds.
+        self._meta_text = json.dumps(metadata, indent=2, default=str) + "\n" if metadata else None
+        self._resume_step = resume_step
+        self._prepared = False
+        self.pending: list[str] = []
+        # File size before a failed append whose torn part could not be cut off yet.
+        self._torn_at: int | None = None
+        self._failing = False
+        self._retry()
 
     def write(self, row: Mapping[str, Any]) -> None:
-        with self.path.open("a") as handle:
-            handle.write(json.dumps({**self.identity, **_json_safe(row)}) + "\n")
-            handle.flush()
+        # Encoded now, so that a row JSON cannot hold raises here instead of blocking the queue.
+        self.pending.append(json.dumps({**self.identity, **_json_safe(row)}) + "\n")
+        self._retry()
+
+    def flush(self) -> None:
+        """Tries again to write what is pending (rows, metadata) without adding a row."""
+        self._retry()
+
+    def close(self) -> None:
+        """Makes a last try; what still cannot be written is reported lost and dropped."""
+        self._retry()
+        if self.pending:
+            warnings.warn(
+                f"sharpmeter: {len(self.pending)} rows could not be written to {self.path} "
+                "and are lost",
+                SinkWarning,
+                stacklevel=2,
+            )
+            self.pending.clear()
+        if self._meta_text is not None:
+            warnings.warn(
+                f"sharpmeter: the run metadata could not be written to {self.meta_path}",
+                SinkWarning,
+                stacklevel=2,
+            )
+            self._meta_text = None
+
+    def _retry(self) -> None:
+        """One attempt at everything outstanding; warns when a failure starts and ends (not per
+        row, so that a long outage does not flood the log)."""
+        failed: tuple[Path, OSError] | None = None
+        written = 0
+        try:
+            self._prepare()
+        except OSError as error:
+            failed = (self.path, error)
+        else:
+            written, error = self._append_pending()
+            if error is not None:
+                failed = (self.path, error)
+            if self._meta_text is not None:
+                try:
+                    atomic_write_text(self.meta_path, self._meta_text)
+                    self._meta_text = None
+                except OSError as error:
+                    failed = failed or (self.meta_path, error)
+        if failed is not None and not self._failing:
+            self._failing = True
+            path, error = failed
+            warnings.warn(
+                f"sharpmeter could not write {path} ({error}); training goes on, the rows are "
+                "kept in memory and written at the next try",
+                SinkWarning,
+                stacklevel=3,
+            )
+        elif failed is None and self._failing:
+            self._failing = False
+            warnings.warn(
+                f"sharpmeter writes {self.path} again: {written} pending rows written",
+                SinkWarning,
+                stacklevel=3,
+            )
+
+    def _prepare(self) -> None:
+        """Makes the folder and drops the old run's rows, before any row of this run is added."""
+        if self._prepared:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self._resume_step is not None:
+            self._truncate_after(self._resume_step)
+        elif self.path.exists():
+            os.truncate(self.path, 0)
+        self._prepared = True
+
+    def _truncate_after(self, step: int) -> None:
+        try:
+            data = self.path.read_bytes()
+        except FileNotFoundError:
+            return
+        kept = b"".join(line + b"\n" for line in data.splitlines() if _step_at_most(line, step))
+        if data.startswith(kept):
+            # Only the tail goes: nothing to write, so a full disk or read-only folder cannot
+            # stop it, and the kept rows are never rewritten.
+            if len(kept) < len(data):
+                os.truncate(self.path, len(kept))
+        else:
+            atomic_write_text(self.path, kept.decode("utf-8"))
+
+    def _append_pending(self) -> tuple[int, OSError | None]:
+        """Appends the pending rows in order, each in one write, until one fails; a failed append
+        is cut off again, so that the next line is never glued onto a torn one."""
+        if not self.pending:
+            return 0, None
+        written = 0
+        try:
+            with open(self.path, "ab", buffering=0) as handle:
+                if self._torn_at is not None:
+                    if handle.seek(0, os.SEEK_END) > self._torn_at:
+                        handle.truncate(self._torn_at)
+                    self._torn_at = None
+                while self.pending:
+                    start = handle.seek(0, os.SEEK_END)
+                    try:
+                        _write_all(handle, self.pending[0].encode("utf-8"))
+                    except OSError:
+                        self._torn_at = start
+                        with contextlib.suppress(OSError):
+                            handle.truncate(start)
+                            self._torn_at = None
+                        raise
+                    self.pending.pop(0)
+                    written += 1
+        except OSError as error:
+            return written, error
+        return written, None
+
+
+def _step_at_most(line: bytes, step: int) -> bool:
+    try:
+        row = json.loads(line)
+    except ValueError:  # a line torn by a crash, or an empty one
+        return False
+    if not isinstance(row, dict):
+        return False
+    row_step = row.get("step", -1)
+    return isinstance(row_step, (int, float)) and row_step <= step
 
 
 def _json_safe(row: Mapping[str, Any]) -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""critical_sharpness on quadratics, where lambda_c = d'Hd / d'g exactly."""
+"""critical_sharpness on quadratics, where lambda_c = d'Hd / d'g exactly, and on one-parameter
+losses that blow up, never rise, or cross the start more than once."""
 
 from __future__ import annotations
 
@@ -12,6 +13,55 @@ import sharpmeter as sm
 
 K = 4
 TOLERANCE = 2.0**-K
+CHECK_BELOW = 2  # critical_sharpness's default
+ALONG = -torch.ones(1, dtype=torch.float64)  # with theta = 0 at the start, theta - eta d = eta
+
+
+class Line(torch.nn.Module):
+    """One parameter theta = 0; with direction ``ALONG`` the loss at step eta is ``along(eta)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.theta = torch.nn.Parameter(torch.zeros(1, dtype=torch.float64))
+
+    def forward(self, _batch) -> torch.Tensor:
+        return self.along(self.theta).sum()
+
+    def along(self, eta: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class EdgeOfDomain(Line):
+    """-eta + 0 * sqrt(1 - eta): falls linearly, then NaN from eta = 1 on, never a finite rise."""
+
+    def along(self, eta):
+        return -eta + 0 * torch.sqrt(1 - eta)
+
+
+class BumpBeforeEdge(EdgeOfDomain):
+    """EdgeOfDomain with a finite rise (+10) on [0.9, 1) just before the NaN."""
+
+    def along(self, eta):
+        return super().along(eta) + 10 * (eta >= 0.9)
+
+
+class FlattensThenNaN(Line):
+    """exp(-eta) - 1: falls and flattens at -1, below the start for good, NaN from ``edge`` on."""
+
+    def __init__(self, edge: float) -> None:
+        super().__init__()
+        self.edge = edge
+
+    def along(self, eta):
+        return torch.where(eta < self.edge, torch.expm1(-eta), torch.nan)
+
+
+class Wiggle(Line):
+    """eta (eta - 0.1)(eta - 0.3)(eta - 5): above the start on (0.1, 0.3) and beyond 5, below it
+    on (0, 0.1) and (0.3, 5), so eta_c = 0.1 and 5 is a later crossing."""
+
+    def along(self, eta):
+        return eta * (eta - 0.1) * (eta - 0.3) * (eta - 5)
 
 
 def exact_critical(quadratic: Quadratic, d: torch.Tensor) -> float:
@@ -60,7 +110,7 @@ def test_forward_count_with_a_good_warm_start(quadratic, factor):
     d = descent_direction(quadratic, 1)
     eta_c = 2 / exact_critical(quadratic, d)
     result = sm.critical_sharpness(quadratic, quadratic_loss, None, d, eta0=factor * eta_c, k=K)
-    assert result.num_forward == 1 + 2 + K
+    assert result.num_forward == 1 + 2 + K + CHECK_BELOW
     cold = sm.critical_sharpness(quadratic, quadratic_loss, None, d, eta0=1e-6 * eta_c, k=K)
     assert cold.num_forward > result.num_forward
     assert cold.value == pytest.approx(result.value, rel=2 * TOLERANCE)
@@ -109,22 +159,87 @@ def test_non_finite_base_loss():
     assert result.status == "nonfinite" and result.num_forward == 1
 
 
-def test_non_finite_loss_counts_as_an_increase():
-    """L = -theta + 0 * sqrt(1 - theta) falls linearly until it turns NaN at theta = 1."""
+def test_a_loss_that_turns_nan_without_rising_is_nonfinite():
+    """NaN counts as a rise while searching, but the bracket's top is a blow-up, not a crossing:
+    1 only bounds eta_c from above."""
+    result = sm.critical_sharpness(EdgeOfDomain(), quadratic_loss, None, ALONG, eta0=0.3, k=K)
+    assert result.status == "nonfinite"
+    assert result.lo < 1.0 <= result.hi and 1 - result.lo / result.hi <= TOLERANCE
+    assert math.isnan(result.value) and math.isnan(result.eta_c)
 
-    class EdgeOfDomain(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.theta = torch.nn.Parameter(torch.zeros(1, dtype=torch.float64))
 
-        def forward(self, _):
-            return (-self.theta + 0 * torch.sqrt(1 - self.theta)).sum()
-
-    direction = -torch.ones(1, dtype=torch.float64)  # theta - eta d = eta
-    result = sm.critical_sharpness(EdgeOfDomain(), quadratic_loss, None, direction, eta0=0.3)
+def test_a_finite_rise_before_the_nan_is_ok():
+    result = sm.critical_sharpness(BumpBeforeEdge(), quadratic_loss, None, ALONG, eta0=0.3, k=K)
     assert result.status == "ok"
-    assert result.lo < 1.0 <= result.hi
-    assert result.value == pytest.approx(2.0, rel=TOLERANCE)
+    assert result.lo < 0.9 <= result.hi < 1.0
+    assert result.value == pytest.approx(2 / 0.9, rel=TOLERANCE)
+
+
+@pytest.mark.parametrize(
+    ("edge", "max_forward", "status"),
+    [(1e6, 64, "nonfinite"), (4e18, 64, "no_increase"), (4e18, 128, "nonfinite")],
+)
+def test_a_loss_that_never_rises_is_never_ok(edge, max_forward, status):
+    """Issue #12: flat below the start, NaN only at 4e18, was ok with lambda_c = 5e-19."""
+    result = sm.critical_sharpness(
+        FlattensThenNaN(edge), quadratic_loss, None, ALONG, k=K, max_forward=max_forward
+    )
+    assert result.status == status
+    assert math.isnan(result.value) and math.isnan(result.eta_c)
+    if status == "nonfinite":
+        assert result.lo < edge <= result.hi
+
+
+def test_a_budget_too_small_to_converge_is_not_converged(quadratic):
+    d = descent_direction(quadratic, 1)
+    eta_c = 2 / exact_critical(quadratic, d)
+    # 1 + 1 + 20 forwards bracket eta_c from 1e-6 eta_c; two are left for the bisection.
+    result = sm.critical_sharpness(
+        quadratic, quadratic_loss, None, d, eta0=1e-6 * eta_c, k=K, max_forward=24
+    )
+    assert result.status == "not_converged" and result.num_forward == 24
+    assert math.isnan(result.value) and math.isnan(result.eta_c)
+    assert math.isfinite(result.lo) and math.isfinite(result.hi)
+    assert result.lo < eta_c <= result.hi and 1 - result.lo / result.hi > TOLERANCE
+
+
+def test_an_unchecked_bracket_is_not_converged(quadratic):
+    """A converged bracket is ok only once the steps below it were checked."""
+    d = descent_direction(quadratic, 1)
+    eta0 = 1.1 * 2 / exact_critical(quadratic, d)
+    short = sm.critical_sharpness(
+        quadratic, quadratic_loss, None, d, eta0=eta0, k=K, max_forward=1 + 2 + K
+    )
+    assert short.status == "not_converged" and math.isnan(short.value)
+    assert 1 - short.lo / short.hi <= TOLERANCE
+    enough = sm.critical_sharpness(
+        quadratic, quadratic_loss, None, d, eta0=eta0, k=K, max_forward=1 + 2 + K + CHECK_BELOW
+    )
+    assert enough.status == "ok" and (enough.lo, enough.hi) == (short.lo, short.hi)
+
+
+@pytest.mark.parametrize("eta0", [1.0, 6.0])
+def test_a_warm_start_past_the_first_crossing_finds_it(eta0):
+    """From inside the dip (1) or above the later crossing (6), the bracket is around 5 until
+    the check below steps into the rise on (0.1, 0.3)."""
+    result = sm.critical_sharpness(Wiggle(), quadratic_loss, None, ALONG, eta0=eta0, k=K)
+    assert result.status == "ok"
+    assert result.lo < 0.1 <= result.hi and 1 - result.lo / result.hi <= TOLERANCE
+    assert result.value == pytest.approx(2 / 0.1, rel=TOLERANCE)
+    unchecked = sm.critical_sharpness(
+        Wiggle(), quadratic_loss, None, ALONG, eta0=eta0, k=K, check_below=0
+    )
+    assert unchecked.lo < 5 <= unchecked.hi and unchecked.num_forward < result.num_forward
+
+
+def test_no_budget_left_after_a_check_rose_is_not_converged():
+    """1 + 4 forwards bracket 5 from 1, K bisect it, and the check at 1/4 rises: none is left
+    to search below 1/4."""
+    result = sm.critical_sharpness(
+        Wiggle(), quadratic_loss, None, ALONG, eta0=1.0, k=K, max_forward=1 + 4 + K + 1
+    )
+    assert result.status == "not_converged" and math.isnan(result.value)
+    assert math.isnan(result.lo) and result.hi == 0.25
 
 
 def test_parameters_restored_bit_identically_and_rng_untouched():
@@ -152,6 +267,9 @@ def test_bad_input(quadratic):
         sm.critical_sharpness(quadratic, quadratic_loss, None, d * float("inf"))
     with pytest.raises(ValueError, match="k"):
         sm.critical_sharpness(quadratic, quadratic_loss, None, d, k=0)
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="check_below"):
+            sm.critical_sharpness(quadratic, quadratic_loss, None, d, check_below=bad)
     with pytest.raises(ValueError, match="gradient="):
         sm.directional_sharpness(torch.eye(12, dtype=torch.float64), d)
 
@@ -171,5 +289,5 @@ def test_known_loss_and_gradient_save_the_base_forward(quadratic):
         gradient=quadratic.gradient(),
         loss=loss,
     )
-    assert result.num_forward == 2 + K
+    assert result.num_forward == 2 + K + CHECK_BELOW
     assert result.value == pytest.approx(exact_critical(quadratic, d), rel=TOLERANCE)

@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import copy
+import threading
 
 import pytest
 import torch
 from torch import nn
 
-from sharpmeter.directions import adam_denominator, learning_rate, update_direction
-from sharpmeter.params import flatten
+from sharpmeter.directions import (
+    DirectionUnavailable,
+    adam_denominator,
+    learning_rate,
+    update_direction,
+)
+from sharpmeter.params import ParameterVector, as_flat_vector, flatten
 
 
 class Net(nn.Module):
@@ -52,7 +58,12 @@ def real_step(
     model: Net, optimizer: torch.optim.Optimizer, max_grad_norm: float | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Flat parameters (in the optimizer's group order) before and after a real step on a copy."""
-    model_copy, optimizer_copy = copy.deepcopy((model, optimizer))
+    memo = {}
+    model_copy = copy.deepcopy(model, memo)
+    # The optimizer's whole __dict__ (Optimizer pickles only its state and groups), so custom
+    # optimizers keep their own attributes; the memo points them at the copied parameters.
+    optimizer_copy = object.__new__(type(optimizer))
+    optimizer_copy.__dict__ = copy.deepcopy(optimizer.__dict__, memo)
     for p, q in zip(model.parameters(), model_copy.parameters()):
         q.grad = None if p.grad is None else p.grad.clone()  # deepcopy drops .grad
     params = [p for group in optimizer_copy.param_groups for p in group["params"]]
@@ -64,9 +75,13 @@ def real_step(
 
 
 def assert_matches_step(
-    model: Net, optimizer: torch.optim.Optimizer, d: torch.Tensor, max_grad_norm=None
+    model: Net, optimizer: torch.optim.Optimizer, d: ParameterVector, max_grad_norm=None
 ) -> None:
     before, after = real_step(model, optimizer, max_grad_norm)
+    if isinstance(d, ParameterVector):  # the default direction is in the optimizer's order
+        owned = [p for group in optimizer.param_groups for p in group["params"]]
+        assert [id(p) for p in d.params] == [id(p) for p in owned]
+        d = d.vector
     lr0 = learning_rate(optimizer)
     torch.testing.assert_close(before - lr0 * d, after, rtol=1e-13, atol=1e-15)
     # The step itself, far more demanding than theta - lr0 * d: it sees errors of 1e-10 in d.
@@ -177,7 +192,7 @@ def test_adamw_weight_decay_is_decoupled() -> None:
         optimizer = torch.optim.AdamW(model.parameters(), lr=0.05, weight_decay=wd)
         directions[name] = update_direction(optimizer)
     theta = flatten([p.detach() * (p.grad is not None) for p in model.parameters()])
-    torch.testing.assert_close(directions["decay"] - directions["none"], 0.3 * theta)
+    torch.testing.assert_close(directions["decay"].vector - directions["none"].vector, 0.3 * theta)
 
 
 def test_several_groups_scale_by_their_lr() -> None:
@@ -220,7 +235,7 @@ def test_gradient_clipping(optimizer_type: type, max_grad_norm: float) -> None:
     d = update_direction(optimizer, max_grad_norm=max_grad_norm)
     assert_unchanged(model, optimizer, saved)  # .grad is not clipped in place
     assert_matches_step(model, optimizer, d, max_grad_norm=max_grad_norm)
-    clipped_differs = not torch.allclose(d, update_direction(optimizer))
+    clipped_differs = not torch.allclose(d.vector, update_direction(optimizer).vector)
     assert clipped_differs == (max_grad_norm < 1)
 
 
@@ -230,7 +245,9 @@ def test_parameters_without_gradient_are_zero() -> None:
     train(model, optimizer, 1)
     assert model.unused.grad is None
     d = update_direction(optimizer)
-    assert torch.equal(d[:2], torch.zeros(2, dtype=d.dtype))  # own parameters come first
+    assert torch.equal(
+        d.vector[:2], torch.zeros(2, dtype=d.vector.dtype)
+    )  # own parameters come first
     assert_matches_step(model, optimizer, d)
 
 
@@ -240,11 +257,13 @@ def test_params_select_and_order_the_entries() -> None:
     train(model, optimizer, 2)
     full = update_direction(optimizer)
     sizes = [p.numel() for p in model.parameters()]
-    parts = dict(zip(["u", "hw", "hb", "ow", "ob"], full.split(sizes)))
+    parts = dict(zip(["u", "hw", "hb", "ow", "ob"], full.vector.split(sizes)))
     outsider = nn.Parameter(torch.ones(3, dtype=torch.float64))  # not optimized: zeros
     chosen = [model.out.bias, outsider, model.hidden.weight]
     d = update_direction(optimizer, chosen)
-    assert torch.equal(d, torch.cat([parts["ob"], torch.zeros(3, dtype=d.dtype), parts["hw"]]))
+    zeros = torch.zeros(3, dtype=d.vector.dtype)
+    assert torch.equal(d.vector, torch.cat([parts["ob"], zeros, parts["hw"]]))
+    assert [id(p) for p in d.params] == [id(p) for p in chosen]
 
 
 def test_float32_parameters_give_a_float32_direction() -> None:
@@ -252,9 +271,9 @@ def test_float32_parameters_give_a_float32_direction() -> None:
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.05)
     train(model, optimizer, 2)
     d = update_direction(optimizer)
-    assert d.dtype == torch.float32
+    assert d.vector.dtype == torch.float32
     before, after = real_step(model, optimizer)
-    torch.testing.assert_close(before - 0.05 * d, after, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(before - 0.05 * d.vector, after, rtol=1e-6, atol=1e-7)
 
 
 def test_the_check_rejects_a_wrong_direction() -> None:
@@ -315,7 +334,9 @@ def test_wrapped_optimizer_is_unwrapped() -> None:
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     train(model, optimizer, 1)
     assert learning_rate(Wrapper(optimizer)) == 0.1
-    assert torch.equal(update_direction(Wrapper(optimizer)), update_direction(optimizer))
+    assert torch.equal(
+        update_direction(Wrapper(optimizer)).vector, update_direction(optimizer).vector
+    )
 
 
 def test_errors() -> None:
@@ -352,7 +373,7 @@ def test_all_rates_zero_gives_the_update_per_unit_rate(optimizer_type: type) -> 
     for group in optimizer.param_groups:
         group["lr"] = 0.0
     d = update_direction(optimizer)
-    torch.testing.assert_close(d, expected, rtol=1e-13, atol=1e-15)
+    torch.testing.assert_close(d.vector, expected.vector, rtol=1e-13, atol=1e-15)
     assert optimizer.param_groups[0]["lr"] == 0.0
 
 
@@ -370,7 +391,7 @@ def test_given_gradients_replace_grad() -> None:
     expected = update_direction(optimizer, params, max_grad_norm=0.5)
     for p, g in zip(params, saved):
         p.grad = g
-    torch.testing.assert_close(d, expected, rtol=0, atol=0)
+    torch.testing.assert_close(d.vector, expected.vector, rtol=0, atol=0)
 
 
 def test_adam_denominator_is_the_preconditioner() -> None:
@@ -378,3 +399,108 @@ def test_adam_denominator_is_the_preconditioner() -> None:
     v = torch.rand(10, dtype=torch.float64)
     expected = (v / (1 - 0.99**3)).sqrt() + 1e-8
     torch.testing.assert_close(adam_denominator(v, 3.0, 0.99, 1e-8), expected)
+
+
+class CountingSGD(torch.optim.Optimizer):
+    """A custom optimizer whose step depends on a counter kept outside ``state``."""
+
+    def __init__(self, params, lr: float) -> None:
+        super().__init__(params, {"lr": lr})
+        self.steps_taken = 0
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        self.steps_taken += 1
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.add_(p.grad, alpha=-group["lr"] / self.steps_taken)
+
+
+class OwnListSGD(torch.optim.Optimizer):
+    """A custom optimizer that steps its own list of parameters, not ``param_groups``."""
+
+    def __init__(self, params, lr: float) -> None:
+        self.own = list(params)
+        super().__init__(self.own, {"lr": lr})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for p in self.own:
+            if p.grad is not None:
+                p.add_(p.grad, alpha=-self.defaults["lr"])
+
+
+@pytest.mark.parametrize("optimizer_type", [CountingSGD, OwnListSGD])
+def test_custom_optimizer_state_outside_param_groups(optimizer_type) -> None:
+    """The shadow step runs on a deep copy: the real counter, list and parameters stay."""
+    model = make_model()
+    optimizer = optimizer_type(model.parameters(), lr=0.1)
+    train(model, optimizer, 2)
+    counter = getattr(optimizer, "steps_taken", None)
+    saved = snapshot(model, optimizer)
+    d = update_direction(optimizer)
+    assert_unchanged(model, optimizer, saved)
+    assert getattr(optimizer, "steps_taken", None) == counter
+    assert_matches_step(model, optimizer, d)
+
+
+class DataTensorSGD(torch.optim.Optimizer):
+    """Steps ``p.data`` tensors it keeps itself: a copy cannot point them at the shadows."""
+
+    def __init__(self, params, lr: float) -> None:
+        params = list(params)
+        super().__init__(params, {"lr": lr})
+        self.pairs = [(p.data, p) for p in params]
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for data, p in self.pairs:
+            if p.grad is not None:
+                data.add_(p.grad, alpha=-self.defaults["lr"])
+
+
+class LockedSGD(torch.optim.SGD):
+    """An optimizer holding something deepcopy refuses."""
+
+    def __init__(self, params, lr: float) -> None:
+        super().__init__(params, lr=lr)
+        self.lock = threading.Lock()
+
+
+@pytest.mark.parametrize("optimizer_type", [DataTensorSGD, LockedSGD])
+def test_no_faithful_copy_means_no_direction(optimizer_type) -> None:
+    """Never a silently wrong direction, never a stepped model: DirectionUnavailable."""
+    model = make_model()
+    optimizer = optimizer_type(model.parameters(), lr=0.1)
+    train(model, optimizer, 1)
+    saved = snapshot(model, optimizer)
+    with pytest.raises(DirectionUnavailable):
+        update_direction(optimizer)
+    assert_unchanged(model, optimizer, saved)
+
+
+def test_a_direction_is_read_by_parameter_not_by_position() -> None:
+    """Decay / no-decay groups order the optimizer's parameters apart from the model's: the
+    direction carries its parameters, and a mismatch raises instead of mixing them up."""
+    model = make_model()
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=0.05,
+    )
+    train(model, optimizer, 2)
+    d = update_direction(optimizer)
+    model_order = list(model.parameters())
+    assert [id(p) for p in d.params] != [id(p) for p in model_order]
+    before, after = real_step(model, optimizer)  # in the optimizer's order
+    steps = ((before - after) / 0.05).split([p.numel() for p in d.params])
+    real = {id(p): part for p, part in zip(d.params, steps)}
+    expected = torch.cat([real[id(p)] for p in model_order])
+    torch.testing.assert_close(
+        as_flat_vector(d, model_order, "d"), expected, rtol=1e-10, atol=1e-12
+    )
+    with pytest.raises(ValueError, match="other parameters"):
+        as_flat_vector(d, decay, "d")
+    torch.testing.assert_close(d.over(decay), torch.cat([real[id(p)] for p in decay]))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 
 import pytest
@@ -11,10 +12,18 @@ import torch
 import wandb
 import wandb_records
 from conftest import VOCAB, tiny_gpt2
-from transformers import Trainer, TrainingArguments
+from tokenizers import Tokenizer
+from tokenizers.models import WordLevel
+from transformers import (
+    DataCollatorForLanguageModeling,
+    PreTrainedTokenizerFast,
+    Trainer,
+    TrainingArguments,
+)
 
 import sharpmeter as sm
 from sharpmeter.integrations.hf import SharpnessCallback
+from sharpmeter.sinks import SinkWarning
 
 KEYS = ("critical_sharpness", "hessian_trace", "lambda_max")
 
@@ -72,7 +81,8 @@ def test_measuring_every_step_leaves_training_bit_identical(tmp_path):
     measured.train()
     rows = read_rows(tmp_path / "b" / "out" / "sharpness.jsonl")
     assert [r["step"] for r in rows] == list(range(1, 13))
-    assert all(r["status"] == "ok" for r in rows)
+    assert all(r["critical_status"] == "ok" and r["trace_status"] == "ok" for r in rows)
+    assert not any(r["status"].startswith("error") for r in rows)
     assert all(torch.equal(a, b) for a, b in zip(final_params(measured), final_params(reference)))
     assert (
         reference.state.log_history[-1]["train_loss"]
@@ -160,28 +170,196 @@ def test_resume_continues_the_curve_without_duplicates(tmp_path):
     second.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-10"))
     rows = read_rows(tmp_path / "out" / "sharpness.jsonl")
     assert [r["step"] for r in rows] == [4, 8, 12, 16, 20]
-    state = json.loads((tmp_path / "out" / "checkpoint-10" / "sharpmeter_state.json").read_text())
+    saved = json.loads((tmp_path / "out" / "checkpoint-10" / "trainer_state.json").read_text())
+    state = saved["stateful_callbacks"]["sharpmeter"]
     assert state["last_step"] == 8 and state["eta_c"] > 0
 
 
-def test_bad_options_fail_at_construction():
-    batch = {"input_ids": torch.zeros(2, 8, dtype=torch.long)}
-    with pytest.raises(ValueError, match="labels"):
-        SharpnessCallback(batch)
+@pytest.mark.parametrize("probe", [None, {"input_ids": torch.zeros(2, 8, dtype=torch.long)}])
+def test_bad_options_fail_at_construction(probe):
+    """With or without a probe batch, every option is checked when the callback is made."""
     with pytest.raises(ValueError, match="measures"):
-        SharpnessCallback({**batch, "labels": batch["input_ids"]}, measures=("sharpest",))
+        SharpnessCallback(probe, measures=("sharpest",))
+    with pytest.raises(ValueError, match="tuple of names"):
+        SharpnessCallback(probe, measures="critical")
+    with pytest.raises(ValueError, match="did you mean 'lanczos_steps'"):
+        SharpnessCallback(probe, lanczos_step=10)
+    with pytest.raises(ValueError, match="schedule"):
+        SharpnessCallback(probe, schedule=10)
+    with pytest.raises(ValueError, match="critical_k"):
+        SharpnessCallback(probe, critical_k=True)
+    with pytest.raises(ValueError, match="params"):
+        SharpnessCallback(probe, params=torch.nn.Parameter(torch.ones(3)))
     with pytest.raises(ValueError, match="every"):
         sm.Schedule(every=0)
     with pytest.raises(ValueError, match="probe_size"):
         SharpnessCallback(probe_size=0)
 
 
+def test_a_probe_without_loss_is_refused_when_training_begins(tmp_path):
+    """No labels and no loss_fn: one clear error before the first step, not one per row."""
+    trainer = make_trainer(tmp_path, max_steps=3)
+    probe = {"input_ids": torch.zeros(2, 8, dtype=torch.long)}
+    SharpnessCallback.attach(trainer, probe, schedule=sm.Schedule(every=1))
+    with pytest.raises(ValueError, match="no .loss"):
+        trainer.train()
+    assert trainer.state.global_step == 0
+
+
 def test_a_parameter_subset_given_with_the_probe_batch(tmp_path):
     trainer = make_trainer(tmp_path, max_steps=2)
-    layer = list(trainer.model.transformer.h[0].attn.parameters())
+    layer = [trainer.model.transformer.wte.weight]  # along the attention alone the loss never rises
     probe = TokenDataset(size=4)[0]
     probe = {k: v[None] for k, v in probe.items()}
     SharpnessCallback.attach(trainer, probe, params=layer, schedule=sm.Schedule(every=2))
     trainer.train()
     (row,) = read_rows(tmp_path / "out" / "sharpness.jsonl")
     assert row["status"] == "ok" and row["step"] == 2
+
+
+def masking_collator(seed: int | None) -> DataCollatorForLanguageModeling:
+    """The real random collator: BERT-style masking, with its own generator when seeded."""
+    vocab = {f"t{i}": i for i in range(VOCAB - 2)} | {"[PAD]": VOCAB - 2, "[MASK]": VOCAB - 1}
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(WordLevel(vocab, unk_token="[PAD]")),
+        pad_token="[PAD]",
+        mask_token="[MASK]",
+    )
+    return DataCollatorForLanguageModeling(tokenizer, mlm_probability=0.3, seed=seed)
+
+
+class UnlabelledDataset(TokenDataset):
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i]}
+
+
+def training_record(trainer) -> tuple[list[torch.Tensor], list[float]]:
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    return final_params(trainer), losses
+
+
+NON_INTERFERENCE_CASES = {
+    "unseeded_attach_drawn": (None, "attach", False),
+    "unseeded_callbacks_given": (None, "callbacks", True),
+    "seeded_attach_given": (0, "attach", True),
+    "seeded_callbacks_drawn": (0, "callbacks", False),
+}
+
+
+@pytest.mark.parametrize("case", NON_INTERFERENCE_CASES)
+def test_training_is_bit_identical_with_a_random_collator(tmp_path, case):
+    """Dropout on, masking collator (global RNG or its own generator), the callback added
+    either way, probe given or drawn: every logged loss and the final parameters are those of
+    the run without it."""
+    seed, way, given = NON_INTERFERENCE_CASES[case]
+
+    def run(folder, with_callback: bool):
+        trainer = make_trainer(folder, max_steps=8, logging_steps=1)
+        trainer.data_collator = masking_collator(seed)
+        trainer.train_dataset = UnlabelledDataset()
+        if not with_callback:
+            trainer.train()
+            return training_record(trainer)
+        probe = masking_collator(123)([UnlabelledDataset()[i] for i in range(4)]) if given else None
+        options = {"schedule": sm.Schedule(every=2), "measures": ("critical", "trace")}
+        if way == "attach":
+            SharpnessCallback.attach(trainer, probe, **options)
+        else:
+            trainer.add_callback(SharpnessCallback(probe, **options))
+        trainer.train()
+        rows = read_rows(folder / "out" / "sharpness.jsonl")
+        assert [r["step"] for r in rows] == [2, 4, 6, 8]
+        assert all(r["trace_status"] == "ok" for r in rows)
+        return training_record(trainer)
+
+    reference_params, reference_losses = run(tmp_path / "a", with_callback=False)
+    params, losses = run(tmp_path / "b", with_callback=True)
+    assert len(losses) == 8 and losses == reference_losses
+    assert all(torch.equal(a, b) for a, b in zip(params, reference_params))
+
+
+class TokenStream(torch.utils.data.IterableDataset):
+    """A streaming dataset: no length, no indices; it shuffles with the global RNG."""
+
+    def __iter__(self):
+        ids = TokenDataset().ids
+        for i in torch.randperm(len(ids)).tolist():
+            yield {"input_ids": ids[i], "labels": ids[i]}
+
+
+def test_a_streaming_dataset_gives_its_first_examples_as_the_probe(tmp_path):
+    def run(folder, with_callback: bool):
+        trainer = make_trainer(folder, max_steps=6, logging_steps=1)
+        trainer.train_dataset = TokenStream()
+        if with_callback:
+            SharpnessCallback.attach(trainer, schedule=sm.Schedule(every=3), probe_size=4)
+        trainer.train()
+        return trainer
+
+    reference = run(tmp_path / "a", with_callback=False)
+    measured = run(tmp_path / "b", with_callback=True)
+    rows = read_rows(tmp_path / "b" / "out" / "sharpness.jsonl")
+    assert [r["step"] for r in rows] == [3, 6] and all(r["status"] != "error" for r in rows)
+    assert all(math.isfinite(r["hessian_trace"]) for r in rows)
+    assert training_record(measured)[1] == training_record(reference)[1]
+    assert all(torch.equal(a, b) for a, b in zip(final_params(measured), final_params(reference)))
+
+
+def test_resume_from_a_checkpoint_elsewhere_keeps_the_warm_start(tmp_path):
+    """The warm start travels in the checkpoint's trainer_state.json: a checkpoint copied to
+    another disk resumes the curve the uninterrupted run measured, row for row."""
+    options = {"schedule": sm.Schedule(every=4), "measures": ("critical",)}
+    first = make_trainer(tmp_path / "a", max_steps=20, save_strategy="steps", save_steps=10)
+    SharpnessCallback.attach(first, **options)
+    first.train()
+    moved = tmp_path / "elsewhere" / "saved"
+    shutil.copytree(tmp_path / "a" / "out" / "checkpoint-10", moved)
+    second = make_trainer(tmp_path / "b", max_steps=20, save_strategy="no")
+    SharpnessCallback.attach(second, **options)
+    second.train(resume_from_checkpoint=str(moved))
+    uninterrupted = read_rows(tmp_path / "a" / "out" / "sharpness.jsonl")[2:]
+    resumed = read_rows(tmp_path / "b" / "out" / "sharpness.jsonl")
+    assert [r["step"] for r in resumed] == [r["step"] for r in uninterrupted] == [12, 16, 20]
+    for a, b in zip(uninterrupted, resumed):
+        assert a["critical_num_forward"] == b["critical_num_forward"]
+        assert a["critical_sharpness"] == b["critical_sharpness"]
+
+
+@pytest.mark.parametrize("disable_tqdm", [False, True])
+def test_the_console_gets_one_short_line_per_measurement(tmp_path, capsys, disable_tqdm):
+    trainer = make_trainer(tmp_path, max_steps=4, disable_tqdm=disable_tqdm)
+    SharpnessCallback.attach(trainer, schedule=sm.Schedule(every=2))
+    trainer.train()
+    printed = capsys.readouterr()
+    console = printed.out + printed.err
+    assert "sharpness/" not in console  # never the row as a dict
+    lines = [line for line in console.splitlines() if line.startswith("sharpness step")]
+    if disable_tqdm:
+        assert lines == []
+    else:
+        assert [line.split(":")[0] for line in lines] == ["sharpness step 2", "sharpness step 4"]
+        assert all("critical" in line and "trace" in line and len(line) < 160 for line in lines)
+    logged = [h for h in trainer.state.log_history if "sharpness/critical_sharpness" in h]
+    assert [h["step"] for h in logged] == [2, 4]  # the loggers still get every value
+
+
+def test_a_jsonl_that_cannot_be_written_does_not_stop_training(tmp_path):
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file where the folder should be")
+    trainer = make_trainer(tmp_path, max_steps=4)
+    SharpnessCallback.attach(
+        trainer, schedule=sm.Schedule(every=2), jsonl_path=str(blocker / "sharpness.jsonl")
+    )
+    with pytest.warns(SinkWarning, match="blocker"):
+        trainer.train()
+    assert trainer.state.global_step == 4
+    logged = [h for h in trainer.state.log_history if "sharpness/critical_sharpness" in h]
+    assert [h["step"] for h in logged] == [2, 4]
+
+
+def test_preconditioned_with_a_non_adam_optimizer_is_refused_before_training(tmp_path):
+    trainer = make_trainer(tmp_path, max_steps=4, optim="sgd")
+    SharpnessCallback.attach(trainer, measures=("critical", "preconditioned"))
+    with pytest.raises(ValueError, match="Adam-type"):
+        trainer.train()
+    assert trainer.state.global_step == 0

@@ -9,21 +9,47 @@ from conftest import causal_lm_loss, tiny_gpt2, token_batch
 import sharpmeter as sm
 
 
+@pytest.mark.parametrize("warm_steps", [0, 3])
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
 @pytest.mark.parametrize("amsgrad", [False, True])
-def test_adam_preconditioner_is_what_adam_divides_by(amsgrad):
-    """With beta1 = 0 an Adam step is exactly -lr * g / P, P computed from the state after it."""
+def test_adam_preconditioner_is_what_the_next_step_divides_by(amsgrad, weight_decay, warm_steps):
+    """With beta1 = 0 the next Adam step is exactly -lr * (g + wd theta) / P, P taken before it
+    from the state and the gradient of that step (no state at all before the first step)."""
     model = tiny_gpt2().eval()
     params = list(model.parameters())
-    optimizer = torch.optim.Adam(params, lr=1e-3, betas=(0.0, 0.99), eps=1e-6, amsgrad=amsgrad)
-    for seed in range(3):
+    optimizer = torch.optim.Adam(
+        params, lr=1e-3, betas=(0.0, 0.99), eps=1e-6, amsgrad=amsgrad, weight_decay=weight_decay
+    )
+    for seed in range(warm_steps + 1):
         optimizer.zero_grad()
         causal_lm_loss(model, token_batch(seed=seed)).backward()
-        before = torch.cat([p.detach().reshape(-1).clone() for p in params])
-        optimizer.step()
-    gradient = torch.cat([p.grad.reshape(-1) for p in params])
-    step = torch.cat([p.detach().reshape(-1) for p in params]) - before
+        if seed < warm_steps:
+            optimizer.step()
     preconditioner = sm.adam_preconditioner(optimizer, params)
-    assert torch.allclose(step, -1e-3 * gradient / preconditioner, rtol=1e-9, atol=1e-15)
+    assert [id(p) for p in preconditioner.params] == [id(p) for p in params]
+    theta = torch.cat([p.detach().reshape(-1).clone() for p in params])
+    gradient = torch.cat([p.grad.reshape(-1) for p in params]) + weight_decay * theta
+    optimizer.step()
+    step = torch.cat([p.detach().reshape(-1) for p in params]) - theta
+    expected = -1e-3 * gradient / preconditioner.vector
+    assert torch.allclose(step, expected, rtol=1e-9, atol=1e-15)
+
+
+def test_preconditioner_follows_the_clipped_probe_gradient():
+    """Given gradients and clipping enter P as they enter the measured step."""
+    model = tiny_gpt2().eval()
+    params = list(model.parameters())
+    optimizer = torch.optim.AdamW(params, lr=1e-3)
+    causal_lm_loss(model, token_batch(seed=0)).backward()
+    optimizer.step()
+    probe = [torch.randn_like(p) for p in params]
+    norm = torch.cat([g.reshape(-1) for g in probe]).norm()
+    clipped = sm.adam_preconditioner(optimizer, params, gradients=probe, max_grad_norm=0.5)
+    scaled = [g * (0.5 / (norm + 1e-6)) for g in probe]
+    expected = sm.adam_preconditioner(optimizer, params, gradients=scaled)
+    torch.testing.assert_close(clipped.vector, expected.vector, rtol=1e-12, atol=0)
+    unclipped = sm.adam_preconditioner(optimizer, params, gradients=probe)
+    assert not torch.allclose(unclipped.vector, clipped.vector)
 
 
 def test_preconditioned_top_eigenvalue_matches_dense(gpt2_reference):
@@ -49,8 +75,13 @@ def test_bad_preconditioners(gpt2_reference):
         sm.PreconditionedOperator(op, torch.ones(3))
     with pytest.raises(ValueError, match="positive"):
         sm.PreconditionedOperator(op, torch.zeros(op.dim))
-    fresh = torch.optim.Adam(model.parameters())
-    with pytest.raises(ValueError, match="no Adam state"):
-        sm.adam_preconditioner(fresh, list(model.parameters()))
-    with pytest.raises(ValueError, match="not optimized"):
-        sm.adam_preconditioner(fresh, [torch.nn.Parameter(torch.ones(1))])
+    causal_lm_loss(model, batch).backward()
+    try:
+        with pytest.raises(ValueError, match="Adam-type"):
+            sm.adam_preconditioner(torch.optim.SGD(model.parameters(), lr=0.1))
+        with pytest.raises(ValueError, match="none of params"):
+            sm.adam_preconditioner(
+                torch.optim.Adam(model.parameters()), [torch.nn.Parameter(torch.ones(1))]
+            )
+    finally:
+        model.zero_grad(set_to_none=True)  # the model is a shared fixture

@@ -38,9 +38,16 @@ from torch import nn
 from sharpmeter.distributed import local
 from sharpmeter.estimators._operator import CountingOperator, LinearOperator, check_positive_int
 from sharpmeter.loss import LossFn, ProbeLoss, probe_loss_and_gradient
-from sharpmeter.params import all_finite, as_flat_vector, dot, resolve_params, unflatten
+from sharpmeter.params import (
+    ParameterVector,
+    all_finite,
+    as_flat_vector,
+    dot,
+    resolve_params,
+    unflatten,
+)
 
-STATUSES = ("ok", "nondescent", "no_increase", "nonfinite")
+STATUSES = ("ok", "nondescent", "no_increase", "nonfinite", "not_converged")
 
 
 @dataclass(frozen=True)
@@ -49,13 +56,29 @@ class CriticalSharpnessResult:
 
     Attributes:
         value: :math:`\\lambda_c = 2/\\eta_c` (NaN unless ``status == "ok"``).
-        eta_c: the geometric midpoint of the bracket, :math:`\\sqrt{lo \\cdot hi}`.
-        lo: largest step seen that did not raise the loss (NaN if none).
-        hi: smallest step seen that raised it (NaN if none), so :math:`lo < \\eta_c \\le hi`.
+        eta_c: the geometric midpoint of the bracket, :math:`\\sqrt{lo \\cdot hi}` (NaN unless
+            ``status == "ok"``).
+        lo: the final bracket's lower end, a step that did not raise the loss (NaN if none).
+        hi: its upper end, a step that raised it (NaN if none), so :math:`lo < \\eta_c \\le hi`.
         num_forward: forward passes spent, the base loss included.
-        status: ``ok``; ``nondescent`` (:math:`d^\\top g \\le 0`, or every step down to the
-            smallest tried raised the loss); ``no_increase`` (no step up to the largest tried
-            raised it: :math:`\\lambda_c < 2/lo`); ``nonfinite`` (the base loss is not finite).
+        status: one of :data:`STATUSES`:
+
+            - ``ok``: :math:`1 - lo/hi \\le 2^{-k}`, the loss at ``hi`` is finite and above
+              :math:`L(\\theta)`, and none of the ``check_below`` steps below the smallest step
+              that did not raise the loss raised it.
+            - ``nondescent``: :math:`d^\\top g \\le 0`, or every step down to the smallest tried
+              raised the loss.
+            - ``no_increase``: no step up to the largest tried raised the loss, so
+              :math:`\\lambda_c < 2/lo` (``hi`` NaN).
+            - ``nonfinite``: the base loss is not finite, or the loss at the final ``hi`` is not
+              (it went from at most :math:`L(\\theta)` at ``lo`` to NaN/inf at ``hi`` and no
+              finite rise was seen at the bracket's top). The first non-finite step ``hi`` is then
+              only an upper bound, :math:`\\eta_c \\le hi`, not a crossing of the loss. Takes
+              precedence over ``not_converged``.
+            - ``not_converged``: a bracket was found but ``max_forward`` ran out before it was
+              verified: the bisection short of :math:`1 - lo/hi \\le 2^{-k}`, the check below
+              unfinished, or a downward search from a rising check step without a step that
+              does not rise (``lo`` NaN). ``lo`` and ``hi`` show the bracket as far as it got.
         loss: the probe loss :math:`L(\\theta)` (float32 or wider).
         slope: :math:`d^\\top g` when the gradient was available, else NaN.
     """
@@ -80,6 +103,7 @@ def critical_sharpness(
     eta0: float = 1e-3,
     k: int = 4,
     max_forward: int = 64,
+    check_below: int = 2,
     gradient: torch.Tensor | Sequence[torch.Tensor] | None = None,
     loss: float | None = None,
     check_descent: bool = True,
@@ -95,11 +119,29 @@ def critical_sharpness(
        :math:`\eta_c`) brackets :math:`\eta_c` in :math:`(lo, hi]` with :math:`hi = 2\,lo`.
     3. Geometric bisection :math:`\sqrt{lo\cdot hi}` until :math:`1 - lo/hi \le 2^{-k}`,
        which takes exactly :math:`k` steps from a factor-2 bracket (:math:`k \ge 2`).
+    4. Check below: a warm start past the first crossing of a loss that is not monotone along
+       :math:`d` brackets a later one. So the :math:`m` = ``check_below`` steps
+       :math:`s/4, s/16, \dots, s/4^m` below the smallest step :math:`s` that did not raise
+       the loss are tried; if one raises it, the first crossing lies below: it becomes the new
+       ``hi``, halving from it finds ``lo``, and steps 3 and 4 repeat. Every interval
+       :math:`(a, b) \subset [s\,4^{-m-1}, s]` with :math:`b/a > 4` on which the loss rises
+       holds a check step, so :math:`m` forwards watch a factor :math:`4^m` (16 by default)
+       below :math:`s`, the overshoot of a warm start when :math:`\eta_c` shrinks between
+       measurements; factor 2 would watch only :math:`2^m`, a wider factor would step over
+       narrower rises. No finite number of forwards excludes every earlier crossing: this is
+       a cheap guard, not a proof. On a loss that falls all the way to :math:`\eta_c` (a
+       quadratic) no check step rises.
 
-    When ``eta0`` is within a factor 2 of :math:`\eta_c` the search costs :math:`1 + 2 + k`
-    forwards. A non-finite loss counts as an increase. The parameters are set by copy from a
-    snapshot (:math:`\theta_0 - \eta d`, never by adding and subtracting) and restored the same
-    way; their bit-identity is checked. Losses are compared in float32 or wider.
+    When ``eta0`` is within a factor 2 of :math:`\eta_c` (and no check step rises) the search
+    costs :math:`1 + 2 + k + m` forwards. A non-finite loss counts as an increase while
+    searching (training would not survive the step), but only a finite rise at the final
+    ``hi`` is ``ok``: a loss that goes from below :math:`L(\theta)` straight to NaN/inf gives
+    ``nonfinite``, and a bracket not verified within ``max_forward`` gives ``not_converged``
+    (see :class:`CriticalSharpnessResult`). Every branch compares losses reduced over ranks at
+    steps that are fixed functions of the ones already tried, so every rank takes the same
+    branches. The parameters are set by copy from a snapshot (:math:`\theta_0 - \eta d`, never
+    by adding and subtracting) and restored the same way; their bit-identity is checked. Losses
+    are compared in float32 or wider.
 
     Args:
         model: the network (any mode; dropout masks are fixed by ``dropout_seed``).
@@ -110,6 +152,7 @@ def critical_sharpness(
         eta0: first step tried.
         k: bisection precision, relative bracket width :math:`2^{-k}`.
         max_forward: budget of forwards, the base one included.
+        check_below: steps tried below the bracket for an earlier crossing (0: none).
         gradient: :math:`g` if already known (e.g. the training gradient); saves a backward.
         loss: :math:`L(\theta)` if already known (with ``gradient``); saves the base forward,
             which is then not counted.
@@ -123,6 +166,7 @@ def critical_sharpness(
         raise ValueError(f"eta0 must be positive and finite, got {eta0}")
     check_positive_int("k", k)
     check_positive_int("max_forward", max_forward, minimum=3)
+    check_positive_int("check_below", check_below, minimum=0)
     chosen = resolve_params(model, params)
     d = as_flat_vector(direction, chosen, "direction")
     if not all_finite(d, chosen):
@@ -143,7 +187,7 @@ def critical_sharpness(
         elif slope <= 0:
             status, lo, hi = "nondescent", math.nan, math.nan
         else:
-            status, lo, hi = search.bracket(loss, eta0, k, max_forward)
+            status, lo, hi = search.bracket(loss, eta0, k, max_forward, check_below)
     finally:
         search.restore()
     eta_c = math.sqrt(lo * hi) if status == "ok" else math.nan
@@ -174,7 +218,12 @@ def _base_loss(
 
 
 class _LineSearch:
-    """Evaluates :math:`L(\\theta_0 - \\eta d)` by copy and brackets the first increase."""
+    """Evaluates :math:`L(\\theta_0 - \\eta d)` by copy and brackets the first increase.
+
+    Every step tried raises the loss or not; a non-finite loss raises it. ``smallest_flat`` is
+    the smallest step that did not, the anchor of the check below; ``nonfinite`` holds the steps
+    whose loss was not finite, to tell a finite rise at ``hi`` from a blow-up.
+    """
 
     def __init__(self, probe: ProbeLoss, params: list[nn.Parameter], d: torch.Tensor) -> None:
         self.probe = probe
@@ -182,48 +231,106 @@ class _LineSearch:
         self.theta0 = [p.detach().clone() for p in params]
         self.direction = unflatten(d, params)
         self.num_forward = 0
+        self.base = math.nan
+        self.max_forward = 0
+        self.smallest_flat = math.inf
+        self.nonfinite: set[float] = set()
 
-    def raises_loss(self, eta: float, base: float) -> bool:
+    def raises_loss(self, eta: float) -> bool:
         with torch.no_grad():
             for p, t, d in zip(self.params, self.theta0, self.direction, strict=True):
                 p.copy_(t - eta * d)
             loss = float(self.probe.reduce(self.probe()))
         self.num_forward += 1
-        return not math.isfinite(loss) or loss > base
+        if not math.isfinite(loss):
+            self.nonfinite.add(eta)
+            return True
+        if loss > self.base:
+            return True
+        self.smallest_flat = min(self.smallest_flat, eta)
+        return False
+
+    def budget_left(self) -> bool:
+        return self.num_forward < self.max_forward
 
     def bracket(
-        self, base: float, eta0: float, k: int, max_forward: int
+        self, base: float, eta0: float, k: int, max_forward: int, check_below: int
     ) -> tuple[str, float, float]:
         """Status and bracket ``(lo, hi]`` of the first step that raises the loss."""
-        lo, hi = math.nan, math.nan
-        eta = eta0
-        if self.raises_loss(eta, base):
-            hi = eta
-            while math.isnan(lo):
-                if self.num_forward >= max_forward:
-                    return "nondescent", lo, hi
-                eta /= 2
-                if self.raises_loss(eta, base):
-                    hi = eta
-                else:
-                    lo = eta
+        self.base, self.max_forward = base, max_forward
+        if self.raises_loss(eta0):
+            lo, hi = self.halve(eta0)
+            if math.isnan(lo):
+                return "nondescent", lo, hi
         else:
-            lo = eta
-            while math.isnan(hi):
-                if self.num_forward >= max_forward:
-                    return "no_increase", lo, hi
-                eta *= 2
-                if self.raises_loss(eta, base):
-                    hi = eta
-                else:
-                    lo = eta
-        while 1 - lo / hi > 2.0**-k and self.num_forward < max_forward:
+            lo, hi = self.double(eta0)
+            if math.isnan(hi):
+                return "no_increase", lo, hi
+        while True:
+            lo, hi = self.bisect(lo, hi, k)
+            if 1 - lo / hi > 2.0**-k:
+                return self.status(hi, verified=False), lo, hi
+            rise = self.rise_below(check_below)
+            if rise is None:
+                return self.status(hi, verified=True), lo, hi
+            if math.isnan(rise):
+                return self.status(hi, verified=False), lo, hi
+            lo, hi = self.halve(rise)
+            if math.isnan(lo):
+                return self.status(hi, verified=False), lo, hi
+
+    def status(self, hi: float, verified: bool) -> str:
+        # A blow-up at the top says more than a short budget: no finite rise was seen at all.
+        if hi in self.nonfinite:
+            return "nonfinite"
+        return "ok" if verified else "not_converged"
+
+    def halve(self, hi: float) -> tuple[float, float]:
+        """From a step that raised the loss, halve until one does not: ``(hi/2, hi]``, or
+        ``lo`` NaN when the budget runs out first."""
+        lo = math.nan
+        while math.isnan(lo) and self.budget_left():
+            eta = hi / 2
+            if self.raises_loss(eta):
+                hi = eta
+            else:
+                lo = eta
+        return lo, hi
+
+    def double(self, lo: float) -> tuple[float, float]:
+        """From a step that did not raise the loss, double until one does: ``(lo, 2 lo]``, or
+        ``hi`` NaN when the budget runs out first."""
+        hi = math.nan
+        while math.isnan(hi) and self.budget_left():
+            eta = 2 * lo
+            if self.raises_loss(eta):
+                hi = eta
+            else:
+                lo = eta
+        return lo, hi
+
+    def bisect(self, lo: float, hi: float, k: int) -> tuple[float, float]:
+        """Geometric bisection until :math:`1 - lo/hi \\le 2^{-k}` or the budget runs out."""
+        while 1 - lo / hi > 2.0**-k and self.budget_left():
             mid = math.sqrt(lo * hi)
-            if self.raises_loss(mid, base):
+            if self.raises_loss(mid):
                 hi = mid
             else:
                 lo = mid
-        return "ok", lo, hi
+        return lo, hi
+
+    def rise_below(self, count: int) -> float | None:
+        """The first of :math:`s/4, s/16, \\dots` (``count`` steps, :math:`s` the smallest step
+        that did not raise the loss) that raises it; ``None`` if none does, NaN if the budget
+        runs out before all are tried."""
+        eta = self.smallest_flat
+        for _ in range(count):
+            if not self.budget_left():
+                return math.nan
+            eta /= 4
+            if self.raises_loss(eta):
+                return eta
+        return None
 
     def restore(self) -> None:
         with torch.no_grad():
@@ -250,19 +357,26 @@ class DirectionalSharpnessResult:
 
 def directional_sharpness(
     operator: LinearOperator | torch.Tensor,
-    direction: torch.Tensor,
+    direction: ParameterVector | torch.Tensor,
     gradient: torch.Tensor | None = None,
 ) -> DirectionalSharpnessResult:
     r"""Directional sharpness :math:`d^\top H d / d^\top g` with one Hessian-vector product.
 
     The second-order prediction of :func:`critical_sharpness`; on a quadratic the two agree.
-    ``gradient`` defaults to the operator's own (``HessianOperator.gradient``).
+    ``gradient`` defaults to the operator's own (``HessianOperator.gradient``). A
+    :class:`~sharpmeter.params.ParameterVector` direction (what :func:`update_direction`
+    returns) is read in the operator's parameter order.
     """
     op = CountingOperator(operator)
     if gradient is None:
         gradient = getattr(operator, "gradient", None)
         if gradient is None:
             raise ValueError("pass gradient=: this operator does not carry one")
+    if isinstance(direction, ParameterVector):
+        params = getattr(operator, "params", None)
+        if params is None:
+            raise ValueError("a ParameterVector direction needs an operator over parameters")
+        direction = as_flat_vector(direction, params, "direction")
     d = direction.to(device=op.device, dtype=op.dtype)
     g = gradient.to(device=op.device, dtype=op.dtype)
     if d.shape != (op.dim,) or g.shape != (op.dim,):

@@ -10,11 +10,18 @@ taken along the update the *next* step would make. Rows go
   them as ``train/sharpness/...`` on the Trainer's own step axis) and ``state.log_history``;
 * otherwise into ``state.log_history`` and, when a W&B run is active, straight into it.
 
+The console gets one short line per measurement (none with ``disable_tqdm``); the full row is
+in the JSONL file and the loggers.
+
 The probe batch is fixed for the run: the one you pass, or ``probe_size`` examples drawn from
-the training set with a private generator (the training sampler and the global RNG are never
-touched, so the trajectory is the one you would get without the callback). Warm starts and the
-schedule position are saved in checkpoints and restored on resume; the JSONL curve then goes on
-without duplicate steps.
+the training set with a private generator and a private copy of the collator, every RNG forked
+(the training sampler, the global RNG streams and a seeded collator's own generator are never
+advanced, so the trajectory is the one you would get without the callback). From a streaming
+(iterable) dataset the probe is the first ``probe_size`` examples of a private iterator.
+Options are checked when the callback is made, without building anything; the probe's loss and
+the optimizer when training begins. Warm starts and the schedule position travel in the
+checkpoint's ``trainer_state.json`` and are restored on resume, wherever the checkpoint lies;
+the JSONL curve then goes on without duplicate steps.
 
 Example::
 
@@ -25,21 +32,37 @@ Example::
 
 from __future__ import annotations
 
-import json
+import copy
+import itertools
 import math
 from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from sharpmeter.distributed import local_shard
-from sharpmeter.loss import move_to
-from sharpmeter.meter import SharpnessMeter
+from sharpmeter.estimators._operator import check_positive_int
+from sharpmeter.loss import move_to, split_probe
+from sharpmeter.meter import SharpnessMeter, check_options
+from sharpmeter.rng import fork_rng
 from sharpmeter.sinks import JsonlSink, numeric_items, run_metadata
 
 PREFIX = "sharpness/"
-STATE_FILE = "sharpmeter_state.json"
+# The meter's warm start and schedule position, kept in TrainerState.stateful_callbacks so that
+# every checkpoint's trainer_state.json carries them. Not a callback class name: the Trainer's
+# restore_callback_states_from_checkpoint would otherwise rebuild the callback without its probe.
+STATE_KEY = "sharpmeter"
+# The console line: these columns, when the row has them, with their quality.
+SUMMARY = (
+    ("critical_sharpness", None, "critical"),
+    ("hessian_trace", "hessian_trace_stderr", "trace"),
+    ("lambda_max", None, "lambda_max"),
+    ("preconditioned_lambda_max", None, "precond"),
+    ("directional_sharpness", None, "directional"),
+)
 
 
 class SharpnessCallback(TrainerCallback):
@@ -55,6 +78,10 @@ class SharpnessCallback(TrainerCallback):
             folder's name).
         **meter_options: :class:`SharpnessMeter` arguments (``measures``, ``schedule``,
             ``loss_fn``, ``dropout``, ...). ``max_grad_norm`` defaults to the Trainer's.
+
+    Raises:
+        ValueError: at once for a misspelled or bad option; when training begins for a probe
+            whose forward gives no loss, or an optimizer a measure cannot follow.
     """
 
     def __init__(
@@ -67,8 +94,12 @@ class SharpnessCallback(TrainerCallback):
         run_name: str | None = None,
         **meter_options: Any,
     ) -> None:
-        if probe_batch is None and (not isinstance(probe_size, int) or probe_size <= 0):
-            raise ValueError(f"probe_size must be a positive integer, got {probe_size!r}")
+        check_positive_int("probe_size", probe_size)
+        check_positive_int("probe_seed", probe_seed, minimum=0)
+        if probe_batch is not None:
+            split_probe(probe_batch)
+        # Checked without a model: building one would draw from the RNG the Trainer just seeded.
+        check_options(meter_options)
         self.probe_batch = probe_batch
         self.probe_size = probe_size
         self.probe_seed = probe_seed
@@ -78,10 +109,6 @@ class SharpnessCallback(TrainerCallback):
         self.meter: SharpnessMeter | None = None
         self.sink: JsonlSink | None = None
         self.trainer: Trainer | None = None
-        if probe_batch is not None:
-            # Fail at construction on bad options (unknown measure, no labels, bad schedule). The
-            # model is not known yet: ``params`` belong to it and are checked at train begin.
-            SharpnessMeter(torch.nn.Linear(1, 1), probe_batch, **{**meter_options, "params": None})
 
     @classmethod
     def attach(cls, trainer: Trainer, probe_batch: Any = None, **options: Any):
@@ -98,6 +125,7 @@ class SharpnessCallback(TrainerCallback):
         state: TrainerState,
         control: TrainerControl,
         model=None,
+        optimizer=None,
         train_dataloader=None,
         **kwargs,
     ):
@@ -112,8 +140,12 @@ class SharpnessCallback(TrainerCallback):
             **self.meter_options,
         }
         self.meter = SharpnessMeter(model, batch, **options)
-        if state.global_step > 0:
-            self._restore(args, state)
+        if optimizer is not None:
+            self.meter.check_optimizer(optimizer)
+        saved = state.stateful_callbacks.get(STATE_KEY)
+        if state.global_step > 0 and saved:
+            self.meter.load_state_dict(saved)
+        self._publish_state(state)
         if state.is_world_process_zero:
             path = self.jsonl_path or Path(args.output_dir) / "sharpness.jsonl"
             run = self.run_name or args.run_name or Path(args.output_dir).name
@@ -122,13 +154,33 @@ class SharpnessCallback(TrainerCallback):
             self.sink = JsonlSink(path, metadata, resume_step=resume)
 
     def _draw_probe(self, dataloader) -> Any:
+        """``probe_size`` examples collated by a copy of the training collator, every RNG
+        forked: training draws the numbers it would have drawn without us."""
         if dataloader is None:
             raise ValueError("no probe_batch given and no train dataloader to draw one from")
-        dataset = dataloader.dataset
+        try:
+            collate = copy.deepcopy(dataloader.collate_fn)
+        except Exception as error:
+            raise ValueError(
+                f"cannot copy the training collator to draw a probe without advancing its "
+                f"random state ({type(error).__name__}: {error}): pass probe_batch="
+            ) from error
+        with fork_rng():
+            return collate(self._probe_examples(dataloader.dataset))
+
+    def _probe_examples(self, dataset) -> list[Any]:
+        if isinstance(dataset, torch.utils.data.IterableDataset) or not hasattr(dataset, "__len__"):
+            # A stream has no indices: its first examples, from an iterator of our own.
+            examples = list(itertools.islice(iter(dataset), self.probe_size))
+            if not examples:
+                raise ValueError(
+                    "the training stream gave no example for the probe: pass probe_batch="
+                )
+            return examples
         generator = torch.Generator().manual_seed(self.probe_seed)
         count = min(self.probe_size, len(dataset))
         indices = torch.randperm(len(dataset), generator=generator)[:count].tolist()
-        return dataloader.collate_fn([dataset[i] for i in indices])
+        return [dataset[i] for i in indices]
 
     def on_step_end(
         self,
@@ -138,21 +190,30 @@ class SharpnessCallback(TrainerCallback):
         optimizer=None,
         **kwargs,
     ):
-        if self.meter is None or not self.meter.is_due(state.global_step):
+        if self.meter is None:
             return control
-        row = self.meter.measure(state.global_step, optimizer=optimizer)
-        if self.sink is not None:
-            self.sink.write(row)
-        self._log(numeric_items(row, PREFIX), state, control)
+        if self.meter.is_due(state.global_step):
+            row = self.meter.measure(state.global_step, optimizer=optimizer)
+            if self.sink is not None:
+                self.sink.write(row)
+            self._log(numeric_items(row, PREFIX), state, control)
+            if state.is_world_process_zero and not args.disable_tqdm:
+                tqdm.write(summary_line(row))
+        # Before the Trainer saves a checkpoint of this step, which follows on_step_end.
+        self._publish_state(state)
         return control
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.sink is not None:
+            self.sink.close()
+        return control
+
+    def _publish_state(self, state: TrainerState) -> None:
+        state.stateful_callbacks[STATE_KEY] = self.meter.state_dict()
 
     def _log(self, logs: dict[str, float], state: TrainerState, control: TrainerControl) -> None:
         if self.trainer is not None:
-            # Trainer.log resets control.should_log, which would drop the Trainer's own loss log
-            # due at this step.
-            should_log = control.should_log
-            self.trainer.log(logs)
-            control.should_log = should_log
+            self._log_through_trainer(logs, control)
             return
         state.log_history.append({**logs, "step": state.global_step})
         try:
@@ -163,20 +224,36 @@ class SharpnessCallback(TrainerCallback):
             train_logs = {f"train/{k}": v for k, v in logs.items() if math.isfinite(v)}
             wandb.run.log({**train_logs, "train/global_step": state.global_step})
 
-    def on_save(self, args: TrainingArguments, state: TrainerState, control, **kwargs):
-        if self.meter is not None and state.is_world_process_zero:
-            folder = _checkpoint_folder(args, state.global_step)
-            folder.mkdir(parents=True, exist_ok=True)
-            (folder / STATE_FILE).write_text(json.dumps(self.meter.state_dict()))
-        return control
+    def _log_through_trainer(self, logs: dict[str, float], control: TrainerControl) -> None:
+        """``Trainer.log`` (history, every ``report_to`` logger) without the console printers,
+        which would print the whole row: :func:`summary_line` is printed instead."""
+        handler = self.trainer.callback_handler
+        callbacks = handler.callbacks
+        # Trainer.log resets control.should_log, which would drop the Trainer's own loss log
+        # due at this step.
+        should_log = control.should_log
+        handler.callbacks = [
+            c for c in callbacks if not isinstance(c, (PrinterCallback, ProgressCallback))
+        ]
+        try:
+            self.trainer.log(logs)
+        finally:
+            handler.callbacks = callbacks
+            control.should_log = should_log
 
-    def _restore(self, args: TrainingArguments, state: TrainerState) -> None:
-        """Warm starts and schedule position of the checkpoint training resumes from."""
-        saved = _checkpoint_folder(args, state.global_step) / STATE_FILE
-        if saved.exists():
-            self.meter.load_state_dict(json.loads(saved.read_text()))
 
-
-def _checkpoint_folder(args: TrainingArguments, step: int) -> Path:
-    # transformers' own naming (trainer_utils.PREFIX_CHECKPOINT_DIR)
-    return Path(args.output_dir) / f"checkpoint-{step}"
+def summary_line(row: dict[str, Any]) -> str:
+    """One short console line for a row: the values measured, their quality, the status."""
+    parts = []
+    for column, error, label in SUMMARY:
+        value = row.get(column)
+        if not isinstance(value, float) or math.isnan(value):
+            continue
+        spread = row.get(error) if error else None
+        parts.append(f"{label} {value:.4g}" + (f" ± {spread:.2g}" if spread else ""))
+    seconds = row.get("wall_seconds", math.nan)
+    return (
+        f"sharpness step {row['step']}: "
+        + (", ".join(parts) or "no value")
+        + f" [{row.get('status')}, {seconds:.1f} s]"
+    )

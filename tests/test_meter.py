@@ -1,0 +1,178 @@
+"""SharpnessMeter's promises in the setups users have: subsets with clipping, custom and
+non-Adam optimizers, question-answering heads, failed rows, every RNG stream."""
+
+from __future__ import annotations
+
+import random
+import threading
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from conftest import assert_same, snapshot, tiny_gpt2, token_batch
+
+import sharpmeter as sm
+import sharpmeter.integrations.hf
+import sharpmeter.params
+from sharpmeter.loss import ProbeLoss, probe_loss_and_gradient
+from sharpmeter.meter import check_options
+
+
+def trained(model, optimizer, batch, steps: int = 2):
+    for _ in range(steps):
+        optimizer.zero_grad()
+        model(**batch).loss.backward()
+        optimizer.step()
+    return model, optimizer
+
+
+def test_a_measured_subset_is_clipped_by_the_global_norm():
+    """The Trainer clips every gradient by their joint norm; a subset's own norm is smaller
+    and would clip the measured update too little."""
+    model = tiny_gpt2().float().eval()
+    batch = token_batch(4)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    trained(model, optimizer, batch)
+    subset = [model.transformer.wte.weight]
+    every = list(model.parameters())
+    _, full_gradient = probe_loss_and_gradient(ProbeLoss(model, None, batch), every)
+    _, subset_gradient = probe_loss_and_gradient(ProbeLoss(model, None, batch), subset)
+    clip = float(subset_gradient.norm()) / 4  # active for the subset's norm, and the global one
+    full = sm.update_direction(
+        optimizer, every, gradients=sm.params.unflatten(full_gradient, every), max_grad_norm=clip
+    )
+    expected = sm.critical_sharpness(
+        model, None, batch, full.over(subset), params=subset, eta0=1e-3, check_below=2
+    )
+    meter = sm.SharpnessMeter(
+        model, batch, params=subset, measures=("critical",), max_grad_norm=clip
+    )
+    row = meter.measure(1, optimizer=optimizer)
+    assert row["critical_status"] == "ok" and expected.status == "ok"
+    assert row["critical_eta_lo"] == pytest.approx(expected.lo, rel=1e-6)
+    assert row["critical_eta_hi"] == pytest.approx(expected.hi, rel=1e-6)
+
+
+class LockedAdam(torch.optim.Adam):
+    """A custom optimizer that cannot be copied: no faithful shadow step exists."""
+
+    def __init__(self, params, lr: float) -> None:
+        super().__init__(params, lr=lr)
+        self.lock = threading.Lock()
+
+
+def test_no_direction_is_a_status_and_the_rest_is_measured():
+    model = tiny_gpt2().eval()
+    batch = token_batch(3)
+    optimizer = LockedAdam(model.parameters(), lr=1e-3)
+    trained(model, optimizer, batch)
+    meter = sm.SharpnessMeter(model, batch, measures=("critical", "directional", "trace"))
+    before = snapshot(model, optimizer)
+    row = meter.measure(1, optimizer=optimizer)
+    assert_same(before, snapshot(model, optimizer))
+    assert row["critical_status"].startswith("no_direction: LockedAdam cannot be deep-copied")
+    assert row["directional_status"].startswith("no_direction")
+    assert row["trace_status"] == "ok" and np.isfinite(row["hessian_trace"])
+    assert row["status"] == "incomplete: critical,directional"
+    assert np.isnan(row["critical_sharpness"]) and meter.eta_c is None
+
+
+def test_a_loss_that_never_rises_does_not_seed_the_warm_start():
+    """The loss along d falls, flattens below the start and turns NaN far away: no value, and
+    the next measurement does not start from a meaningless eta_c."""
+
+    class Flattening(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.theta = torch.nn.Parameter(torch.tensor([0.0], dtype=torch.float64))
+
+        def forward(self, _batch):
+            eta = -self.theta[0]  # d = gradient = -1 per unit step
+            return torch.where(eta < 1e6, torch.exp(-eta) - 1, torch.nan) + 0 * self.theta[0]
+
+    model = Flattening()
+    meter = sm.SharpnessMeter(model, None, loss_fn=lambda m, b: m(b), measures=("critical",))
+    row = meter.measure(1)
+    assert row["critical_status"] in ("no_increase", "nonfinite")
+    assert row["status"].startswith("incomplete") and np.isnan(row["critical_sharpness"])
+    assert meter.eta_c is None
+
+
+def test_question_answering_heads_measure_with_their_own_loss_keys():
+    """No ``labels``: BERT's QA head takes start/end positions and returns its loss."""
+    torch.manual_seed(0)
+    config = transformers.BertConfig(
+        vocab_size=32,
+        hidden_size=8,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=16,
+        max_position_embeddings=16,
+    )
+    model = transformers.BertForQuestionAnswering(config).eval()
+    generator = torch.Generator().manual_seed(0)
+    batch = {
+        "input_ids": torch.randint(0, 32, (3, 10), generator=generator),
+        "start_positions": torch.tensor([1, 2, 3]),
+        "end_positions": torch.tensor([4, 5, 6]),
+    }
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    trained(model, optimizer, batch)
+    meter = sm.SharpnessMeter(model, batch, measures=("critical", "trace"))
+    row = meter.measure(1, optimizer=optimizer)
+    assert row["status"] == "ok", row
+    without_loss = {k: v for k, v in batch.items() if k == "input_ids"}
+    with pytest.raises(ValueError, match="no .loss"):
+        sm.SharpnessMeter(model, without_loss)
+
+
+def test_the_preconditioned_measure_refuses_a_non_adam_optimizer_once():
+    model = tiny_gpt2().eval()
+    batch = token_batch(2)
+    meter = sm.SharpnessMeter(model, batch, measures=("critical", "preconditioned"))
+    with pytest.raises(ValueError, match="Adam-type"):
+        meter.check_optimizer(torch.optim.SGD(model.parameters(), lr=0.1))
+    meter.check_optimizer(torch.optim.AdamW(model.parameters()))
+    sm.SharpnessMeter(model, batch, measures=("critical",)).check_optimizer(
+        torch.optim.SGD(model.parameters(), lr=0.1)
+    )
+
+
+def test_every_rng_stream_is_left_alone():
+    """A loss that draws from Python's and NumPy's generators (user code does) changes none."""
+    model = tiny_gpt2(dropout=0.1).train()
+    batch = token_batch(2)
+
+    def noisy_loss(model, batch):
+        random.random()
+        np.random.rand()
+        return model(**batch).loss
+
+    random.seed(1)
+    np.random.seed(1)
+    torch.manual_seed(1)
+    states = random.getstate(), np.random.get_state()[1].copy(), torch.get_rng_state()
+    meter = sm.SharpnessMeter(model, batch, loss_fn=noisy_loss, measures=("critical", "trace"))
+    meter.measure(1)
+    assert random.getstate() == states[0]
+    assert np.array_equal(np.random.get_state()[1], states[1])
+    assert torch.equal(torch.get_rng_state(), states[2])
+
+
+def test_checking_options_builds_nothing_and_draws_nothing():
+    torch.manual_seed(0)
+    random.seed(0)
+    np.random.seed(0)
+    states = torch.get_rng_state(), random.getstate(), np.random.get_state()[1].copy()
+    check_options({"measures": ("critical", "trace"), "schedule": sm.Schedule(every=5)})
+    sm.integrations.hf.SharpnessCallback(token_batch(2), measures=("critical",))
+    assert torch.equal(torch.get_rng_state(), states[0])
+    assert random.getstate() == states[1]
+    assert np.array_equal(np.random.get_state()[1], states[2])
+    with pytest.raises(ValueError, match="did you mean 'max_grad_norm'"):
+        check_options({"max_grad_nrom": 1.0})
+    with pytest.raises(ValueError, match="lanczos_tol"):
+        check_options({"lanczos_tol": -1})
+    with pytest.raises(ValueError, match="loss_fn"):
+        check_options({"loss_fn": "mse"})
