@@ -49,6 +49,7 @@ def main() -> None:
         probe,
         jsonl_path=f"{args.output}/sharpness.jsonl",
         schedule=sm.Schedule(every=args.every),
+        optimizer=optimizer,
     )
     meter.step(0, optimizer)  # at initialisation, before the first update
     model.train()

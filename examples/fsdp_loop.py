@@ -26,6 +26,8 @@ from sharpmeter.gpt import build_gpt
 from sharpmeter.loss import move_to
 from sharpmeter.sinks import JsonlSink, run_metadata
 
+MAX_GRAD_NORM = 1.0
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description="FSDP2 loop with sharpmeter")
@@ -48,7 +50,11 @@ def main() -> None:
     sampler = torch.Generator().manual_seed(0)  # draws identically on every rank
     probe = batch_of(data, torch.randint(len(data), (16,), generator=sampler), device)
     meter = sm.SharpnessMeter(
-        model, local_shard(probe), measures=("critical",), schedule=sm.Schedule(every=args.every)
+        model,
+        local_shard(probe),
+        measures=("critical",),
+        schedule=sm.Schedule(every=args.every),
+        max_grad_norm=MAX_GRAD_NORM,  # the update measured is clipped as the loop clips
     )
     sink = None
     if dist.get_rank() == 0:
@@ -58,7 +64,7 @@ def main() -> None:
     for step in range(1, args.steps + 1):
         indices = torch.randint(len(data), (args.batch_size,), generator=sampler)
         model(**local_shard(batch_of(data, indices, device))).loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_GRAD_NORM)
         optimizer.step()
         optimizer.zero_grad()
         if meter.is_due(step):
@@ -67,6 +73,8 @@ def main() -> None:
                 sink.write(row)
                 lambda_c = row["critical_sharpness"]
                 print(f"step {step}: loss {row['loss']:.3f}, lambda_c {lambda_c:.4g}")
+    if sink is not None:
+        sink.close()
     dist.destroy_process_group()
 
 

@@ -153,6 +153,7 @@ def parse_config(
     # A ValueError from a dataclass check is re-raised as is: it names the bad value.
     parsed = parser.parse_args_into_dataclasses(args=config_args + argv, look_for_args_file=False)
     _check_fsdp_measures(parsed)
+    _check_preconditioned_optimizer(parsed)
     return parsed
 
 
@@ -182,6 +183,25 @@ def _check_fsdp_measures(parsed: Sequence[Any]) -> None:
     hvp = [m for m in sharpness.measures if m in HVP_MEASURES]
     if hvp:
         raise ValueError(f"measures {hvp} under FSDP: {NO_FSDP_HVP} (--measures critical)")
+
+
+# Trainer ``optim`` values that build torch.optim.AdamW, whose second moments P is made of.
+ADAM_OPTIMS = ("adamw_torch", "adamw_torch_fused")
+
+
+def _check_preconditioned_optimizer(parsed: Sequence[Any]) -> None:
+    """Refuse, before training, the preconditioned measure with an optimizer that has no
+    Adam second moments (the meter would refuse it when training begins)."""
+    sharpness = next((a for a in parsed if isinstance(a, SharpnessArguments)), None)
+    training = next((a for a in parsed if isinstance(a, TrainingArguments)), None)
+    if sharpness is None or training is None or "preconditioned" not in sharpness.measures:
+        return
+    optim = getattr(training.optim, "value", training.optim)
+    if optim not in ADAM_OPTIMS:
+        raise ValueError(
+            f"the preconditioned measure needs Adam's second moments: optim {optim!r} has none "
+            f"(use one of {ADAM_OPTIMS}, or drop 'preconditioned' from measures)"
+        )
 
 
 def yaml_as_arguments(

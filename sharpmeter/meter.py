@@ -17,15 +17,21 @@ The record (a flat ``dict`` of floats, ints and strings):
 ``directional_sharpness``      :math:`d^\top H d / d^\top g` (one HVP)
 ``hessian_trace[_stderr]``     Hutchinson or Hutch++ with its standard error
 ``lambda_max[_residual]``      top Hessian eigenvalue by Lanczos, residual, ``_converged``
-``preconditioned_lambda_max``  top eigenvalue of :math:`P^{-1/2} H P^{-1/2}` (Adam-type)
+``preconditioned_lambda_max``  top eigenvalue of :math:`P^{-1/2} H P^{-1/2}`, :math:`P` the
+                               preconditioner of the measured Adam step
 ``*_num_matvecs``              HVPs spent per estimator; ``wall_seconds`` in total
 ``skipped_for_budget``         steps on the grid left out since the previous measurement
                                because measuring was over its time budget
-``status``, ``*_status``       ``ok``, or what went wrong
+``*_status``                   ``ok``, or why the measure has no trustworthy value
+                               (``no_increase``, ``not_converged``, ``nonfinite``,
+                               ``no_direction: ...``, ``error: ...``; the value is then NaN
+                               or, for Lanczos, unconverged)
+``status``                     ``ok`` only when every measure is; else ``error: <measures>``
+                               (an estimator raised) or ``incomplete: <measures>``
 =============================  ==========================================================
 
-Warm starts: each measurement starts the line search at the previous :math:`\eta_c` and Lanczos
-at the previous top eigenvector.
+Warm starts: each measurement starts the line search at the previous ``ok`` :math:`\eta_c`
+and Lanczos at the previous finite top eigenvector; a failed row seeds nothing.
 
 Example::
 
@@ -331,6 +337,11 @@ class SharpnessMeter:
                 row.update(steps[measure]())
             except Exception as error:  # one estimator failing leaves the others standing
                 row[f"{measure}_status"] = f"error: {type(error).__name__}: {error}"
+                continue
+            value = row.get(_COLUMNS[measure][0])
+            if row.get(f"{measure}_status") == "ok" and not math.isfinite(value):
+                # An HVP that overflowed gives a NaN trace or eigenvalue: never an ok NaN.
+                row[f"{measure}_status"] = "nonfinite"
 
     def _total_gradient_norm(self, gradient: torch.Tensor) -> torch.Tensor | None:
         """The norm clipping divides by: over every trainable parameter, as the Trainer clips,
@@ -385,7 +396,7 @@ class SharpnessMeter:
             v0=self.top_vector,
             seed=self.seed,
         )
-        self.top_vector = result.vector.detach()
+        self.top_vector = _warm_vector(result.vector, self.top_vector)
         return {
             "lambda_max": result.value,
             "lambda_max_residual": result.residual,
@@ -413,7 +424,7 @@ class SharpnessMeter:
             v0=self.preconditioned_vector,
             seed=self.seed,
         )
-        self.preconditioned_vector = result.vector.detach()
+        self.preconditioned_vector = _warm_vector(result.vector, self.preconditioned_vector)
         return {
             "preconditioned_lambda_max": result.value,
             "preconditioned_lambda_max_residual": result.residual,
@@ -552,6 +563,12 @@ def _check_settings(
         )
     if not isinstance(progress, bool):
         raise ValueError(f"progress must be True or False, got {progress!r}")
+
+
+def _warm_vector(vector: torch.Tensor, previous: torch.Tensor | None) -> torch.Tensor | None:
+    """The next Lanczos start: this result's vector unless it is not finite (an unconverged
+    but finite vector is still a good start; a NaN one would spoil every later run)."""
+    return vector.detach() if bool(torch.isfinite(vector).all()) else previous
 
 
 def _is_number(value: Any) -> bool:

@@ -74,6 +74,7 @@ def test_every_shipped_config_parses(name, types):
         ("size: tiny\ntokenizer: bpe\nvocab_size: 100\n", "vocab_size"),
         ("- size\n- tiny\n", "key: value"),
         ("size: tiny\nreport_to: [wandb, tensorboard]\n", "report_to takes one value"),
+        ("size: tiny\nmeasures: [critical, preconditioned]\noptim: sgd\n", "Adam's second"),
     ],
 )
 def test_bad_config_raises_a_clear_error(tmp_path, text, message):

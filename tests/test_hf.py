@@ -42,19 +42,17 @@ class TokenDataset(torch.utils.data.Dataset):
 
 def make_trainer(tmp_path, dropout=0.1, report_to="none", max_steps=30, **args):
     model = tiny_gpt2(dropout=dropout).float().train()
-    args.setdefault("save_strategy", "no")
+    defaults = {"save_strategy": "no", "logging_steps": 5, "disable_tqdm": True}
     arguments = TrainingArguments(
         output_dir=str(tmp_path / "out"),
         max_steps=max_steps,
         per_device_train_batch_size=4,
         learning_rate=1e-3,
-        logging_steps=5,
         report_to=report_to,
         use_cpu=True,
         seed=0,
         data_seed=0,
-        disable_tqdm=True,
-        **args,
+        **{**defaults, **args},
     )
     return Trainer(model=model, args=arguments, train_dataset=TokenDataset())
 

@@ -14,6 +14,7 @@ from conftest import assert_same, snapshot, tiny_gpt2, token_batch
 
 import sharpmeter as sm
 import sharpmeter.integrations.hf
+import sharpmeter.meter
 import sharpmeter.params
 from sharpmeter.loss import ProbeLoss, probe_loss_and_gradient
 from sharpmeter.meter import check_options
@@ -176,3 +177,28 @@ def test_checking_options_builds_nothing_and_draws_nothing():
         check_options({"lanczos_tol": -1})
     with pytest.raises(ValueError, match="loss_fn"):
         check_options({"loss_fn": "mse"})
+
+
+def test_a_nan_estimate_is_never_ok_and_never_a_warm_start(monkeypatch):
+    """An HVP that overflowed gives NaN: the row says nonfinite, and Lanczos keeps its last
+    finite start vector."""
+    model = tiny_gpt2().eval()
+    batch = token_batch(2)
+    meter = sm.SharpnessMeter(model, batch, measures=("trace", "spectral"))
+    meter.measure(1)
+    start = meter.top_vector.clone()
+
+    def nan_trace(operator, num_matvecs, seed):
+        return sm.TraceResult(float("nan"), float("nan"), num_matvecs, torch.zeros(1))
+
+    def nan_lanczos(operator, **kwargs):
+        values = torch.full((1,), float("nan"), dtype=torch.float64)
+        vectors = torch.full((operator.dim, 1), float("nan"), dtype=torch.float64)
+        return sm.LanczosResult(values, vectors, values, 1, 1, True)
+
+    monkeypatch.setitem(sm.meter.TRACE_METHODS, "hutchinson", nan_trace)
+    monkeypatch.setattr(sm.meter, "lanczos", nan_lanczos)
+    row = meter.measure(2)
+    assert row["trace_status"] == "nonfinite" and row["spectral_status"] == "nonfinite"
+    assert row["status"] == "incomplete: trace,spectral"
+    assert torch.equal(meter.top_vector, start)

@@ -41,6 +41,8 @@ class AcceleratedMeter:
         jsonl_path: the JSONL file the main process writes.
         wandb: also log to W&B (the active run, or one started offline without credentials).
         run_name: the ``run`` field of every row.
+        optimizer: the loop's optimizer, to refuse at once one a measure cannot follow (the
+            ``preconditioned`` measure needs Adam) instead of failing every row.
         **meter_options: :class:`SharpnessMeter` arguments.
     """
 
@@ -53,12 +55,15 @@ class AcceleratedMeter:
         jsonl_path: str | os.PathLike = "sharpness.jsonl",
         wandb: bool = False,
         run_name: str | None = None,
+        optimizer: Any = None,
         **meter_options: Any,
     ) -> None:
         self.accelerator = accelerator
         unwrapped = accelerator.unwrap_model(model)
         batch = local_shard(move_to(probe_batch, accelerator.device))
         self.meter = SharpnessMeter(unwrapped, batch, **meter_options)
+        if optimizer is not None:
+            self.meter.check_optimizer(optimizer)
         self.sinks: list = []
         if accelerator.is_main_process:
             metadata = run_metadata(
@@ -80,6 +85,7 @@ class AcceleratedMeter:
         return row
 
     def close(self) -> None:
+        """Write what a full disk held back (warning about what is lost) and end a W&B run
+        this meter started."""
         for sink in self.sinks:
-            if isinstance(sink, WandbSink):
-                sink.close()
+            sink.close()
