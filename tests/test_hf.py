@@ -130,6 +130,8 @@ def test_report_to_none_writes_only_jsonl(tmp_path, monkeypatch):
     )  # unbound: no Trainer.log
     trainer.train()
     assert [r["step"] for r in read_rows(tmp_path / "out" / "sharpness.jsonl")] == [5, 10]
+    metadata = json.loads((tmp_path / "out" / "sharpness.meta.json").read_text())
+    assert metadata["max_steps"] == 10  # the planned length: analysis tells unfinished runs
     assert [h["step"] for h in trainer.state.log_history if "sharpness/lambda_max" in h] == [5, 10]
     assert not list(tmp_path.glob("wandb"))
 

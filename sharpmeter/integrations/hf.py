@@ -149,7 +149,14 @@ class SharpnessCallback(TrainerCallback):
         if state.is_world_process_zero:
             path = self.jsonl_path or Path(args.output_dir) / "sharpness.jsonl"
             run = self.run_name or args.run_name or Path(args.output_dir).name
-            metadata = run_metadata(model, run=run, seed=args.seed, probe_seed=self.probe_seed)
+            # max_steps: the planned length, so analysis can tell an unfinished run.
+            metadata = run_metadata(
+                model,
+                run=run,
+                seed=args.seed,
+                probe_seed=self.probe_seed,
+                max_steps=state.max_steps,
+            )
             resume = state.global_step if state.global_step > 0 else None
             self.sink = JsonlSink(path, metadata, resume_step=resume)
 
