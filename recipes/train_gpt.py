@@ -16,6 +16,7 @@ folder (offline without a key: ``wandb sync <output_dir>/wandb/offline-run-*``).
 import sys
 
 from sharpmeter.config import parse_config
+from sharpmeter.data import CorpusError
 from sharpmeter.train import train_gpt
 
 
@@ -24,7 +25,10 @@ def main(argv: list[str]) -> None:
         model_args, data_args, sharpness_args, training_args = parse_config(argv)
     except ValueError as error:  # a bad config: say what is wrong, before any training
         sys.exit(f"train_gpt.py: error: {error}")
-    jsonl = train_gpt(model_args, data_args, sharpness_args, training_args)
+    try:
+        jsonl = train_gpt(model_args, data_args, sharpness_args, training_args)
+    except CorpusError as error:  # the corpus is read before any training: one line too
+        sys.exit(f"train_gpt.py: error: {error}")
     if training_args.process_index == 0:
         print(f"sharpness curve: {jsonl}")
 

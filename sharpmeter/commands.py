@@ -43,13 +43,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_study_command(args: argparse.Namespace) -> int:
+    from sharpmeter.data import CorpusError
     from sharpmeter.study import parse_study, run_study
 
     try:
         config = parse_study([args.config, *args.overrides])
     except ValueError as error:  # a bad config: one line, before any training
         raise SystemExit(f"sharpmeter study: error: {error}") from None
-    files = run_study(config)
+    try:
+        files = run_study(config)
+    except CorpusError as error:  # the corpus is read before any training: one line too
+        raise SystemExit(f"sharpmeter study: error: {error}") from None
     if files is not None:
         print(files.markdown.read_text())
         print(f"report: {files.html}\n        {files.markdown}")

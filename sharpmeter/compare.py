@@ -34,7 +34,7 @@ from __future__ import annotations
 import itertools
 import math
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -48,6 +48,7 @@ from sharpmeter.analysis import (
     spearman,
 )
 from sharpmeter.analysis.curves import Curves, final_value
+from sharpmeter.analysis.runs import RunEntry
 from sharpmeter.simulator import simulate_run
 
 GRID_POINTS = 101
@@ -139,7 +140,9 @@ class Verdict:
 
 @dataclass(frozen=True)
 class StudyAnalysis:
-    """Everything a report shows, computed from the curves alone."""
+    """Everything a report shows, computed from the curves alone; ``runs`` lists every run
+    found with why it is not in the fits, when the curves came from files (see
+    :func:`sharpmeter.analysis.runs.select_runs`)."""
 
     curves: Curves = field(repr=False)
     finals: dict[float, float]
@@ -147,19 +150,37 @@ class StudyAnalysis:
     scaling: FitComparison | None
     comparisons: list[CurveComparison] = field(repr=False)
     verdicts: list[Verdict]
+    runs: tuple[RunEntry, ...] = field(default=(), repr=False)
+
+    @property
+    def unfinished(self) -> dict[float, str]:
+        """The fitted sizes whose run stopped before its planned end (fitted when asked for),
+        with how far it got: ``unfinished: step 60 of 150``."""
+        return {
+            entry.run.n_params: entry.run.unfinished
+            for entry in self.runs
+            if entry.left_out is None and entry.run.unfinished
+        }
+
+    @property
+    def left_out(self) -> list[RunEntry]:
+        """The runs found but not fitted, each with why."""
+        return [entry for entry in self.runs if entry.left_out is not None]
 
 
 def analyse_curves(
-    curves: Curves, final_fraction: float = 0.2, losses: Curves | None = None
+    curves: Curves,
+    final_fraction: float = 0.2,
+    losses: Curves | None = None,
+    runs: Sequence[RunEntry] = (),
 ) -> StudyAnalysis:
     """Fits, simulator comparison and verdicts for one curve per size (``losses``: the probe
-    loss curves of the same runs, for the flatter-is-better claim)."""
+    loss curves of the same runs, for the flatter-is-better claim; ``runs``: every run found,
+    fitted or not, to be listed beside the results)."""
     sizes = sorted(curves)
     finals = {n: final_value(*curves[n], final_fraction) for n in sizes}
     phase_fits = {n: _three_phase_or_reason(*curves[n]) for n in sizes}
-    scaling = None
-    if len(sizes) >= MIN_SIZES_FOR_SCALING:
-        scaling = compare_fits(sizes, [finals[n] for n in sizes])
+    scaling = _scaling_or_reason(finals)
     comparisons = compare_with_simulator(curves, final_fraction)
     verdicts = [
         _three_phases_verdict(phase_fits, curves),
@@ -167,7 +188,24 @@ def analyse_curves(
         _peak_verdict(comparisons),
         _loss_verdict(finals, losses, final_fraction),
     ]
-    return StudyAnalysis(curves, finals, phase_fits, scaling, comparisons, verdicts)
+    return StudyAnalysis(
+        curves,
+        finals,
+        phase_fits,
+        scaling if isinstance(scaling, FitComparison) else None,
+        comparisons,
+        verdicts,
+        tuple(runs),
+    )
+
+
+def _scaling_or_reason(finals: Mapping[float, float]) -> FitComparison | str:
+    if len(finals) < MIN_SIZES_FOR_SCALING:
+        return f"needs at least {MIN_SIZES_FOR_SCALING} sizes"
+    try:
+        return compare_fits(list(finals), list(finals.values()))
+    except ValueError as error:  # a final value that is not finite, or not positive
+        return f"no scaling fit: {error}"
 
 
 def _three_phase_or_reason(t: np.ndarray, s: np.ndarray) -> ThreePhaseFit | str:
@@ -203,25 +241,29 @@ def _three_phases_verdict(phase_fits: Mapping[float, ThreePhaseFit | str], curve
     )
 
 
-def _scaling_verdicts(scaling: FitComparison | None) -> list[Verdict]:
-    if scaling is None:
-        reason = f"needs at least {MIN_SIZES_FOR_SCALING} sizes"
-        return [
-            Verdict("Final sharpness falls with scale", None, reason),
-            Verdict("Log-linear law preferred over the power law", None, reason),
-        ]
+def _scaling_verdicts(scaling: FitComparison | str) -> list[Verdict]:
+    falls, preferred = (
+        "Final sharpness falls with scale",
+        "Log-linear law preferred over the power law",
+    )
+    if isinstance(scaling, str):
+        return [Verdict(falls, None, scaling), Verdict(preferred, None, scaling)]
     fit = scaling.log_linear
     lo, hi = fit.slope_ci
-    decided = hi < 0 or lo > 0
+    # an infinite or NaN interval excludes nothing
+    decided = math.isfinite(lo) and math.isfinite(hi) and (hi < 0 or lo > 0)
+    slope = Verdict(
+        falls,
+        (fit.slope < 0) if decided else None,
+        f"log-linear slope {fit.slope:.4g} per decade, "
+        f"{fit.level:.0%} interval [{lo:.3g}, {hi:.3g}], R^2 {fit.r2:.3f}",
+    )
+    if scaling.best is None:
+        return [slope, Verdict(preferred, None, f"AIC cannot rank the fits: {scaling.undecided}")]
     return [
+        slope,
         Verdict(
-            "Final sharpness falls with scale",
-            (fit.slope < 0) if decided else None,
-            f"log-linear slope {fit.slope:.4g} per decade, "
-            f"{fit.level:.0%} interval [{lo:.3g}, {hi:.3g}], R^2 {fit.r2:.3f}",
-        ),
-        Verdict(
-            "Log-linear law preferred over the power law",
+            preferred,
             (scaling.best == fit.form) if scaling.delta_aic >= DECIDING_DELTA_AIC else None,
             f"AIC {fit.aic:.2f} vs {scaling.power_law.aic:.2f}, delta {scaling.delta_aic:.2f}"
             f" (decided at >= {DECIDING_DELTA_AIC:g})",

@@ -13,26 +13,32 @@ transformers' ``HfArgumentParser`` reads them::
 
     python recipes/train_gpt.py configs/tiny.yaml --learning_rate 1e-3 --max_steps 100
 
-A key the dataclasses do not know, a missing required key (``size``), an unknown model size,
-a corpus path that does not exist, a Hessian-vector-product measure on a model FSDP will
-shard: each is a clear error before any training starts.
+A config file that is not YAML, a key the dataclasses do not know, a missing required key
+(``size``), an unknown model size, a block longer than the model's positions, a corpus path
+that does not exist (or a folder without ``.txt`` files), a learning rate or ``max_steps``
+that is not positive, an ``output_dir`` that cannot be written, a probe too large for memory,
+a Hessian-vector-product measure on a model FSDP will shard: each is a one-line ValueError
+before any training starts. (The corpus itself is read later, still before training: see
+:class:`sharpmeter.data.CorpusError`.)
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from transformers import HfArgumentParser, TrainingArguments
 
-from sharpmeter.data import TOKENIZERS, check_corpus, checked_vocab_size
+from sharpmeter.data import TOKENIZERS, check_block_size, check_corpus, checked_vocab_size
 from sharpmeter.distributed import NO_FSDP_HVP
-from sharpmeter.gpt import check_size
+from sharpmeter.gpt import check_positions, check_size, probe_memory_bytes
 from sharpmeter.meter import HVP_MEASURES, MEASURES
 from sharpmeter.schedule import Schedule
 
@@ -54,8 +60,8 @@ class ModelArguments:
     def __post_init__(self) -> None:
         if self.size is not None:
             check_size(self.size)
-        if self.block_size < 2:
-            raise ValueError(f"block_size must be at least 2, got {self.block_size}")
+        check_block_size(self.block_size)
+        check_positions(self.block_size)
 
 
 @dataclass
@@ -154,7 +160,14 @@ def parse_config(
     parsed = parser.parse_args_into_dataclasses(args=config_args + argv, look_for_args_file=False)
     _check_fsdp_measures(parsed)
     _check_preconditioned_optimizer(parsed)
+    _check_training(parsed)
+    _check_probe_memory(parsed)
     return parsed
+
+
+def _find(parsed: Sequence[Any], kind: type) -> Any:
+    """The instance of ``kind`` among parsed dataclasses (None: not parsed)."""
+    return next((arguments for arguments in parsed if isinstance(arguments, kind)), None)
 
 
 def fsdp_version(training_args: TrainingArguments) -> int | None:
@@ -170,8 +183,7 @@ def fsdp_version(training_args: TrainingArguments) -> int | None:
 
 def _check_fsdp_measures(parsed: Sequence[Any]) -> None:
     """Refuse, before training, what the meter would refuse on a sharded model."""
-    sharpness = next((a for a in parsed if isinstance(a, SharpnessArguments)), None)
-    training = next((a for a in parsed if isinstance(a, TrainingArguments)), None)
+    sharpness, training = _find(parsed, SharpnessArguments), _find(parsed, TrainingArguments)
     version = None if training is None else fsdp_version(training)
     if sharpness is None or version is None:
         return
@@ -192,8 +204,7 @@ ADAM_OPTIMS = ("adamw_torch", "adamw_torch_fused")
 def _check_preconditioned_optimizer(parsed: Sequence[Any]) -> None:
     """Refuse, before training, the preconditioned measure with an optimizer that has no
     Adam second moments (the meter would refuse it when training begins)."""
-    sharpness = next((a for a in parsed if isinstance(a, SharpnessArguments)), None)
-    training = next((a for a in parsed if isinstance(a, TrainingArguments)), None)
+    sharpness, training = _find(parsed, SharpnessArguments), _find(parsed, TrainingArguments)
     if sharpness is None or training is None or "preconditioned" not in sharpness.measures:
         return
     optim = getattr(training.optim, "value", training.optim)
@@ -202,6 +213,98 @@ def _check_preconditioned_optimizer(parsed: Sequence[Any]) -> None:
             f"the preconditioned measure needs Adam's second moments: optim {optim!r} has none "
             f"(use one of {ADAM_OPTIMS}, or drop 'preconditioned' from measures)"
         )
+
+
+def _check_training(parsed: Sequence[Any]) -> None:
+    """Refuse, before training, what transformers accepts but makes no run: a learning rate
+    that is not positive, ``max_steps`` 0 or below -1 (transformers then trains
+    ``num_train_epochs`` instead, without a word), an ``output_dir`` nothing can be written
+    into (the Trainer would find out at its first save, in a traceback)."""
+    training = _find(parsed, TrainingArguments)
+    if training is None:
+        return
+    rate = training.learning_rate
+    if not (math.isfinite(rate) and rate > 0):
+        raise ValueError(f"learning_rate must be positive, got {rate}")
+    if training.max_steps == 0 or training.max_steps < -1:
+        raise ValueError(
+            f"max_steps must be positive (-1, the default, trains num_train_epochs instead), "
+            f"got {training.max_steps}"
+        )
+    if training.output_dir is not None:
+        _check_writable_folder(training.output_dir)
+
+
+def _check_writable_folder(folder: str) -> None:
+    """A ValueError unless ``folder`` is, or can be made as, a folder this user writes into:
+    its nearest existing ancestor must be a folder (not a file) with write permission."""
+    path = Path(folder).expanduser().absolute()
+    existing = next(p for p in (path, *path.parents) if os.path.exists(p))
+    if not existing.is_dir():
+        raise ValueError(
+            f"output_dir {folder!r} cannot be written: {str(existing)!r} is a file, not a folder"
+        )
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(
+            f"output_dir {folder!r} cannot be written: no write permission on {str(existing)!r}"
+        )
+
+
+def _check_probe_memory(parsed: Sequence[Any]) -> None:
+    """Refuse, before training, a probe whose measurement would not fit in memory
+    (:func:`sharpmeter.gpt.probe_memory_bytes`, for the largest size to train): on the CPU
+    the OOM killer would end the run at its first measurement without a word. Runs on a GPU
+    are not checked: host memory is not where their probe lives, and CUDA reports its own
+    out-of-memory error. Nothing is checked where the available memory is unknown."""
+    model, data = _find(parsed, ModelArguments), _find(parsed, DataArguments)
+    sharpness, training = _find(parsed, SharpnessArguments), _find(parsed, TrainingArguments)
+    if None in (model, data, sharpness, training):
+        return
+    if not (training.use_cpu or not torch.cuda.is_available()):
+        return
+    study = _find(parsed, StudyArguments)
+    sizes = study.sizes if study is not None else [model.size] if model.size else []
+    available = available_memory_bytes()
+    if not sizes or available is None:
+        return
+    vocab_size = checked_vocab_size(data.tokenizer, data.vocab_size)  # BPE: at most this
+    double_backward = any(measure in HVP_MEASURES for measure in sharpness.measures)
+    need = {
+        size: probe_memory_bytes(
+            size, model.block_size, vocab_size, sharpness.probe_size, double_backward
+        )
+        for size in sizes
+    }
+    largest = max(need, key=need.__getitem__)
+    if need[largest] > available:
+        fits = sharpness.probe_size * available // need[largest]
+        hint = f"probe_size {fits} fits" if fits else "lower block_size"
+        raise ValueError(
+            f"probe_size {sharpness.probe_size} needs about {_gib(need[largest])} to measure "
+            f"{largest!r} (estimated), more than the {_gib(available)} of memory available: "
+            f"{hint}"
+        )
+
+
+def available_memory_bytes() -> int | None:
+    """Memory a new allocation can still get: ``MemAvailable`` of ``/proc/meminfo`` (Linux),
+    else psutil's estimate where psutil is installed, else None (unknown)."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024  # the file counts kB
+    except OSError:
+        pass
+    try:
+        import psutil
+    except ImportError:
+        return None
+    return int(psutil.virtual_memory().available)
+
+
+def _gib(size: int) -> str:
+    return f"{size / 2**30:,.1f} GiB"
 
 
 def yaml_as_arguments(
@@ -218,7 +321,10 @@ def yaml_as_arguments(
     if not path.is_file():
         raise ValueError(f"config file {str(path)!r} does not exist")
     text = path.read_text()
-    values = yaml.safe_load(text) or {}
+    try:
+        values = yaml.safe_load(text) or {}
+    except yaml.YAMLError as error:
+        raise ValueError(_yaml_error_message(path, error)) from None
     if not isinstance(values, dict):
         raise ValueError(f"{path}: expected 'key: value' pairs, got {type(values).__name__}")
     written = yaml.load(text, Loader=yaml.BaseLoader)  # every scalar as its text
@@ -245,3 +351,15 @@ def yaml_as_arguments(
             items = [written[key]]
         arguments += [f"--{key}", *items]
     return arguments
+
+
+def _yaml_error_message(path: Path, error: Exception) -> str:
+    """PyYAML's error in one line naming the file and line (its own message spans several
+    lines and calls the file "<unicode string>")."""
+    mark = getattr(error, "problem_mark", None)
+    where = str(path) if mark is None else f"{path}, line {mark.line + 1}"
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    context, context_mark = getattr(error, "context", None), getattr(error, "context_mark", None)
+    if context and context_mark is not None:
+        problem += f" ({context} at line {context_mark.line + 1})"
+    return f"{where}: not valid YAML: {problem}"

@@ -49,6 +49,13 @@ _ENCODE_BATCH = 8192
 _DATA_EXTRA_HINT = "pip install 'sharpmeter[data]'"
 
 
+class CorpusError(ValueError):
+    """A corpus that cannot give a training block: missing, empty, not UTF-8, too short.
+
+    Raised while the corpus is read, which comes before any training, so the commands print
+    it as one line like a bad config (other ValueErrors during a run stay tracebacks)."""
+
+
 def kjv_text() -> str:
     """The KJV Bible, one verse per line, verse references stripped."""
     try:
@@ -73,6 +80,8 @@ def load_text(
     (``./x``, ``/x``, ``~/x``, ``a/b/c``, ``x.txt``, ...) but do not exist fail at once, without
     touching the network; ``name`` or ``org/name`` goes to ``datasets.load_dataset``.
     ``cache_dir`` is handed to ``datasets`` for its Arrow copies (default: its own cache).
+    Whatever makes a corpus unusable (no such path, a folder without ``.txt`` files, blank
+    files, bytes that are not UTF-8, a dataset that does not load) is a :class:`CorpusError`.
 
     Example::
 
@@ -89,19 +98,23 @@ def load_text(
 
 
 def check_corpus(source: str) -> None:
-    """A ValueError at once if ``source`` looks like a local path (see :func:`load_text`) that
-    does not exist; touches neither ``datasets`` nor the network, so configs can call it early.
-    ``"kjv"``, existing paths and dataset names pass (a name may still fail to load later).
+    """A :class:`CorpusError` at once if ``source`` looks like a local path (see
+    :func:`load_text`) that does not exist, or is a folder without ``.txt`` files; touches
+    neither ``datasets`` nor the network, so configs can call it early. ``"kjv"``, existing
+    paths and dataset names pass (a name may still fail to load, a file may still be empty).
 
     Example::
 
         check_corpus("Salesforce/wikitext")     # passes: a datasets name
-        check_corpus("data/corpus.txt")         # ValueError unless the file exists
+        check_corpus("data/corpus.txt")         # CorpusError unless the file exists
     """
-    if source == "kjv" or Path(source).expanduser().exists():
+    if source == "kjv":
         return
-    if _looks_like_path(source):
-        raise ValueError(f"corpus {source!r} looks like a path but does not exist")
+    path = Path(source).expanduser()
+    if path.exists():
+        _corpus_files(path)  # its own check
+    elif _looks_like_path(source):
+        raise CorpusError(f"corpus {source!r} looks like a path but does not exist")
 
 
 def _looks_like_path(source: str) -> bool:
@@ -131,11 +144,24 @@ def _import_datasets() -> Any:
     return datasets
 
 
-def _local_text(path: Path, cache_dir: str | Path | None) -> str:
-    """A text file, or a directory's ``*.txt`` files in sorted order, joined with ``"\\n"``."""
+def _corpus_files(path: Path) -> list[Path]:
+    """A text file, or a directory's ``*.txt`` files in sorted order (CorpusError: none)."""
     files = sorted(path.glob("*.txt")) if path.is_dir() else [path]
     if not files:
-        raise ValueError(f"corpus directory {str(path)!r} holds no .txt files")
+        raise CorpusError(f"corpus directory {str(path)!r} holds no .txt files")
+    return files
+
+
+def _local_text(path: Path, cache_dir: str | Path | None) -> str:
+    """A text file, or a directory's ``*.txt`` files in sorted order, joined with ``"\\n"``.
+
+    Each file is decoded here first: on bytes that are not UTF-8, ``datasets`` raises an error
+    that names neither the file nor the place; and a corpus of blank files is refused as such.
+    """
+    files = _corpus_files(path)
+    blank = [not _utf8_text(file).strip() for file in files]  # every file checked
+    if all(blank):
+        raise CorpusError(f"corpus {str(path)!r} holds no text (empty or whitespace only)")
     datasets = _import_datasets()
     # Dataset.from_text runs the packaged "text" builder directly; load_dataset("text", ...)
     # first pings a download counter on S3, which offline costs a DNS failure or a 3 s timeout.
@@ -147,6 +173,20 @@ def _local_text(path: Path, cache_dir: str | Path | None) -> str:
     return "\n".join(dataset["text"])
 
 
+def _utf8_text(file: Path) -> str:
+    """The text of ``file``; a CorpusError naming the first byte that is not UTF-8, its offset
+    and its line."""
+    raw = file.read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = raw.count(b"\n", 0, error.start) + 1
+        raise CorpusError(
+            f"corpus file {str(file)!r} is not UTF-8: byte 0x{raw[error.start]:02x} at offset "
+            f"{error.start} (line {line}); save it as UTF-8"
+        ) from None
+
+
 def _hub_text(name: str, text_column: str, cache_dir: str | Path | None) -> str:
     """The ``text_column`` of a ``datasets`` dataset's train split, rows joined with ``"\\n"``."""
     datasets = _import_datasets()
@@ -155,12 +195,12 @@ def _hub_text(name: str, text_column: str, cache_dir: str | Path | None) -> str:
             name, split="train", cache_dir=None if cache_dir is None else str(cache_dir)
         )
     except Exception as error:  # offline, unknown name, gated, bad config: all mean "not this"
-        raise ValueError(
+        raise CorpusError(
             f"corpus {name!r} is neither 'kjv', an existing file, "
             f"nor a loadable datasets dataset: {error}"
         ) from error
     if text_column not in dataset.column_names:
-        raise ValueError(
+        raise CorpusError(
             f"dataset {name!r} has no column {text_column!r}; "
             f"pass text_column, one of {dataset.column_names}"
         )
@@ -328,7 +368,8 @@ def _write_atomic(path: Path, write: Callable[[IO[bytes]], object]) -> None:
 
 class TokenBlocks(torch.utils.data.Dataset):
     """Consecutive blocks of ``block_size`` token ids; ``labels`` equal ``input_ids``
-    (Hugging Face causal LMs shift them). A tail shorter than a block is dropped.
+    (Hugging Face causal LMs shift them). A tail shorter than a block is dropped; fewer ids
+    than one block are a :class:`CorpusError` naming ``corpus_name``.
 
     Example::
 
@@ -343,17 +384,19 @@ class TokenBlocks(torch.utils.data.Dataset):
         *,
         vocab_size: int | None = None,
         tokenizer_path: Path | None = None,
+        corpus_name: str = "the corpus",
     ) -> None:
         if isinstance(ids, str):  # TokenBlocks took text before it took ids
             raise TypeError("TokenBlocks takes token ids, not text: use encode_corpus(text).ids")
-        _check_block_size(block_size)
+        check_block_size(block_size)
         ids = torch.as_tensor(ids)
         if ids.dim() != 1 or ids.is_floating_point() or ids.is_complex():
             raise ValueError(f"ids must be a 1-D tensor of integers, got {ids.dtype} {ids.shape}")
         count = ids.numel() // block_size
         if count == 0:
-            raise ValueError(
-                f"the corpus holds {ids.numel()} tokens, fewer than block_size = {block_size}"
+            raise CorpusError(
+                f"{corpus_name} holds {ids.numel()} tokens, fewer than block_size = "
+                f"{block_size} (one training sequence)"
             )
         self.blocks = ids[: count * block_size].long().view(count, block_size)
         self.vocab_size = vocab_size
@@ -366,7 +409,7 @@ class TokenBlocks(torch.utils.data.Dataset):
         return {"input_ids": self.blocks[index], "labels": self.blocks[index]}
 
 
-def _check_block_size(block_size: int) -> None:
+def check_block_size(block_size: int) -> None:
     """A ValueError unless a block holds an input and the token after it."""
     if block_size < 2:
         raise ValueError(f"block_size must be at least 2, got {block_size}")
@@ -391,10 +434,14 @@ def lm_dataset(
     """
     # argument errors before the (possibly slow) corpus read
     checked_vocab_size(tokenizer, vocab_size)
-    _check_block_size(block_size)
+    check_block_size(block_size)
     datasets_cache = None if cache_dir is None else Path(cache_dir).expanduser() / "datasets"
     text = load_text(source, text_column, cache_dir=datasets_cache)
     corpus = encode_corpus(text, tokenizer, vocab_size, cache_dir)
     return TokenBlocks(
-        corpus.ids, block_size, vocab_size=corpus.vocab_size, tokenizer_path=corpus.tokenizer_path
+        corpus.ids,
+        block_size,
+        vocab_size=corpus.vocab_size,
+        tokenizer_path=corpus.tokenizer_path,
+        corpus_name=f"corpus {source!r}",
     )

@@ -39,6 +39,22 @@ GPU_SIZES = {
     "d1024-l16": GptShape(1024, 16, 16),
 }
 SIZES = {**CPU_SIZES, **GPU_SIZES}
+# GPT-2's context length (its n_positions): every size is a GPT-2 shape and takes at most this
+# many positions. A model is built with exactly block_size of them, and attention's memory
+# grows with its square, so a longer block is refused rather than left to run out of memory.
+MAX_POSITIONS = 1024
+
+# Floats a measurement keeps per probe token, fitted generously to peak memory on CPU (fp32,
+# Hugging Face's eager GPT-2, the math attention kernel; sizes tiny to d384-l6, blocks of 64
+# to 256): per layer and hidden unit (measured 42-60: the MLP's 4x width and GELU's
+# intermediates), per layer, head and attended position (~1), per vocabulary entry (~2.5).
+_FLOATS_PER_HIDDEN = 64
+_FLOATS_PER_SCORE = 2
+_FLOATS_PER_LOGIT = 3
+# A Hessian-vector product keeps the gradient's own graph and differentiates it again
+# (measured 2.7-3.3 times the peak of one gradient).
+_DOUBLE_BACKWARD_FACTOR = 4
+_BYTES_PER_FLOAT = 4
 
 
 def check_size(name: str) -> GptShape:
@@ -46,6 +62,39 @@ def check_size(name: str) -> GptShape:
     if name not in SIZES:
         raise ValueError(f"unknown model size {name!r}; choose from {', '.join(SIZES)}")
     return SIZES[name]
+
+
+def check_positions(block_size: int) -> None:
+    """A ValueError if a block is longer than a GPT-2 size takes (:data:`MAX_POSITIONS`)."""
+    if block_size > MAX_POSITIONS:
+        raise ValueError(
+            f"block_size {block_size} is larger than the model's {MAX_POSITIONS} positions "
+            "(GPT-2's n_positions)"
+        )
+
+
+def probe_memory_bytes(
+    size: str, block_size: int, vocab_size: int, probe_size: int, double_backward: bool
+) -> int:
+    """A generous estimate of the memory one measurement holds for its probe batch, so that a
+    probe too large for the machine is refused before training instead of being killed by
+    the OOM killer at the first measurement.
+
+    With ``L`` layers, hidden size ``d``, ``h`` heads, block ``T`` and vocabulary ``V``::
+
+        bytes = 4 * k * probe_size * T * (L * (64 d + 2 h T) + 3 V)
+
+    4 bytes per float (fp32, even where bf16 autocast would keep less), ``k = 4`` with a
+    double backward (the HVP measures) and 1 without (critical sharpness: forward passes and
+    one gradient); the per-token constants are those above this function, and the peaks
+    measured on CPU are 0.55-0.9 of this estimate. Weights and optimizer state, which
+    training holds anyway, are not counted.
+    """
+    shape = check_size(size)
+    per_layer = _FLOATS_PER_HIDDEN * shape.n_embd + _FLOATS_PER_SCORE * shape.n_head * block_size
+    per_token = shape.n_layer * per_layer + _FLOATS_PER_LOGIT * vocab_size
+    factor = _DOUBLE_BACKWARD_FACTOR if double_backward else 1
+    return _BYTES_PER_FLOAT * factor * probe_size * block_size * per_token
 
 
 def gpt_config(
@@ -58,6 +107,7 @@ def gpt_config(
     """A ``GPT2Config`` of a named size. Dropout is 0 by default: a small model trained for a
     few hundred steps does not need it, and the measurement turns it off anyway."""
     shape = check_size(size)
+    check_positions(block_size)
     config = GPT2Config(
         vocab_size=vocab_size,
         n_positions=block_size,

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import csv
 import json
+import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -23,6 +24,11 @@ Value = str | int | float | bool | None
 Record = dict[str, Value]
 
 FORMATS = (".jsonl", ".csv")
+
+
+class RecordWarning(UserWarning):
+    """A record file was read with something left out or overridden (a torn last line, a step
+    logged twice); the message names the file and its lines."""
 
 
 def write_records(path: str | Path, rows: Iterable[Mapping[str, Value]]) -> None:
@@ -49,21 +55,55 @@ def read_records(path: str | Path) -> list[Record]:
 
     CSV cells come back typed: integers as ``int``, other numbers (``nan``, ``inf`` included) as
     ``float``, ``True``/``False`` as ``bool``, empty cells as ``None``, the rest as ``str``.
+    See :func:`read_numbered_records` for what is refused and what is dropped.
+    """
+    return [row for _, row in read_numbered_records(path)]
+
+
+def read_numbered_records(path: str | Path) -> list[tuple[int, Record]]:
+    """The rows of a ``.jsonl`` or ``.csv`` file, each with its 1-based line number in the file
+    (for CSV, the line a row ends on), so that every later complaint can point at the line.
+
+    A JSONL line that is not a JSON object raises ``ValueError`` naming ``file:line``, except a
+    torn last line (no newline and not valid JSON): what a crash or a full disk leaves in the
+    middle of an append. That one is dropped with a :class:`RecordWarning` naming it.
     """
     path = Path(path)
     suffix = _suffix(path)
-    with path.open(newline="" if suffix == ".csv" else None, encoding="utf-8") as f:
-        if suffix == ".csv":
-            return [{k: _parse_cell(v) for k, v in row.items()} for row in csv.DictReader(f)]
-        rows = []
+    if suffix == ".csv":
+        with path.open(newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            return [
+                (reader.line_num, {k: _parse_cell(v) for k, v in row.items()}) for row in reader
+            ]
+    rows = []
+    with path.open("rb") as f:
         for number, line in enumerate(f, start=1):
             if not line.strip():
                 continue
-            row = json.loads(line)
+            try:
+                row = json.loads(line.decode("utf-8"))
+            except ValueError as error:  # JSONDecodeError and UnicodeDecodeError alike
+                if line.endswith(b"\n"):
+                    raise ValueError(
+                        f"{path}:{number}: not a JSON line ({_reason(error)})"
+                    ) from None
+                warnings.warn(
+                    f"{path}:{number}: dropped a torn last line (no newline, not valid JSON: "
+                    "a write cut short)",
+                    RecordWarning,
+                    stacklevel=2,
+                )
+                break
             if not isinstance(row, dict):
                 raise ValueError(f"{path}:{number}: expected a JSON object per line")
-            rows.append(row)
-        return rows
+            rows.append((number, row))
+    return rows
+
+
+def _reason(error: ValueError) -> str:
+    """What is wrong, without the character offset in the line that JSON errors carry."""
+    return error.msg if isinstance(error, json.JSONDecodeError) else "not UTF-8"
 
 
 def _suffix(path: Path) -> str:

@@ -1,8 +1,11 @@
 """A study report from logged runs: Markdown beside its PNG figures, and one self-contained
 HTML file with the same figures embedded.
 
-Every number in it is computed here from the runs' JSONL files (through
-:func:`sharpmeter.compare.analyse_curves`); nothing is carried over from training.
+Every number in it is computed here from the runs' JSONL files (read by
+:func:`sharpmeter.analysis.runs.load_runs`, analysed by :func:`sharpmeter.compare.analyse_curves`);
+nothing is carried over from training. Every run found is listed: one left out of the fits
+(empty, diverged, no finite value, stopped before its planned end) says why, and an unfinished
+run fitted on request is marked in every table.
 
 Example::
 
@@ -26,11 +29,12 @@ from pathlib import Path
 
 import numpy as np
 
-from sharpmeter.analysis import curves_from_records, final_stderr
+from sharpmeter.analysis import final_stderr
 from sharpmeter.analysis.phases import PARAMETERS
 from sharpmeter.analysis.plotting import plot_scaling_fit
+from sharpmeter.analysis.runs import Run, RunEntry, load_runs, select_runs
 from sharpmeter.compare import StudyAnalysis, analyse_curves, has_three_phases
-from sharpmeter.records import read_records
+from sharpmeter.records import Record
 from sharpmeter.sizes import format_size
 
 RUN_FILE = "sharpness.jsonl"
@@ -85,17 +89,25 @@ def _wandb_url(folder: Path) -> str | None:
 
 
 def load_analysis(
-    paths: Sequence[str | Path], quantity: str = "critical_sharpness", final_fraction: float = 0.2
-) -> tuple[list[RunFiles], list[dict], StudyAnalysis]:
-    """The runs under ``paths``, their rows, and the analysis of ``quantity`` over them."""
-    runs = find_runs(paths)
-    rows = [row for run in runs for row in read_records(run.jsonl)]
-    curves = curves_from_records(rows, quantity=quantity)
+    paths: Sequence[str | Path],
+    quantity: str = "critical_sharpness",
+    final_fraction: float = 0.2,
+    include_unfinished: bool = False,
+) -> tuple[list[RunFiles], list[Record], StudyAnalysis]:
+    """The run files under ``paths``, the rows of the runs fitted, and the analysis of
+    ``quantity`` over them (its ``runs`` list every run found, fitted or not, and why).
+
+    Runs that stopped before their planned ``max_steps`` are left out of the fits unless
+    ``include_unfinished``.
+    """
+    files = find_runs(paths)
+    selection = select_runs(load_runs(f.jsonl for f in files), quantity, include_unfinished)
     try:
-        losses = curves_from_records(rows, quantity="loss")
+        losses = selection.curves("loss")
     except ValueError:  # runs logged without the probe loss
         losses = None
-    return runs, rows, analyse_curves(curves, final_fraction, losses)
+    analysis = analyse_curves(selection.curves(quantity), final_fraction, losses, selection.entries)
+    return files, selection.rows(), analysis
 
 
 @dataclass(frozen=True)
@@ -111,17 +123,21 @@ def write_report(
     quantity: str = "critical_sharpness",
     final_fraction: float = 0.2,
     title: str = "Sharpness scaling study",
+    include_unfinished: bool = False,
 ) -> ReportFiles:
     """Analyse the runs under ``paths`` and write ``report.md``, ``report.html`` and the
-    figures ``curves.png`` and (with 3+ sizes) ``scaling.png`` into ``out``."""
-    runs, rows, analysis = load_analysis(paths, quantity, final_fraction)
+    figures ``curves.png`` and (with 3+ sizes) ``scaling.png`` into ``out``; unfinished runs
+    are fitted only with ``include_unfinished`` (see :func:`load_analysis`)."""
+    runs, _, analysis = load_analysis(paths, quantity, final_fraction, include_unfinished)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    stability = stability_line(rows) if quantity == "critical_sharpness" else None
+    stability = None
+    if quantity == "critical_sharpness":
+        stability = stability_line(_smallest_fitted(analysis))
     figures = [plot_curves(analysis, out / "curves.png", quantity, stability)]
     if analysis.scaling is not None:
         figures.append(plot_scaling_fit(analysis.scaling, out / "scaling.png", f"final {quantity}"))
-    blocks = report_blocks(analysis, runs, rows, quantity, final_fraction, title, figures)
+    blocks = report_blocks(analysis, runs, quantity, final_fraction, title, figures)
     markdown = out / "report.md"
     markdown.write_text(render_markdown(blocks, relative_to=out))
     page = out / "report.html"
@@ -150,18 +166,20 @@ Block = str | Table | Figure | list  # str: a paragraph or "## heading"; list: b
 def report_blocks(
     analysis: StudyAnalysis,
     runs: Sequence[RunFiles],
-    rows: Sequence[dict],
     quantity: str,
     final_fraction: float,
     title: str,
     figures: Sequence[Path],
 ) -> list[Block]:
+    measurements = sum(len(entry.run.rows) for entry in analysis.runs)
+    fitted = len(analysis.runs) - len(analysis.left_out)
     blocks: list[Block] = [
         f"# {title}",
         f"Quantity `{quantity}`; the final value of a run is the mean over its last "
         f"{final_fraction:.0%} of training (± the standard error of that mean as if the "
-        "measurements were independent: neighbours are correlated, so it is a lower bound). "
-        f"{len(runs)} runs, {len(rows)} logged measurements.",
+        "measurements were independent: neighbours are correlated, so it is a lower bound); "
+        "a step's fraction of training is the step over the run's planned max_steps. "
+        f"{len(analysis.runs)} runs ({fitted} fitted), {measurements} logged measurements.",
         *compare_blocks(analysis),
         Figure(
             figures[0],
@@ -178,16 +196,19 @@ def report_blocks(
     ]
     if analysis.scaling is not None:
         blocks += ["## Scaling of the final value", _scaling_table(analysis)]
+        if analysis.scaling.undecided is not None:
+            blocks.append(f"AIC cannot rank the two forms: {analysis.scaling.undecided}.")
         blocks.append(Figure(figures[1], "Final value against parameters, both fits."))
-    blocks += ["## Files", _files_list(runs, rows)]
+    blocks += ["## Files", _files_list(runs, analysis.runs)]
     return blocks
 
 
 def compare_blocks(analysis: StudyAnalysis) -> list[Block]:
-    """The verdicts and the measured-against-simulated table."""
+    """The verdicts, which runs they rest on, and the measured-against-simulated table."""
     return [
         "## Verdicts on the paper's claims",
         [verdict.line() for verdict in analysis.verdicts],
+        *_fitted_runs_note(analysis),
         "## Measured against the simulator (common training-fraction axis)",
         _comparison_table(analysis),
         "The simulator is calibrated on 10M-7B parameter language models, so its levels are "
@@ -197,28 +218,72 @@ def compare_blocks(analysis: StudyAnalysis) -> list[Block]:
     ]
 
 
+def _fitted_runs_note(analysis: StudyAnalysis) -> list[Block]:
+    """Which runs found the fits leave out and why, and which unfinished ones they include."""
+    if not analysis.runs:  # curves given directly: no run to account for
+        return []
+    fitted = len(analysis.runs) - len(analysis.left_out)
+    note = f"Fitted: {fitted} of the {len(analysis.runs)} runs found."
+    if analysis.left_out:
+        reasons = [f"`{entry.run.name}` ({entry.left_out})" for entry in analysis.left_out]
+        note += " Left out: " + "; ".join(reasons) + "."
+    if analysis.unfinished:
+        marks = [f"{n:,.0f} ({mark})" for n, mark in sorted(analysis.unfinished.items())]
+        note += " Included as asked although unfinished: " + "; ".join(marks) + "."
+    return [note]
+
+
+def _size_cell(analysis: StudyAnalysis, n: float) -> str:
+    """A fitted size, marked when its run stopped before its planned end."""
+    mark = analysis.unfinished.get(n)
+    return f"{n:,.0f}" + (f" ({mark})" if mark else "")
+
+
 def _runs_table(analysis: StudyAnalysis, final_fraction: float) -> Table:
-    rows = []
-    for n in sorted(analysis.curves):
-        t, s = analysis.curves[n]
-        stderr = final_stderr(t, s, final_fraction)
-        rows.append(
-            (
-                f"{n:,.0f}",
-                str(s.size),
-                f"{analysis.finals[n]:.4g} ± {stderr:.2g}",
-                f"{s.max():.4g}",
-                f"{t[np.argmax(s)]:.2f}",
-            )
-        )
-    header = ("parameters", "measurements", "final", "peak", "peak at t")
-    return Table(header, tuple(rows))
+    """Every run found: the fitted ones with their numbers, the others with why not."""
+    header = (
+        "parameters",
+        "measurements",
+        "final",
+        "peak",
+        "peak at t",
+        "not finite",
+        "run",
+        "steps",
+        "in fits",
+    )
+    entries = sorted(analysis.runs, key=_size_order)
+    return Table(header, tuple(_run_row(analysis, entry, final_fraction) for entry in entries))
+
+
+def _size_order(entry: RunEntry) -> tuple:
+    n = entry.run.n_params
+    return (n is None, n or 0.0, entry.run.name)
+
+
+def _run_row(analysis: StudyAnalysis, entry: RunEntry, final_fraction: float) -> tuple[str, ...]:
+    run = entry.run
+    described = (str(entry.not_finite), f"`{run.name}`", run.progress)
+    if entry.left_out is not None:
+        size = "unknown" if run.n_params is None else f"{run.n_params:,.0f}"
+        return (size, str(entry.finite), "n/a", "n/a", "n/a", *described, entry.left_out)
+    t, s = analysis.curves[run.n_params]
+    stderr = final_stderr(t, s, final_fraction)
+    return (
+        _size_cell(analysis, run.n_params),
+        str(s.size),
+        f"{analysis.finals[run.n_params]:.4g} ± {stderr:.2g}",
+        f"{s.max():.4g}",
+        f"{t[np.argmax(s)]:.2f}",
+        *described,
+        "yes",
+    )
 
 
 def _comparison_table(analysis: StudyAnalysis) -> Table:
     rows = tuple(
         (
-            f"{c.n_params:,.0f}",
+            _size_cell(analysis, c.n_params),
             f"{c.measured_final:.4g} / {c.simulated_final:.4g}",
             f"{c.measured_peak_ratio:.3g} / {c.simulated_peak_ratio:.3g}",
             f"{c.measured_peak_t:.2f} / {c.simulated_peak_t:.2f}",
@@ -242,12 +307,12 @@ def _phase_table(analysis: StudyAnalysis) -> Table:
     rows = []
     for n, fit in sorted(analysis.phase_fits.items()):
         if isinstance(fit, str):
-            rows.append((f"{n:,.0f}", fit, "", "", "", "", "no"))
+            rows.append((_size_cell(analysis, n), fit, "", "", "", "", "no"))
             continue
         cells = [_with_stderr(getattr(fit, p), fit.stderr[p]) for p in PARAMETERS]
         rows.append(
             (
-                f"{n:,.0f}",
+                _size_cell(analysis, n),
                 *cells,
                 f"{fit.r2:.3f}",
                 "yes" if has_three_phases(fit, analysis.curves[n][0]) else "no",
@@ -292,7 +357,8 @@ def _scaling_table(analysis: StudyAnalysis) -> Table:
     return Table(header, tuple(rows))
 
 
-def _files_list(runs: Sequence[RunFiles], rows: Sequence[dict]) -> list[str]:
+def _files_list(runs: Sequence[RunFiles], entries: Sequence[RunEntry]) -> list[str]:
+    rows = [row for entry in entries for row in entry.run.rows]
     failed = sum(1 for row in rows if row.get("status") not in (None, "ok"))
     items = [f"`{run.jsonl}` ({run.name}); W&B: {run.wandb_line()}" for run in runs]
     items.append(f"measurements with a status other than ok: {failed}")
@@ -302,15 +368,19 @@ def _files_list(runs: Sequence[RunFiles], rows: Sequence[dict]) -> list[str]:
 # ---- figures -------------------------------------------------------------------------------
 
 
-def stability_line(rows: Sequence[dict]) -> tuple[np.ndarray, np.ndarray] | None:
-    """``2 / lr`` along the first run (a study trains every size on one schedule): where
-    critical sharpness meets it, the next step raises the probe loss."""
-    try:
-        lr_curves = curves_from_records(rows, quantity="lr")
-    except ValueError:  # measured without an optimizer: no learning rate logged
-        return None
-    t, lr = next(iter(lr_curves.values()))
+def _smallest_fitted(analysis: StudyAnalysis) -> Run:
+    fitted = [entry.run for entry in analysis.runs if entry.left_out is None]
+    return min(fitted, key=lambda run: run.n_params)
+
+
+def stability_line(run: Run) -> tuple[np.ndarray, np.ndarray] | None:
+    """``2 / lr`` along one run (a study trains every size on one schedule), on its planned
+    training axis: where critical sharpness meets it, the next step raises the probe loss.
+    None when no positive learning rate was logged (measured without an optimizer)."""
+    t, lr = run.curve("lr")
     keep = lr > 0
+    if not keep.any():
+        return None
     return t[keep], 2 / lr[keep]
 
 

@@ -135,4 +135,6 @@ def test_fit_command_reports_bad_input(tmp_path, capsys):
     write_jsonl(path, long_rows(n_checkpoints=30))
     args = parse(["fit", str(path), "--quantity", "nothing"])
     assert args.handler(args) == 2
-    assert "no finite values" in capsys.readouterr().err
+    assert "no run to fit nothing; no finite nothing: 10M, 125M, 350M, 1.3B, 3B, 7B" in (
+        capsys.readouterr().err
+    )

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from sharpmeter import config as config_module
 from sharpmeter.config import RUN_ARGUMENTS, STUDY_ARGUMENTS, parse_config
 
 CONFIGS = Path(__file__).parent.parent / "configs"
@@ -52,10 +53,12 @@ def test_command_line_overrides_the_file():
         ("study_gpu", STUDY_ARGUMENTS),
     ],
 )
-def test_every_shipped_config_parses(name, types):
+def test_every_shipped_config_parses(name, types, monkeypatch):
     required = ("size",) if types is RUN_ARGUMENTS else ()
     # bf16 needs a GPU or the CPU's autocast, which use_cpu selects
     cpu = ["--use_cpu", "true"] if "gpu" in name else []
+    if "gpu" in name:  # its probe is sized for a GPU's memory, not for this machine's
+        monkeypatch.setattr(config_module, "available_memory_bytes", lambda: None)
     parsed = parse_config([str(CONFIGS / f"{name}.yaml"), *cpu], types, required=required)
     assert len(parsed) == len(types)
 

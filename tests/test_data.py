@@ -185,6 +185,7 @@ def test_missing_paths_fail_at_once_without_datasets(tmp_path, monkeypatch):
         with pytest.raises(ValueError, match="does not exist"):
             check_corpus(source)
     # what may load passes the early check: kjv, existing paths, datasets names
+    (tmp_path / "corpus.txt").write_text("text", encoding="utf-8")
     for source in ("kjv", str(tmp_path), "wikitext", "Salesforce/wikitext"):
         check_corpus(source)
     empty = tmp_path / "empty"

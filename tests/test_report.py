@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from sharpmeter.analysis import compare_fits
+from sharpmeter.analysis.runs import load_runs
 from sharpmeter.cli import main
 from sharpmeter.report import find_runs, stability_line, write_report
 from sharpmeter.simulator import simulate_run
@@ -87,10 +88,13 @@ def test_html_report_is_self_contained(tmp_path):
 
 def test_stability_line_is_two_over_the_learning_rate(tmp_path):
     root = write_runs(tmp_path / "study")
-    rows = [json.loads(line) for line in (root / "a" / "sharpness.jsonl").open()]
-    t, line = stability_line(rows)
+    path = root / "a" / "sharpness.jsonl"
+    rows = [json.loads(line) for line in path.open()]
+    [run] = load_runs([path])
+    t, line = stability_line(run)
     assert t[-1] == 1.0 and line == pytest.approx([2 / r["lr"] for r in rows])
-    assert stability_line([{k: v for k, v in r.items() if k != "lr"} for r in rows]) is None
+    path.write_text("".join(json.dumps({**r, "lr": float("nan")}) + "\n" for r in rows))
+    assert stability_line(load_runs([path])[0]) is None
 
 
 def test_runs_are_found_by_folder_file_or_study(tmp_path):
@@ -113,7 +117,7 @@ def test_cli_compare_and_report(tmp_path, capsys):
     assert str(root / "report.html") in capsys.readouterr().out
     with pytest.raises(SystemExit, match="no sharpness.jsonl"):
         main(["report", str(tmp_path / "nothing")])
-    with pytest.raises(SystemExit, match="no finite values of quantity lambda_max"):
+    with pytest.raises(SystemExit, match="no run to fit lambda_max; no finite lambda_max: a, b"):
         main(["compare", str(root), "--quantity", "lambda_max"])
     with pytest.raises(SystemExit, match="unknown model size"):
         main(["study", str(CONFIGS / "study_cpu.yaml"), "--sizes", "tiny", "huge"])

@@ -6,7 +6,9 @@
 * ``correlation``: Pearson / Spearman with intervals, across scales and within runs;
 * ``pacbayes``: the paper's bound ``sqrt((S ln N + ln(m/delta)) / m)``;
 * ``curves``: logged rows -> per-run curves; head and tail means (over checkpoints) and the
-  final value (over the last share of training time).
+  final value (over the last share of training time);
+* ``runs``: record files -> every run in them, each step once (the last write kept), on its
+  planned training axis, and which runs a fit uses (with why the others are left out).
 
 >>> from sharpmeter.analysis import fit_log_linear
 >>> round(fit_log_linear([1e7, 1e8, 1e9], [1.3, 1.2, 1.1]).slope, 6)
@@ -43,6 +45,7 @@ from sharpmeter.analysis.phases import (
     three_phase_curve,
 )
 from sharpmeter.analysis.prediction import EarlyPrediction, early_prediction, regress_final
+from sharpmeter.analysis.runs import Run, RunEntry, RunSelection, load_runs, select_runs
 from sharpmeter.analysis.scaling import (
     BootstrapIntervals,
     Extrapolation,
@@ -68,6 +71,9 @@ __all__ = [
     "PacBayesTerms",
     "PhaseSegmentation",
     "PowerLawFit",
+    "Run",
+    "RunEntry",
+    "RunSelection",
     "ScalingFit",
     "ThreePhaseFit",
     "bootstrap_fit",
@@ -85,12 +91,14 @@ __all__ = [
     "fit_three_phase",
     "head_mean",
     "information_criteria",
+    "load_runs",
     "pac_bayes_bound",
     "pac_bayes_terms",
     "pearson",
     "peak_to_plateau_ratio",
     "phase_means",
     "regress_final",
+    "select_runs",
     "spearman",
     "tail_mean",
     "three_phase_curve",

@@ -1,7 +1,8 @@
 """``sharpmeter fit``: scaling-law and three-phase fits of logged or simulated curves.
 
 Each run's final value is the mean of its last ``--final-fraction`` of checkpoints (default 10%,
-as the paper's Table 1). Example (shell):
+as the paper's Table 1). Every run found is listed first; one left out of the fits says why
+(empty, diverged, no finite value, or unfinished unless ``--include-unfinished``). Example (shell):
     sharpmeter fit runs/simulate/curves.jsonl --plot
     sharpmeter fit logs/*.jsonl --quantity hessian_trace --bootstrap 2000
 """
@@ -14,15 +15,15 @@ from pathlib import Path
 
 import numpy as np
 
-from sharpmeter.analysis.curves import Curves, curves_from_records, tail_mean
+from sharpmeter.analysis.curves import Curves, tail_mean
 from sharpmeter.analysis.phases import PARAMETERS, fit_three_phase
+from sharpmeter.analysis.runs import RunSelection, load_runs, select_runs
 from sharpmeter.analysis.scaling import (
     FitComparison,
     bootstrap_fit,
     compare_fits,
     extrapolation_error,
 )
-from sharpmeter.records import read_records
 from sharpmeter.sizes import format_size
 
 _MIN_SCALES = 3
@@ -55,6 +56,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--level", type=float, default=0.95, help="interval level (default 0.95)")
     parser.add_argument(
+        "--include-unfinished",
+        action="store_true",
+        help="also fit runs that stopped before their planned max_steps (marked unfinished)",
+    )
+    parser.add_argument(
         "--bootstrap",
         type=int,
         default=0,
@@ -74,8 +80,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run_fit(args: argparse.Namespace) -> int:
     """Handler of ``sharpmeter fit``: 0 on success, 2 with a message on bad input."""
     try:
-        rows = [row for path in args.files for row in read_records(path)]
-        curves = curves_from_records(rows, args.quantity)
+        selection = select_runs(load_runs(args.files), args.quantity, args.include_unfinished)
+        curves = selection.curves(args.quantity)
         finals = {n: tail_mean(values, args.final_fraction) for n, (_, values) in curves.items()}
         comparison = None
         if len(curves) >= _MIN_SCALES:
@@ -85,12 +91,14 @@ def run_fit(args: argparse.Namespace) -> int:
         return 2
 
     quantity = args.quantity or "sharpness"
-    _print_finals(curves, finals, quantity, args.final_fraction)
+    marks = _unfinished_marks(selection)
+    _print_runs(selection)
+    _print_finals(curves, finals, quantity, args.final_fraction, marks)
     if comparison is None:
         print(f"\nscaling fits need at least {_MIN_SCALES} model sizes; got {len(curves)}")
     else:
         _print_scaling(comparison, args.bootstrap)
-    _print_phases(curves, args.level)
+    _print_phases(curves, args.level, marks)
 
     if args.plot:
         if comparison is None:
@@ -106,11 +114,32 @@ def _interval(ci: tuple[float, float]) -> str:
     return f"[{ci[0]:.4f}, {ci[1]:.4f}]"
 
 
-def _print_finals(curves: Curves, finals: dict[float, float], quantity: str, frac: float) -> None:
+def _unfinished_marks(selection: RunSelection) -> dict[float, str]:
+    """``"  (unfinished: step 60 of 150)"`` for each fitted size whose run stopped early."""
+    return {run.n_params: f"  ({run.unfinished})" for run in selection.fitted if run.unfinished}
+
+
+def _print_runs(selection: RunSelection) -> None:
+    print(f"Runs found: {len(selection.entries)}, fitted: {len(selection.fitted)}")
+    print(f"  {'N':>8}  {'finite':>6}  {'not finite':>10}  {'steps':<16}  run")
+    for entry in selection.entries:
+        run = entry.run
+        size = "?" if run.n_params is None else format_size(run.n_params)
+        state = f"left out: {entry.left_out}" if entry.left_out else "fitted"
+        print(
+            f"  {size:>8}  {entry.finite:>6}  {entry.not_finite:>10}  {run.progress:<16}  "
+            f"{run.label}: {state}"
+        )
+    print()
+
+
+def _print_finals(
+    curves: Curves, finals: dict[float, float], quantity: str, frac: float, marks: dict[float, str]
+) -> None:
     print(f"Final {quantity} (mean of the last {frac:.0%} of checkpoints)")
     print(f"  {'N':>8}  {'points':>6}  {'final':>8}")
     for n, (t, _) in curves.items():
-        print(f"  {format_size(n):>8}  {t.size:>6}  {finals[n]:>8.4f}")
+        print(f"  {format_size(n):>8}  {t.size:>6}  {finals[n]:>8.4f}{marks.get(n, '')}")
 
 
 def _print_scaling(comparison: FitComparison, n_bootstrap: int) -> None:
@@ -142,10 +171,13 @@ def _print_scaling(comparison: FitComparison, n_bootstrap: int) -> None:
         )
     for label, left, right in rows:
         print(f"  {label:<14}{left:<34}{right}")
-    print(
-        f"  best by AIC: {comparison.best} (delta AIC {comparison.delta_aic:.2f}; the other is "
-        f"{comparison.relative_likelihood:.3g} times as likely)"
-    )
+    if comparison.best is None:
+        print(f"  best by AIC: undecided ({comparison.undecided})")
+    else:
+        print(
+            f"  best by AIC: {comparison.best} (delta AIC {comparison.delta_aic:.2f}; the other "
+            f"is {comparison.relative_likelihood:.3g} times as likely)"
+        )
     if ll.n >= 4:
         for form in ("log-linear", "power-law"):
             e = extrapolation_error(ll.n_params, ll.values, form=form, level=ll.level)
@@ -156,7 +188,7 @@ def _print_scaling(comparison: FitComparison, n_bootstrap: int) -> None:
             )
 
 
-def _print_phases(curves: Curves, level: float) -> None:
+def _print_phases(curves: Curves, level: float, marks: dict[float, str]) -> None:
     print(f"\nThree-phase fits, eq. (1) ({level:.0%} t-intervals, independent noise assumed)")
     header = "".join(f"{_PARAMETER_LABELS[p]:>26}" for p in PARAMETERS)
     print(f"  {'N':>8}{header}{'S_p/S_f':>18}{'R^2':>8}")
@@ -164,9 +196,9 @@ def _print_phases(curves: Curves, level: float) -> None:
         try:
             fit = fit_three_phase(t, values, level)
         except ValueError as error:
-            print(f"  {format_size(n):>8}  not fitted: {error}")
+            print(f"  {format_size(n):>8}  not fitted: {error}{marks.get(n, '')}")
             continue
         cells = "".join(f"{fit.params[p]:>9.4f} {_interval(fit.ci[p]):>16}" for p in PARAMETERS)
         ratio = f"{fit.peak_to_plateau:.3f}±{fit.peak_to_plateau_se:.3f}"
         flag = "" if fit.converged and np.isfinite(fit.stderr["t_p"]) else "  (not converged)"
-        print(f"  {format_size(n):>8}{cells}{ratio:>18}{fit.r2:>8.4f}{flag}")
+        print(f"  {format_size(n):>8}{cells}{ratio:>18}{fit.r2:>8.4f}{flag}{marks.get(n, '')}")

@@ -8,14 +8,15 @@ Two row shapes are logged (see ``sharpmeter.records``):
   "critical_sharpness": 12.3, "loss": ..., ...}``, one row per measurement.
 
 Both become ``{n_params: (t, values)}`` with ``t`` the fraction of training (the row's
-``fraction`` when every row of the run has one, else ``step / max(step)``), sorted by ``t``.
+``fraction`` when every row of the run has one, else ``step`` over the run's planned length or,
+not knowing it, its last logged step), sorted by ``t``.
 """
 
 from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -86,7 +87,7 @@ def _final_span(t: np.ndarray, fraction: float) -> np.ndarray:
     return span
 
 
-def _number(value: Any) -> float | None:
+def finite_number(value: Any) -> float | None:
     """A finite float, or None for a missing, empty, non-numeric or non-finite entry."""
     if value is None or isinstance(value, bool):
         return None
@@ -97,16 +98,102 @@ def _number(value: Any) -> float | None:
     return out if math.isfinite(out) else None
 
 
-def _is_long(row: Mapping[str, Any]) -> bool:
+def is_long(row: Mapping[str, Any]) -> bool:
+    """A long row (one quantity and its value, the simulator's shape) rather than a wide one."""
     return "quantity" in row and "value" in row
 
 
+RunKey = tuple[float | None, Any]  # (n_params, run name): what tells one run from another
+
+
+def run_key(row: Mapping[str, Any]) -> RunKey:
+    """The run a row belongs to: its model size and its ``run`` name (None when not logged)."""
+    return finite_number(row.get("n_params")), row.get("run")
+
+
+def row_problem(row: Mapping[str, Any]) -> str | None:
+    """Why a row cannot be placed on a curve (no size, no position in training), or None."""
+    n_params = finite_number(row.get("n_params"))
+    if n_params is None or n_params <= 0:
+        return "has no positive n_params"
+    if finite_number(row.get("step")) is None and finite_number(row.get("fraction")) is None:
+        return "has neither step nor fraction"
+    return None
+
+
+def quantity_name(row: Mapping[str, Any], quantity: str | None) -> str:
+    """``quantity``, or for ``None`` the default of the row's shape."""
+    return quantity or (DEFAULT_LONG_QUANTITY if is_long(row) else DEFAULT_WIDE_QUANTITY)
+
+
+def logs_quantity(row: Mapping[str, Any], quantity: str | None) -> bool:
+    """Whether ``row`` carries a value of ``quantity``, finite or not."""
+    name = quantity_name(row, quantity)
+    return row["quantity"] == name if is_long(row) else name in row
+
+
+def logged_value(row: Mapping[str, Any], quantity: str | None) -> float | None:
+    """The finite value of ``quantity`` in a row that carries it, else None."""
+    return finite_number(row["value"] if is_long(row) else row[quantity_name(row, quantity)])
+
+
+def run_curve(
+    rows: Sequence[Mapping[str, Any]], quantity: str | None = None, length: float | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """The finite values of ``quantity`` in one run's rows, as ``(t, values)`` sorted by ``t``
+    (both empty when there is none).
+
+    ``t`` is the rows' ``fraction`` when every point has one, else ``step / length``, with
+    ``length`` the planned number of steps (so a run stopped early ends before ``t = 1``
+    instead of being stretched over the whole axis); without it, or when the run logged past
+    it, the last step the run logged (any quantity, finite or not: a run whose last
+    measurements failed still ended there).
+    """
+    points = [
+        (finite_number(row.get("fraction")), finite_number(row.get("step")), value)
+        for row in rows
+        if logs_quantity(row, quantity) and (value := logged_value(row, quantity)) is not None
+    ]
+    if not points:
+        return np.array([]), np.array([])
+    if all(fraction is not None for fraction, _, _ in points):
+        t = np.array([fraction for fraction, _, _ in points], dtype=float)
+    else:
+        if any(step is None for _, step, _ in points):
+            raise ValueError("a run mixes rows with only a fraction and rows with only a step")
+        steps = np.array([step for _, step, _ in points], dtype=float)
+        top = max([length or 0.0] + [finite_number(row.get("step")) or 0.0 for row in rows])
+        t = steps / top if top > 0 else steps
+    values = np.array([value for _, _, value in points], dtype=float)
+    order = np.argsort(t, kind="stable")
+    return t[order], values[order]
+
+
+def one_curve_per_size(
+    curves: Mapping[RunKey, tuple[np.ndarray, np.ndarray]], quantity: str | None
+) -> Curves:
+    """``{n_params: (t, values)}`` from per-run curves, smallest size first; runs with no point
+    are left out. Several runs at one size are refused rather than silently merged."""
+    kept = {key: curve for key, curve in curves.items() if curve[0].size}
+    if not kept:
+        raise ValueError(f"no finite values of quantity {quantity or '(default)'} in the records")
+    runs_per_size: dict[float, list[Any]] = defaultdict(list)
+    for n_params, run in kept:
+        runs_per_size[n_params].append(run)
+    shared = {n: runs for n, runs in runs_per_size.items() if len(runs) > 1}
+    if shared:
+        raise ValueError(f"several runs share a model size; pass one run per size: {shared}")
+    return {key[0]: curve for key, curve in sorted(kept.items(), key=lambda kv: kv[0][0])}
+
+
 def curves_from_records(rows: Iterable[Mapping[str, Any]], quantity: str | None = None) -> Curves:
-    """Group logged rows into one curve per model size for one quantity.
+    """Group logged rows into one curve per model size for one quantity (see :func:`run_curve`).
 
     ``quantity=None`` means ``"sharpness"`` for long rows and ``"critical_sharpness"`` for wide
     rows. Rows whose value is missing or not finite (a failed measurement, logged with its status)
-    are skipped. Several runs at one size are refused rather than silently merged.
+    are skipped. The rows are taken as given: reading files through
+    :func:`sharpmeter.analysis.runs.load_runs` resolves steps logged twice and knows each run's
+    planned length.
 
     >>> rows = [{"n_params": 1e7, "step": s, "critical_sharpness": v}
     ...         for s, v in [(0, 1.0), (10, 2.0)]]
@@ -114,51 +201,11 @@ def curves_from_records(rows: Iterable[Mapping[str, Any]], quantity: str | None 
     >>> t.tolist(), v.tolist()
     ([0.0, 1.0], [1.0, 2.0])
     """
-    points: dict[tuple[float, Any], list[tuple[float | None, float | None, float]]]
-    points = defaultdict(list)
+    runs: dict[RunKey, list[Mapping[str, Any]]] = defaultdict(list)
     for index, row in enumerate(rows):
-        if _is_long(row):
-            wanted = quantity or DEFAULT_LONG_QUANTITY
-            if row["quantity"] != wanted:
-                continue
-            value = _number(row["value"])
-        else:
-            value = _number(row.get(quantity or DEFAULT_WIDE_QUANTITY))
-        if value is None:
-            continue
-        n_params = _number(row.get("n_params"))
-        if n_params is None or n_params <= 0:
-            raise ValueError(f"row {index} has no positive n_params: {dict(row)}")
-        step, fraction = _number(row.get("step")), _number(row.get("fraction"))
-        if step is None and fraction is None:
-            raise ValueError(f"row {index} has neither step nor fraction")
-        points[(n_params, row.get("run"))].append((fraction, step, value))
-    if not points:
-        raise ValueError(f"no finite values of quantity {quantity or '(default)'} in the records")
-
-    runs_per_size: dict[float, list[Any]] = defaultdict(list)
-    for n_params, run in points:
-        runs_per_size[n_params].append(run)
-    shared = {n: runs for n, runs in runs_per_size.items() if len(runs) > 1}
-    if shared:
-        raise ValueError(f"several runs share a model size; pass one run per size: {shared}")
-
-    curves: Curves = {}
-    for (n_params, _run), rows_of_run in sorted(points.items(), key=lambda kv: kv[0][0]):
-        curves[n_params] = _to_curve(rows_of_run)
-    return curves
-
-
-def _to_curve(points: list[tuple[float | None, float | None, float]]) -> tuple[np.ndarray, ...]:
-    """(fraction, step, value) triples -> (t, values) sorted by t."""
-    if all(fraction is not None for fraction, _, _ in points):
-        t = np.array([fraction for fraction, _, _ in points], dtype=float)
-    else:
-        if any(step is None for _, step, _ in points):
-            raise ValueError("a run mixes rows with only a fraction and rows with only a step")
-        steps = np.array([step for _, step, _ in points], dtype=float)
-        top = steps.max()
-        t = steps / top if top > 0 else steps
-    values = np.array([value for _, _, value in points], dtype=float)
-    order = np.argsort(t, kind="stable")
-    return t[order], values[order]
+        problem = row_problem(row)
+        if problem is not None:
+            raise ValueError(f"row {index} {problem}: {dict(row)}")
+        runs[run_key(row)].append(row)
+    curves = {key: run_curve(rows_of_run, quantity) for key, rows_of_run in runs.items()}
+    return one_curve_per_size(curves, quantity)

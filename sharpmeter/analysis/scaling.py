@@ -256,29 +256,51 @@ class FitComparison:
 
     ``delta_aic = AIC(worse) - AIC(best) >= 0``; ``relative_likelihood = exp(-delta_aic / 2)`` is
     how probable the worse form is relative to the better one (Akaike).
+
+    When a statistic of either fit is not finite (values so large that squares overflow, an
+    exact fit with ``RSS = 0``), AIC cannot rank the forms: ``best`` is None, the deltas NaN,
+    and ``undecided`` says which statistics.
     """
 
     log_linear: LogLinearFit
     power_law: PowerLawFit
-    best: str
+    best: str | None
     delta_aic: float
     delta_bic: float
     relative_likelihood: float
+    undecided: str | None = None
 
     @property
-    def best_fit(self) -> ScalingFit:
+    def best_fit(self) -> ScalingFit | None:
+        if self.best is None:
+            return None
         return self.log_linear if self.best == LogLinearFit.form else self.power_law
 
 
 def compare_fits(n_params: ArrayLike, values: ArrayLike, level: float = 0.95) -> FitComparison:
-    """Fit both forms and pick the one with the lower AIC (ties go to the log-linear form).
+    """Fit both forms and pick the one with the lower AIC (ties go to the log-linear form);
+    none when a fit's statistics are not finite (a difference of infinities is NaN, and a NaN
+    compares as neither larger nor smaller).
 
     >>> c = compare_fits([1e7, 1e8, 1e9, 1e10], [1.30, 1.21, 1.10, 1.01])
     >>> c.best
     'log-linear'
+    >>> compare_fits([1e7, 1e8, 1e9, 1e10], [1.0, 1.0, 1.0, 1.0]).undecided  # exact fits
+    'not finite: log-linear R^2 nan, AIC -inf, BIC -inf; power-law R^2 nan, AIC -inf, BIC -inf'
     """
     log_linear = fit_log_linear(n_params, values, level)
     power_law = fit_power_law(n_params, values, level)
+    nonfinite = [text for fit in (log_linear, power_law) if (text := _nonfinite_statistics(fit))]
+    if nonfinite:
+        return FitComparison(
+            log_linear=log_linear,
+            power_law=power_law,
+            best=None,
+            delta_aic=float("nan"),
+            delta_bic=float("nan"),
+            relative_likelihood=float("nan"),
+            undecided="not finite: " + "; ".join(nonfinite),
+        )
     best, worse = (
         (log_linear, power_law) if log_linear.aic <= power_law.aic else (power_law, log_linear)
     )
@@ -291,6 +313,21 @@ def compare_fits(n_params: ArrayLike, values: ArrayLike, level: float = 0.95) ->
         delta_bic=worse.bic - best.bic,
         relative_likelihood=float(np.exp(-delta_aic / 2)),
     )
+
+
+def _nonfinite_statistics(fit: ScalingFit) -> str:
+    """``log-linear R^2 nan, AIC inf``: the statistics of ``fit`` that are not finite (AICc
+    left out: it is infinite by definition with 3 points), or an empty string."""
+    statistics = {
+        "slope": fit.slope,
+        "intercept": fit.intercept,
+        "R^2": fit.r2,
+        "RSS": fit.rss,
+        "AIC": fit.aic,
+        "BIC": fit.bic,
+    }
+    bad = [f"{name} {value}" for name, value in statistics.items() if not np.isfinite(value)]
+    return f"{fit.form} " + ", ".join(bad) if bad else ""
 
 
 @dataclass(frozen=True)

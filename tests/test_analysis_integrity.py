@@ -1,0 +1,306 @@
+"""What the analysis reads is what it reports: torn and bad lines, repeated steps, unfinished,
+empty or diverged runs and non-finite values are each named, never silently used or dropped
+(issue 13)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from sharpmeter.analysis import cli as analysis_cli
+from sharpmeter.analysis import compare_fits, final_stderr, load_runs, select_runs
+from sharpmeter.compare import analyse_curves
+from sharpmeter.records import RecordWarning, read_records
+from sharpmeter.report import load_analysis, render_markdown, report_blocks
+
+SIZES = {"a": 1e6, "b": 4e6, "c": 1.6e7, "d": 6.4e7}
+PLANNED = 150
+STEPS = list(range(10, PLANNED + 1, 10))
+FIGURES = (Path("curves.png"), Path("scaling.png"))  # named in the blocks, never drawn here
+
+
+def sharpness(n_params: float, step: int) -> float:
+    """A rise, a decay and a plateau that falls with size, with a wobble (no exact fit)."""
+    t = step / PLANNED
+    shape = 1 + 4 * t / 0.2 if t < 0.2 else 1 + 4 * math.exp(-5 * (t - 0.2))
+    return shape * (3 - 0.3 * math.log10(n_params)) * (1 + 0.02 * math.sin(7 * step))
+
+
+def wide_rows(name: str, steps=STEPS) -> list[dict]:
+    n = SIZES[name]
+    return [
+        {
+            "run": name,
+            "n_params": n,
+            "step": step,
+            "critical_sharpness": sharpness(n, step),
+            "loss": 4 - math.log10(n) / 4 + 1 / step,
+            "lr": 1e-3,
+            "status": "ok",
+        }
+        for step in steps
+    ]
+
+
+def write_run(root: Path, name: str, rows: list[dict], max_steps: int | None = PLANNED) -> Path:
+    folder = root / name
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "sharpness.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    if max_steps is not None:
+        meta = {"run": name, "n_params": SIZES.get(name), "max_steps": max_steps}
+        (folder / "sharpness.meta.json").write_text(json.dumps(meta))
+    return path
+
+
+def write_study(root: Path, **replaced: list[dict]) -> Path:
+    for name in SIZES:
+        write_run(root, name, replaced.get(name, wide_rows(name)))
+    return root
+
+
+def markdown(root: Path, **options) -> str:
+    files, _, analysis = load_analysis([root], **options)
+    blocks = report_blocks(analysis, files, "critical_sharpness", 0.2, "t", FIGURES)
+    return render_markdown(blocks, relative_to=root)
+
+
+def runs_table(text: str) -> str:
+    return text.split("## Runs\n\n")[1].split("\n\n")[0]
+
+
+def table_row(text: str, first_cell: str) -> str:
+    """The row of the report's runs table that starts with ``first_cell``."""
+    rows = runs_table(text).splitlines()
+    return next(line for line in rows if line.startswith(f"| {first_cell} |"))
+
+
+def fit(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="sharpmeter")
+    analysis_cli.register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["fit", *argv])
+    return args.handler(args)
+
+
+# ---- reading: torn lines and parse errors --------------------------------------------------
+
+
+def test_a_torn_last_line_is_dropped_with_a_warning(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    path.write_text('{"step": 1}\n{"step": 2}\n{"step": 3, "critical_sha')
+    with pytest.warns(RecordWarning, match=r"rows\.jsonl:3: dropped a torn last line"):
+        assert read_records(path) == [{"step": 1}, {"step": 2}]
+    path.write_text('{"step": 1}\n{"step": 2}')  # whole, only the newline missing: kept
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert read_records(path) == [{"step": 1}, {"step": 2}]
+
+
+def test_a_bad_line_names_its_file_and_line(tmp_path):
+    good = tmp_path / "good.jsonl"
+    good.write_text('{"n_params": 10, "step": 1}\n{"n_params": 10, "step": 2}\n')
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"step": 1}\n\n{"step": 2,, }\n{"step": 3}\n')
+    with pytest.raises(ValueError, match=r"bad\.jsonl:3: not a JSON line") as caught:
+        load_runs([good, bad])
+    assert "char" not in str(caught.value) and "column" not in str(caught.value)
+    bad.write_bytes(b'{"step": 1}\n\xff\n')
+    with pytest.raises(ValueError, match=r"bad\.jsonl:2: not a JSON line \(not UTF-8\)"):
+        read_records(bad)
+
+
+def test_a_row_without_size_names_its_file_and_line(tmp_path):
+    first = write_run(tmp_path, "a", wide_rows("a"))
+    second = write_run(tmp_path, "b", [*wide_rows("b")[:2], {"step": 30, "critical_sharpness": 1}])
+    with pytest.raises(ValueError, match=r"b/sharpness\.jsonl:3: the row has no positive n_params"):
+        load_runs([first, second])
+
+
+# ---- duplicate steps: the last write wins, named --------------------------------------------
+
+
+def test_a_file_appended_twice_reads_as_one_copy(tmp_path):
+    once = write_study(tmp_path / "once")
+    twice = write_study(tmp_path / "twice", a=wide_rows("a") * 2)
+    with pytest.warns(RecordWarning) as caught:
+        _, _, doubled = load_analysis([twice])
+    message = str(caught[0].message)
+    assert "a/sharpness.jsonl: 15 measurements logged more than once" in message
+    assert "step 10 on lines 1 and 16 (kept line 16)" in message and "and 10 more" in message
+    _, _, single = load_analysis([once])
+    t, s = doubled.curves[SIZES["a"]]
+    assert t.size == len(STEPS)
+    assert final_stderr(t, s) == final_stderr(*single.curves[SIZES["a"]])
+    assert doubled.finals == single.finals
+
+
+def test_a_conflicting_repeat_is_resolved_by_the_last_write(tmp_path):
+    rows = wide_rows("c")
+    relogged = {**rows[-1], "critical_sharpness": 5030.0}  # step 150 logged again after a resume
+    conflicted = write_study(tmp_path / "conflicted", c=[*rows, relogged])
+    replaced = write_study(tmp_path / "replaced", c=[*rows[:-1], relogged])
+    with pytest.warns(RecordWarning, match=r"step 150 on lines 15 and 16 \(kept line 16\)"):
+        _, _, resolved = load_analysis([conflicted])
+    _, _, expected = load_analysis([replaced])
+    assert resolved.finals == expected.finals
+    # the earlier write loses even when it is the plausible one
+    flipped = write_study(tmp_path / "flipped", c=[*rows[:-1], relogged, rows[-1]])
+    with pytest.warns(RecordWarning, match=r"lines 15 and 16 \(kept line 16\)"):
+        _, _, kept_last = load_analysis([flipped])
+    _, _, clean = load_analysis([write_study(tmp_path / "clean")])
+    assert kept_last.finals == clean.finals
+
+
+def test_the_fit_command_resolves_repeats_too(tmp_path, capsys):
+    root = write_study(tmp_path, d=wide_rows("d") * 2)
+    files = sorted(str(path) for path in root.glob("*/sharpness.jsonl"))
+    with pytest.warns(RecordWarning, match="d/sharpness.jsonl: 15 measurements"):
+        assert fit(files) == 0
+    assert "     64M      15" in capsys.readouterr().out  # 15 points, not 30
+
+
+# ---- unfinished runs ------------------------------------------------------------------------
+
+
+def test_an_unfinished_run_is_named_and_left_out(tmp_path):
+    root = write_study(tmp_path, b=wide_rows("b", steps=STEPS[:6]))  # killed at step 60 of 150
+    files, _, analysis = load_analysis([root])
+    assert sorted(analysis.curves) == [SIZES["a"], SIZES["c"], SIZES["d"]]
+    text = markdown(root)
+    row = table_row(text, "4,000,000")
+    assert "| 6 | n/a |" in row and row.endswith("| `b` | 60 of 150 | unfinished: step 60 of 150 |")
+    assert "Left out: `b` (unfinished: step 60 of 150)" in text
+    assert "4 runs (3 fitted)" in text
+
+
+def test_an_unfinished_run_fitted_on_request_keeps_its_place_on_the_axis(tmp_path):
+    root = write_study(tmp_path, b=wide_rows("b", steps=STEPS[:6]))
+    _, _, analysis = load_analysis([root], include_unfinished=True)
+    t, _ = analysis.curves[SIZES["b"]]
+    assert t[-1] == pytest.approx(0.4)  # step 60 of 150, not stretched to 1
+    text = markdown(root, include_unfinished=True)
+    marked = "| 4,000,000 (unfinished: step 60 of 150) |"
+    tables = [part for part in text.split("\n\n") if part.startswith("| parameters |")]
+    assert len(tables) == 3 and all(marked in table for table in tables)  # runs, compare, phases
+    assert "Included as asked although unfinished" in text
+
+
+def test_a_run_that_ended_between_measurements_is_finished(tmp_path):
+    root = write_study(tmp_path)
+    write_run(root, "a", wide_rows("a"), max_steps=155)  # every 10 steps of 155: last at 150
+    write_run(root, "b", wide_rows("b", steps=STEPS[:6]), max_steps=PLANNED)
+    (root / "b" / "sharpmeter_run.json").write_text("{}")  # training said it ended
+    runs = {run.name: run for run in load_runs(sorted(root.glob("*/sharpness.jsonl")))}
+    assert runs["a"].unfinished is None and runs["a"].progress == "150 of 155"
+    assert runs["b"].unfinished is None
+    assert runs["c"].unfinished is None
+
+
+def test_without_a_plan_the_last_step_is_the_axis_and_the_report_says_so(tmp_path):
+    root = write_study(tmp_path)
+    write_run(root, "b", wide_rows("b", steps=STEPS[:6]), max_steps=None)
+    (root / "b" / "sharpness.meta.json").unlink()  # written before max_steps was recorded
+    [run] = load_runs([root / "b" / "sharpness.jsonl"])
+    assert run.unfinished is None and run.curve(None)[0][-1] == 1.0
+    assert "60 (no planned max_steps: t = step / last step)" in table_row(
+        markdown(root), "4,000,000"
+    )
+
+
+def test_the_fit_command_leaves_unfinished_runs_out_unless_asked(tmp_path, capsys):
+    root = write_study(tmp_path, b=wide_rows("b", steps=STEPS[:6]))
+    files = sorted(str(path) for path in root.glob("*/sharpness.jsonl"))
+    assert fit(files) == 0
+    out = capsys.readouterr().out
+    assert "Runs found: 4, fitted: 3" in out and "left out: unfinished: step 60 of 150" in out
+    assert fit([*files, "--include-unfinished"]) == 0
+    out = capsys.readouterr().out
+    assert "Runs found: 4, fitted: 4" in out
+    finals = out.split("Final")[1].split("\n\n")[0]
+    assert "(unfinished: step 60 of 150)" in table_row_of(finals, "4M")
+
+
+def table_row_of(text: str, size: str) -> str:
+    return next(line for line in text.splitlines() if line.strip().startswith(size))
+
+
+# ---- every run listed, with why it is not fitted --------------------------------------------
+
+
+def test_every_run_found_is_listed_with_why_it_is_not_fitted(tmp_path):
+    root = write_study(tmp_path)
+    write_run(root, "empty", [], max_steps=PLANNED)
+    (root / "empty" / "sharpness.meta.json").write_text(json.dumps({"run": "empty"}))
+    failed = [{**row, "run": "failed", "critical_sharpness": None} for row in wide_rows("c")]
+    write_run(root, "failed", failed)
+    diverged = wide_rows("d")
+    for row in diverged[-3:]:  # the probe loss went NaN at step 130 and stayed so
+        row.update(run="diverged", critical_sharpness=None, status="nonfinite")
+        del row["loss"]
+    write_run(root, "diverged", [{**row, "run": "diverged"} for row in diverged])
+    text = markdown(root)
+    assert "7 runs (4 fitted)" in text
+    table = runs_table(text)
+    assert len(table.splitlines()) == 2 + 7
+    assert table.count("| yes |") == 4
+    assert "| `empty` | no step logged | empty file |" in table
+    assert "| `failed` | 150 of 150 | no finite critical_sharpness |" in table
+    assert "| `diverged` | 150 of 150 | diverged: probe loss not finite from step 130 |" in table
+
+
+def test_no_run_to_fit_names_every_run_and_its_reason(tmp_path):
+    write_run(tmp_path, "a", [])
+    write_run(tmp_path, "b", wide_rows("b", steps=STEPS[:3]))
+    with pytest.raises(ValueError, match="no run to fit x; empty file: a; no finite x: b"):
+        load_analysis([tmp_path], quantity="x")
+
+
+# ---- non-finite values ----------------------------------------------------------------------
+
+
+def test_non_finite_values_are_counted_per_run(tmp_path):
+    rows = wide_rows("a")
+    for row, value in zip(rows[2:5], [None, float("nan"), float("inf")]):
+        row["critical_sharpness"] = value
+    root = write_study(tmp_path, a=rows)
+    row = table_row(markdown(root), "1,000,000")
+    assert row.startswith("| 1,000,000 | 12 | ") and row.endswith("| 3 | `a` | 150 of 150 | yes |")
+    csv = tmp_path / "curves.csv"
+    csv.write_text(
+        "n_params,step,quantity,value\n1000,1,sharpness,2.0\n1000,2,sharpness,NaN\n"
+        "1000,3,sharpness,Infinity\n1000,4,sharpness,\n1000,4,loss,1.0\n"
+    )
+    [entry] = select_runs(load_runs([csv])).entries
+    assert (entry.finite, entry.not_finite) == (1, 3)
+
+
+def test_non_finite_fit_statistics_pick_no_winner():
+    sizes = [1e7, 1e8, 1e9, 1e10]
+    comparison = compare_fits(sizes, [1.3, 1.2, 1e308, 1.0])
+    assert comparison.best is None and comparison.best_fit is None
+    assert "log-linear" in comparison.undecided and "AIC inf" in comparison.undecided
+    assert math.isnan(comparison.delta_aic)
+    t = np.arange(1, 61) / 60
+    curves = {n: (t, 1 + np.exp(-3 * t) + 0.01 * np.sin(9 * t * k)) for k, n in enumerate(sizes)}
+    curves[1e9] = (t, np.where(t == 1, 1e308, curves[1e9][1]))  # one value blows up
+    form = analyse_curves(curves).verdicts[2]
+    assert form.holds is None and "AIC cannot rank the fits: not finite" in form.line()
+    curves[1e9] = (t, np.where(t > 0.5, 1e308, 1.0))  # the final mean itself overflows
+    falls, form = analyse_curves(curves).verdicts[1:3]
+    assert falls.holds is None and form.holds is None
+    assert "no scaling fit: values contains NaN or infinite values" in form.evidence
+
+
+def test_the_fit_command_prints_no_winner_on_non_finite_statistics(tmp_path, capsys):
+    rows = wide_rows("c")
+    rows[-1]["critical_sharpness"] = 1e308
+    root = write_study(tmp_path, c=rows)
+    assert fit(sorted(str(path) for path in root.glob("*/sharpness.jsonl"))) == 0
+    out = capsys.readouterr().out
+    assert "best by AIC: undecided (not finite: log-linear" in out
