@@ -39,11 +39,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "--final-fraction", type=float, default=0.2, help="last share averaged as final"
         )
         parser.add_argument("--out", type=Path, default=None, help="folder for files")
+        parser.add_argument(
+            "--include-unfinished",
+            action="store_true",
+            help="also fit runs that stopped before their planned max_steps (marked unfinished)",
+        )
         parser.set_defaults(handler=handler)
 
 
 def run_study_command(args: argparse.Namespace) -> int:
     from sharpmeter.data import CorpusError
+    from sharpmeter.runlock import RunLockedError
     from sharpmeter.study import parse_study, run_study
 
     try:
@@ -52,7 +58,8 @@ def run_study_command(args: argparse.Namespace) -> int:
         raise SystemExit(f"sharpmeter study: error: {error}") from None
     try:
         files = run_study(config)
-    except CorpusError as error:  # the corpus is read before any training: one line too
+    # The corpus is read, and the output folder taken, before any training: one line too.
+    except (CorpusError, RunLockedError) as error:
         raise SystemExit(f"sharpmeter study: error: {error}") from None
     if files is not None:
         print(files.markdown.read_text())
@@ -64,7 +71,9 @@ def run_compare(args: argparse.Namespace) -> int:
     from sharpmeter.report import compare_blocks, load_analysis, plot_curves, render_markdown
 
     try:
-        _, _, analysis = load_analysis(args.runs, args.quantity, args.final_fraction)
+        _, _, analysis = load_analysis(
+            args.runs, args.quantity, args.final_fraction, args.include_unfinished
+        )
     except ValueError as error:  # no runs there, no such quantity in them
         raise SystemExit(f"sharpmeter compare: error: {error}") from None
     print(render_markdown(compare_blocks(analysis), relative_to=Path.cwd()))
@@ -79,7 +88,13 @@ def run_report(args: argparse.Namespace) -> int:
 
     out = args.out or _default_out(args.runs)
     try:
-        files = write_report(args.runs, out, args.quantity, args.final_fraction)
+        files = write_report(
+            args.runs,
+            out,
+            args.quantity,
+            args.final_fraction,
+            include_unfinished=args.include_unfinished,
+        )
     except ValueError as error:
         raise SystemExit(f"sharpmeter report: error: {error}") from None
     print(f"report: {files.html}\n        {files.markdown}")

@@ -39,7 +39,8 @@ Any other optimizer (RMSprop, Adagrad, subclasses of the above, custom ones, ...
     never stepped; that it was left alone is checked afterwards. When no faithful copy can be
     made (the optimizer cannot be deep-copied, or its copy does not move the shadow
     parameters) :class:`DirectionUnavailable` is raised, never a wrong direction. It costs one
-    optimizer step, and memory for a copy of the parameters, gradients and state.
+    optimizer step, and memory for a copy of the parameters, gradients and state. On sharded
+    (FSDP2) parameters a failure on one rank is all-reduced first, so every rank raises.
 
 Gradient clipping as the Hugging Face Trainer does it (``max_grad_norm``, through
 ``torch.nn.utils.clip_grad_norm_``) scales every gradient by
@@ -147,7 +148,14 @@ def update_direction(
         ValueError: :math:`\eta_0 = 0` while another group's rate is not, no gradients, a
             negative ``max_grad_norm``, or ``params`` of which the optimizer holds none.
         DirectionUnavailable: an optimizer without an analytic rule that cannot be stepped
-            faithfully on a copy.
+            faithfully on a copy. On FSDP2-sharded parameters also when the copy's step raises
+            (the reason is given on that rank), and on every other rank when one rank's copy
+            failed ("another rank failed"): all ranks raise together, none is left in a
+            collective.
+        RuntimeError: stepping the copy changed the real optimizer or its parameters (it
+            reaches them through something a deep copy shares). On sharded parameters only the
+            rank where that happened raises this; the others raise DirectionUnavailable.
+        Exception: outside sharding, whatever the copy's ``step()`` raises, unchanged.
     """
     optimizer = unwrap_optimizer(optimizer)
     lr0 = learning_rate(optimizer)
@@ -212,11 +220,11 @@ def adam_preconditioner(
 ) -> ParameterVector:
     r"""The diagonal preconditioner :math:`P` of the Adam step :func:`update_direction` measures.
 
-    The next step :math:`t + 1` on gradient :math:`g` (clipped, with Adam's coupled weight
-    decay, exactly as that step) divides by
+    The next step :math:`t + 1` on gradient :math:`g` (clipped, negated for ``maximize``, with
+    Adam's coupled weight decay, exactly as that step) divides by
 
     .. math:: P = \sqrt{\hat v} + \epsilon, \qquad
-              \hat v = rac{eta_2 v_t + (1 - eta_2) g^2}{1 - eta_2^{t+1}}
+              \hat v = \frac{\beta_2 v_t + (1 - \beta_2) g^2}{1 - \beta_2^{t+1}}
 
     (``amsgrad``: the maximum with :math:`v_{\max}` first), so :math:`P` and :math:`d` belong to
     the same update, as in the reference implementation (facebookresearch/scalable-curvature).
@@ -242,9 +250,9 @@ def adam_preconditioner(
                 f"params[{index}] is not optimized by this optimizer or has no gradient"
             )
         group = group_of[id(p)]
-        grad = _clipped(grad_of[id(p)], coef)
-        if group["weight_decay"] != 0 and not _decoupled(type(optimizer), group):
-            grad = grad.add(p, alpha=group["weight_decay"])
+        grad = _adam_gradient(
+            group, p, _clipped(grad_of[id(p)], coef), _decoupled(type(optimizer), group)
+        )
         parts.append(_adam_next_denominator(group, optimizer.state.get(p, {}), p, grad))
     return ParameterVector(flatten(parts, vector_dtype(selected)), tuple(selected))
 
@@ -321,10 +329,7 @@ def _adam_step(
     lr = float(group["lr"])
     beta1, beta2 = (float(beta) for beta in group["betas"])
     weight_decay = group["weight_decay"]
-    if group["maximize"]:
-        grad = -grad
-    if weight_decay != 0 and not decoupled:
-        grad = grad.add(param, alpha=weight_decay)
+    grad = _adam_gradient(group, param, grad, decoupled)
     exp_avg = _moment(state, "exp_avg", param).lerp(grad, 1 - beta1)
     step = float(state.get("step", 0)) + 1
     denom = _adam_next_denominator(group, state, param, grad)
@@ -335,10 +340,22 @@ def _adam_step(
     return update
 
 
+def _adam_gradient(
+    group: dict[str, Any], param: torch.Tensor, grad: torch.Tensor, decoupled: bool
+) -> torch.Tensor:
+    """The gradient both Adam moments see, as torch forms it: negated for ``maximize``, then
+    with the coupled weight decay added (AdamW's decoupled decay acts on theta instead)."""
+    if group["maximize"]:
+        grad = -grad
+    if group["weight_decay"] != 0 and not decoupled:
+        grad = grad.add(param, alpha=group["weight_decay"])
+    return grad
+
+
 def _adam_next_denominator(
     group: dict[str, Any], state: dict[str, Any], param: torch.Tensor, grad: torch.Tensor
 ) -> torch.Tensor:
-    """The denominator of the next Adam step on ``grad`` (weight decay already applied)."""
+    """The denominator of the next Adam step on ``grad``, as :func:`_adam_gradient` forms it."""
     beta2 = float(group["betas"][1])
     exp_avg_sq = _moment(state, "exp_avg_sq", param).mul(beta2)
     exp_avg_sq.addcmul_(grad, grad, value=1 - beta2)
@@ -393,6 +410,10 @@ def _steps_by_shadow_step(
     through the class, bypassing instance patches such as the LR scheduler's call counter, with
     the copy's own step hooks removed (they belong to the training loop) and every RNG forked.
     Afterwards the real optimizer is checked to be untouched.
+
+    On sharded parameters every rank makes the same collectives whatever happens locally: a
+    rank whose copy fails says so in an all-reduce before anyone raises, so no rank is left
+    waiting in a collective the failing one never reaches.
     """
     owned = [p for group in optimizer.param_groups for p in group["params"]]
     shadows = {}
@@ -401,6 +422,41 @@ def _steps_by_shadow_step(
         if id(p) in grad_of:
             shadow.grad = _clipped(grad_of[id(p)], coef).clone()
         shadows[id(p)] = shadow
+    sharded = is_sharded(owned)
+    failure = None
+    try:
+        _step_a_copy(optimizer, owned, shadows, unit_rates)
+    except Exception as error:
+        if not sharded:
+            raise
+        failure = error
+    if sharded:
+        _raise_if_any_rank_failed(optimizer, owned, failure)
+    if not _moved_any(owned, shadows, sharded):
+        raise DirectionUnavailable(
+            f"a copy of {type(optimizer).__name__} did not move any parameter with a gradient: "
+            "it keeps its parameters where a copy cannot redirect them (tensors other than "
+            "the Parameter objects of param_groups)"
+        )
+    return {id(p): p.detach().to(dtype) - shadows[id(p)].detach().to(dtype) for p in owned}
+
+
+class _RealOptimizerChanged(RuntimeError):
+    """Stepping a copy wrote the real optimizer or its parameters."""
+
+
+def _step_a_copy(
+    optimizer: torch.optim.Optimizer,
+    owned: Sequence[nn.Parameter],
+    shadows: dict[int, nn.Parameter],
+    unit_rates: bool,
+) -> None:
+    """Step a deep copy of ``optimizer`` whose parameters are the shadows.
+
+    Raises DirectionUnavailable when no copy can be made, :class:`_RealOptimizerChanged` when
+    the real optimizer or its parameters were written (checked even when the step failed), and
+    otherwise whatever the copy's step raises.
+    """
     before = _fingerprint((optimizer, [p._version for p in owned]))
     # Through __dict__: Optimizer.__getstate__ keeps only defaults, state and param_groups, so a
     # deepcopy would drop the optimizer's own attributes, and its __setstate__ writes into the
@@ -418,32 +474,59 @@ def _steps_by_shadow_step(
     if unit_rates:
         for group in copied.param_groups:
             group["lr"] = 1.0
-    with fork_rng(owned):
-        type(optimizer).step(copied)
-    if _fingerprint((optimizer, [p._version for p in owned])) != before:
-        raise RuntimeError(
-            f"{type(optimizer).__name__}.step() on a deep copy changed the real optimizer or "
-            "its parameters: it reaches them through something a copy shares"
-        )
-    if not _moved_any(owned, shadows):
-        raise DirectionUnavailable(
-            f"a copy of {type(optimizer).__name__} did not move any parameter with a gradient: "
-            "it keeps its parameters where a copy cannot redirect them (tensors other than "
-            "the Parameter objects of param_groups)"
-        )
-    return {id(p): p.detach().to(dtype) - shadows[id(p)].detach().to(dtype) for p in owned}
+    try:
+        with fork_rng(owned):
+            type(optimizer).step(copied)
+    finally:
+        if _fingerprint((optimizer, [p._version for p in owned])) != before:
+            raise _RealOptimizerChanged(
+                f"{type(optimizer).__name__}.step() on a deep copy changed the real optimizer "
+                "or its parameters: it reaches them through something a copy shares"
+            )
 
 
-def _moved_any(owned: Sequence[nn.Parameter], shadows: dict[int, nn.Parameter]) -> bool:
+def _raise_if_any_rank_failed(
+    optimizer: torch.optim.Optimizer,
+    owned: Sequence[nn.Parameter],
+    failure: Exception | None,
+) -> None:
+    """Sum a failure flag over the ranks (every rank calls this); raise on every rank if any
+    rank's copy failed: this rank's own error, or DirectionUnavailable naming another rank."""
+    flag = torch.tensor(float(failure is not None), device=local(owned[0]).device)
+    failed = int(float(all_reduce_sum(flag)))
+    if failure is None:
+        if failed:
+            raise DirectionUnavailable(
+                f"another rank failed to step a copy of {type(optimizer).__name__} ({failed} "
+                "rank(s)), so no rank has the update direction"
+            )
+        return
+    if isinstance(failure, (DirectionUnavailable, _RealOptimizerChanged)):
+        raise failure
+    raise DirectionUnavailable(
+        f"{type(optimizer).__name__}.step() failed on a copy ({type(failure).__name__}: "
+        f"{failure}), so its update cannot be computed without stepping it"
+    ) from failure
+
+
+def _moved_any(
+    owned: Sequence[nn.Parameter], shadows: dict[int, nn.Parameter], sharded: bool
+) -> bool:
     """Whether the shadow step moved a parameter that has a non-zero gradient (or none has
-    one), decided over all ranks of a sharded model."""
+    one), decided over all ranks of a sharded model.
+
+    When sharded, every rank takes part in one all-reduce of ``[has a gradient, moved]``, even a
+    rank whose shards all have zero gradients.
+    """
     with_gradient = [p for p in owned if _nonzero(shadows[id(p)].grad)]
-    if not with_gradient:
-        return True
     moved = sum(not torch.equal(local(shadows[id(p)]), local(p)) for p in with_gradient)
-    if is_sharded(owned):
-        return float(all_reduce_sum(torch.tensor(float(moved), device=local(owned[0]).device))) > 0
-    return moved > 0
+    if sharded:
+        counts = torch.tensor(
+            [float(bool(with_gradient)), float(moved)], device=local(owned[0]).device
+        )
+        has_gradient, moved = (float(x) for x in all_reduce_sum(counts))
+        return has_gradient == 0 or moved > 0
+    return not with_gradient or moved > 0
 
 
 def _nonzero(grad: torch.Tensor | None) -> bool:

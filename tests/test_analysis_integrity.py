@@ -191,6 +191,18 @@ def test_an_unfinished_run_fitted_on_request_keeps_its_place_on_the_axis(tmp_pat
     assert "Included as asked although unfinished" in text
 
 
+def test_the_compare_and_report_commands_take_include_unfinished(tmp_path, capsys):
+    from sharpmeter.cli import main
+
+    root = write_study(tmp_path, b=wide_rows("b", steps=STEPS[:6]))
+    assert main(["compare", str(root)]) == 0
+    assert "Left out: `b` (unfinished: step 60 of 150)" in capsys.readouterr().out
+    assert main(["compare", str(root), "--include-unfinished"]) == 0
+    assert "Included as asked although unfinished" in capsys.readouterr().out
+    assert main(["report", str(root), "--include-unfinished"]) == 0
+    assert "4,000,000 (unfinished: step 60 of 150)" in (root / "report.md").read_text()
+
+
 def test_a_run_that_ended_between_measurements_is_finished(tmp_path):
     root = write_study(tmp_path)
     write_run(root, "a", wide_rows("a"), max_steps=155)  # every 10 steps of 155: last at 150

@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from sharpmeter import directions
 from sharpmeter.directions import (
     DirectionUnavailable,
     adam_denominator,
@@ -504,3 +505,135 @@ def test_a_direction_is_read_by_parameter_not_by_position() -> None:
     with pytest.raises(ValueError, match="other parameters"):
         as_flat_vector(d, decay, "d")
     torch.testing.assert_close(d.over(decay), torch.cat([real[id(p)] for p in decay]))
+
+
+class FakeRanks:
+    """Pretends the parameters are FSDP2-sharded in one process: records every
+    ``all_reduce_sum`` the shadow step makes and adds what the other ranks would contribute
+    (one entry per reduction, in order; zeros when none is given)."""
+
+    def __init__(self, monkeypatch, *others) -> None:
+        self.calls: list[torch.Tensor] = []
+        self.others = list(others)
+        monkeypatch.setattr(directions, "is_sharded", lambda params: True)
+        monkeypatch.setattr(directions, "all_reduce_sum", self.reduce)
+
+    def reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        self.calls.append(tensor.clone())
+        if len(self.calls) <= len(self.others):
+            tensor.add_(torch.as_tensor(self.others[len(self.calls) - 1], dtype=tensor.dtype))
+        return tensor
+
+
+class RaisingSGD(torch.optim.Optimizer):
+    """A custom optimizer whose step fails."""
+
+    def __init__(self, params, lr: float) -> None:
+        super().__init__(params, {"lr": lr})
+
+    def step(self, closure=None):
+        raise ValueError("this optimizer cannot step here")
+
+
+class Shared:
+    """Something a deep copy shares with the original."""
+
+    def __init__(self) -> None:
+        self.steps = 0
+
+    def __deepcopy__(self, memo):
+        return self
+
+
+class SharedCounterSGD(torch.optim.SGD):
+    """Counts its steps in an object a copy shares: stepping the copy changes the original."""
+
+    def __init__(self, params, lr: float) -> None:
+        super().__init__(params, lr=lr)
+        self.shared = Shared()
+
+    def step(self, closure=None):
+        self.shared.steps += 1
+        return super().step(closure)
+
+
+def test_a_copy_that_changes_the_real_optimizer_is_a_runtime_error() -> None:
+    model = make_model()
+    optimizer = SharedCounterSGD(model.parameters(), lr=0.1)
+    train(model, optimizer, 1)
+    with pytest.raises(RuntimeError, match="changed the real optimizer") as raised:
+        update_direction(optimizer)
+    assert not isinstance(raised.value, DirectionUnavailable)
+
+
+def test_a_failing_step_is_raised_as_it_is_in_one_process() -> None:
+    model = make_model()
+    optimizer = RaisingSGD(model.parameters(), lr=0.1)
+    train(model, optimizer, 0)
+    with pytest.raises(ValueError, match="cannot step here"):
+        update_direction(optimizer)
+
+
+SHARDED_FAILURES = {
+    "no_deepcopy": (LockedSGD, DirectionUnavailable, "cannot be deep-copied"),
+    "step_raises": (RaisingSGD, DirectionUnavailable, "ValueError: this optimizer cannot step"),
+    "real_changed": (SharedCounterSGD, RuntimeError, "changed the real optimizer"),
+}
+
+
+@pytest.mark.parametrize("case", SHARDED_FAILURES)
+def test_a_sharded_failure_is_reduced_before_it_is_raised(monkeypatch, case) -> None:
+    """A rank that fails tells the others through the same all_reduce they all make, so none
+    is left waiting in a collective; it raises its own reason."""
+    optimizer_type, error_type, message = SHARDED_FAILURES[case]
+    model = make_model()
+    optimizer = optimizer_type(model.parameters(), lr=0.1)
+    ranks = FakeRanks(monkeypatch)
+    train(model, optimizer, 0)
+    with pytest.raises(error_type, match=message) as raised:
+        update_direction(optimizer)
+    assert (error_type is DirectionUnavailable) == isinstance(raised.value, DirectionUnavailable)
+    assert [float(t) for t in ranks.calls] == [1.0]
+
+
+def test_another_ranks_failure_stops_this_one(monkeypatch) -> None:
+    model = make_model()
+    optimizer = CountingSGD(model.parameters(), lr=0.1)
+    train(model, optimizer, 2)
+    saved = snapshot(model, optimizer)
+    ranks = FakeRanks(monkeypatch, 1.0)
+    with pytest.raises(DirectionUnavailable, match="another rank failed"):
+        update_direction(optimizer)
+    assert [float(t) for t in ranks.calls] == [0.0]
+    assert_unchanged(model, optimizer, saved)
+
+
+@pytest.mark.parametrize(
+    ("others", "moved"), [([0.0, 0.0], True), ([1.0, 1.0], True), ([1.0, 0.0], False)]
+)
+def test_a_sharded_rank_without_gradients_still_reduces(monkeypatch, others, moved) -> None:
+    """A rank whose shards all have zero gradients takes part in the moved-check's reduction:
+    the other ranks decide whether the copy moved anything."""
+    model = make_model()
+    optimizer = CountingSGD(model.parameters(), lr=0.1)
+    train(model, optimizer, 1)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    ranks = FakeRanks(monkeypatch, 0.0, others)
+    if moved:
+        assert not update_direction(optimizer).vector.any()
+    else:
+        with pytest.raises(DirectionUnavailable, match="did not move"):
+            update_direction(optimizer)
+    assert len(ranks.calls) == 2
+    assert ranks.calls[1].tolist() == [0.0, 0.0]
+
+
+def test_a_sharded_moved_check_is_one_reduction(monkeypatch) -> None:
+    model = make_model()
+    optimizer = CountingSGD(model.parameters(), lr=0.1)
+    train(model, optimizer, 1)
+    ranks = FakeRanks(monkeypatch)
+    update_direction(optimizer)
+    # No rank failed; this rank has gradients, and the copy moved its 4 parameters with one.
+    assert [t.tolist() for t in ranks.calls] == [0.0, [1.0, 4.0]]

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import pytest
+import torch
+import torch.distributed as dist
 from conftest import causal_lm_loss, tiny_gpt2, token_batch
 from ranks import run_on_ranks
+from torch import nn
 
 import sharpmeter as sm
 from sharpmeter.distributed import local_shard
@@ -40,3 +43,63 @@ def test_two_ranks_match_one_process():
         for key in ("loss", "lambda_max", "trace", "critical"):
             assert ranked[key] == pytest.approx(single[key], rel=1e-5), key
     assert results[0] == results[1]
+
+
+class ShardSGD(torch.optim.Optimizer):
+    """Plain SGD that fails to step on the ranks in ``failing_ranks``: no analytic rule, so
+    update_direction steps a copy of it."""
+
+    def __init__(self, params, lr: float, failing_ranks: tuple[int, ...]) -> None:
+        super().__init__(params, {"lr": lr})
+        self.failing_ranks = failing_ranks
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        if dist.get_rank() in self.failing_ranks:
+            raise ValueError(f"rank {dist.get_rank()} cannot step")
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.add_(p.grad, alpha=-group["lr"])
+
+
+def shadow_step_outcome(failing_ranks: tuple[int, ...], zero_gradient_rank: int | None) -> str:
+    """update_direction on FSDP2-style sharded (DTensor) parameters: ``'ok'`` or the error."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+
+    rank, ranks = dist.get_rank(), dist.get_world_size()
+    mesh = init_device_mesh("cpu", (ranks,))
+    generator = torch.Generator().manual_seed(0)
+    params = []
+    for shape in [(4, 3), (6,)]:
+        full = torch.randn(shape, generator=generator, dtype=torch.float64)
+        param = nn.Parameter(distribute_tensor(full, mesh, [Shard(0)]))
+        grad = torch.randn(shape, generator=generator, dtype=torch.float64).chunk(ranks)[rank]
+        if rank == zero_gradient_rank:
+            grad = torch.zeros_like(grad)
+        param.grad = DTensor.from_local(
+            grad, mesh, [Shard(0)], shape=param.shape, stride=param.stride()
+        )
+        params.append(param)
+    optimizer = ShardSGD(params, lr=0.1, failing_ranks=failing_ranks)
+    try:
+        sm.update_direction(optimizer)
+    except Exception as error:
+        return f"{type(error).__name__}: {error}"
+    return "ok"
+
+
+def shadow_step_outcomes() -> list[str]:
+    """Rank 0's copy fails; then no copy fails but rank 1 has only zero gradients."""
+    return [shadow_step_outcome((0,), None), shadow_step_outcome((), 1)]
+
+
+def test_sharded_shadow_step_failures_reach_every_rank():
+    """A rank whose copy fails, or that has no gradient, still makes the collectives the
+    others make: every rank raises (or returns) instead of waiting in a collective."""
+    (failed_0, ok_0), (failed_1, ok_1) = run_on_ranks(shadow_step_outcomes)
+    assert failed_0.startswith("DirectionUnavailable: ShardSGD.step() failed on a copy")
+    assert "rank 0 cannot step" in failed_0
+    assert failed_1.startswith("DirectionUnavailable: another rank failed")
+    assert ok_0 == ok_1 == "ok"

@@ -85,3 +85,33 @@ def test_bad_preconditioners(gpt2_reference):
             )
     finally:
         model.zero_grad(set_to_none=True)  # the model is a shared fixture
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+@pytest.mark.parametrize("maximize", [False, True])
+@pytest.mark.parametrize("optimizer_type", [torch.optim.Adam, torch.optim.AdamW])
+def test_adam_preconditioner_is_the_second_moment_of_the_real_step(
+    optimizer_type, maximize, weight_decay
+):
+    """P = sqrt(v / (1 - beta2^(t+1))) + eps with v the exp_avg_sq the real step t + 1 leaves:
+    ``maximize`` negates g before Adam's coupled decay adds wd theta to it (AdamW's decay is
+    decoupled and never enters v)."""
+    model = tiny_gpt2().eval()
+    params = list(model.parameters())
+    betas, eps = (0.9, 0.99), 1e-6
+    optimizer = optimizer_type(
+        params, lr=0.05, betas=betas, eps=eps, maximize=maximize, weight_decay=weight_decay
+    )
+    for seed in range(3):
+        optimizer.zero_grad()
+        causal_lm_loss(model, token_batch(seed=seed)).backward()
+        if seed < 2:
+            optimizer.step()
+    preconditioner = sm.adam_preconditioner(optimizer, params)
+    optimizer.step()
+    expected = []
+    for p in params:
+        state = optimizer.state[p]
+        v_hat = state["exp_avg_sq"] / (1 - betas[1] ** float(state["step"]))
+        expected.append((v_hat.sqrt() + eps).reshape(-1))
+    torch.testing.assert_close(preconditioner.vector, torch.cat(expected), rtol=1e-10, atol=0)
