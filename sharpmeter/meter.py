@@ -84,6 +84,8 @@ MEASURES = ("critical", "directional", "trace", "spectral", "preconditioned")
 DEFAULT_MEASURES = ("critical", "trace", "spectral")
 HVP_MEASURES = ("directional", "trace", "spectral", "preconditioned")
 DIRECTION_MEASURES = ("critical", "directional")
+# The measures that follow the optimizer's next update, and so its clipping of the gradient.
+UPDATE_MEASURES = (*DIRECTION_MEASURES, "preconditioned")
 # An HVP costs about two training steps whatever the model size, so a fixed grid alone would
 # multiply training time (benchmarks/results/overhead.md): by default measuring takes at most 5%.
 DEFAULT_SCHEDULE = Schedule(every=10, max_fraction=0.05)
@@ -130,7 +132,9 @@ class SharpnessMeter:
         params: the parameters to measure (default all trainable).
         dropout: ``"eval"`` (default) or ``"train"`` (fixed-seed masks).
         trace_method: ``"hutchinson"`` or ``"hutchpp"``; ``trace_matvecs`` its HVP budget.
-        lanczos_steps, lanczos_tol: Krylov size and residual target of the top eigenvalue.
+        lanczos_steps, lanczos_tol: Krylov size (HVPs) and relative residual target of the
+            top eigenvalue; missing the target within the steps is ``not_converged`` (the row
+            ``incomplete: spectral``): raise ``lanczos_steps`` for a larger budget.
         critical_k: bisection precision :math:`2^{-k}` of :math:`\\eta_c`.
         max_grad_norm: gradient clipping the optimizer applies (as the Trainer does).
         hvp_mode: ``"double_backward"``, ``"fwd"`` or ``"fd"``.
@@ -306,7 +310,7 @@ class SharpnessMeter:
             loss, gradient = probe_loss_and_gradient(probe, self.params)
             if not (torch.isfinite(loss) and all_finite(gradient, self.params)):
                 raise NonFiniteLossError(f"the probe loss is not finite ({float(loss)})")
-        clip_norm = self._total_gradient_norm(gradient)
+        clip_norm = self._total_gradient_norm() if self._clips_by_global_norm(optimizer) else None
         lr, direction = self._direction(optimizer, gradient, clip_norm)
         row["lr"] = lr
         row["loss"] = float(loss)
@@ -343,11 +347,19 @@ class SharpnessMeter:
                 # An HVP that overflowed gives a NaN trace or eigenvalue: never an ok NaN.
                 row[f"{measure}_status"] = "nonfinite"
 
-    def _total_gradient_norm(self, gradient: torch.Tensor) -> torch.Tensor | None:
+    def _clips_by_global_norm(self, optimizer: torch.optim.Optimizer | None) -> bool:
+        """Whether this row needs :meth:`_total_gradient_norm`: a clipped subset is measured and
+        a chosen measure follows the optimizer's update. Otherwise the extra backward (and,
+        under sharding, its collective) would be spent on a number nothing reads."""
+        return (
+            self.clips_a_subset
+            and optimizer is not None
+            and any(m in UPDATE_MEASURES for m in self.measures)
+        )
+
+    def _total_gradient_norm(self) -> torch.Tensor:
         """The norm clipping divides by: over every trainable parameter, as the Trainer clips,
-        even when only a subset is measured (one more backward then)."""
-        if not self.clips_a_subset:
-            return None
+        even when only a subset is measured (one more backward)."""
         every = resolve_params(self.model)
         probe = ProbeLoss(self.model, self.loss_fn, self.probe_batch, seed=self.seed)
         return norm(probe_loss_and_gradient(probe, every)[1], every)
@@ -357,11 +369,21 @@ class SharpnessMeter:
         optimizer: torch.optim.Optimizer | None,
         gradient: torch.Tensor,
         clip_norm: torch.Tensor | None,
-    ) -> tuple[float, torch.Tensor | DirectionUnavailable]:
+    ) -> tuple[float, torch.Tensor | DirectionUnavailable | None]:
         """The learning rate and the update direction, or why the direction is unavailable
-        (the HVP measures that do not need it still run)."""
+        (the HVP measures that do not need it still run).
+
+        ``update_direction`` raises ``ValueError`` for an optimizer state that has no direction
+        per unit rate (the first group's rate 0 while another's is not, none of the measured
+        parameters optimized): like an optimizer that cannot be followed, that is a status of
+        the direction measures, not a failure of the whole row. No direction is computed when
+        no chosen measure reads it (a shadow step copies the optimizer's state).
+        """
         if optimizer is None:
             return math.nan, gradient
+        lr = learning_rate(optimizer)
+        if not any(m in DIRECTION_MEASURES for m in self.measures):
+            return lr, None
         try:
             direction = update_direction(
                 optimizer,
@@ -371,8 +393,10 @@ class SharpnessMeter:
                 total_grad_norm=clip_norm,
             )
         except DirectionUnavailable as error:
-            return learning_rate(optimizer), error
-        return learning_rate(optimizer), direction.over(self.params).to(gradient.dtype)
+            return lr, error
+        except ValueError as error:
+            return lr, DirectionUnavailable(str(error))
+        return lr, direction.over(self.params).to(gradient.dtype)
 
     def _directional(self, operator, direction, gradient) -> dict:
         result = directional_sharpness(operator, direction, gradient)

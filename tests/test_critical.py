@@ -291,3 +291,26 @@ def test_known_loss_and_gradient_save_the_base_forward(quadratic):
     )
     assert result.num_forward == 2 + K + CHECK_BELOW
     assert result.value == pytest.approx(exact_critical(quadratic, d), rel=TOLERANCE)
+
+
+def test_a_parameter_vector_direction_is_read_by_parameter():
+    """update_direction's ParameterVector holds the optimizer's group order (no-decay first
+    here), not the model's: it is read parameter by parameter, and one over other parameters
+    than the measured ones is refused, never mixed up."""
+    model = tiny_gpt2().eval()
+    batch = token_batch(3)
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": no_decay, "weight_decay": 0.0}, {"params": decay}], lr=1e-3
+    )
+    model(**batch).loss.backward()
+    d = sm.update_direction(optimizer)
+    every = list(model.parameters())
+    by_vector = sm.critical_sharpness(model, causal_lm_loss, batch, d, eta0=1e-3)
+    by_tensor = sm.critical_sharpness(model, causal_lm_loss, batch, d.over(every), eta0=1e-3)
+    assert by_vector.status == "ok" and by_vector == by_tensor
+    with pytest.raises(ValueError, match="other parameters"):
+        sm.critical_sharpness(model, causal_lm_loss, batch, d, params=decay)
+    restricted = sm.critical_sharpness(model, causal_lm_loss, batch, d.over(decay), params=decay)
+    assert restricted.num_forward > 0

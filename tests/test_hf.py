@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 import shutil
 import time
 
@@ -18,11 +19,12 @@ from transformers import (
     DataCollatorForLanguageModeling,
     PreTrainedTokenizerFast,
     Trainer,
+    TrainerCallback,
     TrainingArguments,
 )
 
 import sharpmeter as sm
-from sharpmeter.integrations.hf import SharpnessCallback
+from sharpmeter.integrations.hf import SharpnessCallback, summary_line
 from sharpmeter.sinks import SinkWarning
 
 KEYS = ("critical_sharpness", "hessian_trace", "lambda_max")
@@ -307,22 +309,30 @@ def test_a_streaming_dataset_gives_its_first_examples_as_the_probe(tmp_path):
 
 def test_resume_from_a_checkpoint_elsewhere_keeps_the_warm_start(tmp_path):
     """The warm start travels in the checkpoint's trainer_state.json: a checkpoint copied to
-    another disk resumes the curve the uninterrupted run measured, row for row."""
+    another disk resumes the curve the uninterrupted run measured, row for row, also when the
+    Trainer restores its stateful callbacks (it passes over the meter's state, with a log line)."""
     options = {"schedule": sm.Schedule(every=4), "measures": ("critical",)}
     first = make_trainer(tmp_path / "a", max_steps=20, save_strategy="steps", save_steps=10)
     SharpnessCallback.attach(first, **options)
     first.train()
     moved = tmp_path / "elsewhere" / "saved"
     shutil.copytree(tmp_path / "a" / "out" / "checkpoint-10", moved)
-    second = make_trainer(tmp_path / "b", max_steps=20, save_strategy="no")
-    SharpnessCallback.attach(second, **options)
-    second.train(resume_from_checkpoint=str(moved))
     uninterrupted = read_rows(tmp_path / "a" / "out" / "sharpness.jsonl")[2:]
-    resumed = read_rows(tmp_path / "b" / "out" / "sharpness.jsonl")
-    assert [r["step"] for r in resumed] == [r["step"] for r in uninterrupted] == [12, 16, 20]
-    for a, b in zip(uninterrupted, resumed):
-        assert a["critical_num_forward"] == b["critical_num_forward"]
-        assert a["critical_sharpness"] == b["critical_sharpness"]
+    for restore in (False, True):
+        folder = tmp_path / f"restore_{restore}"
+        second = make_trainer(
+            folder,
+            max_steps=20,
+            save_strategy="no",
+            restore_callback_states_from_checkpoint=restore,
+        )
+        SharpnessCallback.attach(second, **options)
+        second.train(resume_from_checkpoint=str(moved))
+        resumed = read_rows(folder / "out" / "sharpness.jsonl")
+        assert [r["step"] for r in resumed] == [r["step"] for r in uninterrupted] == [12, 16, 20]
+        for a, b in zip(uninterrupted, resumed):
+            assert a["critical_num_forward"] == b["critical_num_forward"]
+            assert a["critical_sharpness"] == b["critical_sharpness"]
 
 
 @pytest.mark.parametrize("disable_tqdm", [False, True])
@@ -363,3 +373,139 @@ def test_preconditioned_with_a_non_adam_optimizer_is_refused_before_training(tmp
     with pytest.raises(ValueError, match="Adam-type"):
         trainer.train()
     assert trainer.state.global_step == 0
+
+
+class FailingLogger(TrainerCallback):
+    """A ``report_to`` integration whose service is down when the sharpness row comes."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if any(key.startswith("sharpness/") for key in logs or {}):
+            raise ConnectionError("the logging service is down")
+
+
+class FailingRun:
+    """An active W&B run that cannot log."""
+
+    def log(self, *args, **kwargs):
+        raise ConnectionError("the logging service is down")
+
+
+@pytest.mark.parametrize("bound", [True, False])
+def test_a_failing_logger_does_not_stop_training(tmp_path, monkeypatch, bound):
+    """Bound (Trainer.log and its loggers) or not (W&B directly), a logger that raises is a
+    warning: training runs to its end on its own trajectory, the JSONL file gets every row."""
+    reference = make_trainer(tmp_path / "a", max_steps=4)
+    reference.train()
+    trainer = make_trainer(tmp_path / "b", max_steps=4)
+    options = {"schedule": sm.Schedule(every=2), "measures": ("critical",)}
+    if bound:
+        trainer.add_callback(FailingLogger())
+        SharpnessCallback.attach(trainer, **options)
+    else:
+        monkeypatch.setattr(wandb, "run", FailingRun())
+        trainer.add_callback(SharpnessCallback(**options))
+    with pytest.warns(SinkWarning, match="the logging service is down"):
+        trainer.train()
+    assert trainer.state.global_step == 4
+    assert [r["step"] for r in read_rows(tmp_path / "b" / "out" / "sharpness.jsonl")] == [2, 4]
+    assert all(torch.equal(a, b) for a, b in zip(final_params(trainer), final_params(reference)))
+    # The Trainer's own loss logs are untouched by the failure.
+    assert [h["step"] for h in trainer.state.log_history if "loss" in h] == [
+        h["step"] for h in reference.state.log_history if "loss" in h
+    ]
+
+
+def test_the_console_line_shows_a_spread_only_when_it_is_finite():
+    row = {"step": 3, "hessian_trace": 2.5, "status": "ok", "wall_seconds": 1.5}
+    for spread in (math.nan, math.inf, None):
+        line = summary_line({**row, "hessian_trace_stderr": spread})
+        assert "±" not in line and "nan" not in line and "trace 2.5 [" in line, line
+    assert "trace 2.5 ± 0.25 [ok, 1.5 s]" in summary_line({**row, "hessian_trace_stderr": 0.25})
+
+
+class CountingStream(torch.utils.data.IterableDataset):
+    """A stream that counts the passes started over it."""
+
+    def __init__(self, seed: int = 0):
+        self.ids = TokenDataset(seed=seed).ids
+        self.passes = 0
+
+    def __iter__(self):
+        self.passes += 1
+        for ids in self.ids:
+            yield {"input_ids": ids, "labels": ids}
+
+
+class Untouchable(torch.utils.data.IterableDataset):
+    """This rank's shard of a stream, which a rank that is not 0 must not read for the probe."""
+
+    def __iter__(self):
+        raise AssertionError("a rank other than 0 read its stream for the probe")
+
+
+def refuse_to_collate(examples):
+    raise AssertionError("a rank other than 0 collated a probe")
+
+
+def stream_loader(dataset, collate_fn=torch.utils.data.default_collate):
+    return torch.utils.data.DataLoader(dataset, batch_size=4, collate_fn=collate_fn)
+
+
+def fake_process_group(monkeypatch, rank: int, sent: list) -> None:
+    """Rank ``rank`` of two: ``broadcast_object_list`` records what rank 0 sends in ``sent``
+    and fills the list in place on the other rank, as torch does."""
+
+    def broadcast_object_list(objects, src=None, **kwargs):
+        assert src == 0
+        if rank == 0:
+            sent.append(list(objects))
+        else:
+            objects[:] = sent[-1]
+
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: 2)
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda group=None: rank)
+    monkeypatch.setattr(torch.distributed, "broadcast_object_list", broadcast_object_list)
+
+
+def test_under_ddp_rank_zero_draws_the_probe_and_the_other_ranks_take_it(monkeypatch):
+    """Ranks of a streaming dataset read different shards: rank 0 draws the probe and sends
+    it, the others neither read their stream nor collate, so every rank holds the same probe.
+    One process draws as before, with no collective."""
+    callback = SharpnessCallback(probe_size=4)
+    stream = CountingStream()
+
+    def no_collective(*args, **kwargs):
+        raise AssertionError("a broadcast outside a process group")
+
+    monkeypatch.setattr(torch.distributed, "broadcast_object_list", no_collective)
+    alone = callback._draw_probe(stream_loader(stream))
+    assert stream.passes == 1
+    assert torch.equal(alone["input_ids"], stream.ids[:4])
+
+    sent: list = []
+    fake_process_group(monkeypatch, 0, sent)
+    drawn = callback._draw_probe(stream_loader(stream))
+    assert stream.passes == 2 and len(sent) == 1
+    assert torch.equal(drawn["input_ids"], alone["input_ids"])
+
+    fake_process_group(monkeypatch, 1, sent)
+    states = torch.get_rng_state(), random.getstate()
+    taken = callback._draw_probe(stream_loader(Untouchable(), refuse_to_collate))
+    assert torch.equal(taken["input_ids"], drawn["input_ids"])
+    assert torch.equal(torch.get_rng_state(), states[0]) and random.getstate() == states[1]
+
+
+def test_under_ddp_a_probe_rank_zero_cannot_draw_fails_on_every_rank(monkeypatch):
+    """An empty stream on rank 0: every rank raises, none waits in a collective for a probe."""
+    callback = SharpnessCallback(probe_size=4)
+    sent: list = []
+    fake_process_group(monkeypatch, 0, sent)
+    empty = CountingStream()
+    empty.ids = empty.ids[:0]
+    with pytest.raises(ValueError, match="no example"):
+        callback._draw_probe(stream_loader(empty))
+    assert len(sent) == 1
+    fake_process_group(monkeypatch, 1, sent)
+    with pytest.raises(ValueError, match="rank 0 could not draw the probe.*no example"):
+        callback._draw_probe(stream_loader(Untouchable(), refuse_to_collate))

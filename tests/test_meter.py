@@ -202,3 +202,67 @@ def test_a_nan_estimate_is_never_ok_and_never_a_warm_start(monkeypatch):
     assert row["trace_status"] == "nonfinite" and row["spectral_status"] == "nonfinite"
     assert row["status"] == "incomplete: trace,spectral"
     assert torch.equal(meter.top_vector, start)
+
+
+def test_the_global_gradient_norm_is_taken_only_for_a_measure_that_follows_the_optimizer(
+    monkeypatch,
+):
+    """Clipping a measured subset by the global norm costs a backward over every parameter (a
+    collective under sharding): only the measures that follow the optimizer's update need it,
+    and only when there is an optimizer to follow."""
+    model = tiny_gpt2().eval()
+    batch = token_batch(2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    trained(model, optimizer, batch)
+    subset = [model.transformer.wte.weight]
+    calls = []
+    original = sm.meter.SharpnessMeter._total_gradient_norm
+
+    def counted(self, *args, **kwargs):
+        calls.append(self.measures)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(sm.meter.SharpnessMeter, "_total_gradient_norm", counted)
+
+    def calls_for(measures, optimizer):
+        meter = sm.SharpnessMeter(
+            model, batch, params=subset, measures=measures, max_grad_norm=1e-3
+        )
+        calls.clear()
+        assert meter.measure(1, optimizer=optimizer)["status"] != "error"
+        return len(calls)
+
+    assert calls_for(("trace",), optimizer) == 0
+    assert calls_for(("critical",), None) == 0
+    assert calls_for(("critical",), optimizer) == 1
+
+
+def test_a_first_group_without_a_learning_rate_leaves_the_other_measures_standing():
+    """The direction is the update per unit of the first group's rate: with that rate 0 and
+    another group's not, it has no unit. The direction measures say so; trace and Lanczos,
+    which do not need it, are measured as usual."""
+    model = tiny_gpt2().eval()
+    batch = token_batch(3)
+    frozen = [p for p in model.parameters() if p.dim() < 2]
+    trained_fast = [p for p in model.parameters() if p.dim() >= 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": frozen, "lr": 0.0}, {"params": trained_fast}], lr=1e-3
+    )
+    trained(model, optimizer, batch)
+    meter = sm.SharpnessMeter(
+        model,
+        batch,
+        measures=("critical", "directional", "trace", "spectral"),
+        lanczos_steps=80,
+    )
+    before = snapshot(model, optimizer)
+    row = meter.measure(1, optimizer=optimizer)
+    assert_same(before, snapshot(model, optimizer))
+    for measure in ("critical", "directional"):
+        assert row[f"{measure}_status"].startswith("no_direction: "), row[f"{measure}_status"]
+        assert "learning rate" in row[f"{measure}_status"]
+    assert np.isnan(row["critical_sharpness"]) and meter.eta_c is None
+    assert row["trace_status"] == "ok" and np.isfinite(row["hessian_trace"])
+    assert row["spectral_status"] == "ok" and np.isfinite(row["lambda_max"])
+    assert row["status"] == "incomplete: critical,directional"
+    assert row["lr"] == 0.0 and np.isfinite(row["loss"])

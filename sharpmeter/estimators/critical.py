@@ -97,7 +97,7 @@ def critical_sharpness(
     model: nn.Module,
     loss_fn: LossFn | None,
     batch: Any,
-    direction: torch.Tensor | Sequence[torch.Tensor],
+    direction: ParameterVector | torch.Tensor | Sequence[torch.Tensor],
     *,
     params: Iterable[nn.Parameter] | None = None,
     eta0: float = 1e-3,
@@ -147,7 +147,11 @@ def critical_sharpness(
         model: the network (any mode; dropout masks are fixed by ``dropout_seed``).
         loss_fn: ``(model, batch) -> scalar`` or ``None`` for ``output.loss``.
         batch: one batch or a ``list`` of batches.
-        direction: :math:`d`, flat or one tensor per parameter.
+        direction: :math:`d`: a :class:`~sharpmeter.params.ParameterVector` (what
+            :func:`~sharpmeter.update_direction` returns), read by parameter identity and
+            required to cover exactly ``params`` (restrict it with ``d.over(params)``, else
+            ``ValueError``); a flat tensor in the order of ``params``; or one tensor per
+            parameter.
         params: the parameters ``direction`` lives on (default: all trainable ones).
         eta0: first step tried.
         k: bisection precision, relative bracket width :math:`2^{-k}`.

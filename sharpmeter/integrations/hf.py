@@ -11,17 +11,31 @@ taken along the update the *next* step would make. Rows go
 * otherwise into ``state.log_history`` and, when a W&B run is active, straight into it.
 
 The console gets one short line per measurement (none with ``disable_tqdm``); the full row is
-in the JSONL file and the loggers.
+in the JSONL file and the loggers. A logger that fails (a service down, a full disk) is a
+:class:`~sharpmeter.sinks.SinkWarning`, never the end of training.
 
 The probe batch is fixed for the run: the one you pass, or ``probe_size`` examples drawn from
 the training set with a private generator and a private copy of the collator, every RNG forked
 (the training sampler, the global RNG streams and a seeded collator's own generator are never
 advanced, so the trajectory is the one you would get without the callback). From a streaming
-(iterable) dataset the probe is the first ``probe_size`` examples of a private iterator.
+(iterable) dataset the probe is the first ``probe_size`` examples of a private iterator, so the
+stream must be re-iterable: ``iter(dataset)`` must start a new pass each time (a generator
+``__iter__``, a ``datasets.IterableDataset``). A stream that can be read once only (one
+iterator shared with training) would lose those examples to the probe: pass ``probe_batch=``
+there. Under data parallelism (a ``torch.distributed`` group of more than one rank) rank 0
+draws the probe and sends it to the others (``broadcast_object_list``), which neither read
+their data nor draw a random number for it: ranks that see different data (a stream sharded
+by rank) still hold one global probe, of which each measures its shard.
+
 Options are checked when the callback is made, without building anything; the probe's loss and
 the optimizer when training begins. Warm starts and the schedule position travel in the
 checkpoint's ``trainer_state.json`` and are restored on resume, wherever the checkpoint lies;
-the JSONL curve then goes on without duplicate steps.
+the JSONL curve then goes on without duplicate steps. With
+``restore_callback_states_from_checkpoint=True`` the Trainer logs "Checkpoint included
+callbacks not included in current configuration. Ignoring. (sharpmeter)": harmless, the meter
+reads its state itself (see :data:`STATE_KEY`). Checkpoints of sharpmeter versions that wrote
+``sharpmeter_state.json`` into the checkpoint folder are not read: the warm start then starts
+cold, which costs a few forwards, never a wrong number.
 
 Example::
 
@@ -35,25 +49,30 @@ from __future__ import annotations
 import copy
 import itertools
 import math
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from tqdm.auto import tqdm
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-from sharpmeter.distributed import local_shard
+from sharpmeter.distributed import is_distributed, local_shard
 from sharpmeter.estimators._operator import check_positive_int
 from sharpmeter.loss import move_to, split_probe
 from sharpmeter.meter import SharpnessMeter, check_options
 from sharpmeter.rng import fork_rng
-from sharpmeter.sinks import JsonlSink, numeric_items, run_metadata
+from sharpmeter.sinks import JsonlSink, SinkWarning, numeric_items, run_metadata
 
 PREFIX = "sharpness/"
 # The meter's warm start and schedule position, kept in TrainerState.stateful_callbacks so that
-# every checkpoint's trainer_state.json carries them. Not a callback class name: the Trainer's
-# restore_callback_states_from_checkpoint would otherwise rebuild the callback without its probe.
+# every checkpoint's trainer_state.json carries them. Not a callback class name, and the callback
+# is no ExportableState: restore_callback_states_from_checkpoint rebuilds such a callback as
+# type(callback)(**args) from JSON and drops the one that was added, which here would lose the
+# probe batch, the loss function, the schedule and the binding to the trainer (none is JSON).
+# The Trainer then logs that it ignores "sharpmeter"; on_train_begin reads the state itself.
 STATE_KEY = "sharpmeter"
 # The console line: these columns, when the row has them, with their quality.
 SUMMARY = (
@@ -79,9 +98,22 @@ class SharpnessCallback(TrainerCallback):
         **meter_options: :class:`SharpnessMeter` arguments (``measures``, ``schedule``,
             ``loss_fn``, ``dropout``, ...). ``max_grad_norm`` defaults to the Trainer's.
 
+    A drawn probe from a streaming dataset needs a re-iterable stream; under data parallelism
+    rank 0 draws it and broadcasts it (see the module docstring). A logger that raises while a
+    row is logged gives a :class:`~sharpmeter.sinks.SinkWarning` (when logging starts failing
+    and when it works again), and training goes on.
+
+    Resume: the meter's state lives in ``state.stateful_callbacks["sharpmeter"]`` and is
+    restored from any checkpoint's ``trainer_state.json``. The callback is not an
+    ``ExportableState`` (the Trainer would rebuild it from JSON, without its probe and
+    options), so with ``restore_callback_states_from_checkpoint=True`` transformers logs a
+    harmless "Checkpoint included callbacks not included in current configuration. Ignoring.
+    (sharpmeter)"; the state is restored all the same.
+
     Raises:
         ValueError: at once for a misspelled or bad option; when training begins for a probe
-            whose forward gives no loss, or an optimizer a measure cannot follow.
+            whose forward gives no loss (or none can be drawn), or an optimizer a measure
+            cannot follow.
     """
 
     def __init__(
@@ -109,6 +141,7 @@ class SharpnessCallback(TrainerCallback):
         self.meter: SharpnessMeter | None = None
         self.sink: JsonlSink | None = None
         self.trainer: Trainer | None = None
+        self._logging_fails = False
 
     @classmethod
     def attach(cls, trainer: Trainer, probe_batch: Any = None, **options: Any):
@@ -161,10 +194,38 @@ class SharpnessCallback(TrainerCallback):
             self.sink = JsonlSink(path, metadata, resume_step=resume)
 
     def _draw_probe(self, dataloader) -> Any:
-        """``probe_size`` examples collated by a copy of the training collator, every RNG
-        forked: training draws the numbers it would have drawn without us."""
+        """The global probe: drawn here in one process, by rank 0 under data parallelism."""
         if dataloader is None:
             raise ValueError("no probe_batch given and no train dataloader to draw one from")
+        if is_distributed():
+            return self._probe_from_rank_zero(dataloader)
+        return self._draw_probe_here(dataloader)
+
+    def _probe_from_rank_zero(self, dataloader) -> Any:
+        """Rank 0's probe on every rank. Ranks may see different data (a stream sharded by
+        rank, a dataset that depends on the rank), yet every rank must measure its shard of
+        one global probe. Rank 0 sends the probe or why it could not draw one, so that no rank
+        waits for a probe that never comes; the others read nothing and draw no random number.
+        """
+        payload: list[Any] = [None]
+        failure: Exception | None = None
+        if dist.get_rank() == 0:
+            try:
+                payload = [(self._draw_probe_here(dataloader), None)]
+            except Exception as error:  # sent to the other ranks, then raised here
+                failure = error
+                payload = [(None, f"{type(error).__name__}: {error}")]
+        dist.broadcast_object_list(payload, src=0)
+        if failure is not None:
+            raise failure
+        batch, reason = payload[0]
+        if reason is not None:
+            raise ValueError(f"rank 0 could not draw the probe ({reason})")
+        return batch
+
+    def _draw_probe_here(self, dataloader) -> Any:
+        """``probe_size`` examples collated by a copy of the training collator, every RNG
+        forked: training draws the numbers it would have drawn without us."""
         try:
             collate = copy.deepcopy(dataloader.collate_fn)
         except Exception as error:
@@ -219,6 +280,33 @@ class SharpnessCallback(TrainerCallback):
         state.stateful_callbacks[STATE_KEY] = self.meter.state_dict()
 
     def _log(self, logs: dict[str, float], state: TrainerState, control: TrainerControl) -> None:
+        """Send a row to the loggers. A logger that raises (a service down, a full disk) must
+        not stop training: it is a :class:`SinkWarning` when logging starts failing and when it
+        works again, once each; the JSONL sink keeps every row meanwhile."""
+        try:
+            self._send_to_loggers(logs, state, control)
+        except Exception as error:
+            if not self._logging_fails:
+                warnings.warn(
+                    f"logging the sharpness row of step {state.global_step} failed "
+                    f"({type(error).__name__}: {error}); training goes on, the JSONL file keeps "
+                    "the rows, and later failures are not reported until logging works again",
+                    SinkWarning,
+                    stacklevel=2,
+                )
+            self._logging_fails = True
+            return
+        if self._logging_fails:
+            warnings.warn(
+                f"logging sharpness rows works again (step {state.global_step})",
+                SinkWarning,
+                stacklevel=2,
+            )
+        self._logging_fails = False
+
+    def _send_to_loggers(
+        self, logs: dict[str, float], state: TrainerState, control: TrainerControl
+    ) -> None:
         if self.trainer is not None:
             self._log_through_trainer(logs, control)
             return
@@ -250,14 +338,17 @@ class SharpnessCallback(TrainerCallback):
 
 
 def summary_line(row: dict[str, Any]) -> str:
-    """One short console line for a row: the values measured, their quality, the status."""
+    """One short console line for a row: the values measured, their quality, the status.
+
+    A standard error is shown only when it is finite: "± nan" would read as a number."""
     parts = []
     for column, error, label in SUMMARY:
         value = row.get(column)
         if not isinstance(value, float) or math.isnan(value):
             continue
         spread = row.get(error) if error else None
-        parts.append(f"{label} {value:.4g}" + (f" ± {spread:.2g}" if spread else ""))
+        shown = isinstance(spread, (int, float)) and math.isfinite(spread)
+        parts.append(f"{label} {value:.4g}" + (f" ± {spread:.2g}" if shown else ""))
     seconds = row.get("wall_seconds", math.nan)
     return (
         f"sharpness step {row['step']}: "
