@@ -509,3 +509,32 @@ def test_under_ddp_a_probe_rank_zero_cannot_draw_fails_on_every_rank(monkeypatch
     fake_process_group(monkeypatch, 1, sent)
     with pytest.raises(ValueError, match="rank 0 could not draw the probe.*no example"):
         callback._draw_probe(stream_loader(Untouchable(), refuse_to_collate))
+
+
+def test_training_is_bit_identical_with_gradient_accumulation_and_clipping(tmp_path):
+    """Accumulated micro-batches, clipping, decay/no-decay groups and dropout: measuring every
+    step with every measure leaves the logged losses and final parameters as without it."""
+    options = {
+        "max_steps": 6,
+        "logging_steps": 1,
+        "gradient_accumulation_steps": 3,
+        "max_grad_norm": 0.5,
+        "weight_decay": 0.01,
+    }
+    reference = make_trainer(tmp_path / "a", **options)
+    reference.train()
+    measured = make_trainer(tmp_path / "b", **options)
+    SharpnessCallback.attach(
+        measured,
+        schedule=sm.Schedule(every=1),
+        measures=("critical", "trace", "spectral", "preconditioned", "directional"),
+    )
+    measured.train()
+    rows = read_rows(tmp_path / "b" / "out" / "sharpness.jsonl")
+    assert [r["step"] for r in rows] == list(range(1, 7))
+    assert all(r["critical_status"] == "ok" and r["directional_status"] == "ok" for r in rows)
+    assert len(reference.optimizer.param_groups) == 2  # decay and no-decay
+    params, losses = training_record(measured)
+    reference_params, reference_losses = training_record(reference)
+    assert len(losses) == 6 and losses == reference_losses
+    assert all(torch.equal(a, b) for a, b in zip(params, reference_params))
