@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import doctest
 import math
 import warnings
 
@@ -12,7 +11,6 @@ import pytest
 
 import sharpmeter.records
 import sharpmeter.simulator
-from sharpmeter import sizes
 from sharpmeter.records import read_records
 from sharpmeter.simulator import (
     PAPER,
@@ -20,12 +18,8 @@ from sharpmeter.simulator import (
     format_size,
     model,
     parse_size,
-    plot,
-    presets,
-    run,
     simulate_run,
     simulate_study,
-    study,
 )
 from sharpmeter.simulator import cli as simulator_cli
 
@@ -376,16 +370,3 @@ def test_cli_bad_input(tmp_path, capsys):
     assert args.handler(args) == 2
     assert "n_checkpoints must be an integer >= 10" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
-
-
-# --- docstring examples ------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    "module",
-    [sharpmeter.simulator, model, presets, run, sizes, study, plot, sharpmeter.records],
-    ids=lambda m: m.__name__,
-)
-def test_docstring_examples(module):
-    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
-    assert result.failed == 0
