@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sharpmeter.analysis import final_stderr
+from sharpmeter.analysis import RobustFinal, final_stderr, robust_final
 from sharpmeter.analysis.phases import PARAMETERS
 from sharpmeter.analysis.plotting import plot_scaling_fit
 from sharpmeter.analysis.runs import Run, RunEntry, load_runs, select_runs
@@ -177,8 +177,11 @@ def report_blocks(
         f"# {title}",
         f"Quantity `{quantity}`; the final value of a run is the mean over its last "
         f"{final_fraction:.0%} of training (± the standard error of that mean as if the "
-        "measurements were independent: neighbours are correlated, so it is a lower bound); "
-        "a step's fraction of training is the step over the run's planned max_steps. "
+        "measurements were independent: neighbours are correlated, so it is a lower bound). "
+        "The robust final is the 20% trimmed mean of the same span (one spike cannot move it) "
+        "with a 95% moving-block bootstrap interval that widens for correlated measurements, "
+        "and the median. A step's fraction of training is the step over the run's planned "
+        "max_steps. "
         f"{len(analysis.runs)} runs ({fitted} fitted), {measurements} logged measurements.",
         *compare_blocks(analysis),
         Figure(
@@ -245,6 +248,7 @@ def _runs_table(analysis: StudyAnalysis, final_fraction: float) -> Table:
         "parameters",
         "measurements",
         "final",
+        "robust final",
         "peak",
         "peak at t",
         "not finite",
@@ -266,18 +270,27 @@ def _run_row(analysis: StudyAnalysis, entry: RunEntry, final_fraction: float) ->
     described = (str(entry.not_finite), f"`{run.name}`", run.progress)
     if entry.left_out is not None:
         size = "unknown" if run.n_params is None else f"{run.n_params:,.0f}"
-        return (size, str(entry.finite), "n/a", "n/a", "n/a", *described, entry.left_out)
+        return (size, str(entry.finite), "n/a", "n/a", "n/a", "n/a", *described, entry.left_out)
     t, s = analysis.curves[run.n_params]
     stderr = final_stderr(t, s, final_fraction)
     return (
         _size_cell(analysis, run.n_params),
         str(s.size),
         f"{analysis.finals[run.n_params]:.4g} ± {stderr:.2g}",
+        _robust_cell(robust_final(t, s, final_fraction)),
         f"{s.max():.4g}",
         f"{t[np.argmax(s)]:.2f}",
         *described,
         "yes",
     )
+
+
+def _robust_cell(robust: RobustFinal) -> str:
+    """``1.02e+03 [981, 1.06e+03] (median 1.01e+03)``: the trimmed mean, its interval, the
+    median; the trimmed mean alone when the tail is too short for an interval."""
+    lo, hi = robust.ci
+    interval = f" [{lo:.3g}, {hi:.3g}]" if math.isfinite(lo) and math.isfinite(hi) else ""
+    return f"{robust.trimmed_mean:.4g}{interval} (median {robust.median:.4g})"
 
 
 def _comparison_table(analysis: StudyAnalysis) -> Table:

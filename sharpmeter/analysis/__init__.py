@@ -7,6 +7,8 @@
 * ``pacbayes``: the paper's bound ``sqrt((S ln N + ln(m/delta)) / m)``;
 * ``curves``: logged rows -> per-run curves; head and tail means (over checkpoints) and the
   final value (over the last share of training time);
+* ``robust``: a final value one spike cannot move (median, trimmed mean) with a moving-block
+  bootstrap interval that widens for correlated measurements;
 * ``runs``: record files -> every run in them, each step once (the last write kept), on its
   planned training axis, and which runs a fit uses (with why the others are left out).
 
@@ -45,6 +47,7 @@ from sharpmeter.analysis.phases import (
     three_phase_curve,
 )
 from sharpmeter.analysis.prediction import EarlyPrediction, early_prediction, regress_final
+from sharpmeter.analysis.robust import RobustFinal, robust_final
 from sharpmeter.analysis.runs import Run, RunEntry, RunSelection, load_runs, select_runs
 from sharpmeter.analysis.scaling import (
     BootstrapIntervals,
@@ -71,6 +74,7 @@ __all__ = [
     "PacBayesTerms",
     "PhaseSegmentation",
     "PowerLawFit",
+    "RobustFinal",
     "Run",
     "RunEntry",
     "RunSelection",
@@ -98,6 +102,7 @@ __all__ = [
     "peak_to_plateau_ratio",
     "phase_means",
     "regress_final",
+    "robust_final",
     "select_runs",
     "spearman",
     "tail_mean",

@@ -71,17 +71,19 @@ def final_value(t: np.ndarray, s: np.ndarray, fraction: float = 0.2) -> float:
     >>> final_value(np.array([0.0, 0.5, 0.9, 1.0]), np.array([5.0, 3.0, 2.0, 1.0]))
     1.5
     """
-    return float(np.mean(s[_final_span(t, fraction)]))
+    return float(np.mean(s[final_span(t, fraction)]))
 
 
 def final_stderr(t: np.ndarray, s: np.ndarray, fraction: float = 0.2) -> float:
     """Standard error of :func:`final_value` as if the points were independent (NaN for one
     point); neighbouring measurements are correlated, so it understates the uncertainty."""
-    tail = s[_final_span(t, fraction)]
+    tail = s[final_span(t, fraction)]
     return float(tail.std(ddof=1) / math.sqrt(tail.size)) if tail.size > 1 else math.nan
 
 
-def _final_span(t: np.ndarray, fraction: float) -> np.ndarray:
+def final_span(t: np.ndarray, fraction: float) -> np.ndarray:
+    """Which points of a sorted ``t`` lie in the last ``fraction`` of training time (the last
+    point always does)."""
     span = t >= t[-1] - fraction - 1e-12
     span[-1] = True
     return span
