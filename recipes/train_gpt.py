@@ -10,13 +10,16 @@ be overridden as ``--key value`` (see sharpmeter/config.py for the keys).
 The second line runs two CPU ranks over gloo (the config's ``use_cpu: true`` picks the CPU;
 ``accelerate launch --cpu`` would start one process). The curve goes to
 ``<output_dir>/sharpness.jsonl`` and, with ``report_to: wandb``, into a W&B run in the same
-folder (offline without a key: ``wandb sync <output_dir>/wandb/offline-run-*``).
+folder (offline without a key: ``wandb sync <output_dir>/wandb/offline-run-*``). A run owns
+its output_dir while it trains: a second one started there stops with one line naming the lock
+(``<output_dir>/sharpmeter.lock``); under ``accelerate launch`` every rank stops.
 """
 
 import sys
 
 from sharpmeter.config import parse_config
 from sharpmeter.data import CorpusError
+from sharpmeter.runlock import RunLockedError
 from sharpmeter.train import train_gpt
 
 
@@ -27,7 +30,8 @@ def main(argv: list[str]) -> None:
         sys.exit(f"train_gpt.py: error: {error}")
     try:
         jsonl = train_gpt(model_args, data_args, sharpness_args, training_args)
-    except CorpusError as error:  # the corpus is read before any training: one line too
+    # The output folder is taken and the corpus read before any training: one line too.
+    except (CorpusError, RunLockedError) as error:
         sys.exit(f"train_gpt.py: error: {error}")
     if training_args.process_index == 0:
         print(f"sharpness curve: {jsonl}")

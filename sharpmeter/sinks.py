@@ -71,6 +71,10 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     (a rename stays on one file system), is synced to disk, then renamed over ``path``.
 
     Raises the ``OSError`` of a failed step, after removing the temporary file.
+
+    Example::
+
+        atomic_write_text("runs/tiny/sharpmeter_run.json", json.dumps(config))
     """
     path = Path(path)
     temp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
@@ -83,6 +87,18 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
         with contextlib.suppress(OSError):
             temp.unlink()
         raise
+    _fsync_folder(path.parent)
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Makes a rename in ``folder`` survive a power cut (the folder's entry is data too).
+    Best effort: some systems cannot open or sync a folder, and the file is whole anyway."""
+    with contextlib.suppress(OSError):
+        descriptor = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
 
 
 def _write_all(handle: Any, data: bytes) -> None:

@@ -2,8 +2,11 @@
 
 Every size sees the same corpus, data order, initialisation seed, schedule and measurements;
 only the shape of the model changes. Each size trains into ``<output_dir>/<size>``; a size that
-already finished is not trained again, so an interrupted study resumes where it stopped. The
-report (:mod:`sharpmeter.report`) is computed from the logged JSONL files alone.
+already finished is not trained again, so an interrupted study resumes where it stopped;
+options that cannot change the numbers (logging, checkpoints: see ``_NOT_SHAPING`` in
+:mod:`sharpmeter.train`) may differ on the rerun. A study owns its ``output_dir`` while it runs:
+a second one started there is refused in one line (:mod:`sharpmeter.runlock`). The report
+(:mod:`sharpmeter.report`) is computed from the logged JSONL files alone.
 
 Example::
 
@@ -31,6 +34,7 @@ from sharpmeter.config import (
 )
 from sharpmeter.meter import measure_of
 from sharpmeter.report import ReportFiles, write_report
+from sharpmeter.runlock import rank_zero_lock
 from sharpmeter.train import is_finished, load_data, run_config, train_gpt
 
 MIN_MEASUREMENTS = 10
@@ -93,7 +97,17 @@ def parse_study(argv: Sequence[str]) -> StudyConfig:
 
 def run_study(config: StudyConfig) -> ReportFiles | None:
     """Train the sizes of a parsed study config that are not finished, then write the report
-    into its ``output_dir``. Returns None on ranks other than 0."""
+    into its ``output_dir``. Returns None on ranks other than 0.
+
+    The study owns its ``output_dir`` from start to end (:mod:`sharpmeter.runlock`): a second
+    study (or run) started on it meanwhile raises
+    :class:`~sharpmeter.runlock.RunLockedError`, on every rank, before the corpus is read."""
+    with rank_zero_lock(config.training.output_dir, config.training.process_index):
+        return _run_owned_study(config)
+
+
+def _run_owned_study(config: StudyConfig) -> ReportFiles | None:
+    """:func:`run_study` once its output folder is this study's alone."""
     main_process = config.training.process_index == 0
     dataset = load_data(config.data, config.model.block_size, config.training)
     sizes = config.study.sizes

@@ -24,11 +24,51 @@ from sharpmeter.config import DataArguments, ModelArguments, SharpnessArguments
 from sharpmeter.data import TokenBlocks, lm_dataset
 from sharpmeter.gpt import build_gpt
 from sharpmeter.integrations.hf import SharpnessCallback
-from sharpmeter.sinks import wandb_mode
+from sharpmeter.runlock import rank_zero_lock
+from sharpmeter.sinks import atomic_write_text, wandb_mode
 
 DONE_FILE = "sharpmeter_run.json"
-# Where a run writes and what it resumes from do not change the run itself.
-_NOT_SHAPING = {"output_dir", "logging_dir", "resume_from_checkpoint", "overwrite_output_dir"}
+# TrainingArguments that cannot change a run's numbers (its weights, its measurements): a
+# finished run is compared without them, so changing one does not train it again. Only what
+# certainly changes nothing is here; anything that touches the data, the model, the optimizer,
+# the devices or the order of random draws (even dataloader workers, compilation) is compared.
+_NOT_SHAPING = {
+    # Where the run writes and what it resumes from: a resumed run continues the same numbers.
+    "output_dir",
+    "logging_dir",
+    "resume_from_checkpoint",
+    "overwrite_output_dir",
+    # How often and where the Trainer reports its log: logging reads the loss and the learning
+    # rate after the step, draws nothing at random; the sharpness rows do not depend on it.
+    "logging_strategy",
+    "logging_steps",
+    "logging_first_step",
+    "logging_nan_inf_filter",
+    "log_on_each_node",
+    "log_level",
+    "log_level_replica",
+    "disable_tqdm",
+    "report_to",
+    "run_name",
+    "project",
+    "trackio_space_id",
+    "trackio_bucket_id",
+    "trackio_static_space_id",
+    # Checkpoints: a save copies the weights, optimizer and RNG states, and changes none.
+    "save_strategy",
+    "save_steps",
+    "save_total_limit",
+    "save_on_each_node",
+    "save_only_model",
+    # Publishing to the Hub happens after the numbers are made.
+    "push_to_hub",
+    "hub_model_id",
+    "hub_strategy",
+    "hub_token",
+    "hub_private_repo",
+    "hub_always_push",
+    "hub_revision",
+}
 
 
 def load_data(
@@ -56,9 +96,25 @@ def train_gpt(
     """Train one model; returns the path of its ``sharpness.jsonl``.
 
     ``dataset`` skips loading when the caller already holds the tokenized corpus (a study
-    trains every size on the same one)."""
+    trains every size on the same one). The run owns ``output_dir`` while it trains
+    (:mod:`sharpmeter.runlock`; rank 0 holds the lock): a second run started on it meanwhile
+    raises :class:`~sharpmeter.runlock.RunLockedError` on every rank, before anything is read
+    or written."""
     if model_args.size is None:
         raise ValueError("model_args.size is required: name a model size")
+    # Before anything is read or written: a second run on this folder is refused here.
+    with rank_zero_lock(training_args.output_dir, training_args.process_index):
+        return _train_in_owned_folder(model_args, data_args, sharpness_args, training_args, dataset)
+
+
+def _train_in_owned_folder(
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    sharpness_args: SharpnessArguments,
+    training_args: TrainingArguments,
+    dataset: TokenBlocks | None,
+) -> Path:
+    """:func:`train_gpt` once its output folder is this run's alone."""
     if dataset is None:
         dataset = load_data(data_args, model_args.block_size, training_args)
     # The Trainer seeds only when it is built, after the model: seed here so that `seed` sets
@@ -87,8 +143,22 @@ def train_gpt(
     finally:
         _finish_wandb()
     if training_args.process_index == 0:
-        (Path(training_args.output_dir) / DONE_FILE).write_text(json.dumps(config, indent=1))
+        write_done_marker(training_args.output_dir, config)
     return Path(training_args.output_dir) / "sharpness.jsonl"
+
+
+def write_done_marker(output_dir: str | Path, config: dict[str, Any]) -> Path:
+    """Marks ``output_dir`` as holding a run finished with ``config``: written whole or not at
+    all (a full disk must not leave an empty marker that every later study trips on).
+
+    Example::
+
+        write_done_marker("runs/tiny", run_config(*arguments))   # runs/tiny/sharpmeter_run.json
+    """
+    path = Path(output_dir) / DONE_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(config, indent=1))
+    return path
 
 
 def run_config(
@@ -108,12 +178,15 @@ def is_finished(output_dir: str | Path, config: dict[str, Any]) -> bool:
 
     Raises:
         ValueError: it holds a finished run with another config (reusing it would report
-            numbers of a run that is not the one asked for).
+            numbers of a run that is not the one asked for), or a marker that cannot be read
+            (one line naming it: removing it trains the run again).
     """
     path = Path(output_dir) / DONE_FILE
     if not path.is_file():
         return False
-    done = json.loads(path.read_text())
+    done = _read_done_marker(path)
+    # Markers written before a setting was known not to shape runs may still list it.
+    done = {k: v for k, v in done.items() if k not in _NOT_SHAPING}
     changed = sorted(k for k in config.keys() | done.keys() if config.get(k) != done.get(k))
     if changed:
         raise ValueError(
@@ -121,6 +194,24 @@ def is_finished(output_dir: str | Path, config: dict[str, Any]) -> bool:
             "use another output_dir or remove it"
         )
     return True
+
+
+def _read_done_marker(path: Path) -> dict[str, Any]:
+    """The config a done marker holds (ValueError in one line if it holds none)."""
+    data = b""
+    try:
+        data = path.read_bytes()
+        done = json.loads(data.decode("utf-8"))
+    except (OSError, ValueError) as error:  # ValueError: not UTF-8 or not JSON
+        empty = isinstance(error, ValueError) and not data.strip()
+        problem = "it is empty" if empty else " ".join(str(error).split())
+    else:
+        if isinstance(done, dict):
+            return done
+        problem = f"it holds a JSON {type(done).__name__}, not an object"
+    raise ValueError(
+        f"the run marker {path} cannot be read ({problem}): remove it to train this run again"
+    )
 
 
 def _start_wandb(training_args: TrainingArguments, config: dict) -> None:

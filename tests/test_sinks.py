@@ -175,3 +175,38 @@ def test_resume_drops_later_rows_and_a_torn_line(tmp_path):
     sink = JsonlSink(path, resume_step=1)
     sink.write({"step": 2})
     assert [row["step"] for row in rows_of(path)] == [0, 1, 2]
+
+
+def test_atomic_write_syncs_the_text_before_the_rename_and_the_folder_after(tmp_path, monkeypatch):
+    target = tmp_path / "marker.json"
+    target.write_text("old")
+    calls = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(descriptor):
+        calls.append(("fsync", os.path.isdir(f"/proc/self/fd/{descriptor}")))
+        real_fsync(descriptor)
+
+    def replace(source, destination):
+        calls.append(("replace", Path(destination) == target))
+        real_replace(source, destination)
+
+    monkeypatch.setattr(sinks.os, "fsync", fsync)
+    monkeypatch.setattr(sinks.os, "replace", replace)
+    sinks.atomic_write_text(target, "new")
+    assert target.read_text() == "new" and list(tmp_path.iterdir()) == [target]
+    if Path("/proc/self/fd").is_dir():
+        assert calls == [("fsync", False), ("replace", True), ("fsync", True)]
+
+
+def test_a_failed_atomic_write_leaves_the_old_file_and_no_temporary_one(tmp_path, monkeypatch):
+    target = tmp_path / "marker.json"
+    target.write_text("old")
+
+    def disk_full(source, destination):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(sinks.os, "replace", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        sinks.atomic_write_text(target, "new")
+    assert target.read_text() == "old" and list(tmp_path.iterdir()) == [target]

@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
+import json
 import shutil
+import socket
 import subprocess
 import sys
+from argparse import Namespace
 from pathlib import Path
 
 import numpy as np
+import pytest
 
+from sharpmeter import study
 from sharpmeter.analysis import compare_fits, curves_from_records, tail_mean
+from sharpmeter.commands import run_study_command
 from sharpmeter.records import read_records
+from sharpmeter.runlock import LOCK_NAME
+from sharpmeter.study import parse_study
+from sharpmeter.train import DONE_FILE, run_config
 
 RECIPE = Path(__file__).parent.parent / "recipes" / "scale_study.py"
 SMALL = ["--sizes", "tiny", "small", "medium", "--max_steps", "60", "--every", "5"]
@@ -59,6 +68,13 @@ def test_small_study_report_is_computed_from_the_logs(tmp_path):
         [r[k] for k in measured] for r in first_small
     ]
 
+    # Options that only change what is logged, and how, keep the finished sizes.
+    quiet = ["--disable_tqdm", "true", "--logging_steps", "7", "--report_to", "none"]
+    logged_otherwise = run_study(out, *SMALL, *quiet)
+    assert logged_otherwise.returncode == 0, logged_otherwise.stderr[-2000:]
+    assert logged_otherwise.stdout.count("already trained") == 3
+    assert not list(out.glob("**/sharpmeter.lock"))
+
     # The same output_dir with other settings is refused before anything trains.
     changed = run_study(out, *SMALL, "--learning_rate", "1e-3")
     assert changed.returncode != 0 and "other settings (learning_rate)" in changed.stderr
@@ -76,3 +92,83 @@ def test_bad_input_fails_before_training(tmp_path):
     assert done.returncode != 0 and "not 'size'" in done.stderr
     done = run_study(tmp_path, "--corpus", "missing/corpus.txt")
     assert done.returncode != 0 and "missing/corpus.txt" in done.stderr
+
+
+CONFIG = Path(__file__).parent.parent / "configs" / "study_cpu.yaml"
+TINY = ["--sizes", "tiny", "--max_steps", "60", "--every", "5"]
+
+
+def study_arguments(out: Path, *extra: str) -> list[str]:
+    return [str(CONFIG), "--output_dir", str(out), *TINY, *extra]
+
+
+def study_command(out: Path, *extra: str) -> int:
+    """``sharpmeter study`` in this process (SystemExit: its one-line error)."""
+    return run_study_command(
+        Namespace(config=str(CONFIG), overrides=[*study_arguments(out)[1:], *extra])
+    )
+
+
+def finish_without_training(out: Path, config: dict | None = None) -> Path:
+    """The marker a finished ``tiny`` run of :data:`TINY` leaves (``config``: another one)."""
+    arguments = parse_study(study_arguments(out)).size_arguments("tiny")
+    marker = Path(arguments.training.output_dir) / DONE_FILE
+    marker.parent.mkdir(parents=True)
+    marker.write_text(json.dumps(config if config is not None else run_config(*arguments)))
+    return marker
+
+
+def test_logging_options_do_not_make_a_finished_run_another_one(tmp_path):
+    out = tmp_path / "study"
+    finish_without_training(out)
+    logging = ["--disable_tqdm", "true", "--logging_steps", "7", "--report_to", "none"]
+    config = parse_study(study_arguments(out, *logging, "--save_strategy", "steps"))
+    assert config.size_arguments("tiny").finished()
+    with pytest.raises(ValueError, match=r"other settings \(learning_rate\)"):
+        parse_study(study_arguments(out, *logging, "--learning_rate", "1e-3"))
+
+
+def test_a_marker_that_still_lists_logging_options_is_accepted(tmp_path):
+    # Markers written before logging options were left out of the comparison list them.
+    out = tmp_path / "study"
+    arguments = parse_study(study_arguments(out)).size_arguments("tiny")
+    finish_without_training(out, {**run_config(*arguments), "logging_steps": 3})
+    assert parse_study(study_arguments(out)).size_arguments("tiny").finished()
+
+
+def test_a_broken_marker_is_one_line_naming_it(tmp_path):
+    out = tmp_path / "study"
+    marker = finish_without_training(out)
+    marker.write_text("")  # what a full disk left
+    with pytest.raises(SystemExit) as failed:
+        study_command(out)
+    message = str(failed.value)
+    assert "\n" not in message and str(marker) in message and "remove it" in message
+
+
+def test_a_study_on_a_folder_another_live_run_holds_writes_nothing(tmp_path):
+    out = tmp_path / "study"
+    out.mkdir()
+    lock = out / LOCK_NAME
+    sleeper = subprocess.Popen(["sleep", "30"])
+    try:
+        lock.write_text(json.dumps({"pid": sleeper.pid, "host": socket.gethostname()}))
+        with pytest.raises(SystemExit) as refused:
+            study_command(out)
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    message = str(refused.value)
+    assert "\n" not in message and str(lock) in message and f"pid {sleeper.pid}" in message
+    assert list(out.iterdir()) == [lock]
+
+
+def test_a_study_releases_its_folder_when_it_fails(tmp_path, monkeypatch):
+    def broken_corpus(*args, **kwargs):
+        raise RuntimeError("corpus gone")
+
+    monkeypatch.setattr(study, "load_data", broken_corpus)
+    config = parse_study(study_arguments(tmp_path / "study"))
+    with pytest.raises(RuntimeError, match="corpus gone"):
+        study.run_study(config)
+    assert not (tmp_path / "study" / LOCK_NAME).exists()

@@ -4,16 +4,21 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
+from sharpmeter import sinks, train
+from sharpmeter.config import parse_config
 from sharpmeter.data import lm_dataset
 from sharpmeter.gpt import build_gpt
 from sharpmeter.records import read_records
+from sharpmeter.runlock import LOCK_NAME, RunLockedError
 from sharpmeter.train import is_finished
 
 ROOT = Path(__file__).parent.parent
@@ -117,3 +122,99 @@ def test_two_gloo_ranks_log_what_one_process_logs(tmp_path):
     assert set(one[0]) == set(two[0])
     assert all(r["status"] == "ok" for r in one + two)
     assert len(list((tmp_path / "two").glob("wandb/offline-run-*"))) == 1  # rank 0's run only
+
+
+class FakeTrainer:
+    """Stands in for transformers' Trainer: train() does nothing (or raises ``failure``)."""
+
+    built = 0
+    failure: Exception | None = None
+
+    def __init__(self, model, args, train_dataset) -> None:
+        type(self).built += 1
+        self.args = args
+
+    def add_callback(self, callback) -> None:
+        pass
+
+    def train(self, resume_from_checkpoint=None) -> None:
+        if self.failure is not None:
+            raise self.failure
+
+
+@pytest.fixture
+def no_training(monkeypatch):
+    """train_gpt runs through, building its model, without training it."""
+    monkeypatch.setattr(train, "Trainer", FakeTrainer)
+    monkeypatch.setattr(FakeTrainer, "built", 0)
+    monkeypatch.setattr(FakeTrainer, "failure", None)
+    return FakeTrainer
+
+
+def run_arguments(out: Path, *extra: str) -> tuple:
+    return parse_config([str(CONFIG), "--output_dir", str(out), "--report_to", "none", *extra])
+
+
+TOY_DATA = SimpleNamespace(vocab_size=256)
+
+
+def test_the_done_marker_is_written_whole_or_not_at_all(tmp_path, no_training, monkeypatch):
+    out = tmp_path / "run"
+    out.mkdir()  # as the Trainer makes it
+    arguments = run_arguments(out, *QUICK)
+
+    def disk_full(source, target):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(sinks.os, "replace", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        train.train_gpt(*arguments, dataset=TOY_DATA)
+    assert os.listdir(out) == []  # no marker, no temporary file (and no lock)
+    monkeypatch.undo()
+    monkeypatch.setattr(train, "Trainer", FakeTrainer)
+    train.train_gpt(*arguments, dataset=TOY_DATA)
+    assert is_finished(out, train.run_config(*arguments))
+
+
+@pytest.mark.parametrize("text", ["", "{not json", "[1, 2]", "\xff"])
+def test_a_broken_done_marker_is_one_line_saying_how_to_recover(tmp_path, text):
+    marker = tmp_path / train.DONE_FILE
+    marker.write_bytes(text.encode("latin-1"))
+    with pytest.raises(ValueError) as broken:
+        is_finished(tmp_path, {"size": "tiny"})
+    message = str(broken.value)
+    assert "\n" not in message and str(marker) in message
+    assert "remove it to train this run again" in message
+
+
+def test_a_run_on_a_folder_another_live_run_holds_is_refused(tmp_path, no_training):
+    sleeper = subprocess.Popen(["sleep", "30"])
+    try:
+        out = tmp_path / "run"
+        out.mkdir()
+        lock = out / LOCK_NAME
+        lock.write_text(json.dumps({"pid": sleeper.pid, "host": socket.gethostname()}))
+        with pytest.raises(RunLockedError, match=f"pid {sleeper.pid}"):
+            train.train_gpt(*run_arguments(out, *QUICK), dataset=TOY_DATA)
+        assert no_training.built == 0 and list(out.iterdir()) == [lock]
+
+        # The recipe says so in one line and leaves the folder as it was.
+        done = launch([sys.executable], out, *QUICK, "--report_to", "none")
+        assert done.returncode != 0 and "Traceback" not in done.stderr
+        [line] = done.stderr.strip().splitlines()
+        assert str(lock) in line and f"pid {sleeper.pid}" in line
+        assert list(out.iterdir()) == [lock]
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+def test_a_run_releases_its_folder_when_it_ends_and_when_it_fails(tmp_path, no_training):
+    out = tmp_path / "run"
+    arguments = run_arguments(out, *QUICK)
+    train.train_gpt(*arguments, dataset=TOY_DATA)
+    assert (out / train.DONE_FILE).is_file() and not (out / LOCK_NAME).exists()
+    no_training.failure = RuntimeError("diverged")
+    with pytest.raises(RuntimeError, match="diverged"):
+        train.train_gpt(*run_arguments(tmp_path / "failed", *QUICK), dataset=TOY_DATA)
+    assert not (tmp_path / "failed" / LOCK_NAME).exists()
