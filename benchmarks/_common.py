@@ -103,15 +103,23 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def run_worker(script: Path, spec: dict, python: str | None = None, timeout: float = 900) -> dict:
-    """Run ``script --worker JSON`` in a fresh interpreter and return the JSON it prints last.
+def python_module(module: str, python: str | None = None) -> list[str]:
+    """The command that runs ``python -m module`` (this interpreter unless ``python``).
+
+    Children run from the repository root, where ``benchmarks`` is importable (pass ``cwd=REPO``).
+    """
+    return [python or sys.executable, "-m", module]
+
+
+def run_worker(module: str, spec: dict, python: str | None = None, timeout: float = 900) -> dict:
+    """Run ``python -m module --worker JSON`` in a fresh interpreter; return its last JSON line.
 
     A fresh process per measurement is what makes its ``ru_maxrss`` the peak of that one method.
     Errors come back as ``{"error": ...}`` so that one failing method does not stop a table.
     """
-    command = [python or sys.executable, str(script), "--worker", json.dumps(spec)]
+    command = [*python_module(module, python), "--worker", json.dumps(spec)]
     try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=REPO)
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {timeout:.0f} s"}
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
@@ -168,13 +176,9 @@ def fmt(value: float | None, digits: int = 3) -> str:
 
 
 def command_line() -> str:
-    """How this script was called, relative to the repository root."""
-    script = Path(sys.argv[0]).resolve()
-    try:
-        script = script.relative_to(REPO)
-    except ValueError:
-        pass
-    return " ".join(["python", str(script), *sys.argv[1:]])
+    """How this benchmark was called: ``python -m benchmarks.<name> ARGS``."""
+    module = sys.modules["__main__"].__spec__.name.removesuffix(".__main__")
+    return " ".join(["python", "-m", module, *sys.argv[1:]])
 
 
 def save_markdown(path: Path, lines: list[str]) -> None:

@@ -1,33 +1,10 @@
 """Cost of one Hessian-vector product against one gradient, on ~1M and ~10M-parameter GPT-2s.
 
-What is measured, per model (batch 8 x 128 random tokens, CPU, float32, next-token cross
-entropy on the logits):
+Seconds per gradient, per training step and per HVP in every ``HessianOperator`` mode, and the
+peak RSS of each (issue 2); what is measured and how: ``benchmarks/README.md``.
 
-- **gradient**: one forward + backward (``torch.autograd.grad``), with the default attention
-  kernel (what training runs) and with the SDPA math kernel (what every HVP must run: the fused
-  kernels have no double backward and no forward-mode AD);
-- **training step**: forward + backward + ``AdamW.step()`` (on a copy of the model);
-- **HVP** ``op @ v`` of :class:`sharpmeter.HessianOperator` in each mode: ``double_backward``
-  reusing the gradient's graph (its one-off construction, a forward + backward with
-  ``create_graph=True``, is timed separately), ``double_backward`` rebuilding the graph per
-  product (``reuse_graph=False``), ``fwd`` (forward-over-reverse) and ``fd`` (central differences).
-
-**Seconds** come from one process per model that calls the methods round-robin (one call of each
-per round, ``--repeats`` rounds after a warm-up round) and reports the median per method: a
-neighbour's load then hits every method alike, so the ratios stay honest on a shared machine.
-Torch runs ``--threads`` threads (default 1: with 2 threads and another process busy, OpenMP
-barriers make timings swing tenfold).
-
-**Memory** is the peak RSS (``ru_maxrss``) of a fresh subprocess per method that builds the
-model and runs only that method (warm-up and two calls), so each figure is that method's own
-peak; "baseline" only builds the model and the batch. ``tracemalloc`` does not see torch's
-allocations, and a process's peak never goes down, hence one process per figure.
-
-Targets (issue 2): HVP with graph reuse <= 2.5x one gradient; the peak memory of every HVP mode
-<= 2x a training step's.
-
-    .venv/bin/python benchmarks/hvp.py                  # both sizes, writes results/hvp.md
-    .venv/bin/python benchmarks/hvp.py --sizes 1M --repeats 3
+    python -m benchmarks.hvp                            # both sizes, writes results/hvp.md
+    python -m benchmarks.hvp --sizes 1M --repeats 3
 """
 
 from __future__ import annotations
@@ -40,7 +17,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from _common import (
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+import sharpmeter as sm
+from benchmarks._common import (
     GPT2_SIZES,
     RESULTS,
     command_line,
@@ -55,11 +35,10 @@ from _common import (
     save_markdown,
     token_batch,
 )
-from torch.nn.attention import SDPBackend, sdpa_kernel
-
-import sharpmeter as sm
 from sharpmeter.loss import causal_lm_loss
 
+# What the workers re-invoke, from the repository root.
+MODULE = "benchmarks.hvp"
 METHODS = {
     "baseline": "baseline (model + batch only)",
     "grad": "gradient, default attention",
@@ -169,14 +148,13 @@ def run_size(size: str, args: argparse.Namespace) -> dict:
         "seq_len": args.seq_len,
         "threads": args.threads,
     }
-    script = Path(__file__)
-    timing = run_worker(script, {**spec, "worker": "time", "repeats": args.repeats})
+    timing = run_worker(MODULE, {**spec, "worker": "time", "repeats": args.repeats})
     if "error" in timing:
         raise SystemExit(f"timing worker failed on GPT-2 {size}: {timing['error']}")
     print(f"  {size}: timed {len(TIMED)} methods x {args.repeats} rounds", flush=True)
     memory = {}
     for method in MEMORY:
-        memory[method] = run_worker(script, {**spec, "worker": "memory", "method": method})
+        memory[method] = run_worker(MODULE, {**spec, "worker": "memory", "method": method})
         shown = memory[method].get("error") or f"{memory[method]['peak_rss_mib']:.0f} MiB"
         print(f"  {size}: peak RSS {method:<11} {shown}", flush=True)
     return {**timing, "memory": memory}
@@ -259,7 +237,9 @@ def targets_table(results: dict[str, dict]) -> list[str]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog=f"python -m {MODULE}", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--sizes", default="1M,10M", help="comma-separated: tiny, 1M, 10M")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=128)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Create benchmarks/.venv-peers: sharpmeter (editable, with the [hf] extra) plus the peer tools
-# that benchmarks/peers.py measures against, all from PyPI.
+# that benchmarks/peers/ measures against (python -m benchmarks.peers), all from PyPI.
 #
 #   bash benchmarks/setup_peers.sh            # create or update the venv
 #   PYTHON=python3.11 bash benchmarks/setup_peers.sh
@@ -64,4 +64,4 @@ if ((${#failed[@]})); then
     echo "failed: ${failed[*]}" >&2
     exit 1
 fi
-echo "ready: $VENV/bin/python benchmarks/peers.py"
+echo "ready: $VENV/bin/python -m benchmarks.peers (from $REPO)"

@@ -3,13 +3,13 @@
 Each adapter builds its tool's own Hessian operator and calls its tool's own algorithms, the way
 that tool's documentation does, and counts every Hessian-vector product (HVP) the tool makes. With
 :meth:`Tool.recording` it also keeps each product's input and output, from which
-:mod:`peers` reads the estimate an algorithm would return after every product.
+:mod:`.convergence` reads the estimate an algorithm would return after every product.
 
 - **sharpmeter**: :class:`sharpmeter.HessianOperator` (double backward, graph reused),
   ``lanczos``, ``power_iteration``, ``hutchinson``, ``hutchpp``.
 - **PyHessian 0.1**: ``pyhessian.hessian(model, criterion, data=(inputs, targets))``; its
   ``eigenvalues`` (power iteration) and ``trace`` (Hutchinson). It wants ``criterion(model(x), y)``,
-  so a GPT-2 is wrapped in :class:`LogitsAdapter` (logits -> flattened next-token logits).
+  so a GPT-2 is wrapped in :class:`.problems.LogitsAdapter` (logits -> flattened next-token logits).
 - **curvlinops 3.0.1**: ``HessianLinearOperator`` (``torch.func.jvp`` over ``jacrev``),
   ``hutchinson_trace``, ``hutchpp_trace``; it has no eigensolver, so its documented route,
   ``scipy.sparse.linalg.eigsh`` on the operator, gives the top eigenvalue.
@@ -26,8 +26,8 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -36,73 +36,10 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import sharpmeter as sm
+from benchmarks.peers.problems import Problem
 
 # A tolerance no residual reaches: the algorithm spends its whole budget.
 EXHAUST = 1e-300
-
-
-@dataclass
-class Problem:
-    """A model, a batch and the loss, in the shapes every tool wants.
-
-    ``loss_fn(model, batch)`` (sharpmeter, hessian-eigenthings) and
-    ``criterion(logits(inputs), targets)`` (PyHessian, curvlinops) are the same mean loss.
-    """
-
-    name: str
-    model: nn.Module
-    batch: Any
-    loss_fn: Callable[[nn.Module, Any], torch.Tensor]
-    logits: nn.Module
-    inputs: torch.Tensor
-    targets: torch.Tensor
-
-    @property
-    def params(self) -> list[nn.Parameter]:
-        return [p for p in self.model.parameters() if p.requires_grad]
-
-    @property
-    def dim(self) -> int:
-        return sum(p.numel() for p in self.params)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.params[0].dtype
-
-
-class LogitsAdapter(nn.Module):
-    """GPT-2 as ``input_ids -> (batch * (seq - 1), vocab)`` next-token logits, for a criterion."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        logits = self.model(input_ids=input_ids).logits[:, :-1]
-        return logits.reshape(-1, logits.shape[-1])
-
-
-def gpt2_problem(model: nn.Module, batch: dict[str, torch.Tensor], name: str) -> Problem:
-    from sharpmeter.loss import causal_lm_loss
-
-    return Problem(
-        name=name,
-        model=model,
-        batch=batch,
-        loss_fn=causal_lm_loss,
-        logits=LogitsAdapter(model),
-        inputs=batch["input_ids"],
-        targets=batch["labels"][:, 1:].reshape(-1),
-    )
-
-
-def classifier_loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    inputs, targets = batch
-    return nn.functional.cross_entropy(model(inputs), targets)
-
-
-def classifier_problem(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, name: str):
-    return Problem(name, model, (inputs, targets), classifier_loss, model, inputs, targets)
 
 
 def seed_global_rng(seed: int | None) -> None:
@@ -469,26 +406,17 @@ TOOLS: dict[str, type[Tool]] = {
 }
 
 
-def dense_hessian(problem: Problem) -> torch.Tensor:
-    """The exact Hessian, row by row: a double backward of each gradient entry.
-
-    Not ``torch.func.hessian``: its forward-over-reverse is wrong on LayerNorm with affine
-    parameters (pytorch issue 196700).
-    """
-    params = problem.params
-    with sdpa_kernel(SDPBackend.MATH), torch.enable_grad():
-        loss = problem.loss_fn(problem.model, problem.batch)
-        gradient = flat(torch.autograd.grad(loss, params, create_graph=True))
-        rows = []
-        for i in range(gradient.numel()):
-            row = torch.autograd.grad(gradient[i], params, retain_graph=True, allow_unused=True)
-            rows.append(
-                flat(
-                    [
-                        torch.zeros_like(p) if r is None else r
-                        for r, p in zip(row, params, strict=True)
-                    ]
-                )
-            )
-    hessian = torch.stack(rows).detach()
-    return (hessian + hessian.T) / 2
+def make_tools(problem) -> tuple[dict[str, Tool], dict[str, float], dict[str, str]]:
+    """Every tool on ``problem``: instances, construction seconds, and errors of those that fail."""
+    tools, build_seconds, errors = {}, {}, {}
+    for name, cls in TOOLS.items():
+        start = time.perf_counter()
+        try:
+            tools[name] = cls(problem)
+        except Exception as error:  # a peer that cannot run this model is a result, not a crash
+            errors[name] = f"{type(error).__name__}: {str(error).splitlines()[0][:120]}"
+            continue
+        build_seconds[name] = time.perf_counter() - start
+        for p in problem.params:  # PyHessian leaves the gradient (with its graph) in .grad
+            p.grad = None
+    return tools, build_seconds, errors
