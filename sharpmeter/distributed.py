@@ -12,11 +12,17 @@ as a mean over ranks. Flat vectors then hold this rank's shard of every paramete
 :func:`local` part), and inner products are summed over ranks. Only forward-only measurements
 (critical sharpness) work there: a Hessian-vector product would need a double backward
 through FSDP's all-gathers.
+
+A collective that fails (a rank stopped, hung or dead: gloo gives up after the process group
+timeout) raises :class:`CollectiveError`, which ends the run: the group cannot be used again.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import warnings
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -35,15 +41,84 @@ def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+class CollectiveError(RuntimeError):
+    """A collective of a measurement failed: another rank is stopped, hung or dead.
+
+    Never a measurement's status: after a failed collective the process group is unusable (gloo
+    closes its connections), so the run must end, with this message.
+    """
+
+
+def honour_timeout(timeout: timedelta) -> None:
+    """Make the default process group's collectives give up after ``timeout``.
+
+    transformers passes ``ddp_timeout`` to the process group it creates on a GPU but not with
+    ``use_cpu``, where gloo keeps torch's default of 30 minutes: a stopped rank would hold the
+    others that long. This sets the timeout of the existing group (the private
+    ``_set_pg_timeout`` of torch; where it is missing or fails, a warning and the group's own
+    timeout). Timeouts never change what is computed, only how long a collective may wait.
+    """
+    if not is_distributed():
+        return
+    try:
+        from torch.distributed.distributed_c10d import _set_pg_timeout
+
+        _set_pg_timeout(timeout)
+    except Exception as error:  # a private API: its absence must not stop training
+        warnings.warn(
+            f"cannot set the process group timeout to {timeout.total_seconds():g} s "
+            f"({type(error).__name__}: {error}); a hung rank holds the others for the group's "
+            "own timeout",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+
+
+def group_timeout() -> timedelta | None:
+    """The timeout of the default group's collectives, where its backend says (gloo, NCCL)."""
+    try:
+        group = dist.distributed_c10d._get_default_group()
+        return group._get_backend(group._device_types[0]).options._timeout
+    except Exception:  # private attributes: messages then go without the number
+        return None
+
+
+@contextmanager
+def collective(what: str) -> Iterator[None]:
+    """Turn the failure of a collective into a :class:`CollectiveError` naming ``what`` (a
+    measurement all-reduce, the probe broadcast), this rank and the timeout.
+
+    gloo raises a bare ``RuntimeError`` ("Timed out waiting 30000ms for recv operation",
+    "Connection closed by peer") that a measurement would otherwise record as an estimator's
+    error, going on to the next collective, which fails as well.
+    """
+    try:
+        yield
+    except CollectiveError:  # told already, by a collective inside this one
+        raise
+    except RuntimeError as error:
+        timeout = group_timeout()
+        after = f" (process group timeout {timeout.total_seconds():g} s)" if timeout else ""
+        raise CollectiveError(
+            f"sharpmeter: {what} on rank {dist.get_rank()} failed{after}: another rank is "
+            f"stopped, hung or dead, and the process group cannot be used again "
+            f"({type(error).__name__}: {error})"
+        ) from error
+
+
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """Sum over ranks, in place and returned (the identity outside data parallelism).
 
     gloo and NCCL reduce float32/float64; lower precisions are reduced in float32.
+
+    Raises:
+        CollectiveError: the all-reduce failed (see :func:`collective`).
     """
     if not is_distributed():
         return tensor
     wide = tensor if tensor.dtype in (torch.float32, torch.float64) else tensor.float()
-    dist.all_reduce(wide, op=dist.ReduceOp.SUM)
+    with collective("a measurement all-reduce"):
+        dist.all_reduce(wide, op=dist.ReduceOp.SUM)
     if wide is not tensor:
         tensor.copy_(wide)
     return tensor

@@ -2,7 +2,9 @@ r"""SharpnessMeter: a schedule and a set of estimators, one flat record per meas
 
 A measurement runs inside :func:`sharpmeter.probe.measurement` on a fixed probe batch, so
 training is never changed by it, and it never raises: a failed estimator leaves NaN in its
-columns and says why in its ``*_status`` column.
+columns and says why in its ``*_status`` column. The one exception is a failed collective under
+data parallelism (:class:`~sharpmeter.distributed.CollectiveError`: another rank is stopped,
+hung or dead), after which no rank can go on training.
 
 The record (a flat ``dict`` of floats, ints and strings):
 
@@ -65,7 +67,14 @@ from sharpmeter.directions import (
     learning_rate,
     update_direction,
 )
-from sharpmeter.distributed import NO_FSDP_HVP, check_not_fsdp1, is_distributed, is_sharded
+from sharpmeter.distributed import (
+    NO_FSDP_HVP,
+    CollectiveError,
+    check_not_fsdp1,
+    collective,
+    is_distributed,
+    is_sharded,
+)
 from sharpmeter.estimators import (
     critical_sharpness,
     directional_sharpness,
@@ -250,13 +259,16 @@ class SharpnessMeter:
         if is_distributed():
             # Wall clocks differ between ranks; a measurement is collective, so rank 0 decides.
             decision = torch.tensor(int(due), device=self.params[0].device)
-            torch.distributed.broadcast(decision, src=0)
+            with collective("the broadcast of whether a measurement is due"):
+                torch.distributed.broadcast(decision, src=0)
             due = bool(decision)
         self.skipped_for_budget += not due
         return due
 
     def measure(self, step: int, optimizer: torch.optim.Optimizer | None = None) -> dict:
-        """One measurement at the current parameters; never raises, never changes training.
+        """One measurement at the current parameters; never changes training, and raises only
+        a :class:`~sharpmeter.distributed.CollectiveError` (a failed collective under data
+        parallelism: the process group is unusable, so training cannot go on either).
 
         With ``optimizer``, critical and directional sharpness follow the update it would
         apply to the probe gradient (:func:`sharpmeter.update_direction`); without, the
@@ -268,6 +280,8 @@ class SharpnessMeter:
             with measurement(self.model, self.dropout):
                 self._measure_into(row, optimizer)
             row["status"] = _overall_status(row, self.measures)
+        except CollectiveError:  # the process group is gone: the run must end, saying why
+            raise
         except NonFiniteLossError as error:
             row["status"] = "nonfinite"
             row["error"] = str(error)
@@ -339,6 +353,8 @@ class SharpnessMeter:
                 continue
             try:
                 row.update(steps[measure]())
+            except CollectiveError:  # no other estimator can run without the process group
+                raise
             except Exception as error:  # one estimator failing leaves the others standing
                 row[f"{measure}_status"] = f"error: {type(error).__name__}: {error}"
                 continue

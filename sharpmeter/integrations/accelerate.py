@@ -76,7 +76,11 @@ class AcceleratedMeter:
                 self.sinks.append(WandbSink(name=run_name))
 
     def step(self, step: int, optimizer: torch.optim.Optimizer) -> dict | None:
-        """Measure if ``step`` is due (after ``optimizer.step()``); returns the row or None."""
+        """Measure if ``step`` is due (after ``optimizer.step()``); returns the row or None.
+
+        Raises :class:`~sharpmeter.distributed.CollectiveError` when another rank is stopped,
+        hung or dead (after the process group's timeout: ``InitProcessGroupKwargs(timeout=)``).
+        """
         if not self.meter.is_due(step):
             return None
         row = self.meter.measure(step, optimizer=optimizer)

@@ -25,7 +25,10 @@ iterator shared with training) would lose those examples to the probe: pass ``pr
 there. Under data parallelism (a ``torch.distributed`` group of more than one rank) rank 0
 draws the probe and sends it to the others (``broadcast_object_list``), which neither read
 their data nor draw a random number for it: ranks that see different data (a stream sharded
-by rank) still hold one global probe, of which each measures its shard.
+by rank) still hold one global probe, of which each measures its shard. The callback makes the
+process group honour ``ddp_timeout``, which transformers leaves out of the gloo group of a CPU
+run (torch's default is 30 minutes): a stopped, hung or dead rank then ends the run after that
+timeout with a :class:`~sharpmeter.distributed.CollectiveError` saying so.
 
 Options are checked when the callback is made, without building anything; the probe's loss and
 the optimizer when training begins. Warm starts and the schedule position travel in the
@@ -50,6 +53,7 @@ import copy
 import itertools
 import math
 import warnings
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -59,7 +63,7 @@ from tqdm.auto import tqdm
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-from sharpmeter.distributed import is_distributed, local_shard
+from sharpmeter.distributed import collective, honour_timeout, is_distributed, local_shard
 from sharpmeter.estimators._operator import check_positive_int
 from sharpmeter.loss import move_to, split_probe
 from sharpmeter.meter import SharpnessMeter, check_options
@@ -114,6 +118,9 @@ class SharpnessCallback(TrainerCallback):
         ValueError: at once for a misspelled or bad option; when training begins for a probe
             whose forward gives no loss (or none can be drawn), or an optimizer a measure
             cannot follow.
+        CollectiveError: under data parallelism, when a collective fails: another rank is
+            stopped, hung or dead (noticed after ``args.ddp_timeout``, which the callback
+            applies to the process group when training begins).
     """
 
     def __init__(
@@ -162,6 +169,8 @@ class SharpnessCallback(TrainerCallback):
         train_dataloader=None,
         **kwargs,
     ):
+        # Before the first collective (the probe broadcast) and the Trainer's first step.
+        honour_timeout(ddp_timeout(args))
         batch = self.probe_batch
         if batch is None:
             batch = self._draw_probe(train_dataloader)
@@ -215,7 +224,8 @@ class SharpnessCallback(TrainerCallback):
             except Exception as error:  # sent to the other ranks, then raised here
                 failure = error
                 payload = [(None, f"{type(error).__name__}: {error}")]
-        dist.broadcast_object_list(payload, src=0)
+        with collective("the probe broadcast"):
+            dist.broadcast_object_list(payload, src=0)
         if failure is not None:
             raise failure
         batch, reason = payload[0]
@@ -335,6 +345,12 @@ class SharpnessCallback(TrainerCallback):
         finally:
             handler.callbacks = callbacks
             control.should_log = should_log
+
+
+def ddp_timeout(args: TrainingArguments) -> timedelta:
+    """The Trainer's ``ddp_timeout`` (seconds; 30 minutes by default) as a ``timedelta``."""
+    delta = getattr(args, "ddp_timeout_delta", None)
+    return delta if isinstance(delta, timedelta) else timedelta(seconds=args.ddp_timeout)
 
 
 def summary_line(row: dict[str, Any]) -> str:
