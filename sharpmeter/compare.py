@@ -20,7 +20,23 @@ The verdicts test the paper's claims on the measured curves alone:
 4. larger models peak higher relative to their plateau: Spearman's rho of peak/final against
    N, with an exact permutation p-value (the t approximation is far off with a few sizes);
 5. flatter is better: final sharpness correlates positively with the final probe loss
-   (Pearson, decided when its Fisher-z interval excludes 0; needs 4+ sizes).
+   (Pearson, decided when its Fisher-z interval excludes 0; needs 4+ sizes);
+6. early prediction: the regression ``F = b0 + b1 E + b2 log10 N`` on the mean of the first 10%
+   of training (:func:`~sharpmeter.analysis.prediction.against_last_seen`), each size predicted
+   from the others, errs less than the last value seen by then: decided when the sign-test
+   interval of the per-size error reductions excludes 0 (6+ sizes at 95%, see
+   :mod:`sharpmeter.analysis.inference`; the regression itself needs 4+);
+7. the edge of stability: ``S lr / 2`` over the last ``final_fraction`` of each run, its 20%
+   trimmed mean with a moving-block bootstrap interval
+   (:func:`~sharpmeter.analysis.robust.robust_final`): yes when every run's interval lies inside
+   [1/2, 2], no when one lies outside it (:mod:`sharpmeter.analysis.stability` says why that
+   band); needs the runs' learning rates;
+8. the same story across measures: claims 1, 2 and 4 answered on each measure's curves
+   (critical sharpness, Hessian trace, top eigenvalue, ...): no when two measures decide one of
+   them differently, yes when none do and two measures decide at least one alike.
+
+Several claims tested on one study decide some by chance: :func:`multiplicity_note` says how
+many to expect and which decisions with a p-value survive Holm's correction.
 
 Example::
 
@@ -38,6 +54,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+from scipy import stats
 
 from sharpmeter.analysis import (
     FitComparison,
@@ -48,8 +65,14 @@ from sharpmeter.analysis import (
     spearman,
 )
 from sharpmeter.analysis.curves import Curves, final_value
+from sharpmeter.analysis.inference import SignInterval, holm, min_pairs, sign_interval
+from sharpmeter.analysis.prediction import against_last_seen
+from sharpmeter.analysis.robust import RobustFinal
 from sharpmeter.analysis.runs import RunEntry
+from sharpmeter.analysis.scaling import ScalingFit
+from sharpmeter.analysis.stability import EDGE_BAND, at_edge, final_stability
 from sharpmeter.simulator import simulate_run
+from sharpmeter.sizes import format_size
 
 GRID_POINTS = 101
 MIN_SIZES_FOR_SCALING = 3
@@ -58,6 +81,14 @@ MIN_POINTS_BEFORE_PEAK = 2
 DECIDING_DELTA_AIC = 2.0
 SIGNIFICANCE = 0.05
 MAX_EXACT_SIZES = 8  # 8! orderings enumerate in a blink; beyond, the t approximation is fine
+EARLY_FRACTION = 0.1  # the paper predicts the final value from the first 10% of training
+
+ANSWERS = {True: "yes", False: "no", None: "undecided"}
+THREE_PHASES = "Three phases (rise, decay, plateau) in every run"
+FALLS = "Final sharpness falls with scale"
+PEAK = "Larger models peak higher relative to their plateau"
+# the claims about a direction, which any measure of sharpness can answer: their short names
+DIRECTION_CLAIMS = {THREE_PHASES: "three phases", FALLS: "falls", PEAK: "peak grows"}
 
 
 @dataclass(frozen=True)
@@ -132,10 +163,10 @@ class Verdict:
     claim: str
     holds: bool | None
     evidence: str
+    p_value: float | None = None  # of the test that decides it, when there is one
 
     def line(self) -> str:
-        answer = {True: "yes", False: "no", None: "undecided"}[self.holds]
-        return f"{self.claim}: **{answer}** ({self.evidence})"
+        return f"{self.claim}: **{ANSWERS[self.holds]}** ({self.evidence})"
 
 
 @dataclass(frozen=True)
@@ -167,16 +198,29 @@ class StudyAnalysis:
         """The runs found but not fitted, each with why."""
         return [entry for entry in self.runs if entry.left_out is not None]
 
+    @property
+    def multiplicity(self) -> str:
+        """How many decisions chance alone would make among the verdicts, and which survive
+        Holm's correction (:func:`multiplicity_note`)."""
+        return multiplicity_note(self.verdicts)
+
 
 def analyse_curves(
     curves: Curves,
     final_fraction: float = 0.2,
     losses: Curves | None = None,
     runs: Sequence[RunEntry] = (),
+    *,
+    learning_rates: Curves | None = None,
+    other_measures: Mapping[str, Curves] | None = None,
+    quantity: str = "sharpness",
 ) -> StudyAnalysis:
     """Fits, simulator comparison and verdicts for one curve per size (``losses``: the probe
     loss curves of the same runs, for the flatter-is-better claim; ``runs``: every run found,
-    fitted or not, to be listed beside the results)."""
+    fitted or not, to be listed beside the results; ``learning_rates``: the runs' ``lr``, for
+    the edge of stability; ``other_measures``: the curves of other measures of the same runs by
+    name, for the same story across measures, where ``quantity`` names the one in ``curves``).
+    """
     sizes = sorted(curves)
     finals = {n: final_value(*curves[n], final_fraction) for n in sizes}
     phase_fits = {n: _three_phase_or_reason(*curves[n]) for n in sizes}
@@ -187,7 +231,13 @@ def analyse_curves(
         *_scaling_verdicts(scaling),
         _peak_verdict(comparisons),
         _loss_verdict(finals, losses, final_fraction),
+        _early_verdict(curves, final_fraction),
+        _stability_verdict(curves, learning_rates, final_fraction, quantity),
     ]
+    stories = {quantity: direction_answers(verdicts)}
+    for name, other in (other_measures or {}).items():
+        stories[name] = direction_answers(analyse_curves(other, final_fraction).verdicts)
+    verdicts.append(_measures_verdict(stories))
     return StudyAnalysis(
         curves,
         finals,
@@ -234,7 +284,7 @@ def _three_phases_verdict(phase_fits: Mapping[float, ThreePhaseFit | str], curve
     else:
         holds = False
     return Verdict(
-        "Three phases (rise, decay, plateau) in every run",
+        THREE_PHASES,
         holds,
         f"eq. (1) fits with S_p > S_f > 0, a rise and half the decay seen in {found} of "
         f"{len(phase_fits)} runs" + (f"; {failed} fits failed" if failed else ""),
@@ -242,10 +292,7 @@ def _three_phases_verdict(phase_fits: Mapping[float, ThreePhaseFit | str], curve
 
 
 def _scaling_verdicts(scaling: FitComparison | str) -> list[Verdict]:
-    falls, preferred = (
-        "Final sharpness falls with scale",
-        "Log-linear law preferred over the power law",
-    )
+    falls, preferred = FALLS, "Log-linear law preferred over the power law"
     if isinstance(scaling, str):
         return [Verdict(falls, None, scaling), Verdict(preferred, None, scaling)]
     fit = scaling.log_linear
@@ -257,6 +304,7 @@ def _scaling_verdicts(scaling: FitComparison | str) -> list[Verdict]:
         (fit.slope < 0) if decided else None,
         f"log-linear slope {fit.slope:.4g} per decade, "
         f"{fit.level:.0%} interval [{lo:.3g}, {hi:.3g}], R^2 {fit.r2:.3f}",
+        _slope_p_value(fit),
     )
     if scaling.best is None:
         return [slope, Verdict(preferred, None, f"AIC cannot rank the fits: {scaling.undecided}")]
@@ -271,8 +319,17 @@ def _scaling_verdicts(scaling: FitComparison | str) -> list[Verdict]:
     ]
 
 
+def _slope_p_value(fit: ScalingFit) -> float | None:
+    """Two-sided t-test of a zero slope, the test its interval inverts (None when the fit has
+    no finite standard error: an exact fit or an overflow)."""
+    if not fit.slope_se > 0:
+        return None
+    p_value = float(2 * stats.t.sf(abs(fit.slope) / fit.slope_se, fit.n - 2))
+    return p_value if math.isfinite(p_value) else None
+
+
 def _peak_verdict(comparisons: list[CurveComparison]) -> Verdict:
-    claim = "Larger models peak higher relative to their plateau"
+    claim = PEAK
     if len(comparisons) < MIN_SIZES_FOR_SCALING:
         return Verdict(claim, None, f"needs at least {MIN_SIZES_FOR_SCALING} sizes")
     n = [c.n_params for c in comparisons]
@@ -289,6 +346,7 @@ def _peak_verdict(comparisons: list[CurveComparison]) -> Verdict:
         f"Spearman rho {rho:.3f} ({'exact ' if exact else ''}p = {p_value:.3g}) of peak/final "
         f"against N; "
         f"peak/final from {min(ratios):.3g} to {max(ratios):.3g}",
+        p_value,
     )
 
 
@@ -322,4 +380,157 @@ def _loss_verdict(
         claim,
         (r.r > 0) if decided else None,
         f"Pearson r {r.r:.3f}, {r.level:.0%} interval [{r.ci[0]:.3f}, {r.ci[1]:.3f}]",
+        r.p_value,
     )
+
+
+def _early_verdict(curves: Curves, final_fraction: float) -> Verdict:
+    claim = (
+        f"The first {EARLY_FRACTION:.0%} of training predicts the final value better than "
+        "the last value seen"
+    )
+    try:
+        comparison = against_last_seen(curves, EARLY_FRACTION, final_fraction)
+        interval = sign_interval(comparison.improvement, 1 - SIGNIFICANCE)
+    except ValueError as error:  # fewer than 4 sizes measured by the cutoff; an overflow
+        return Verdict(claim, None, f"no early regression across sizes: {error}")
+    evidence = (
+        f"leave-one-size-out RMSE {_rms(comparison.regression_errors):.3g} of the regression "
+        f"on the early mean and log10 N, against {_rms(comparison.last_seen_errors):.3g} for "
+        f"the last value seen at t <= {EARLY_FRACTION:g} "
+        f"({_rms(comparison.early_mean_errors):.3g} for the early mean); "
+        f"smaller error in {interval.positive} of {interval.n} sizes, {_sign_text(interval)}"
+    )
+    if comparison.no_early_point:
+        evidence += "; not measured by then: " + ", ".join(
+            map(format_size, comparison.no_early_point)
+        )
+    holds = (interval.median > 0) if interval.excludes_zero else None
+    return Verdict(claim, holds, evidence, interval.p_value)
+
+
+def _rms(errors: np.ndarray) -> float:
+    return float(np.sqrt(np.mean(errors**2)))
+
+
+def _sign_text(interval: SignInterval) -> str:
+    lo, hi = interval.ci
+    if not math.isfinite(lo):
+        level = 1 - SIGNIFICANCE
+        return f"too few for a sign-test interval at {level:.0%} (needs {min_pairs(level)} sizes)"
+    return (
+        f"{interval.coverage:.1%} sign-test interval of the reduction [{lo:.3g}, {hi:.3g}] "
+        f"(p = {interval.p_value:.3g})"
+    )
+
+
+def _stability_verdict(
+    curves: Curves, learning_rates: Curves | None, final_fraction: float, quantity: str
+) -> Verdict:
+    low, high = EDGE_BAND
+    claim = f"Sharpness settles at the edge of stability: S lr / 2 within [{low:g}, {high:g}]"
+    if learning_rates is None:
+        return Verdict(claim, None, "needs the runs' learning rates (rows' `lr`)")
+    finals = {
+        n: _final_ratio(curves[n], learning_rates.get(n), final_fraction) for n in sorted(curves)
+    }
+    answers = [at_edge(f.ci) if isinstance(f, RobustFinal) else None for f in finals.values()]
+    if any(answer is False for answer in answers):
+        holds = False
+    else:
+        holds = True if all(answers) else None
+    described = [f"{format_size(n)} {_ratio_text(final)}" for n, final in finals.items()]
+    return Verdict(
+        claim,
+        holds,
+        f"S = {quantity}; over the last {final_fraction:.0%} of each run, the trimmed mean "
+        f"[{1 - SIGNIFICANCE:.0%} interval] of S lr / 2: " + ", ".join(described),
+    )
+
+
+def _final_ratio(
+    curve: tuple[np.ndarray, np.ndarray],
+    lr: tuple[np.ndarray, np.ndarray] | None,
+    final_fraction: float,
+) -> RobustFinal | str:
+    """The run's final stability ratio, or why it has none."""
+    if lr is None:
+        return "no lr logged"
+    try:
+        return final_stability(*curve, *lr, final_fraction)
+    except ValueError:  # no point with both a sharpness and a positive learning rate
+        return "no positive lr beside S"
+
+
+def _ratio_text(final: RobustFinal | str) -> str:
+    if isinstance(final, str):
+        return f"({final})"
+    lo, hi = final.ci
+    interval = f" [{lo:.3g}, {hi:.3g}]" if math.isfinite(lo) else " (too few points)"
+    return f"{final.trimmed_mean:.3g}{interval}"
+
+
+def direction_answers(verdicts: Sequence[Verdict]) -> dict[str, bool | None]:
+    """The answers to the claims about a direction, by claim."""
+    return {v.claim: v.holds for v in verdicts if v.claim in DIRECTION_CLAIMS}
+
+
+def _measures_verdict(stories: Mapping[str, Mapping[str, bool | None]]) -> Verdict:
+    claim = "The same story across measures: " + ", ".join(DIRECTION_CLAIMS.values()) + " agree"
+    told = "; ".join(
+        f"{measure}: "
+        + ", ".join(f"{DIRECTION_CLAIMS[c]} {ANSWERS[holds]}" for c, holds in answers.items())
+        for measure, answers in stories.items()
+    )
+    if len(stories) < 2:
+        return Verdict(claim, None, f"needs a second measure of the same runs; {told}")
+    decided = {
+        c: {answers[c] for answers in stories.values() if answers[c] is not None}
+        for c in DIRECTION_CLAIMS
+    }
+    split = [DIRECTION_CLAIMS[c] for c, said in decided.items() if len(said) > 1]
+    if split:
+        return Verdict(claim, False, f"measures disagree on {', '.join(split)}; {told}")
+    twice = [
+        DIRECTION_CLAIMS[c]
+        for c in DIRECTION_CLAIMS
+        if sum(answers[c] is not None for answers in stories.values()) >= 2
+    ]
+    if not twice:
+        return Verdict(claim, None, f"no claim decided by two measures; {told}")
+    return Verdict(claim, True, f"agree on {', '.join(twice)}; {told}")
+
+
+def multiplicity_note(verdicts: Sequence[Verdict], level: float = SIGNIFICANCE) -> str:
+    """How many of the verdicts are decided, how many false decisions chance alone would make
+    among as many tests at ``level``, and which decisions with a p-value survive Holm's
+    correction at family-wise ``level`` (:func:`~sharpmeter.analysis.inference.holm`).
+
+    >>> tests = [("A", True, 0.001), ("B", False, 0.03), ("C", None, 0.2)]
+    >>> note = multiplicity_note([Verdict(claim, holds, "", p) for claim, holds, p in tests])
+    >>> note[: note.index(";")]
+    '2 of 3 verdicts decided on one study'
+    >>> note[note.index("Holm") :]
+    "Holm's correction over the 3 verdicts with a p-value keeps A (p = 0.001); not B (p = 0.03)."
+    """
+    decided = sum(v.holds is not None for v in verdicts)
+    note = (
+        f"{decided} of {len(verdicts)} verdicts decided on one study; with {len(verdicts)} "
+        f"tests at level {level:g}, about {level * len(verdicts):.2g} false decisions are "
+        "expected by chance alone."
+    )
+    tested = [v for v in verdicts if v.p_value is not None]
+    kept = holm([v.p_value for v in tested], level)
+    decisions = [(v, k) for v, k in zip(tested, kept, strict=True) if v.holds is not None]
+    if not decisions:
+        return note
+    survivors = [_with_p(v) for v, k in decisions if k]
+    fallen = [_with_p(v) for v, k in decisions if not k]
+    return (
+        f"{note} Holm's correction over the {len(tested)} verdicts with a p-value keeps "
+        f"{'; '.join(survivors) or 'none'}" + (f"; not {'; '.join(fallen)}." if fallen else ".")
+    )
+
+
+def _with_p(verdict: Verdict) -> str:
+    return f"{verdict.claim} (p = {verdict.p_value:.2g})"

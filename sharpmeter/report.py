@@ -30,14 +30,23 @@ from pathlib import Path
 import numpy as np
 
 from sharpmeter.analysis import RobustFinal, final_stderr, robust_final
+from sharpmeter.analysis.curves import Curves
 from sharpmeter.analysis.phases import PARAMETERS
 from sharpmeter.analysis.plotting import plot_scaling_fit
-from sharpmeter.analysis.runs import Run, RunEntry, load_runs, select_runs
+from sharpmeter.analysis.runs import Run, RunEntry, RunSelection, load_runs, select_runs
 from sharpmeter.compare import StudyAnalysis, analyse_curves, has_three_phases
 from sharpmeter.records import Record
 from sharpmeter.sizes import format_size
 
 RUN_FILE = "sharpness.jsonl"
+# The value columns of sharpmeter.meter's measures (named here: importing the meter needs torch).
+MEASURE_COLUMNS = (
+    "critical_sharpness",
+    "directional_sharpness",
+    "hessian_trace",
+    "lambda_max",
+    "preconditioned_lambda_max",
+)
 _WANDB_URL = re.compile(r"https://wandb\.ai/\S+/runs/\w+")
 
 
@@ -98,16 +107,30 @@ def load_analysis(
     ``quantity`` over them (its ``runs`` list every run found, fitted or not, and why).
 
     Runs that stopped before their planned ``max_steps`` are left out of the fits unless
-    ``include_unfinished``.
+    ``include_unfinished``. The probe loss, the learning rate and the other measures of
+    :data:`MEASURE_COLUMNS` go into the verdicts when the fitted runs log them.
     """
     files = find_runs(paths)
     selection = select_runs(load_runs(f.jsonl for f in files), quantity, include_unfinished)
-    try:
-        losses = selection.curves("loss")
-    except ValueError:  # runs logged without the probe loss
-        losses = None
-    analysis = analyse_curves(selection.curves(quantity), final_fraction, losses, selection.entries)
+    others = {name: _logged_curves(selection, name) for name in MEASURE_COLUMNS if name != quantity}
+    analysis = analyse_curves(
+        selection.curves(quantity),
+        final_fraction,
+        _logged_curves(selection, "loss"),
+        selection.entries,
+        learning_rates=_logged_curves(selection, "lr"),
+        other_measures={name: curves for name, curves in others.items() if curves is not None},
+        quantity=quantity,
+    )
     return files, selection.rows(), analysis
+
+
+def _logged_curves(selection: RunSelection, quantity: str) -> Curves | None:
+    """The fitted runs' curves of ``quantity``, None when none of them logs a finite value."""
+    try:
+        return selection.curves(quantity)
+    except ValueError:
+        return None
 
 
 @dataclass(frozen=True)
@@ -211,6 +234,7 @@ def compare_blocks(analysis: StudyAnalysis) -> list[Block]:
     return [
         "## Verdicts on the paper's claims",
         [verdict.line() for verdict in analysis.verdicts],
+        analysis.multiplicity,
         *_fitted_runs_note(analysis),
         "## Measured against the simulator (common training-fraction axis)",
         _comparison_table(analysis),

@@ -38,7 +38,8 @@ def simulated_study(seed: int = 42):
 def test_the_paper_s_own_curves_confirm_its_claims():
     curves, losses = simulated_study()
     analysis = analyse_curves(curves, final_fraction=0.1, losses=losses)
-    assert [v.holds for v in analysis.verdicts] == [True, True, True, True, True], [
+    # without learning rates or a second measure the last two stay undecided (test_claims.py)
+    assert [v.holds for v in analysis.verdicts] == [True] * 6 + [None, None], [
         v.line() for v in analysis.verdicts
     ]
     # Table 1's log-linear fit, from the same kind of curves
@@ -65,7 +66,7 @@ def test_two_sizes_leave_scaling_claims_undecided():
     two = dict(list(curves.items())[:2])
     analysis = analyse_curves(two)
     assert analysis.scaling is None
-    assert [v.holds for v in analysis.verdicts[1:]] == [None, None, None, None]
+    assert [v.holds for v in analysis.verdicts[1:]] == [None] * 7
     assert "undecided" in analysis.verdicts[1].line()
 
 

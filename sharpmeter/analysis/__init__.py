@@ -2,13 +2,16 @@
 
 * ``scaling``: log-linear and power-law fits, AIC/BIC comparison, intervals, extrapolation;
 * ``phases``: the paper's three-phase model (eq. (1)), its fit and a model-free segmentation;
-* ``prediction``: final sharpness from the early mean and the scale;
+* ``prediction``: final sharpness from the early mean and the scale, and against the last value
+  seen by the early cutoff;
 * ``correlation``: Pearson / Spearman with intervals, across scales and within runs;
 * ``pacbayes``: the paper's bound ``sqrt((S ln N + ln(m/delta)) / m)``;
 * ``curves``: logged rows -> per-run curves; head and tail means (over checkpoints) and the
   final value (over the last share of training time);
 * ``robust``: a final value one spike cannot move (median, trimmed mean) with a moving-block
   bootstrap interval that widens for correlated measurements;
+* ``stability``: the edge of stability, sharpness against ``2 / lr``;
+* ``inference``: a sign-test interval for few paired differences, Holm's correction;
 * ``runs``: record files -> every run in them, each step once (the last write kept), on its
   planned training axis, and which runs a fit uses (with why the others are left out).
 
@@ -31,6 +34,7 @@ from sharpmeter.analysis.curves import (
     head_mean,
     tail_mean,
 )
+from sharpmeter.analysis.inference import SignInterval, holm, sign_interval
 from sharpmeter.analysis.pacbayes import (
     PacBayesTerms,
     bound_accuracy_correlation,
@@ -46,7 +50,13 @@ from sharpmeter.analysis.phases import (
     phase_means,
     three_phase_curve,
 )
-from sharpmeter.analysis.prediction import EarlyPrediction, early_prediction, regress_final
+from sharpmeter.analysis.prediction import (
+    EarlyComparison,
+    EarlyPrediction,
+    against_last_seen,
+    early_prediction,
+    regress_final,
+)
 from sharpmeter.analysis.robust import RobustFinal, robust_final
 from sharpmeter.analysis.runs import Run, RunEntry, RunSelection, load_runs, select_runs
 from sharpmeter.analysis.scaling import (
@@ -63,10 +73,13 @@ from sharpmeter.analysis.scaling import (
     fit_power_law,
     information_criteria,
 )
+from sharpmeter.analysis.stability import EDGE_BAND, at_edge, final_stability, stability_ratio
 
 __all__ = [
+    "EDGE_BAND",
     "BootstrapIntervals",
     "Correlation",
+    "EarlyComparison",
     "EarlyPrediction",
     "Extrapolation",
     "FitComparison",
@@ -79,7 +92,10 @@ __all__ = [
     "RunEntry",
     "RunSelection",
     "ScalingFit",
+    "SignInterval",
     "ThreePhaseFit",
+    "against_last_seen",
+    "at_edge",
     "bootstrap_fit",
     "bound_accuracy_correlation",
     "compare_fits",
@@ -88,12 +104,14 @@ __all__ = [
     "early_prediction",
     "effective_sample_size",
     "extrapolation_error",
+    "final_stability",
     "final_stderr",
     "final_value",
     "fit_log_linear",
     "fit_power_law",
     "fit_three_phase",
     "head_mean",
+    "holm",
     "information_criteria",
     "load_runs",
     "pac_bayes_bound",
@@ -104,7 +122,9 @@ __all__ = [
     "regress_final",
     "robust_final",
     "select_runs",
+    "sign_interval",
     "spearman",
+    "stability_ratio",
     "tail_mean",
     "three_phase_curve",
     "within_run_correlations",

@@ -7,18 +7,23 @@ Across runs i (one per model size N_i), regress the final value on the early mea
 with ``E_i`` the mean of the first ``early_fraction`` of run i's checkpoints and ``F_i`` the mean
 of its last ``final_fraction``. Reported: the in-sample R^2 and the leave-one-out (LOO) errors,
 each run predicted by the regression fitted on the others -- the honest measure with few runs.
+
+:func:`against_last_seen` sets the regression against the naive forecast, "the final value is
+the last value seen by the early cutoff", on curves over the fraction of training ``t``: the
+early mean over ``t <= early_fraction``, the final value over the last ``final_fraction`` of
+training time (:func:`~sharpmeter.analysis.curves.final_value`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 from numpy.typing import ArrayLike
 
 from sharpmeter.analysis._checks import as_finite_1d, check_fraction, paired
-from sharpmeter.analysis.curves import head_mean, tail_mean
+from sharpmeter.analysis.curves import final_value, head_mean, tail_mean
 
 _NUM_COEFFICIENTS = 3
 
@@ -116,6 +121,68 @@ def early_prediction(
     early = [head_mean(c, early_fraction) for c in curves]
     final = [tail_mean(c, final_fraction) for c in curves]
     return regress_final(n_arr, early, final)
+
+
+@dataclass(frozen=True)
+class EarlyComparison:
+    """Per run, smallest first: the regression's leave-one-out error and the error of the last
+    value seen by ``early_fraction`` of training, each against the run's final value.
+    ``improvement`` is the second minus the first: positive where the regression does better.
+    Runs with no measurement by the cutoff cannot be forecast and are in ``no_early_point``."""
+
+    early_fraction: float
+    regression: EarlyPrediction
+    last_seen: np.ndarray = field(repr=False)
+    no_early_point: tuple[float, ...] = ()
+
+    @property
+    def regression_errors(self) -> np.ndarray:
+        return np.abs(self.regression.loo_predictions - self.regression.finals)
+
+    @property
+    def last_seen_errors(self) -> np.ndarray:
+        return np.abs(self.last_seen - self.regression.finals)
+
+    @property
+    def early_mean_errors(self) -> np.ndarray:
+        """The other naive forecast, "the final value is the early mean" (the regression with
+        ``b0 = b2 = 0, b1 = 1``)."""
+        return np.abs(self.regression.early_means - self.regression.finals)
+
+    @property
+    def improvement(self) -> np.ndarray:
+        return self.last_seen_errors - self.regression_errors
+
+
+def against_last_seen(
+    curves: Mapping[float, tuple[np.ndarray, np.ndarray]],
+    early_fraction: float = 0.1,
+    final_fraction: float = 0.2,
+) -> EarlyComparison:
+    """The regression on the early mean and the scale against the last value seen by the
+    cutoff, for ``{n_params: (t, values)}`` with ``t`` sorted (needs 4+ runs measured by then).
+
+    >>> t = np.linspace(0, 1, 21)
+    >>> curves = {n: (t, np.where(t <= 0.1, 2 + 0.5 * k, 1 + 0.2 * k)) for k, n in
+    ...           enumerate([1e7, 1e8, 1e9, 1e10, 1e11])}
+    >>> comparison = against_last_seen(curves)
+    >>> bool(comparison.regression_errors.max() < 1e-9), comparison.last_seen_errors.round(6)
+    (True, array([1. , 1.3, 1.6, 1.9, 2.2]))
+    """
+    check_fraction("early_fraction", early_fraction)
+    early = {n: s[t <= early_fraction] for n, (t, s) in sorted(curves.items())}
+    seen = [n for n, values in early.items() if values.size]
+    regression = regress_final(
+        seen,
+        [early[n].mean() for n in seen],
+        [final_value(*curves[n], final_fraction) for n in seen],
+    )
+    return EarlyComparison(
+        early_fraction=early_fraction,
+        regression=regression,
+        last_seen=np.array([early[n][-1] for n in seen]),
+        no_early_point=tuple(n for n, values in early.items() if not values.size),
+    )
 
 
 def _design(early_means: np.ndarray, n_params: np.ndarray) -> np.ndarray:
