@@ -15,6 +15,7 @@ Example:
 from __future__ import annotations
 
 import csv
+import io
 import json
 import warnings
 from collections.abc import Iterable, Mapping
@@ -64,18 +65,17 @@ def read_numbered_records(path: str | Path) -> list[tuple[int, Record]]:
     """The rows of a ``.jsonl`` or ``.csv`` file, each with its 1-based line number in the file
     (for CSV, the line a row ends on), so that every later complaint can point at the line.
 
-    A JSONL line that is not a JSON object raises ``ValueError`` naming ``file:line``, except a
-    torn last line (no newline and not valid JSON): what a crash or a full disk leaves in the
-    middle of an append. That one is dropped with a :class:`RecordWarning` naming it.
+    A JSONL line that is not a JSON object, or a CSV row with more or fewer cells than its
+    header, raises ``ValueError`` naming ``file:line``, except a torn last line: what a crash or
+    a full disk leaves in the middle of an append. A JSONL line is torn when it has no newline
+    and is not valid JSON; a CSV row when the file does not end with a newline (every row this
+    module writes ends with one, and a cut number such as ``4.`` would still parse). A torn line
+    is dropped with a :class:`RecordWarning` naming it.
     """
     path = Path(path)
     suffix = _suffix(path)
     if suffix == ".csv":
-        with path.open(newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f)
-            return [
-                (reader.line_num, {k: _parse_cell(v) for k, v in row.items()}) for row in reader
-            ]
+        return _numbered_csv_rows(path)
     rows = []
     with path.open("rb") as f:
         for number, line in enumerate(f, start=1):
@@ -88,17 +88,49 @@ def read_numbered_records(path: str | Path) -> list[tuple[int, Record]]:
                     raise ValueError(
                         f"{path}:{number}: not a JSON line ({_reason(error)})"
                     ) from None
-                warnings.warn(
-                    f"{path}:{number}: dropped a torn last line (no newline, not valid JSON: "
-                    "a write cut short)",
-                    RecordWarning,
-                    stacklevel=2,
-                )
+                _warn_torn(path, number, "no newline, not valid JSON")
                 break
             if not isinstance(row, dict):
                 raise ValueError(f"{path}:{number}: expected a JSON object per line")
             rows.append((number, row))
     return rows
+
+
+def _numbered_csv_rows(path: Path) -> list[tuple[int, Record]]:
+    with path.open(newline="", encoding="utf-8") as f:
+        text = f.read()
+    reader = csv.reader(io.StringIO(text))
+    header = next(reader, None)
+    if header is None:
+        return []
+    rows = []
+    for cells in reader:
+        if not cells:  # a blank line
+            continue
+        if reader.line_num == _last_line(text) and not text.endswith(("\n", "\r")):
+            _warn_torn(path, reader.line_num, "no newline at the end of the file")
+            break
+        if len(cells) != len(header):
+            raise ValueError(
+                f"{path}:{reader.line_num}: {len(cells)} cells, the header has {len(header)}"
+            )
+        rows.append(
+            (reader.line_num, {k: _parse_cell(v) for k, v in zip(header, cells, strict=True)})
+        )
+    return rows
+
+
+def _last_line(text: str) -> int:
+    """The number of the last line of ``text`` (as ``csv.reader.line_num`` counts)."""
+    return text.count("\n") + (not text.endswith("\n"))
+
+
+def _warn_torn(path: Path, line: int, why: str) -> None:
+    warnings.warn(
+        f"{path}:{line}: dropped a torn last line ({why}: a write cut short)",
+        RecordWarning,
+        stacklevel=3,
+    )
 
 
 def _reason(error: ValueError) -> str:

@@ -1,0 +1,51 @@
+"""Record files read back as written; a bad row names its file and line, a torn last row (a
+write cut short) is dropped with a warning."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from sharpmeter.records import RecordWarning, read_numbered_records, read_records, write_records
+
+ROWS = [
+    {"n_params": 10, "step": 1, "value": 1.5, "status": "ok", "converged": True},
+    {"n_params": 10, "step": 2, "value": math.nan, "status": None, "converged": False},
+]
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".csv"])
+def test_rows_round_trip_with_their_line_numbers(tmp_path, suffix):
+    path = tmp_path / f"rows{suffix}"
+    write_records(path, ROWS)
+    numbered = read_numbered_records(path)
+    assert [line for line, _ in numbered] == ([1, 2] if suffix == ".jsonl" else [2, 3])
+    first, second = (row for _, row in numbered)
+    assert first == ROWS[0] and second["step"] == 2 and math.isnan(second["value"])
+
+
+def test_a_csv_row_with_extra_or_missing_cells_names_its_line(tmp_path):
+    path = tmp_path / "bad.csv"
+    path.write_text("n_params,step,value\n10,1,1.0\n10,2,2.0,surplus\n10,3,3.0\n")
+    with pytest.raises(ValueError, match=r"bad\.csv:3: 4 cells, the header has 3"):
+        read_records(path)
+    path.write_text("n_params,step,value\n10,1\n10,2,2.0\n")
+    with pytest.raises(ValueError, match=r"bad\.csv:2: 2 cells, the header has 3"):
+        read_records(path)
+
+
+def test_a_torn_last_csv_row_is_dropped_with_a_warning(tmp_path):
+    path = tmp_path / "torn.csv"
+    write_records(path, ROWS[:1] * 2)
+    path.write_bytes(path.read_bytes() + b"10,3,4.")  # a third row cut mid-number
+    with pytest.warns(RecordWarning, match=r"torn\.csv:4: dropped a torn last line"):
+        rows = read_records(path)
+    assert [row["step"] for row in rows] == [1, 1]
+
+
+def test_a_csv_ending_without_newline_after_a_whole_row_drops_only_that_row(tmp_path):
+    path = tmp_path / "cut.csv"
+    path.write_text("step,value\n1,1.0\n2,2.0")
+    with pytest.warns(RecordWarning, match=r"cut\.csv:3"):
+        assert read_records(path) == [{"step": 1, "value": 1.0}]
