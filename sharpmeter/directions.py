@@ -258,12 +258,20 @@ def adam_preconditioner(
 
 
 def check_adam_type(optimizer: Any) -> None:
-    """Raise ``ValueError`` unless ``optimizer`` is (or wraps) ``torch.optim.Adam``/``AdamW``."""
+    """Raise ``ValueError`` unless ``optimizer`` is (or wraps) ``torch.optim.Adam``/``AdamW``
+    itself: a subclass may step with another rule (its update is then followed by a shadow
+    step), and :math:`P` read from Adam's formula would belong to no update it takes."""
     inner = unwrap_optimizer(optimizer)
-    if not isinstance(inner, ADAM_TYPES):
+    if type(inner) not in ADAM_TYPES:
+        kind = (
+            "a subclass of Adam, which may step differently"
+            if isinstance(inner, ADAM_TYPES)
+            else "not Adam"
+        )
         raise ValueError(
-            f"the preconditioned measure needs an Adam-type optimizer (torch.optim.Adam or "
-            f"AdamW), got {type(inner).__name__}: drop 'preconditioned' from measures"
+            f"the preconditioned measure needs an Adam-type optimizer, torch.optim.Adam or AdamW "
+            f"itself, got "
+            f"{type(inner).__name__} ({kind}): drop 'preconditioned' from measures"
         )
 
 

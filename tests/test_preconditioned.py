@@ -79,6 +79,12 @@ def test_bad_preconditioners(gpt2_reference):
     try:
         with pytest.raises(ValueError, match="Adam-type"):
             sm.adam_preconditioner(torch.optim.SGD(model.parameters(), lr=0.1))
+
+        class ScaledAdamW(torch.optim.AdamW):  # steps by another rule than AdamW's
+            pass
+
+        with pytest.raises(ValueError, match="a subclass of Adam, which may step differently"):
+            sm.adam_preconditioner(ScaledAdamW(model.parameters()))
         with pytest.raises(ValueError, match="none of params"):
             sm.adam_preconditioner(
                 torch.optim.Adam(model.parameters()), [torch.nn.Parameter(torch.ones(1))]
