@@ -6,7 +6,7 @@ Example::
 
     op = sm.HessianOperator(model, None, batch)        # Hessian of the probe loss
     top = sm.lanczos(op, k=1)                          # .value .residual .num_matvecs
-    tr = sm.hutchinson(op, num_probes=32)              # .value .stderr
+    tr = sm.hutchinson(op, num_matvecs=32)             # .value .stderr
 """
 
 from sharpmeter.directions import adam_preconditioner, learning_rate, update_direction
@@ -23,12 +23,14 @@ from sharpmeter.estimators import (
     lanczos,
     power_iteration,
 )
-from sharpmeter.meter import MEASURES, SharpnessMeter
+from sharpmeter.measures import MEASURES
+from sharpmeter.meter import SharpnessMeter
 from sharpmeter.operators import (
     HessianOperator,
     NonFiniteLossError,
     PreconditionedOperator,
 )
+from sharpmeter.options import MeterOptions
 from sharpmeter.probe import attention_guard, measurement
 from sharpmeter.schedule import Schedule
 
@@ -52,6 +54,7 @@ __all__ = [
     "lanczos",
     "learning_rate",
     "MEASURES",
+    "MeterOptions",
     "Schedule",
     "SharpnessMeter",
     "update_direction",

@@ -28,7 +28,8 @@ import dataclasses
 import json
 import math
 import os
-from collections.abc import Sequence
+import typing
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,8 +40,12 @@ from transformers import HfArgumentParser, TrainingArguments
 from sharpmeter.data import TOKENIZERS, check_block_size, check_corpus, checked_vocab_size
 from sharpmeter.distributed import NO_FSDP_HVP
 from sharpmeter.gpt import check_positions, check_size, probe_memory_bytes
-from sharpmeter.meter import HVP_MEASURES, MEASURES
+from sharpmeter.measures import HVP_MEASURES, MEASURES
+from sharpmeter.options import MeterOptions
 from sharpmeter.schedule import Schedule
+
+# The meter's defaults: a config that wants others says so in its YAML file.
+DEFAULTS = MeterOptions()
 
 
 @dataclass
@@ -83,29 +88,40 @@ class DataArguments:
 
 @dataclass
 class SharpnessArguments:
-    """What the :class:`~sharpmeter.integrations.hf.SharpnessCallback` measures, and when."""
+    """What the :class:`~sharpmeter.integrations.hf.SharpnessCallback` measures, and when: the
+    :class:`~sharpmeter.options.MeterOptions` a config sets, with the meter's defaults."""
 
     measures: list[str] = field(
-        default_factory=lambda: ["critical"], metadata={"help": f"any of {MEASURES}"}
+        default_factory=lambda: list(DEFAULTS.measures), metadata={"help": f"any of {MEASURES}"}
     )
-    every: int = field(default=10, metadata={"help": "measure every n steps"})
-    per_decade: int | None = field(default=None, metadata={"help": "log-spaced steps instead"})
+    every: int = field(default=DEFAULTS.schedule.every, metadata={"help": "measure every n steps"})
+    per_decade: int | None = field(
+        default=DEFAULTS.schedule.per_decade, metadata={"help": "log-spaced steps instead"}
+    )
     max_fraction: float | None = field(
-        default=None, metadata={"help": "most wall time measuring may take (None: no budget)"}
+        default=DEFAULTS.schedule.max_fraction,
+        metadata={"help": "most share of wall time measuring may take (YAML null: no budget)"},
     )
-    probe_size: int = field(default=16, metadata={"help": "examples in the probe batch"})
-    probe_seed: int = field(default=0, metadata={"help": "seed that draws the probe batch"})
+    probe_size: int = field(
+        default=DEFAULTS.probe_size, metadata={"help": "examples in the probe batch"}
+    )
+    probe_seed: int = field(
+        default=DEFAULTS.probe_seed, metadata={"help": "seed that draws the probe batch"}
+    )
 
     def __post_init__(self) -> None:
-        unknown = [m for m in self.measures if m not in MEASURES]
-        if unknown or not self.measures:
-            raise ValueError(f"measures must be a non-empty subset of {MEASURES}, got {unknown}")
-        self.schedule()  # its own checks
-        if self.probe_size <= 0:
-            raise ValueError(f"probe_size must be positive, got {self.probe_size}")
+        self.meter_options()  # every check of the options, the schedule's included
 
     def schedule(self) -> Schedule:
         return Schedule(self.every, self.per_decade, self.max_fraction)
+
+    def meter_options(self) -> MeterOptions:
+        return MeterOptions(
+            measures=tuple(self.measures),
+            schedule=self.schedule(),
+            probe_size=self.probe_size,
+            probe_seed=self.probe_seed,
+        )
 
 
 @dataclass
@@ -143,26 +159,51 @@ def parse_config(
 
     The YAML values become command-line arguments placed before the user's, so a later
     ``--name`` wins, and every value goes through the same parsing and checks. Each key in
-    ``required`` must be given, in the file or on the command line."""
+    ``required`` must be given, in the file or on the command line. A YAML ``null`` sets a
+    field of ours that takes None (``max_fraction: null``: no time budget), unless the command
+    line gives it a value."""
     argv = list(argv)
     config_args: list[str] = []
+    nulls: set[str] = set()
     source = "the command line"
     parser = HfArgumentParser(dataclass_types)
     if argv and argv[0].endswith((".yaml", ".yml")):
         source = argv[0]
-        config_args = yaml_as_arguments(Path(argv.pop(0)), dataclass_types, parser)
-    flags = [arg for arg in config_args + argv if arg.startswith("--")]
-    given = {flag[2:].split("=")[0].replace("-", "_") for flag in flags}  # --max-steps too
-    missing = [key for key in required if key not in given]
+        config_args, nulls = yaml_as_arguments(Path(argv.pop(0)), dataclass_types, parser)
+    missing = [key for key in required if key not in _flag_names(config_args + argv)]
     if missing:
         raise ValueError(f"missing config key(s) {missing} in {source} (or give --{missing[0]})")
     # A ValueError from a dataclass check is re-raised as is: it names the bad value.
     parsed = parser.parse_args_into_dataclasses(args=config_args + argv, look_for_args_file=False)
+    parsed = tuple(_set_none(arguments, nulls - _flag_names(argv)) for arguments in parsed)
     _check_fsdp_measures(parsed)
     _check_preconditioned_optimizer(parsed)
     _check_training(parsed)
     _check_probe_memory(parsed)
     return parsed
+
+
+def _flag_names(args: Iterable[str]) -> set[str]:
+    """The field names that ``--name value`` arguments give (``--max-steps`` too)."""
+    return {arg[2:].split("=")[0].replace("-", "_") for arg in args if arg.startswith("--")}
+
+
+def _set_none(arguments: Any, names: set[str]) -> Any:
+    """``arguments`` with the fields among ``names`` set to None, checked again."""
+    own = {f.name for f in dataclasses.fields(arguments)} & names
+    return dataclasses.replace(arguments, **dict.fromkeys(own)) if own else arguments
+
+
+def _nullable_fields(dataclass_types: Iterable[type]) -> set[str]:
+    """The fields of our own argument dataclasses that take None. transformers' are left out:
+    setting one afterwards would run the setup of ``TrainingArguments`` a second time."""
+    return {
+        name
+        for kind in dataclass_types
+        if not issubclass(kind, TrainingArguments)
+        for name, hint in typing.get_type_hints(kind).items()
+        if type(None) in typing.get_args(hint)
+    }
 
 
 def _find(parsed: Sequence[Any], kind: type) -> Any:
@@ -309,12 +350,15 @@ def _gib(size: int) -> str:
 
 def yaml_as_arguments(
     path: Path, dataclass_types: tuple[type, ...], parser: HfArgumentParser
-) -> list[str]:
-    """The ``key: value`` pairs of a flat YAML file as ``--key value`` arguments.
+) -> tuple[list[str], set[str]]:
+    """The ``key: value`` pairs of a flat YAML file as ``--key value`` arguments, and the keys
+    that are ``null`` where the default is not None.
 
     Scalars keep the text written in the file (YAML 1.1 would turn ``save_strategy: no`` into
-    False); a mapping becomes JSON, which transformers reads for its dict options; ``null``
-    is only accepted where the default is None (elsewhere it would silently mean the default).
+    False); a mapping becomes JSON, which transformers reads for its dict options. ``null`` is
+    accepted where the default is None, and for a field of ours that takes None (the command
+    line has no way to say None, so the caller sets those); elsewhere it is refused, since
+    it would silently mean the default.
     """
     import yaml
 
@@ -335,11 +379,16 @@ def yaml_as_arguments(
     # Fields typed as a plain list take several values; a union such as report_to's
     # (str | list[str]) takes one on transformers' command line, so it does here too.
     multi_valued = {action.dest for action in parser._actions if action.nargs in ("+", "*")}
+    nullable = _nullable_fields(dataclass_types)
     arguments: list[str] = []
+    nulls: set[str] = set()
     for key, value in values.items():
         if value is None:
-            if defaults[key] is not None:
+            if defaults[key] is None:
+                continue
+            if key not in nullable:
                 raise ValueError(f"{path}: {key} cannot be null (its default is {defaults[key]!r})")
+            nulls.add(key)
             continue
         if isinstance(value, dict):
             items = [json.dumps(value)]
@@ -350,7 +399,7 @@ def yaml_as_arguments(
         else:
             items = [written[key]]
         arguments += [f"--{key}", *items]
-    return arguments
+    return arguments, nulls
 
 
 def _yaml_error_message(path: Path, error: Exception) -> str:

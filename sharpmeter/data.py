@@ -24,14 +24,14 @@ import itertools
 import os
 import re
 import sqlite3
-import uuid
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+
+from sharpmeter.files import atomic_write
 
 if TYPE_CHECKING:
     import tokenizers
@@ -245,13 +245,13 @@ def encode_corpus(
         bpe = _import_tokenizers().Tokenizer.from_file(str(tokenizer_path))
     else:
         bpe = train_bpe(text, vocab_size)
-        _write_atomic(tokenizer_path, lambda handle: handle.write(bpe.to_str().encode("utf-8")))
+        atomic_write(tokenizer_path, lambda handle: handle.write(bpe.to_str().encode("utf-8")))
     if ids_path.is_file():
         ids = torch.from_numpy(np.load(ids_path)).long()
     else:
         ids = _encode_bpe(bpe, text)
         # int32 halves the file; every vocabulary here is far below 2**31
-        _write_atomic(ids_path, lambda handle: np.save(handle, ids.numpy().astype(np.int32)))
+        atomic_write(ids_path, lambda handle: np.save(handle, ids.numpy().astype(np.int32)))
     return EncodedCorpus(ids, bpe.get_vocab_size(), tokenizer_path)
 
 
@@ -349,21 +349,6 @@ def _cache_key(text: str, vocab_size: int) -> str:
     """The cache folder name of a BPE: its spec in words, then the sha256 of the text."""
     digest = hashlib.sha256(text.encode("utf-8")).hexdigest()
     return f"bpe-v{_CACHE_FORMAT}-{vocab_size}-{digest}"
-
-
-def _write_atomic(path: Path, write: Callable[[IO[bytes]], object]) -> None:
-    """Write ``path`` through a temporary file and a rename: DDP ranks may build the same
-    cache at once, and none of them may read a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        # open(..., "x") rather than tempfile.mkstemp: the file gets the umask's mode, not 0600
-        with open(temporary, "xb") as handle:
-            write(handle)
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
 
 
 class TokenBlocks(torch.utils.data.Dataset):

@@ -70,7 +70,7 @@ class HessianOperator:
         params: the parameters to differentiate (default: all with ``requires_grad``).
         mode: ``"double_backward"`` (default), ``"fwd"`` or ``"fd"``.
         weights: per-batch weights of a multi-batch probe (default: loss-token counts).
-        dropout_seed: RNG seed of every forward, so that a model in train mode sees the same
+        seed: RNG seed of every forward, so that a model in train mode sees the same
             dropout masks in each product; ``None`` leaves the global RNG alone.
         reuse_graph: keep the gradient's graph for all products (``double_backward`` only).
         fd_eps: relative step of ``mode="fd"`` (default: cube root of the dtype's epsilon).
@@ -100,7 +100,7 @@ class HessianOperator:
         params: Iterable[nn.Parameter] | None = None,
         mode: str = "double_backward",
         weights: Sequence[float] | None = None,
-        dropout_seed: int | None = 0,
+        seed: int | None = 0,
         reuse_graph: bool = True,
         fd_eps: float | None = None,
         distributed: bool | None = None,
@@ -115,7 +115,7 @@ class HessianOperator:
         if is_sharded(self.params):
             raise ValueError(f"the parameters are sharded by FSDP: {NO_FSDP_HVP}")
         self.probe = ProbeLoss(
-            model, loss_fn, batch, weights=weights, seed=dropout_seed, distributed=distributed
+            model, loss_fn, batch, weights=weights, seed=seed, distributed=distributed
         )
         self.dim = num_elements(self.params)
         self.shape = (self.dim, self.dim)

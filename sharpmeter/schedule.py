@@ -16,6 +16,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from sharpmeter.checks import check_positive_int, is_finite_number
+
 
 @dataclass(frozen=True)
 class Schedule:
@@ -33,13 +35,11 @@ class Schedule:
     max_fraction: float | None = None
 
     def __post_init__(self) -> None:
-        if not isinstance(self.every, int) or self.every <= 0:
-            raise ValueError(f"every must be a positive integer, got {self.every!r}")
-        if self.per_decade is not None and (
-            not isinstance(self.per_decade, int) or self.per_decade <= 0
-        ):
-            raise ValueError(f"per_decade must be a positive integer, got {self.per_decade!r}")
-        if self.max_fraction is not None and not 0 < self.max_fraction <= 1:
+        check_positive_int("every", self.every)
+        if self.per_decade is not None:
+            check_positive_int("per_decade", self.per_decade)
+        fraction = self.max_fraction
+        if fraction is not None and not (is_finite_number(fraction) and 0 < fraction <= 1):
             raise ValueError(f"max_fraction must be in (0, 1], got {self.max_fraction!r}")
 
     def is_due(self, step: int) -> bool:

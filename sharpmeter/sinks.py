@@ -15,7 +15,6 @@ import json
 import math
 import os
 import platform
-import secrets
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -23,6 +22,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from sharpmeter.files import atomic_write_text, write_all
 
 SCALAR_TYPES = (int, float, bool)
 
@@ -63,49 +64,6 @@ def _optional_versions(*names: str) -> dict[str, str]:
 
 class SinkWarning(RuntimeWarning):
     """A sink could not write (or writes again): training goes on, rows wait in memory."""
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Replaces ``path`` by ``text`` so that a crash or a full disk midway leaves the old file
-    whole, never an empty or torn one: the text goes to a temporary file in the same folder
-    (a rename stays on one file system), is synced to disk, then renamed over ``path``.
-
-    Raises the ``OSError`` of a failed step, after removing the temporary file.
-
-    Example::
-
-        atomic_write_text("runs/tiny/sharpmeter_run.json", json.dumps(config))
-    """
-    path = Path(path)
-    temp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    try:
-        with open(temp, "xb", buffering=0) as handle:
-            _write_all(handle, text.encode("utf-8"))
-            os.fsync(handle.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            temp.unlink()
-        raise
-    _fsync_folder(path.parent)
-
-
-def _fsync_folder(folder: Path) -> None:
-    """Makes a rename in ``folder`` survive a power cut (the folder's entry is data too).
-    Best effort: some systems cannot open or sync a folder, and the file is whole anyway."""
-    with contextlib.suppress(OSError):
-        descriptor = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(descriptor)
-        finally:
-            os.close(descriptor)
-
-
-def _write_all(handle: Any, data: bytes) -> None:
-    """An unbuffered file may take part of ``data`` per call; the rest must follow in order."""
-    view = memoryview(data)
-    while view:
-        view = view[handle.write(view) :]
 
 
 class JsonlSink:
@@ -249,7 +207,7 @@ class JsonlSink:
                 while self.pending:
                     start = handle.seek(0, os.SEEK_END)
                     try:
-                        _write_all(handle, self.pending[0].encode("utf-8"))
+                        write_all(handle, self.pending[0].encode("utf-8"))
                     except OSError:
                         self._torn_at = start
                         with contextlib.suppress(OSError):

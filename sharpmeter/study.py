@@ -32,7 +32,7 @@ from sharpmeter.config import (
     StudyArguments,
     parse_config,
 )
-from sharpmeter.meter import measure_of
+from sharpmeter.measures import measure_of
 from sharpmeter.report import ReportFiles, write_report
 from sharpmeter.runlock import rank_zero_lock
 from sharpmeter.train import is_finished, load_data, run_config, train_gpt

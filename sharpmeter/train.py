@@ -22,10 +22,11 @@ from transformers import Trainer, TrainingArguments, set_seed
 
 from sharpmeter.config import DataArguments, ModelArguments, SharpnessArguments
 from sharpmeter.data import TokenBlocks, lm_dataset
+from sharpmeter.files import atomic_write_text
 from sharpmeter.gpt import build_gpt
 from sharpmeter.integrations.hf import SharpnessCallback
 from sharpmeter.runlock import rank_zero_lock
-from sharpmeter.sinks import atomic_write_text, wandb_mode
+from sharpmeter.sinks import wandb_mode
 
 DONE_FILE = "sharpmeter_run.json"
 # TrainingArguments that cannot change a run's numbers (its weights, its measurements): a
@@ -131,13 +132,7 @@ def _train_in_owned_folder(
     _start_wandb(training_args, config)
 
     trainer = Trainer(model=model, args=training_args, train_dataset=dataset)
-    SharpnessCallback.attach(
-        trainer,
-        measures=tuple(sharpness_args.measures),
-        schedule=sharpness_args.schedule(),
-        probe_size=sharpness_args.probe_size,
-        probe_seed=sharpness_args.probe_seed,
-    )
+    SharpnessCallback.attach(trainer, options=sharpness_args.meter_options())
     try:
         trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     finally:

@@ -30,8 +30,8 @@ def measure(model: torch.nn.Module, batch: dict) -> dict:
         batch,
         measures=("critical", "directional", "trace", "spectral"),
         schedule=sm.Schedule(every=1),
-        trace_matvecs=32,
-        lanczos_steps=30,
+        trace_num_matvecs=32,
+        lanczos_max_iter=30,
     )
     return meter.measure(1, optimizer=optimizer)
 

@@ -135,3 +135,27 @@ def test_null_where_the_default_is_not_none_is_refused(tmp_path):
 def test_required_key_given_with_dashes():
     *_, training = parse_config(["--size", "tiny", "--max-steps", "5"], required=("max_steps",))
     assert training.max_steps == 5
+
+
+def test_the_sharpness_defaults_are_the_meters(tmp_path):
+    from sharpmeter.options import MeterOptions
+
+    _, _, sharpness, _ = parse_config([write(tmp_path, "size: tiny\n")])
+    assert sharpness.meter_options() == MeterOptions()
+
+
+def test_null_turns_the_time_budget_off_unless_the_command_line_sets_it(tmp_path):
+    config = write(tmp_path, "size: tiny\nmax_fraction: null\n")
+    assert parse_config([config])[2].schedule().max_fraction is None
+    assert parse_config([config, "--max_fraction", "0.1"])[2].schedule().max_fraction == 0.1
+
+
+@pytest.mark.parametrize("name", ["tiny", "study_cpu", "study_gpu"])
+def test_shipped_configs_measure_every_step_of_their_grid(name, monkeypatch):
+    """A study curve (and the tiny demo) is measured at every step of its grid: no budget."""
+    monkeypatch.setattr(config_module, "available_memory_bytes", lambda: None)
+    types = RUN_ARGUMENTS if name == "tiny" else STUDY_ARGUMENTS
+    cpu = ["--use_cpu", "true"] if "gpu" in name else []
+    parsed = parse_config([str(CONFIGS / f"{name}.yaml"), *cpu], types, required=())
+    sharpness = next(p for p in parsed if type(p).__name__ == "SharpnessArguments")
+    assert sharpness.schedule().max_fraction is None

@@ -79,7 +79,7 @@ def descent_direction(quadratic: Quadratic, seed: int) -> torch.Tensor:
 def test_quadratic_lambda_c_is_directional_sharpness(quadratic, seed):
     d = descent_direction(quadratic, seed)
     exact = exact_critical(quadratic, d)
-    result = sm.critical_sharpness(quadratic, quadratic_loss, None, d, eta0=0.37, k=K)
+    result = sm.critical_sharpness(quadratic, quadratic_loss, None, d, eta0=0.37, precision_bits=K)
     assert result.status == "ok"
     assert result.lo < 2 / exact <= result.hi
     assert 1 - result.lo / result.hi <= TOLERANCE
@@ -100,8 +100,10 @@ def test_gradient_direction_gives_the_rayleigh_quotient(quadratic):
 @pytest.mark.parametrize("scale", [0.25, 3.0, 100.0])
 def test_lambda_c_scales_with_the_direction(quadratic, scale):
     d = descent_direction(quadratic, 0)
-    base = sm.critical_sharpness(quadratic, quadratic_loss, None, d, eta0=0.1, k=8)
-    scaled = sm.critical_sharpness(quadratic, quadratic_loss, None, scale * d, eta0=0.1, k=8)
+    base = sm.critical_sharpness(quadratic, quadratic_loss, None, d, eta0=0.1, precision_bits=8)
+    scaled = sm.critical_sharpness(
+        quadratic, quadratic_loss, None, scale * d, eta0=0.1, precision_bits=8
+    )
     assert scaled.value == pytest.approx(scale * base.value, rel=2 * 2.0**-8)
 
 
@@ -109,9 +111,13 @@ def test_lambda_c_scales_with_the_direction(quadratic, scale):
 def test_forward_count_with_a_good_warm_start(quadratic, factor):
     d = descent_direction(quadratic, 1)
     eta_c = 2 / exact_critical(quadratic, d)
-    result = sm.critical_sharpness(quadratic, quadratic_loss, None, d, eta0=factor * eta_c, k=K)
+    result = sm.critical_sharpness(
+        quadratic, quadratic_loss, None, d, eta0=factor * eta_c, precision_bits=K
+    )
     assert result.num_forward == 1 + 2 + K + CHECK_BELOW
-    cold = sm.critical_sharpness(quadratic, quadratic_loss, None, d, eta0=1e-6 * eta_c, k=K)
+    cold = sm.critical_sharpness(
+        quadratic, quadratic_loss, None, d, eta0=1e-6 * eta_c, precision_bits=K
+    )
     assert cold.num_forward > result.num_forward
     assert cold.value == pytest.approx(result.value, rel=2 * TOLERANCE)
 
@@ -162,14 +168,18 @@ def test_non_finite_base_loss():
 def test_a_loss_that_turns_nan_without_rising_is_nonfinite():
     """NaN counts as a rise while searching, but the bracket's top is a blow-up, not a crossing:
     1 only bounds eta_c from above."""
-    result = sm.critical_sharpness(EdgeOfDomain(), quadratic_loss, None, ALONG, eta0=0.3, k=K)
+    result = sm.critical_sharpness(
+        EdgeOfDomain(), quadratic_loss, None, ALONG, eta0=0.3, precision_bits=K
+    )
     assert result.status == "nonfinite"
     assert result.lo < 1.0 <= result.hi and 1 - result.lo / result.hi <= TOLERANCE
     assert math.isnan(result.value) and math.isnan(result.eta_c)
 
 
 def test_a_finite_rise_before_the_nan_is_ok():
-    result = sm.critical_sharpness(BumpBeforeEdge(), quadratic_loss, None, ALONG, eta0=0.3, k=K)
+    result = sm.critical_sharpness(
+        BumpBeforeEdge(), quadratic_loss, None, ALONG, eta0=0.3, precision_bits=K
+    )
     assert result.status == "ok"
     assert result.lo < 0.9 <= result.hi < 1.0
     assert result.value == pytest.approx(2 / 0.9, rel=TOLERANCE)
@@ -182,7 +192,12 @@ def test_a_finite_rise_before_the_nan_is_ok():
 def test_a_loss_that_never_rises_is_never_ok(edge, max_forward, status):
     """Issue #12: flat below the start, NaN only at 4e18, was ok with lambda_c = 5e-19."""
     result = sm.critical_sharpness(
-        FlattensThenNaN(edge), quadratic_loss, None, ALONG, k=K, max_forward=max_forward
+        FlattensThenNaN(edge),
+        quadratic_loss,
+        None,
+        ALONG,
+        precision_bits=K,
+        max_forward=max_forward,
     )
     assert result.status == status
     assert math.isnan(result.value) and math.isnan(result.eta_c)
@@ -195,7 +210,7 @@ def test_a_budget_too_small_to_converge_is_not_converged(quadratic):
     eta_c = 2 / exact_critical(quadratic, d)
     # 1 + 1 + 20 forwards bracket eta_c from 1e-6 eta_c; two are left for the bisection.
     result = sm.critical_sharpness(
-        quadratic, quadratic_loss, None, d, eta0=1e-6 * eta_c, k=K, max_forward=24
+        quadratic, quadratic_loss, None, d, eta0=1e-6 * eta_c, precision_bits=K, max_forward=24
     )
     assert result.status == "not_converged" and result.num_forward == 24
     assert math.isnan(result.value) and math.isnan(result.eta_c)
@@ -208,12 +223,18 @@ def test_an_unchecked_bracket_is_not_converged(quadratic):
     d = descent_direction(quadratic, 1)
     eta0 = 1.1 * 2 / exact_critical(quadratic, d)
     short = sm.critical_sharpness(
-        quadratic, quadratic_loss, None, d, eta0=eta0, k=K, max_forward=1 + 2 + K
+        quadratic, quadratic_loss, None, d, eta0=eta0, precision_bits=K, max_forward=1 + 2 + K
     )
     assert short.status == "not_converged" and math.isnan(short.value)
     assert 1 - short.lo / short.hi <= TOLERANCE
     enough = sm.critical_sharpness(
-        quadratic, quadratic_loss, None, d, eta0=eta0, k=K, max_forward=1 + 2 + K + CHECK_BELOW
+        quadratic,
+        quadratic_loss,
+        None,
+        d,
+        eta0=eta0,
+        precision_bits=K,
+        max_forward=1 + 2 + K + CHECK_BELOW,
     )
     assert enough.status == "ok" and (enough.lo, enough.hi) == (short.lo, short.hi)
 
@@ -222,12 +243,14 @@ def test_an_unchecked_bracket_is_not_converged(quadratic):
 def test_a_warm_start_past_the_first_crossing_finds_it(eta0):
     """From inside the dip (1) or above the later crossing (6), the bracket is around 5 until
     the check below steps into the rise on (0.1, 0.3)."""
-    result = sm.critical_sharpness(Wiggle(), quadratic_loss, None, ALONG, eta0=eta0, k=K)
+    result = sm.critical_sharpness(
+        Wiggle(), quadratic_loss, None, ALONG, eta0=eta0, precision_bits=K
+    )
     assert result.status == "ok"
     assert result.lo < 0.1 <= result.hi and 1 - result.lo / result.hi <= TOLERANCE
     assert result.value == pytest.approx(2 / 0.1, rel=TOLERANCE)
     unchecked = sm.critical_sharpness(
-        Wiggle(), quadratic_loss, None, ALONG, eta0=eta0, k=K, check_below=0
+        Wiggle(), quadratic_loss, None, ALONG, eta0=eta0, precision_bits=K, check_below=0
     )
     assert unchecked.lo < 5 <= unchecked.hi and unchecked.num_forward < result.num_forward
 
@@ -236,7 +259,7 @@ def test_no_budget_left_after_a_check_rose_is_not_converged():
     """1 + 4 forwards bracket 5 from 1, K bisect it, and the check at 1/4 rises: none is left
     to search below 1/4."""
     result = sm.critical_sharpness(
-        Wiggle(), quadratic_loss, None, ALONG, eta0=1.0, k=K, max_forward=1 + 4 + K + 1
+        Wiggle(), quadratic_loss, None, ALONG, eta0=1.0, precision_bits=K, max_forward=1 + 4 + K + 1
     )
     assert result.status == "not_converged" and math.isnan(result.value)
     assert math.isnan(result.lo) and result.hi == 0.25
@@ -265,8 +288,8 @@ def test_bad_input(quadratic):
         sm.critical_sharpness(quadratic, quadratic_loss, None, torch.ones(3, dtype=torch.float64))
     with pytest.raises(ValueError, match="non-finite"):
         sm.critical_sharpness(quadratic, quadratic_loss, None, d * float("inf"))
-    with pytest.raises(ValueError, match="k"):
-        sm.critical_sharpness(quadratic, quadratic_loss, None, d, k=0)
+    with pytest.raises(ValueError, match="precision_bits"):
+        sm.critical_sharpness(quadratic, quadratic_loss, None, d, precision_bits=0)
     for bad in (-1, 1.5, True):
         with pytest.raises(ValueError, match="check_below"):
             sm.critical_sharpness(quadratic, quadratic_loss, None, d, check_below=bad)
@@ -285,7 +308,7 @@ def test_known_loss_and_gradient_save_the_base_forward(quadratic):
         None,
         d,
         eta0=1.1 * eta_c,
-        k=K,
+        precision_bits=K,
         gradient=quadratic.gradient(),
         loss=loss,
     )

@@ -27,8 +27,10 @@ def estimates(device: str) -> list[float]:
     op = sm.HessianOperator(model, causal_lm_loss, batch)
     return [
         sm.lanczos(op, k=1, max_iter=40, tol=1e-6).value,
-        sm.hutchinson(op, num_probes=16, seed=0).value,
-        sm.critical_sharpness(model, causal_lm_loss, batch, op.gradient, eta0=0.1, k=10).value,
+        sm.hutchinson(op, num_matvecs=16, seed=0).value,
+        sm.critical_sharpness(
+            model, causal_lm_loss, batch, op.gradient, eta0=0.1, precision_bits=10
+        ).value,
     ]
 
 

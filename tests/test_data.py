@@ -19,6 +19,7 @@ from sharpmeter.data import (
     load_text,
     train_bpe,
 )
+from sharpmeter.files import atomic_write
 
 tokenizers = pytest.importorskip("tokenizers")
 pytest.importorskip("datasets")
@@ -146,9 +147,9 @@ def test_failed_cache_write_leaves_nothing_behind(tmp_path):
         raise OSError("disk full")
 
     with pytest.raises(OSError, match="disk full"):
-        data._write_atomic(target, half_then_crash)
+        atomic_write(target, half_then_crash)
     assert list(target.parent.iterdir()) == []
-    data._write_atomic(target, lambda handle: handle.write(b"whole"))
+    atomic_write(target, lambda handle: handle.write(b"whole"))
     assert target.read_bytes() == b"whole" and len(list(target.parent.iterdir())) == 1
 
 

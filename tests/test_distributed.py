@@ -17,8 +17,10 @@ def measure(batch) -> dict[str, float]:
     model = tiny_gpt2(n_layer=2).eval()
     op = sm.HessianOperator(model, causal_lm_loss, batch)
     top = sm.lanczos(op, k=1, max_iter=60, tol=1e-10)
-    trace = sm.hutchinson(op, num_probes=8, seed=3)
-    critical = sm.critical_sharpness(model, causal_lm_loss, batch, op.gradient, eta0=0.3, k=12)
+    trace = sm.hutchinson(op, num_matvecs=8, seed=3)
+    critical = sm.critical_sharpness(
+        model, causal_lm_loss, batch, op.gradient, eta0=0.3, precision_bits=12
+    )
     return {
         "loss": float(op.loss),
         "lambda_max": top.value,

@@ -92,7 +92,7 @@ def measure(sharded: bool, bf16: bool = False, optimizer: str = "adamw") -> dict
         measures=("critical",),
         schedule=sm.Schedule(every=1),
         max_grad_norm=0.5,
-        critical_k=10,
+        critical_precision_bits=10,
     )
     before = snapshot(model, stepper)
     row = meter.measure(STEPS, optimizer=stepper)
@@ -109,7 +109,9 @@ def critical_directly(sharded: bool) -> dict:
     causal_lm_loss(model, train).backward()
     direction = [p.grad.clone() for p in model.parameters()]
     before = snapshot(model, stepper)
-    result = sm.critical_sharpness(model, causal_lm_loss, train, direction, eta0=0.1, k=10)
+    result = sm.critical_sharpness(
+        model, causal_lm_loss, train, direction, eta0=0.1, precision_bits=10
+    )
     assert_same(before, snapshot(model, stepper))
     return {
         "status": result.status,

@@ -20,6 +20,7 @@ from transformers import (
     PreTrainedTokenizerFast,
     Trainer,
     TrainerCallback,
+    TrainerState,
     TrainingArguments,
 )
 
@@ -153,7 +154,7 @@ def test_failed_measurements_are_recorded_and_training_finishes(tmp_path, monkey
     def broken_lanczos(*args, **kwargs):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr("sharpmeter.meter.lanczos", broken_lanczos)
+    monkeypatch.setattr("sharpmeter.measures.lanczos", broken_lanczos)
     trainer = make_trainer(tmp_path / "second", max_steps=3)
     SharpnessCallback.attach(trainer, schedule=sm.Schedule(every=3))
     trainer.train()
@@ -184,12 +185,12 @@ def test_bad_options_fail_at_construction(probe):
         SharpnessCallback(probe, measures=("sharpest",))
     with pytest.raises(ValueError, match="tuple of names"):
         SharpnessCallback(probe, measures="critical")
-    with pytest.raises(ValueError, match="did you mean 'lanczos_steps'"):
-        SharpnessCallback(probe, lanczos_step=10)
+    with pytest.raises(ValueError, match="did you mean 'lanczos_max_iter'"):
+        SharpnessCallback(probe, lanczos_max_iters=10)
     with pytest.raises(ValueError, match="schedule"):
         SharpnessCallback(probe, schedule=10)
-    with pytest.raises(ValueError, match="critical_k"):
-        SharpnessCallback(probe, critical_k=True)
+    with pytest.raises(ValueError, match="critical_precision_bits"):
+        SharpnessCallback(probe, critical_precision_bits=True)
     with pytest.raises(ValueError, match="params"):
         SharpnessCallback(probe, params=torch.nn.Parameter(torch.ones(3)))
     with pytest.raises(ValueError, match="every"):
@@ -509,6 +510,19 @@ def test_under_ddp_a_probe_rank_zero_cannot_draw_fails_on_every_rank(monkeypatch
     fake_process_group(monkeypatch, 1, sent)
     with pytest.raises(ValueError, match="rank 0 could not draw the probe.*no example"):
         callback._draw_probe(stream_loader(Untouchable(), refuse_to_collate))
+
+
+def test_options_come_as_one_object_keywords_or_both_and_the_rest_from_the_trainer(tmp_path):
+    given = sm.MeterOptions(measures=("critical",), lanczos_max_iter=7)
+    callback = SharpnessCallback(options=given, schedule=sm.Schedule(every=3))
+    assert callback.options == given.replace(schedule=sm.Schedule(every=3))
+    args = TrainingArguments(
+        output_dir=str(tmp_path), max_grad_norm=0.5, use_cpu=True, report_to="none"
+    )
+    filled = callback._options_under(args, TrainerState())
+    assert (filled.max_grad_norm, filled.progress, filled.lanczos_max_iter) == (0.5, True, 7)
+    own = SharpnessCallback(max_grad_norm=2.0, progress=False)._options_under(args, TrainerState())
+    assert (own.max_grad_norm, own.progress) == (2.0, False)
 
 
 def test_training_is_bit_identical_with_gradient_accumulation_and_clipping(tmp_path):

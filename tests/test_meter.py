@@ -14,10 +14,12 @@ from conftest import assert_same, snapshot, tiny_gpt2, token_batch
 
 import sharpmeter as sm
 import sharpmeter.integrations.hf
+import sharpmeter.measures
 import sharpmeter.meter
 import sharpmeter.params
 from sharpmeter.loss import ProbeLoss, probe_loss_and_gradient
-from sharpmeter.meter import check_options
+from sharpmeter.measures import MEASURE_TABLE, MEASURES
+from sharpmeter.operators import NonFiniteLossError
 
 
 def trained(model, optimizer, batch, steps: int = 2):
@@ -76,7 +78,7 @@ def test_no_direction_is_a_status_and_the_rest_is_measured():
     assert row["directional_status"].startswith("no_direction")
     assert row["trace_status"] == "ok" and np.isfinite(row["hessian_trace"])
     assert row["status"] == "incomplete: critical,directional"
-    assert np.isnan(row["critical_sharpness"]) and meter.eta_c is None
+    assert np.isnan(row["critical_sharpness"]) and meter.warm.eta_c is None
 
 
 def test_a_loss_that_never_rises_does_not_seed_the_warm_start():
@@ -97,7 +99,7 @@ def test_a_loss_that_never_rises_does_not_seed_the_warm_start():
     row = meter.measure(1)
     assert row["critical_status"] in ("no_increase", "nonfinite")
     assert row["status"].startswith("incomplete") and np.isnan(row["critical_sharpness"])
-    assert meter.eta_c is None
+    assert meter.warm.eta_c is None
 
 
 def test_question_answering_heads_measure_with_their_own_loss_keys():
@@ -166,17 +168,20 @@ def test_checking_options_builds_nothing_and_draws_nothing():
     random.seed(0)
     np.random.seed(0)
     states = torch.get_rng_state(), random.getstate(), np.random.get_state()[1].copy()
-    check_options({"measures": ("critical", "trace"), "schedule": sm.Schedule(every=5)})
+    sm.MeterOptions(measures=("critical", "trace"), schedule=sm.Schedule(every=5))
     sm.integrations.hf.SharpnessCallback(token_batch(2), measures=("critical",))
     assert torch.equal(torch.get_rng_state(), states[0])
     assert random.getstate() == states[1]
     assert np.array_equal(np.random.get_state()[1], states[2])
     with pytest.raises(ValueError, match="did you mean 'max_grad_norm'"):
-        check_options({"max_grad_nrom": 1.0})
+        sm.MeterOptions().replace(max_grad_nrom=1.0)
     with pytest.raises(ValueError, match="lanczos_tol"):
-        check_options({"lanczos_tol": -1})
+        sm.MeterOptions(lanczos_tol=-1)
     with pytest.raises(ValueError, match="loss_fn"):
-        check_options({"loss_fn": "mse"})
+        sm.MeterOptions(loss_fn="mse")
+    for name in ("probe_size", "lanczos_max_iter", "seed"):  # True is no count, here too
+        with pytest.raises(ValueError, match=name):
+            sm.MeterOptions(**{name: True})
 
 
 def test_a_nan_estimate_is_never_ok_and_never_a_warm_start(monkeypatch):
@@ -186,7 +191,7 @@ def test_a_nan_estimate_is_never_ok_and_never_a_warm_start(monkeypatch):
     batch = token_batch(2)
     meter = sm.SharpnessMeter(model, batch, measures=("trace", "spectral"))
     meter.measure(1)
-    start = meter.top_vector.clone()
+    start = meter.warm.top_vector.clone()
 
     def nan_trace(operator, num_matvecs, seed):
         return sm.TraceResult(float("nan"), float("nan"), num_matvecs, torch.zeros(1))
@@ -196,12 +201,12 @@ def test_a_nan_estimate_is_never_ok_and_never_a_warm_start(monkeypatch):
         vectors = torch.full((operator.dim, 1), float("nan"), dtype=torch.float64)
         return sm.LanczosResult(values, vectors, values, 1, 1, True)
 
-    monkeypatch.setitem(sm.meter.TRACE_METHODS, "hutchinson", nan_trace)
-    monkeypatch.setattr(sm.meter, "lanczos", nan_lanczos)
+    monkeypatch.setitem(sm.measures.TRACE_METHODS, "hutchinson", nan_trace)
+    monkeypatch.setattr(sm.measures, "lanczos", nan_lanczos)
     row = meter.measure(2)
     assert row["trace_status"] == "nonfinite" and row["spectral_status"] == "nonfinite"
     assert row["status"] == "incomplete: trace,spectral"
-    assert torch.equal(meter.top_vector, start)
+    assert torch.equal(meter.warm.top_vector, start)
 
 
 def test_the_global_gradient_norm_is_taken_only_for_a_measure_that_follows_the_optimizer(
@@ -253,7 +258,7 @@ def test_a_first_group_without_a_learning_rate_leaves_the_other_measures_standin
         model,
         batch,
         measures=("critical", "directional", "trace", "spectral"),
-        lanczos_steps=80,
+        lanczos_max_iter=80,
     )
     before = snapshot(model, optimizer)
     row = meter.measure(1, optimizer=optimizer)
@@ -261,8 +266,56 @@ def test_a_first_group_without_a_learning_rate_leaves_the_other_measures_standin
     for measure in ("critical", "directional"):
         assert row[f"{measure}_status"].startswith("no_direction: "), row[f"{measure}_status"]
         assert "learning rate" in row[f"{measure}_status"]
-    assert np.isnan(row["critical_sharpness"]) and meter.eta_c is None
+    assert np.isnan(row["critical_sharpness"]) and meter.warm.eta_c is None
     assert row["trace_status"] == "ok" and np.isfinite(row["hessian_trace"])
     assert row["spectral_status"] == "ok" and np.isfinite(row["lambda_max"])
     assert row["status"] == "incomplete: critical,directional"
     assert row["lr"] == 0.0 and np.isfinite(row["loss"])
+
+
+def _rows_of_every_kind(monkeypatch) -> dict[str, dict]:
+    """One meter measuring everything, and rows where it went well and where it did not."""
+    model = tiny_gpt2().eval()
+    batch = token_batch(2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    trained(model, optimizer, batch)
+    meter = sm.SharpnessMeter(model, batch, measures=MEASURES, lanczos_max_iter=80)
+    rows = {"ok": meter.measure(1, optimizer=optimizer)}
+    rows["no_direction"] = meter.measure(2, optimizer=LockedAdam(model.parameters(), lr=1e-3))
+    with monkeypatch.context() as patch:
+
+        def raising(*args, **kwargs):
+            raise RuntimeError("boom")
+
+        for name in ("critical_sharpness", "directional_sharpness", "lanczos"):
+            patch.setattr(sm.measures, name, raising)
+        patch.setitem(sm.measures.TRACE_METHODS, "hutchinson", raising)
+        rows["estimators_raise"] = meter.measure(3, optimizer=optimizer)
+    with monkeypatch.context() as patch:
+
+        def nonfinite(*args, **kwargs):
+            raise NonFiniteLossError("the probe loss or its gradient is not finite (loss = nan)")
+
+        patch.setattr(sm.meter, "HessianOperator", nonfinite)
+        rows["nonfinite_loss"] = meter.measure(4, optimizer=optimizer)
+    return rows
+
+
+def test_every_row_has_the_same_keys_whatever_failed(monkeypatch):
+    """The row schema is the measure table's: rows that failed (an estimator raising, a probe
+    loss that is not finite, no update direction) have exactly the keys of an ok row."""
+    rows = _rows_of_every_kind(monkeypatch)
+    assert rows["ok"]["status"] == "ok", rows["ok"]
+    assert rows["no_direction"]["critical_status"].startswith("no_direction")
+    assert rows["estimators_raise"]["status"] == "error: " + ",".join(MEASURES)
+    assert rows["nonfinite_loss"]["status"] == "nonfinite"
+    assert all(rows["nonfinite_loss"][f"{m}_status"] == "nonfinite" for m in MEASURES)
+    columns = [column for measure in MEASURE_TABLE for column in measure.columns]
+    assert len(columns) == len(set(columns))  # no column is spelled by two measures
+    expected = list(rows["ok"])
+    assert set(columns) | {f"{m}_status" for m in MEASURES} <= set(expected)
+    for kind, row in rows.items():
+        assert list(row) == expected, kind
+    assert rows["ok"]["lambda_max_converged"] is True
+    assert rows["ok"]["preconditioned_lambda_max_converged"] is True
+    assert rows["ok"]["error"] is None and "boom" not in str(rows["ok"])

@@ -152,7 +152,7 @@ def test_modes_agree_with_dropout_on():
         relative_error(sm.HessianOperator(model, causal_lm_loss, batch, mode="fd") @ v, reference)
         < FD
     )
-    other_masks = sm.HessianOperator(model, causal_lm_loss, batch, dropout_seed=1) @ v
+    other_masks = sm.HessianOperator(model, causal_lm_loss, batch, seed=1) @ v
     assert relative_error(other_masks, reference) > 1e-3
 
 

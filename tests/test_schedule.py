@@ -89,8 +89,8 @@ def test_meter_bad_settings():
     batch = {"input_ids": torch.zeros(1, 2), "labels": torch.zeros(1, 2)}
     with pytest.raises(ValueError, match="measures"):
         sm.SharpnessMeter(model, batch, measures=("hessian",))
-    with pytest.raises(ValueError, match="trace_matvecs"):
-        sm.SharpnessMeter(model, batch, trace_matvecs=2)
+    with pytest.raises(ValueError, match="trace_num_matvecs"):
+        sm.SharpnessMeter(model, batch, trace_num_matvecs=2)
     with pytest.raises(ValueError, match="hvp_mode"):
         sm.SharpnessMeter(model, batch, hvp_mode="jacrev")
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from sharpmeter import sinks
+from sharpmeter import files, sinks
 from sharpmeter.sinks import JsonlSink, SinkWarning
 
 META = {"run": "r1", "n_params": 7, "seed": 0}
@@ -36,7 +36,8 @@ class DiskFull:
                 return FailingFile(handle, self)
             return handle
 
-        monkeypatch.setattr(sinks, "open", fake_open, raising=False)
+        for module in (sinks, files):  # appends, and atomic metadata writes
+            monkeypatch.setattr(module, "open", fake_open, raising=False)
 
 
 class FailingFile:
@@ -191,9 +192,9 @@ def test_atomic_write_syncs_the_text_before_the_rename_and_the_folder_after(tmp_
         calls.append(("replace", Path(destination) == target))
         real_replace(source, destination)
 
-    monkeypatch.setattr(sinks.os, "fsync", fsync)
-    monkeypatch.setattr(sinks.os, "replace", replace)
-    sinks.atomic_write_text(target, "new")
+    monkeypatch.setattr(files.os, "fsync", fsync)
+    monkeypatch.setattr(files.os, "replace", replace)
+    files.atomic_write_text(target, "new")
     assert target.read_text() == "new" and list(tmp_path.iterdir()) == [target]
     if Path("/proc/self/fd").is_dir():
         assert calls == [("fsync", False), ("replace", True), ("fsync", True)]
@@ -206,7 +207,7 @@ def test_a_failed_atomic_write_leaves_the_old_file_and_no_temporary_one(tmp_path
     def disk_full(source, destination):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(sinks.os, "replace", disk_full)
+    monkeypatch.setattr(files.os, "replace", disk_full)
     with pytest.raises(OSError, match="No space left"):
-        sinks.atomic_write_text(target, "new")
+        files.atomic_write_text(target, "new")
     assert target.read_text() == "old" and list(tmp_path.iterdir()) == [target]

@@ -35,7 +35,7 @@ def run_every_estimator(model, optimizer, batch) -> None:
     op = sm.HessianOperator(model, causal_lm_loss, batch)
     sm.power_iteration(op, max_iter=5)
     sm.lanczos(op, k=2, max_iter=6)
-    sm.hutchinson(op, num_probes=3)
+    sm.hutchinson(op, num_matvecs=3)
     sm.hutchpp(op, num_matvecs=6)
     sm.directional_sharpness(op, op.gradient)
     preconditioner = sm.adam_preconditioner(optimizer, list(model.parameters()))

@@ -63,8 +63,8 @@ def test_same_seed_same_estimate_and_global_rng_untouched():
 
 
 def test_bad_input():
-    with pytest.raises(ValueError, match="num_probes"):
-        sm.hutchinson(torch.eye(3), num_probes=1)
+    with pytest.raises(ValueError, match="num_matvecs"):
+        sm.hutchinson(torch.eye(3), num_matvecs=1)
     with pytest.raises(ValueError, match="num_matvecs"):
         sm.hutchpp(torch.eye(3), num_matvecs=3)
     with pytest.raises(ValueError, match="square"):

@@ -19,7 +19,7 @@ from benchmarks.overhead.tables import LONG_TITLE, long_section
 from benchmarks.overhead.training import SIZES, continue_training, make_trainer
 from sharpmeter.data import lm_dataset
 from sharpmeter.integrations.hf import SharpnessCallback
-from sharpmeter.meter import DEFAULT_MEASURES
+from sharpmeter.options import MeterOptions
 from sharpmeter.records import read_records
 
 # What the children re-invoke, from the repository root.
@@ -55,7 +55,7 @@ def long_worker(args: argparse.Namespace) -> None:
     dataset = lm_dataset(block_size=SIZES[args.size].n_positions)
     with tempfile.TemporaryDirectory() as output_dir:
         trainer = make_trainer(args, dataset, output_dir, args.long)
-        # No schedule argument: the meter's DEFAULT_SCHEDULE, with its time budget.
+        # No schedule argument: MeterOptions' default schedule, with its time budget.
         callback = SharpnessCallback.attach(trainer) if arm == "with" else None
         trainer.add_callback(Progress(arm, args.long, callback))
         (workdir / f"{arm}.ready").touch()
@@ -135,8 +135,9 @@ def main_long(args: argparse.Namespace, out: Path | None) -> None:
         f"data: KJV bytes (`sharpmeter.data.lm_dataset`), batch {args.batch_size} x "
         f"{size.n_positions}; AdamW lr {args.lr:g} constant, max_grad_norm 1, seed {args.seed}; "
         "`Trainer(use_cpu=True, report_to=[], save_strategy='no', disable_tqdm=True)`",
-        "callback: `SharpnessCallback.attach(trainer)`, no schedule argument: the meter's "
-        f"`DEFAULT_SCHEDULE` = `{with_['schedule']}`; measures {', '.join(DEFAULT_MEASURES)}, "
+        "callback: `SharpnessCallback.attach(trainer)`, no schedule argument: the default "
+        f"`MeterOptions().schedule` = `{with_['schedule']}`; measures "
+        f"{', '.join(MeterOptions().measures)}, "
         "probe of 8 training examples, trace 8 HVPs, Lanczos <= 20 steps",
         "both arms at the same time, two child processes of "
         f"{args.threads} torch thread(s) each, released together after building data, model "

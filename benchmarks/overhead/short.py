@@ -23,7 +23,7 @@ from benchmarks.overhead.tables import (
 from benchmarks.overhead.training import SIZES, continue_training, make_trainer
 from sharpmeter.data import lm_dataset
 from sharpmeter.integrations.hf import SharpnessCallback
-from sharpmeter.meter import DEFAULT_MEASURES
+from sharpmeter.options import MeterOptions
 from sharpmeter.records import read_records
 
 # The fixed grid this table measures: the meter's default adds a 5% wall-time budget on top,
@@ -67,11 +67,11 @@ def time_single_measures(run: dict, measures: list[str], every: int) -> dict[str
         results["construction"] = {"seconds": time.perf_counter() - start}
     for measure in measures:
         single = sm.SharpnessMeter(
-            trainer.model, meter.probe_batch, measures=(measure,), max_grad_norm=meter.max_grad_norm
+            trainer.model, meter.probe_batch, options=meter.options, measures=(measure,)
         )
         # Warm starts as the callback's next measurement would have them (none is kept for
         # the preconditioned eigenvector, which the default measures do not compute).
-        single.eta_c, single.top_vector = meter.eta_c, meter.top_vector
+        single.warm.eta_c, single.warm.top_vector = meter.warm.eta_c, meter.warm.top_vector
         row = single.measure(step, optimizer=trainer.optimizer)
         results[measure] = row
         print(f"  {measure:<15} {row['wall_seconds']:7.2f} s  status {row['status']}", flush=True)
@@ -138,7 +138,7 @@ def preamble(args: argparse.Namespace, pairs: list[tuple[dict, dict]], started: 
         "`Trainer(use_cpu=True, report_to=[], save_strategy='no', disable_tqdm=True)`",
         f"callback: `SharpnessCallback.attach(trainer, schedule=Schedule(every={GRID.every}))` "
         f"(the plain grid, no time budget), otherwise its defaults: measures "
-        f"{', '.join(DEFAULT_MEASURES)}, probe of 8 training examples "
+        f"{', '.join(MeterOptions().measures)}, probe of 8 training examples "
         f"({args.batch_size} x {size.n_positions} tokens), trace 8 HVPs, Lanczos <= 20 steps",
         f"{args.pairs} pair(s) of {args.steps}-step runs, alternating without / with, after an "
         f"untimed {args.warmup_steps}-step run; seconds: wall time of `trainer.train()`; "

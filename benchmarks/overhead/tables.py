@@ -7,7 +7,7 @@ import math
 import statistics
 
 from benchmarks._common import fmt, markdown_table
-from sharpmeter.meter import DEFAULT_MEASURES, DEFAULT_SCHEDULE
+from sharpmeter.options import MeterOptions
 
 TARGET_RATIO = 1.05
 TARGET_FORWARDS = 7
@@ -170,7 +170,7 @@ def singles_table(singles: dict, warm_rows: list[dict], step_seconds: float, eve
         hvp_count = statistics.mean(hvps(r) for r in warm_rows)
         rows.append(
             row_for(
-                f"all defaults {'+'.join(DEFAULT_MEASURES)} (callback, warm, mean)",
+                f"all defaults {'+'.join(MeterOptions().measures)} (callback, warm, mean)",
                 seconds,
                 fmt(forwards),
                 fmt(hvp_count),
@@ -201,7 +201,7 @@ def long_section(
     args: argparse.Namespace, without: dict, with_: dict, identical: bool
 ) -> list[str]:
     steps, rows = args.long, with_["rows"]
-    fraction = DEFAULT_SCHEDULE.max_fraction
+    fraction = MeterOptions().schedule.max_fraction
     ratio = with_["seconds"] / without["seconds"]
     measuring = sum(r["wall_seconds"] for r in rows)
     equal = 1 + measuring / without["seconds"]

@@ -170,7 +170,7 @@ class Sharpmeter(Tool):
     def trace(self, method: str, budget: int, seed: int | None) -> tuple[float, float]:
         seed = 0 if seed is None else seed
         if method == "hutchinson":
-            r = sm.hutchinson(self.counted, num_probes=budget, seed=seed)
+            r = sm.hutchinson(self.counted, num_matvecs=budget, seed=seed)
         else:
             r = sm.hutchpp(self.counted, num_matvecs=budget, seed=seed)
         return r.value, r.stderr

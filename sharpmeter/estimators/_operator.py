@@ -57,8 +57,3 @@ class CountingOperator:
         if not (torch.isfinite(norm) and norm > 0):
             raise ValueError("the start vector must be finite and non-zero")
         return v0 / norm
-
-
-def check_positive_int(name: str, value: int, minimum: int = 1) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")

@@ -35,8 +35,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from sharpmeter.checks import check_positive_int
 from sharpmeter.distributed import local
-from sharpmeter.estimators._operator import CountingOperator, LinearOperator, check_positive_int
+from sharpmeter.estimators._operator import CountingOperator, LinearOperator
 from sharpmeter.loss import LossFn, ProbeLoss, probe_loss_and_gradient
 from sharpmeter.params import (
     ParameterVector,
@@ -63,7 +64,7 @@ class CriticalSharpnessResult:
         num_forward: forward passes spent, the base loss included.
         status: one of :data:`STATUSES`:
 
-            - ``ok``: :math:`1 - lo/hi \\le 2^{-k}`, the loss at ``hi`` is finite and above
+            - ``ok``: :math:`1 - lo/hi \\le 2^{-b}`, the loss at ``hi`` is finite and above
               :math:`L(\\theta)`, and none of the ``check_below`` steps below the smallest step
               that did not raise the loss raised it.
             - ``nondescent``: :math:`d^\\top g \\le 0`, or every step down to the smallest tried
@@ -76,7 +77,7 @@ class CriticalSharpnessResult:
               only an upper bound, :math:`\\eta_c \\le hi`, not a crossing of the loss. Takes
               precedence over ``not_converged``.
             - ``not_converged``: a bracket was found but ``max_forward`` ran out before it was
-              verified: the bisection short of :math:`1 - lo/hi \\le 2^{-k}`, the check below
+              verified: the bisection short of :math:`1 - lo/hi \\le 2^{-b}`, the check below
               unfinished, or a downward search from a rising check step without a step that
               does not rise (``lo`` NaN). ``lo`` and ``hi`` show the bracket as far as it got.
         loss: the probe loss :math:`L(\\theta)` (float32 or wider).
@@ -101,14 +102,14 @@ def critical_sharpness(
     *,
     params: Iterable[nn.Parameter] | None = None,
     eta0: float = 1e-3,
-    k: int = 4,
+    precision_bits: int = 4,
     max_forward: int = 64,
     check_below: int = 2,
     gradient: torch.Tensor | Sequence[torch.Tensor] | None = None,
     loss: float | None = None,
     check_descent: bool = True,
     weights: Sequence[float] | None = None,
-    dropout_seed: int | None = 0,
+    seed: int | None = 0,
     distributed: bool | None = None,
 ) -> CriticalSharpnessResult:
     r"""Critical sharpness :math:`2/\eta_c` along ``direction`` by a forward-only line search.
@@ -117,8 +118,9 @@ def critical_sharpness(
        not given and ``check_descent``); :math:`d^\top g \le 0` stops with ``nondescent``.
     2. Exponential search by factors of 2 from ``eta0`` (warm start: the previous
        :math:`\eta_c`) brackets :math:`\eta_c` in :math:`(lo, hi]` with :math:`hi = 2\,lo`.
-    3. Geometric bisection :math:`\sqrt{lo\cdot hi}` until :math:`1 - lo/hi \le 2^{-k}`,
-       which takes exactly :math:`k` steps from a factor-2 bracket (:math:`k \ge 2`).
+    3. Geometric bisection :math:`\sqrt{lo\cdot hi}` until :math:`1 - lo/hi \le 2^{-b}`,
+       which takes exactly :math:`b` = ``precision_bits`` steps from a factor-2 bracket
+       (:math:`b \ge 2`).
     4. Check below: a warm start past the first crossing of a loss that is not monotone along
        :math:`d` brackets a later one. So the :math:`m` = ``check_below`` steps
        :math:`s/4, s/16, \dots, s/4^m` below the smallest step :math:`s` that did not raise
@@ -133,7 +135,7 @@ def critical_sharpness(
        quadratic) no check step rises.
 
     When ``eta0`` is within a factor 2 of :math:`\eta_c` (and no check step rises) the search
-    costs :math:`1 + 2 + k + m` forwards. A non-finite loss counts as an increase while
+    costs :math:`1 + 2 + b + m` forwards. A non-finite loss counts as an increase while
     searching (training would not survive the step), but only a finite rise at the final
     ``hi`` is ``ok``: a loss that goes from below :math:`L(\theta)` straight to NaN/inf gives
     ``nonfinite``, and a bracket not verified within ``max_forward`` gives ``not_converged``
@@ -144,7 +146,7 @@ def critical_sharpness(
     are compared in float32 or wider.
 
     Args:
-        model: the network (any mode; dropout masks are fixed by ``dropout_seed``).
+        model: the network (any mode; dropout masks are fixed by ``seed``).
         loss_fn: ``(model, batch) -> scalar`` or ``None`` for ``output.loss``.
         batch: one batch or a ``list`` of batches.
         direction: :math:`d`: a :class:`~sharpmeter.params.ParameterVector` (what
@@ -154,7 +156,7 @@ def critical_sharpness(
             parameter.
         params: the parameters ``direction`` lives on (default: all trainable ones).
         eta0: first step tried.
-        k: bisection precision, relative bracket width :math:`2^{-k}`.
+        precision_bits: bisection precision :math:`b`, relative bracket width :math:`2^{-b}`.
         max_forward: budget of forwards, the base one included.
         check_below: steps tried below the bracket for an earlier crossing (0: none).
         gradient: :math:`g` if already known (e.g. the training gradient); saves a backward.
@@ -162,22 +164,20 @@ def critical_sharpness(
             which is then not counted.
         check_descent: compute :math:`g` when not given to detect a non-descent direction.
         weights: per-batch weights of a multi-batch probe.
-        dropout_seed: RNG seed of every forward (``None``: leave the global RNG alone).
+        seed: RNG seed of every forward (``None``: leave the global RNG alone).
         distributed: ``batch`` is this rank's shard; losses are summed over ranks, so every
             rank takes the same decisions (default: inside a process group of >1 rank).
     """
     if not (eta0 > 0 and math.isfinite(eta0)):
         raise ValueError(f"eta0 must be positive and finite, got {eta0}")
-    check_positive_int("k", k)
+    check_positive_int("precision_bits", precision_bits)
     check_positive_int("max_forward", max_forward, minimum=3)
     check_positive_int("check_below", check_below, minimum=0)
     chosen = resolve_params(model, params)
     d = as_flat_vector(direction, chosen, "direction")
     if not all_finite(d, chosen):
         raise ValueError("the direction has non-finite entries")
-    probe = ProbeLoss(
-        model, loss_fn, batch, weights=weights, seed=dropout_seed, distributed=distributed
-    )
+    probe = ProbeLoss(model, loss_fn, batch, weights=weights, seed=seed, distributed=distributed)
     search = _LineSearch(probe, chosen, d)
     try:
         if loss is not None and gradient is not None:
@@ -191,7 +191,7 @@ def critical_sharpness(
         elif slope <= 0:
             status, lo, hi = "nondescent", math.nan, math.nan
         else:
-            status, lo, hi = search.bracket(loss, eta0, k, max_forward, check_below)
+            status, lo, hi = search.bracket(loss, eta0, precision_bits, max_forward, check_below)
     finally:
         search.restore()
     eta_c = math.sqrt(lo * hi) if status == "ok" else math.nan
@@ -258,7 +258,7 @@ class _LineSearch:
         return self.num_forward < self.max_forward
 
     def bracket(
-        self, base: float, eta0: float, k: int, max_forward: int, check_below: int
+        self, base: float, eta0: float, precision_bits: int, max_forward: int, check_below: int
     ) -> tuple[str, float, float]:
         """Status and bracket ``(lo, hi]`` of the first step that raises the loss."""
         self.base, self.max_forward = base, max_forward
@@ -271,8 +271,8 @@ class _LineSearch:
             if math.isnan(hi):
                 return "no_increase", lo, hi
         while True:
-            lo, hi = self.bisect(lo, hi, k)
-            if 1 - lo / hi > 2.0**-k:
+            lo, hi = self.bisect(lo, hi, precision_bits)
+            if 1 - lo / hi > 2.0**-precision_bits:
                 return self.status(hi, verified=False), lo, hi
             rise = self.rise_below(check_below)
             if rise is None:
@@ -313,9 +313,9 @@ class _LineSearch:
                 lo = eta
         return lo, hi
 
-    def bisect(self, lo: float, hi: float, k: int) -> tuple[float, float]:
-        """Geometric bisection until :math:`1 - lo/hi \\le 2^{-k}` or the budget runs out."""
-        while 1 - lo / hi > 2.0**-k and self.budget_left():
+    def bisect(self, lo: float, hi: float, precision_bits: int) -> tuple[float, float]:
+        """Geometric bisection until :math:`1 - lo/hi \\le 2^{-b}` or the budget runs out."""
+        while 1 - lo / hi > 2.0**-precision_bits and self.budget_left():
             mid = math.sqrt(lo * hi)
             if self.raises_loss(mid):
                 hi = mid

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
-from sharpmeter.estimators._operator import CountingOperator, LinearOperator, check_positive_int
+from sharpmeter.checks import check_positive_int
+from sharpmeter.estimators._operator import CountingOperator, LinearOperator
 
 WHICH = ("LA", "LM")
 

@@ -7,7 +7,7 @@ stopping on the running mean would bias the estimate.
 
 Example::
 
-    r = sm.hutchinson(op, num_probes=64, seed=0)
+    r = sm.hutchinson(op, num_matvecs=64, seed=0)
     print(f"tr H = {r.value:.3g} +/- {r.stderr:.2g} ({r.num_matvecs} HVPs)")
 """
 
@@ -18,7 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
-from sharpmeter.estimators._operator import CountingOperator, LinearOperator, check_positive_int
+from sharpmeter.checks import check_positive_int
+from sharpmeter.estimators._operator import CountingOperator, LinearOperator
 
 
 @dataclass(frozen=True)
@@ -40,7 +41,7 @@ class TraceResult:
 
 
 def hutchinson(
-    operator: LinearOperator | torch.Tensor, num_probes: int = 64, seed: int = 0
+    operator: LinearOperator | torch.Tensor, num_matvecs: int = 64, seed: int = 0
 ) -> TraceResult:
     r"""Hutchinson's estimator :math:`\frac1m \sum_{i=1}^m z_i^\top H z_i`.
 
@@ -49,14 +50,14 @@ def hutchinson(
 
     Args:
         operator: a square operator or dense matrix.
-        num_probes: number of probes (= products), at least 2 for a standard error.
+        num_matvecs: budget of products, one per probe, at least 2 for a standard error.
         seed: seed of the private probe generator.
     """
-    check_positive_int("num_probes", num_probes, minimum=2)
+    check_positive_int("num_matvecs", num_matvecs, minimum=2)
     op = CountingOperator(operator)
     generator = torch.Generator().manual_seed(seed)
-    samples = torch.empty(num_probes, dtype=torch.float64)
-    for i in range(num_probes):
+    samples = torch.empty(num_matvecs, dtype=torch.float64)
+    for i in range(num_matvecs):
         z = _rademacher(op, 1, generator)[:, 0]
         samples[i] = float(z @ (op @ z))
     return _result(0.0, samples, op.num_matvecs)

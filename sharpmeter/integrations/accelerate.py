@@ -28,6 +28,7 @@ from accelerate import Accelerator
 from sharpmeter.distributed import local_shard
 from sharpmeter.loss import move_to
 from sharpmeter.meter import SharpnessMeter
+from sharpmeter.options import MeterOptions
 from sharpmeter.sinks import JsonlSink, WandbSink, run_metadata
 
 
@@ -43,7 +44,8 @@ class AcceleratedMeter:
         run_name: the ``run`` field of every row.
         optimizer: the loop's optimizer, to refuse at once one a measure cannot follow (the
             ``preconditioned`` measure needs Adam) instead of failing every row.
-        **meter_options: :class:`SharpnessMeter` arguments.
+        options: a :class:`~sharpmeter.options.MeterOptions` (default: its defaults).
+        **changes: :class:`~sharpmeter.options.MeterOptions` fields that override ``options``.
     """
 
     def __init__(
@@ -56,12 +58,13 @@ class AcceleratedMeter:
         wandb: bool = False,
         run_name: str | None = None,
         optimizer: Any = None,
-        **meter_options: Any,
+        options: MeterOptions | None = None,
+        **changes: Any,
     ) -> None:
         self.accelerator = accelerator
         unwrapped = accelerator.unwrap_model(model)
         batch = local_shard(move_to(probe_batch, accelerator.device))
-        self.meter = SharpnessMeter(unwrapped, batch, **meter_options)
+        self.meter = SharpnessMeter(unwrapped, batch, options=options, **changes)
         if optimizer is not None:
             self.meter.check_optimizer(optimizer)
         self.sinks: list = []

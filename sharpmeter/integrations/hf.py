@@ -64,9 +64,9 @@ from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState,
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from sharpmeter.distributed import collective, honour_timeout, is_distributed, local_shard
-from sharpmeter.estimators._operator import check_positive_int
 from sharpmeter.loss import move_to, split_probe
-from sharpmeter.meter import SharpnessMeter, check_options
+from sharpmeter.meter import SharpnessMeter
+from sharpmeter.options import MeterOptions, resolve_options
 from sharpmeter.rng import fork_rng
 from sharpmeter.sinks import JsonlSink, SinkWarning, numeric_items, run_metadata
 
@@ -92,15 +92,17 @@ class SharpnessCallback(TrainerCallback):
     """Measure sharpness during ``Trainer.train()``.
 
     Args:
-        probe_batch: a fixed batch (already collated) or ``None`` to draw one from the
-            training set at the start of training.
-        probe_size: examples in a drawn probe batch.
-        probe_seed: seed of the private generator that draws it.
+        probe_batch: a fixed batch (already collated) or ``None`` to draw ``probe_size``
+            examples from the training set at the start of training, picked with
+            ``probe_seed`` by a private generator.
+        options: a :class:`~sharpmeter.options.MeterOptions` (default: its defaults).
         jsonl_path: where rows go (default ``<output_dir>/sharpness.jsonl``).
         run_name: the ``run`` field of every row (default: ``args.run_name`` or the output
             folder's name).
-        **meter_options: :class:`SharpnessMeter` arguments (``measures``, ``schedule``,
-            ``loss_fn``, ``dropout``, ...). ``max_grad_norm`` defaults to the Trainer's.
+        **changes: :class:`~sharpmeter.options.MeterOptions` fields that override ``options``
+            (``measures``, ``schedule``, ``loss_fn``, ``probe_size``, ...). ``max_grad_norm``
+            left at ``None`` is the Trainer's, ``progress`` at ``None`` follows the Trainer's
+            progress bars.
 
     A drawn probe from a streaming dataset needs a re-iterable stream; under data parallelism
     rank 0 draws it and broadcasts it (see the module docstring). A logger that raises while a
@@ -127,34 +129,29 @@ class SharpnessCallback(TrainerCallback):
         self,
         probe_batch: Any = None,
         *,
-        probe_size: int = 8,
-        probe_seed: int = 0,
+        options: MeterOptions | None = None,
         jsonl_path: str | None = None,
         run_name: str | None = None,
-        **meter_options: Any,
+        **changes: Any,
     ) -> None:
-        check_positive_int("probe_size", probe_size)
-        check_positive_int("probe_seed", probe_seed, minimum=0)
+        # Checked without a model: building one would draw from the RNG the Trainer just seeded.
+        self.options = resolve_options(options, changes)
         if probe_batch is not None:
             split_probe(probe_batch)
-        # Checked without a model: building one would draw from the RNG the Trainer just seeded.
-        check_options(meter_options)
         self.probe_batch = probe_batch
-        self.probe_size = probe_size
-        self.probe_seed = probe_seed
         self.jsonl_path = jsonl_path
         self.run_name = run_name
-        self.meter_options = meter_options
         self.meter: SharpnessMeter | None = None
         self.sink: JsonlSink | None = None
         self.trainer: Trainer | None = None
         self._logging_fails = False
 
     @classmethod
-    def attach(cls, trainer: Trainer, probe_batch: Any = None, **options: Any):
-        """Create a callback, bind it to ``trainer`` (so rows go through ``Trainer.log``) and
-        add it. Returns the callback."""
-        callback = cls(probe_batch, **options)
+    def attach(cls, trainer: Trainer, probe_batch: Any = None, **arguments: Any):
+        """Create a callback with ``arguments`` (``options=``, option fields, ``jsonl_path=``,
+        ...), bind it to ``trainer`` (so rows go through ``Trainer.log``) and add it. Returns
+        the callback."""
+        callback = cls(probe_batch, **arguments)
         callback.trainer = trainer
         trainer.add_callback(callback)
         return callback
@@ -176,12 +173,7 @@ class SharpnessCallback(TrainerCallback):
             batch = self._draw_probe(train_dataloader)
         # Every rank holds the same global probe; each measures its shard (sums over ranks).
         batch = local_shard(move_to(batch, next(model.parameters()).device))
-        options = {
-            "max_grad_norm": args.max_grad_norm or None,
-            "progress": state.is_world_process_zero and not args.disable_tqdm,
-            **self.meter_options,
-        }
-        self.meter = SharpnessMeter(model, batch, **options)
+        self.meter = SharpnessMeter(model, batch, options=self._options_under(args, state))
         if optimizer is not None:
             self.meter.check_optimizer(optimizer)
         saved = state.stateful_callbacks.get(STATE_KEY)
@@ -196,11 +188,21 @@ class SharpnessCallback(TrainerCallback):
                 model,
                 run=run,
                 seed=args.seed,
-                probe_seed=self.probe_seed,
+                probe_seed=self.options.probe_seed,
                 max_steps=state.max_steps,
             )
             resume = state.global_step if state.global_step > 0 else None
             self.sink = JsonlSink(path, metadata, resume_step=resume)
+
+    def _options_under(self, args: TrainingArguments, state: TrainerState) -> MeterOptions:
+        """The options with what was left to the Trainer filled in from it: its gradient
+        clipping, and a progress bar where it shows its own."""
+        filled: dict[str, Any] = {}
+        if self.options.max_grad_norm is None:
+            filled["max_grad_norm"] = args.max_grad_norm or None
+        if self.options.progress is None:
+            filled["progress"] = state.is_world_process_zero and not args.disable_tqdm
+        return self.options.replace(**filled)
 
     def _draw_probe(self, dataloader) -> Any:
         """The global probe: drawn here in one process, by rank 0 under data parallelism."""
@@ -249,14 +251,14 @@ class SharpnessCallback(TrainerCallback):
     def _probe_examples(self, dataset) -> list[Any]:
         if isinstance(dataset, torch.utils.data.IterableDataset) or not hasattr(dataset, "__len__"):
             # A stream has no indices: its first examples, from an iterator of our own.
-            examples = list(itertools.islice(iter(dataset), self.probe_size))
+            examples = list(itertools.islice(iter(dataset), self.options.probe_size))
             if not examples:
                 raise ValueError(
                     "the training stream gave no example for the probe: pass probe_batch="
                 )
             return examples
-        generator = torch.Generator().manual_seed(self.probe_seed)
-        count = min(self.probe_size, len(dataset))
+        generator = torch.Generator().manual_seed(self.options.probe_seed)
+        count = min(self.options.probe_size, len(dataset))
         indices = torch.randperm(len(dataset), generator=generator)[:count].tolist()
         return [dataset[i] for i in indices]
 
