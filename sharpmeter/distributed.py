@@ -49,6 +49,27 @@ class CollectiveError(RuntimeError):
     """
 
 
+class RankDivergence(CollectiveError):
+    """A measurement raised on this rank under data parallelism.
+
+    Ranks that measure together must take the same collectives in the same order; a rank whose
+    estimator raised (out of memory on its larger shard, say) has skipped some of them, and
+    recording the failure as a status would pair its next all-reduce with another rank's
+    different one: numbers mixed across estimators, then a hang. So the run ends, saying why.
+    """
+
+
+def end_run_if_distributed(error: Exception, what: str) -> None:
+    """Raise :class:`RankDivergence` for ``error`` under data parallelism (nothing in one
+    process, where a failed measurement is only a status)."""
+    if is_distributed():
+        raise RankDivergence(
+            f"sharpmeter: {what} failed on rank {dist.get_rank()} ({type(error).__name__}: "
+            f"{error}); ranks that measure together must take the same collectives and this "
+            "one can no longer follow the others, so the run ends here"
+        ) from error
+
+
 def honour_timeout(timeout: timedelta) -> None:
     """Make the default process group's collectives give up after ``timeout``.
 
@@ -136,10 +157,34 @@ def shard_batch(batch: Any, rank: int, world_size: int) -> Any:
 
 
 def local_shard(batch: Any) -> Any:
-    """This rank's shard of a global probe batch (the batch itself outside data parallelism)."""
+    """This rank's shard of a global probe batch (the batch itself outside data parallelism).
+
+    Raises:
+        ValueError: the batch has fewer examples than there are ranks (a rank would get none,
+            and its forward would fail while the others wait); the same on every rank.
+    """
     if not is_distributed():
         return batch
-    return shard_batch(batch, dist.get_rank(), dist.get_world_size())
+    examples, ranks = _examples(batch), dist.get_world_size()
+    if examples is not None and examples < ranks:
+        raise ValueError(
+            f"the probe holds {examples} examples, fewer than the {ranks} ranks that share it: "
+            f"every rank needs at least one, so use a probe of at least {ranks} examples"
+        )
+    return shard_batch(batch, dist.get_rank(), ranks)
+
+
+def _examples(batch: Any) -> int | None:
+    """The examples in a batch (the first dimension of its first tensor; None: no tensor)."""
+    if isinstance(batch, torch.Tensor):
+        return batch.shape[0] if batch.dim() else None
+    values = batch.values() if isinstance(batch, dict) else batch
+    if isinstance(values, (list, tuple)) or isinstance(batch, dict):
+        for value in values:
+            examples = _examples(value)
+            if examples is not None:
+                return examples
+    return None
 
 
 NO_FSDP_HVP = (

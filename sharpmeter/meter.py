@@ -2,9 +2,11 @@ r"""SharpnessMeter: a schedule and a set of estimators, one flat record per meas
 
 A measurement runs inside :func:`sharpmeter.probe.measurement` on a fixed probe batch, so
 training is never changed by it, and it never raises: a failed estimator leaves NaN in its
-columns and says why in its ``*_status`` column. The one exception is a failed collective under
-data parallelism (:class:`~sharpmeter.distributed.CollectiveError`: another rank is stopped,
-hung or dead), after which no rank can go on training.
+columns and says why in its ``*_status`` column. The exception is data parallelism, where the
+ranks must take the same collectives in step: a failed collective (another rank is stopped,
+hung or dead) or an estimator that raised on one rank ends the run with a
+:class:`~sharpmeter.distributed.CollectiveError` saying so, since no rank could go on measuring
+(or training) in step with the others.
 
 The record (a flat ``dict`` of floats, ints, bools and strings; every row of a meter has the
 same keys, a failed one NaN where it has no value):
@@ -74,6 +76,7 @@ from sharpmeter.distributed import (
     CollectiveError,
     check_not_fsdp1,
     collective,
+    end_run_if_distributed,
     is_distributed,
     is_sharded,
 )
@@ -214,6 +217,7 @@ class SharpnessMeter:
         except NonFiniteLossError as error:
             _fail(row, self.chosen, "nonfinite", str(error))
         except Exception as error:  # a measurement must never stop training
+            end_run_if_distributed(error, "a measurement")
             _fail(row, self.chosen, "error", f"{type(error).__name__}: {error}")
         elapsed = time.perf_counter() - started
         row["wall_seconds"] = elapsed
@@ -374,6 +378,7 @@ def _take(measure: Measure, context: RowContext) -> Outcome:
     except CollectiveError:  # no other estimator can run without the process group
         raise
     except Exception as error:  # one estimator failing leaves the others standing
+        end_run_if_distributed(error, f"measuring {measure.name}")
         return Outcome(f"error: {type(error).__name__}: {error}")
     value = outcome.values.get(measure.value_column, math.nan)
     if outcome.status == "ok" and not math.isfinite(value):

@@ -119,6 +119,7 @@ def test_honour_timeout_outside_a_process_group_and_without_torchs_private_api(m
 
 def test_the_callback_reads_ddp_timeout_with_or_without_its_timedelta():
     assert ddp_timeout(SimpleNamespace(ddp_timeout=30)) == timedelta(seconds=30)
+    assert ddp_timeout(SimpleNamespace(ddp_timeout=1800)) is None  # the default: left alone
     args = SimpleNamespace(ddp_timeout=30, ddp_timeout_delta=timedelta(seconds=7))
     assert ddp_timeout(args) == timedelta(seconds=7)
 

@@ -13,6 +13,7 @@ import transformers
 from conftest import assert_same, snapshot, tiny_gpt2, token_batch
 
 import sharpmeter as sm
+import sharpmeter.distributed
 import sharpmeter.integrations.hf
 import sharpmeter.measures
 import sharpmeter.meter
@@ -319,3 +320,35 @@ def test_every_row_has_the_same_keys_whatever_failed(monkeypatch):
     assert rows["ok"]["lambda_max_converged"] is True
     assert rows["ok"]["preconditioned_lambda_max_converged"] is True
     assert rows["ok"]["error"] is None and "boom" not in str(rows["ok"])
+
+
+def test_under_data_parallelism_an_estimator_that_raises_ends_the_run(monkeypatch):
+    """One process: a raising estimator is a status. Several ranks: its collectives are out of
+    step with the other ranks', so the run ends with a CollectiveError naming the rank."""
+    model = tiny_gpt2().eval()
+    meter = sm.SharpnessMeter(model, token_batch(2), measures=("trace", "spectral"))
+
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("out of memory on this rank's larger shard")
+
+    monkeypatch.setitem(sm.measures.TRACE_METHODS, "hutchinson", out_of_memory)
+    row = meter.measure(1)
+    assert row["trace_status"].startswith("error: RuntimeError: out of memory")
+    assert row["spectral_status"] == "ok"
+    monkeypatch.setattr(sm.distributed, "is_distributed", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda: 1)
+    with pytest.raises(sm.distributed.RankDivergence, match="measuring trace failed on rank 1"):
+        meter.measure(2)
+    assert issubclass(sm.distributed.RankDivergence, sm.distributed.CollectiveError)
+
+
+def test_a_probe_with_fewer_examples_than_ranks_is_refused_on_every_rank(monkeypatch):
+    batch = token_batch(3)
+    monkeypatch.setattr(sm.distributed, "is_distributed", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda: 4)
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda: 3)
+    with pytest.raises(ValueError, match="3 examples, fewer than the 4 ranks"):
+        sm.distributed.local_shard(batch)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda: 3)
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda: 2)
+    assert sm.distributed.local_shard(batch)["input_ids"].shape[0] == 1

@@ -50,6 +50,7 @@ Example::
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
 import math
 import warnings
@@ -86,6 +87,9 @@ SUMMARY = (
     ("preconditioned_lambda_max", None, "precond"),
     ("directional_sharpness", None, "directional"),
 )
+_DEFAULT_DDP_TIMEOUT = {f.name: f.default for f in dataclasses.fields(TrainingArguments)}[
+    "ddp_timeout"
+]
 
 
 class SharpnessCallback(TrainerCallback):
@@ -167,7 +171,9 @@ class SharpnessCallback(TrainerCallback):
         **kwargs,
     ):
         # Before the first collective (the probe broadcast) and the Trainer's first step.
-        honour_timeout(ddp_timeout(args))
+        timeout = ddp_timeout(args)
+        if timeout is not None:
+            honour_timeout(timeout)
         batch = self.probe_batch
         if batch is None:
             batch = self._draw_probe(train_dataloader)
@@ -349,8 +355,11 @@ class SharpnessCallback(TrainerCallback):
             control.should_log = should_log
 
 
-def ddp_timeout(args: TrainingArguments) -> timedelta:
-    """The Trainer's ``ddp_timeout`` (seconds; 30 minutes by default) as a ``timedelta``."""
+def ddp_timeout(args: TrainingArguments) -> timedelta | None:
+    """The ``ddp_timeout`` the user chose, as a ``timedelta``; None when it is the default
+    (30 minutes, torch's own): a group made with a longer timeout of the user's is then kept."""
+    if args.ddp_timeout == _DEFAULT_DDP_TIMEOUT:
+        return None
     delta = getattr(args, "ddp_timeout_delta", None)
     return delta if isinstance(delta, timedelta) else timedelta(seconds=args.ddp_timeout)
 
