@@ -1,18 +1,13 @@
 """One run per folder: a run (or a study) owns its output folder while it writes into it.
 
 Two runs started on the same ``output_dir`` would interleave their JSONL rows and both end
-well. The first to start creates ``<folder>/sharpmeter.lock`` (atomically: ``O_CREAT |
-O_EXCL``) holding its pid, host and start time; a second one is refused in one line naming the
-lock, its owner and what to do. The lock goes when its owner ends, normally or by an exception;
-a lock left by an owner killed outright (``kill -9``, a crash of the machine) is stale and taken
-over, with a warning, by the next run:
-
-* its host is this one and its pid is not alive, or is alive but started after the lock was
-  taken (the pid went to another process);
-* or it cannot be read (empty or torn: its owner died while writing it) and is older than
-  :data:`UNREADABLE_GRACE_S` seconds (a younger one may be being written right now).
-
-A lock of another host is never judged stale: its pid cannot be checked from here.
+well. The first to start opens ``<folder>/sharpmeter.lock``, takes the kernel's exclusive
+``flock`` on it and writes its pid, host and start time into it; a second one is refused in one
+line naming the lock, its owner and what to do. The kernel holds the lock for the owner's open
+file, so it goes when the owner ends however it ends (``kill -9`` included), and it holds across
+containers on one kernel whatever their pid namespaces, and across hosts on NFSv4 (where Linux
+maps ``flock`` to POSIX locks). A lock file left by a killed owner is simply locked again. On a
+filesystem that cannot lock, a run warns and goes on unlocked.
 
 Example::
 
@@ -27,9 +22,9 @@ waiting in their first collective.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
-import secrets
 import socket
 import time
 import warnings
@@ -38,12 +33,18 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+try:
+    from fcntl import LOCK_EX, LOCK_NB, flock
+except ImportError:  # Windows: no flock, so acquire warns and runs unlocked
+    LOCK_EX = LOCK_NB = 0
+
+    def flock(descriptor: int, operation: int) -> None:
+        raise OSError(errno.ENOSYS, "this platform has no flock")
+
+
 LOCK_NAME = "sharpmeter.lock"
-# How long an unreadable lock may be one that its owner is still writing: the owner writes a
-# few hundred bytes right after creating it, so seconds are far more than that takes.
-UNREADABLE_GRACE_S = 5.0
-# Takeovers tried before giving up: each is lost only to another process starting meanwhile.
-_ATTEMPTS = 3
+# What flock fails with where the filesystem cannot lock at all (some network or FUSE mounts).
+_CANNOT_LOCK = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS}
 
 
 class RunLockedError(RuntimeError):
@@ -52,46 +53,36 @@ class RunLockedError(RuntimeError):
 
 @dataclass(frozen=True)
 class LockOwner:
-    """Who holds a lock: enough to tell, on the same host, whether it is still alive."""
+    """Who holds a lock, as its file says, to name it to a refused run.
+
+    >>> owner = LockOwner(123, "host-a")
+    >>> LockOwner.from_text(owner.to_text()) == owner
+    True
+    >>> owner.describe()
+    'pid 123 on host-a'
+    """
 
     pid: int
     host: str
     started: float = 0.0  # time.time() when taken
-    # The process's start time in clock ticks after boot (Linux): tells the owner from another
-    # process that got its pid after it died. None where unknown.
-    process_start: str | None = None
-    # Unique per acquisition: a release removes only the lock it took.
-    token: str = ""
 
     @classmethod
     def this_process(cls) -> LockOwner:
-        pid = os.getpid()
-        host = socket.gethostname()
-        return cls(pid, host, time.time(), _process_start(pid), secrets.token_hex(8))
+        return cls(os.getpid(), socket.gethostname(), time.time())
 
     @classmethod
     def from_text(cls, text: str) -> LockOwner | None:
-        """The owner a lock file names (None: it names none, e.g. empty or torn)."""
+        """The owner a lock file names (None: it names none, e.g. its owner is writing it)."""
         try:
             data = json.loads(text)
         except ValueError:
             return None
         if not isinstance(data, dict):
             return None
-        pid, host = data.get("pid"), data.get("host")
-        if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+        pid, host, started = data.get("pid"), data.get("host"), data.get("started")
+        if not isinstance(pid, int) or not isinstance(host, str):
             return None
-        if not isinstance(host, str):
-            return None
-        started = data.get("started")
-        process_start = data.get("process_start")
-        return cls(
-            pid,
-            host,
-            float(started) if isinstance(started, (int, float)) else 0.0,
-            str(process_start) if process_start is not None else None,
-            str(data.get("token", "")),
-        )
+        return cls(pid, host, float(started) if isinstance(started, (int, float)) else 0.0)
 
     def to_text(self) -> str:
         return json.dumps(asdict(self), indent=1) + "\n"
@@ -117,14 +108,15 @@ class RunLock:
     """
 
     path: Path
-    owner: LockOwner
+    # Open on the lock file, holding its flock; None where the filesystem cannot lock.
+    descriptor: int | None
     # The folder the lock had to create: removed again on release if nothing was written in it.
     created_folder: Path | None = None
     released: bool = False
 
     @classmethod
     def acquire(cls, folder: str | os.PathLike) -> RunLock:
-        """Takes ``<folder>/sharpmeter.lock`` (the folder is created when missing).
+        """Locks ``<folder>/sharpmeter.lock`` (the folder is created when missing).
 
         Raises:
             RunLockedError: a live run holds it (one line: the lock, its owner, what to do).
@@ -133,35 +125,27 @@ class RunLock:
         folder = Path(folder)
         created = None if folder.is_dir() else folder
         folder.mkdir(parents=True, exist_ok=True)
-        owner = LockOwner.this_process()
         try:
-            _take(folder / LOCK_NAME, owner)
+            descriptor = _lock(folder / LOCK_NAME)
         except BaseException:
-            if created is not None:  # a refused run leaves nothing behind
-                with contextlib.suppress(OSError):
-                    created.rmdir()
+            _remove_if_empty(created)  # a refused run leaves nothing behind
             raise
-        return cls(folder / LOCK_NAME, owner, created)
+        return cls(folder / LOCK_NAME, descriptor, created)
 
     def release(self) -> None:
-        """Removes the lock if it is still this one's (a second call does nothing)."""
+        """Removes the lock (a second call does nothing)."""
         if self.released:
             return
         self.released = True
-        seen = _read_lock(self.path)
-        if seen is not None and (seen.owner is None or seen.owner.token != self.owner.token):
-            # Someone judged this owner gone and took the folder: the lock is theirs now.
-            warnings.warn(
-                f"sharpmeter: {self.path} was taken over by another run meanwhile; left to it",
-                RuntimeWarning,
-                stacklevel=2,
-            )
-        elif seen is not None:
-            with contextlib.suppress(FileNotFoundError):
-                self.path.unlink()
-        if self.created_folder is not None:
-            with contextlib.suppress(OSError):  # not empty: the run wrote into it
-                self.created_folder.rmdir()
+        if self.descriptor is not None:
+            try:
+                # Removed before it is unlocked: once unlocked, the path may name the next run's
+                # lock. The check spares one that replaced ours by hand.
+                if _names(self.path, self.descriptor):
+                    self.path.unlink()
+            finally:
+                os.close(self.descriptor)
+        _remove_if_empty(self.created_folder)
 
     def __enter__(self) -> RunLock:
         return self
@@ -216,156 +200,87 @@ def _from_rank_zero(value: str | None) -> str | None:
     return shared[0]
 
 
-def _take(path: Path, owner: LockOwner) -> None:
-    """Creates the lock ``path`` for ``owner``, taking over a stale one (RunLockedError: a
-    live owner holds it)."""
-    for _ in range(_ATTEMPTS):
+def _lock(path: Path) -> int | None:
+    """A descriptor open on ``path`` holding its flock, this process written in it (None,
+    warned: the filesystem cannot lock)."""
+    while True:
+        descriptor = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
         try:
-            _create_exclusively(path, owner.to_text())
-            return
-        except FileExistsError:
-            pass
-        seen = _read_lock(path)
-        if seen is None:  # its owner released it meanwhile: try again
-            continue
-        stale = _stale_reason(seen)
-        if stale is None:
-            raise RunLockedError(_refusal(path, seen.owner))
-        warnings.warn(
-            f"sharpmeter: taking over the stale lock {path}: {stale}",
-            RuntimeWarning,
-            stacklevel=3,
-        )
-        _remove_if_unchanged(path, seen)
-    raise RunLockedError(
-        f"{path} keeps being taken by other runs starting in {path.parent}; start one at a time"
-    )
+            taken = _take(descriptor, path)
+        except OSError as error:
+            os.close(descriptor)
+            if error.errno not in _CANNOT_LOCK:
+                raise
+            with contextlib.suppress(OSError):  # no file that claims a folder nobody holds
+                path.unlink()
+            warnings.warn(
+                f"sharpmeter: {path.parent} cannot be locked ({error.strerror}); running "
+                "without a lock: two runs started there would mix their outputs",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            return None
+        except BaseException:
+            os.close(descriptor)
+            raise
+        if taken:
+            return descriptor
+        # Its owner removed it between our open and our flock: lock the file there now.
+        os.close(descriptor)
 
 
-@dataclass(frozen=True)
-class _SeenLock:
-    """A lock file as read: its owner (None: unreadable) and what identifies this very file."""
+def _take(descriptor: int, path: Path) -> bool:
+    """Locks the lock file open as ``descriptor`` and writes this process in it; False: the
+    file was removed before it was locked, so locking it guards nothing.
 
-    owner: LockOwner | None
-    identity: tuple[int, int, int]  # device, inode, modification time (ns)
-    age_s: float
-
-
-def _create_exclusively(path: Path, text: str) -> None:
-    """Creates ``path`` holding ``text``, synced; FileExistsError if it exists. A failed write
-    removes it again, so a full disk leaves no lock that would block the next run."""
-    descriptor = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    Raises:
+        RunLockedError: another open file (another run) holds its lock.
+    """
     try:
-        data = memoryview(text.encode("utf-8"))
-        while data:
-            data = data[os.write(descriptor, data) :]
-        os.fsync(descriptor)
+        flock(descriptor, LOCK_EX | LOCK_NB)
+    except BlockingIOError:
+        owner = LockOwner.from_text(os.pread(descriptor, 65536, 0).decode(errors="replace"))
+        raise RunLockedError(_refusal(path, owner)) from None
+    if not _names(path, descriptor):
+        return False
+    try:
+        _write_owner(descriptor)
     except BaseException:
-        os.close(descriptor)
-        with contextlib.suppress(OSError):
-            path.unlink()
+        path.unlink()  # held, so ours: a full disk leaves no file in a folder the run made
         raise
-    os.close(descriptor)
+    return True
 
 
-def _read_lock(path: Path) -> _SeenLock | None:
-    """The lock file now (None: there is none). Read through one descriptor, so that its
-    content and identity belong to the same file."""
+def _write_owner(descriptor: int) -> None:
+    """Writes this process over what the lock file held (what a killed owner left), synced."""
+    data = LockOwner.this_process().to_text().encode()
+    os.ftruncate(descriptor, 0)
+    written = 0
+    while written < len(data):
+        written += os.pwrite(descriptor, data[written:], written)
+    os.fsync(descriptor)
+
+
+def _names(path: Path, descriptor: int) -> bool:
+    """Whether ``path`` names the file open as ``descriptor``."""
     try:
-        descriptor = os.open(path, os.O_RDONLY)
+        return os.path.samestat(os.stat(path), os.fstat(descriptor))
     except FileNotFoundError:
-        return None
-    try:
-        stat = os.fstat(descriptor)
-        chunks = []
-        while chunk := os.read(descriptor, 65536):
-            chunks.append(chunk)
-    finally:
-        os.close(descriptor)
-    try:
-        owner = LockOwner.from_text(b"".join(chunks).decode("utf-8"))
-    except UnicodeDecodeError:
-        owner = None
-    identity = (stat.st_dev, stat.st_ino, stat.st_mtime_ns)
-    return _SeenLock(owner, identity, time.time() - stat.st_mtime)
-
-
-def _stale_reason(seen: _SeenLock) -> str | None:
-    """Why the lock seen is stale, or None while its owner may still be running."""
-    owner = seen.owner
-    if owner is None:
-        if seen.age_s > UNREADABLE_GRACE_S:
-            return f"it is unreadable (empty or torn) and {seen.age_s:.0f} s old"
-        return None
-    if owner.host != socket.gethostname() or os.name == "nt":
-        # A pid of another machine cannot be checked from here; on Windows os.kill(pid, 0)
-        # would end the process instead of probing it.
-        return None
-    try:
-        os.kill(owner.pid, 0)
-    except ProcessLookupError:
-        return f"its owner, pid {owner.pid}, is gone"
-    except PermissionError:
-        pass  # alive, under another user
-    current = _process_start(owner.pid)
-    if owner.process_start is not None and current is not None and current != owner.process_start:
-        return f"its owner, pid {owner.pid}, is gone (the pid now belongs to another process)"
-    return None
+        return False
 
 
 def _refusal(path: Path, owner: LockOwner | None) -> str:
-    folder = path.parent
-    if owner is None:
-        return (
-            f"{folder} is being taken by another run: {path} is not readable yet; if no other "
-            "run is starting there, remove it"
-        )
+    holder = owner.describe() if owner is not None else "a run that is just starting"
     return (
-        f"{folder} is in use by another run: {path} is held by {owner.describe()}; wait for "
-        "that run to end, or remove it if that process is gone"
+        f"{path.parent} is in use by another run: {path} is locked by {holder}; wait for that "
+        "run to end, or give this one another output folder"
     )
 
 
-def _remove_if_unchanged(path: Path, seen: _SeenLock) -> None:
-    """Removes the stale lock ``seen``, and only it: another process may have replaced it
-    meanwhile (taking it over too). Moving it aside first is atomic, so of two processes
-    taking over the same stale lock one moves it and the other finds nothing to move; a lock
-    moved aside that turns out not to be the one judged stale is put back."""
-    aside = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.stale")
-    try:
-        os.rename(path, aside)
-    except FileNotFoundError:
-        return
-    try:
-        stat = os.stat(aside)
-        if (stat.st_dev, stat.st_ino, stat.st_mtime_ns) != seen.identity:
-            _put_back(aside, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            aside.unlink()
-
-
-def _put_back(aside: Path, path: Path) -> None:
-    """Moves a live lock moved aside by mistake back, unless yet another run took the folder
-    since (a hard link never replaces a file; a folder without hard links gets a rename)."""
-    try:
-        os.link(aside, path)
-    except FileExistsError:
-        return
-    except OSError:
-        if not path.exists():
-            os.replace(aside, path)
-
-
-def _process_start(pid: int) -> str | None:
-    """When process ``pid`` started, in clock ticks after boot (None: no ``/proc``)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    # The command name (second field) may hold spaces and parentheses: count after its end.
-    fields = stat[stat.rfind(")") + 2 :].split()
-    return fields[19] if len(fields) > 19 else None
+def _remove_if_empty(folder: Path | None) -> None:
+    if folder is not None:
+        with contextlib.suppress(OSError):  # not empty: a run wrote into it
+            folder.rmdir()
 
 
 def _one_line(text: str) -> str:

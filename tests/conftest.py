@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 import transformers
@@ -149,3 +152,41 @@ def assert_same(before: dict, after: dict) -> None:
             assert torch.equal(
                 torch.as_tensor(value), torch.as_tensor(after["optimizer"][key][name])
             )
+
+
+# Holds a lock file's flock with the given text in it, as a run of another container would:
+# fast to start (no sharpmeter import), and free to name any owner.
+FLOCK_HOLDER = """
+import fcntl, os, sys, time
+descriptor = os.open(sys.argv[1], os.O_CREAT | os.O_RDWR)
+fcntl.flock(descriptor, fcntl.LOCK_EX)
+os.write(descriptor, sys.argv[2].encode())
+print("held", flush=True)
+time.sleep(60)
+"""
+
+RUN_HOLDER = """
+import sys, time
+from sharpmeter.runlock import RunLock
+lock = RunLock.acquire(sys.argv[1])
+print("held", flush=True)
+time.sleep(60)
+"""
+
+
+@pytest.fixture
+def hold():
+    """Starts a process running ``script`` with ``args`` that holds a lock; its Popen."""
+    holders = []
+
+    def start(script: str, *args: str) -> subprocess.Popen:
+        holder = subprocess.Popen([sys.executable, "-c", script, *args], stdout=subprocess.PIPE)
+        holders.append(holder)
+        assert holder.stdout.readline() == b"held\n"
+        return holder
+
+    yield start
+    for holder in holders:
+        holder.kill()
+        holder.wait()
+        holder.stdout.close()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import subprocess
 import sys
 from argparse import Namespace
@@ -12,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import RUN_HOLDER
 
 from sharpmeter import study
 from sharpmeter.analysis import compare_fits, curves_from_records, tail_mean
@@ -146,20 +146,15 @@ def test_a_broken_marker_is_one_line_naming_it(tmp_path):
     assert "\n" not in message and str(marker) in message and "remove it" in message
 
 
-def test_a_study_on_a_folder_another_live_run_holds_writes_nothing(tmp_path):
+def test_a_study_on_a_folder_another_live_run_holds_writes_nothing(tmp_path, hold):
     out = tmp_path / "study"
     out.mkdir()
     lock = out / LOCK_NAME
-    sleeper = subprocess.Popen(["sleep", "30"])
-    try:
-        lock.write_text(json.dumps({"pid": sleeper.pid, "host": socket.gethostname()}))
-        with pytest.raises(SystemExit) as refused:
-            study_command(out)
-    finally:
-        sleeper.kill()
-        sleeper.wait()
+    holder = hold(RUN_HOLDER, str(out))
+    with pytest.raises(SystemExit) as refused:
+        study_command(out)
     message = str(refused.value)
-    assert "\n" not in message and str(lock) in message and f"pid {sleeper.pid}" in message
+    assert "\n" not in message and str(lock) in message and f"pid {holder.pid}" in message
     assert list(out.iterdir()) == [lock]
 
 

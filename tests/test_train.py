@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import RUN_HOLDER
 
 from sharpmeter import sinks, train
 from sharpmeter.config import parse_config
@@ -187,26 +187,21 @@ def test_a_broken_done_marker_is_one_line_saying_how_to_recover(tmp_path, text):
     assert "remove it to train this run again" in message
 
 
-def test_a_run_on_a_folder_another_live_run_holds_is_refused(tmp_path, no_training):
-    sleeper = subprocess.Popen(["sleep", "30"])
-    try:
-        out = tmp_path / "run"
-        out.mkdir()
-        lock = out / LOCK_NAME
-        lock.write_text(json.dumps({"pid": sleeper.pid, "host": socket.gethostname()}))
-        with pytest.raises(RunLockedError, match=f"pid {sleeper.pid}"):
-            train.train_gpt(*run_arguments(out, *QUICK), dataset=TOY_DATA)
-        assert no_training.built == 0 and list(out.iterdir()) == [lock]
+def test_a_run_on_a_folder_another_live_run_holds_is_refused(tmp_path, no_training, hold):
+    out = tmp_path / "run"
+    out.mkdir()
+    lock = out / LOCK_NAME
+    holder = hold(RUN_HOLDER, str(out))
+    with pytest.raises(RunLockedError, match=f"pid {holder.pid}"):
+        train.train_gpt(*run_arguments(out, *QUICK), dataset=TOY_DATA)
+    assert no_training.built == 0 and list(out.iterdir()) == [lock]
 
-        # The recipe says so in one line and leaves the folder as it was.
-        done = launch([sys.executable], out, *QUICK, "--report_to", "none")
-        assert done.returncode != 0 and "Traceback" not in done.stderr
-        [line] = done.stderr.strip().splitlines()
-        assert str(lock) in line and f"pid {sleeper.pid}" in line
-        assert list(out.iterdir()) == [lock]
-    finally:
-        sleeper.kill()
-        sleeper.wait()
+    # The recipe says so in one line and leaves the folder as it was.
+    done = launch([sys.executable], out, *QUICK, "--report_to", "none")
+    assert done.returncode != 0 and "Traceback" not in done.stderr
+    [line] = done.stderr.strip().splitlines()
+    assert str(lock) in line and f"pid {holder.pid}" in line
+    assert list(out.iterdir()) == [lock]
 
 
 def test_a_run_releases_its_folder_when_it_ends_and_when_it_fails(tmp_path, no_training):
