@@ -38,11 +38,15 @@ The verdicts test the paper's claims on the measured curves alone:
 Several claims tested on one study decide some by chance: :func:`multiplicity_note` says how
 many to expect and which decisions with a p-value survive Holm's correction.
 
+With several seeds per size (replicates, :mod:`sharpmeter.analysis.replicates`) each claim
+takes them where they matter; :func:`analyse_curves` says how.
+
 Example::
 
     curves = curves_from_records(read_records("runs/study/small/sharpness.jsonl"))
-    for c in compare_with_simulator(curves):
-        print(c.n_params, c.shape_rmse, c.measured_peak_t, c.simulated_peak_t)
+    for n, by_seed in compare_with_simulator(curves).items():
+        for c in by_seed.values():
+            print(n, c.shape_rmse, c.measured_peak_t, c.simulated_peak_t)
 """
 
 from __future__ import annotations
@@ -59,16 +63,28 @@ from scipy import stats
 from sharpmeter.analysis import (
     FitComparison,
     ThreePhaseFit,
-    compare_fits,
     fit_three_phase,
     pearson,
     spearman,
 )
-from sharpmeter.analysis.curves import Curves, final_value
+from sharpmeter.analysis.curves import final_value
 from sharpmeter.analysis.inference import SignInterval, holm, min_pairs, sign_interval
 from sharpmeter.analysis.prediction import against_last_seen
+from sharpmeter.analysis.replicates import (
+    Curve,
+    Curves,
+    Replicates,
+    Seed,
+    SeedMean,
+    as_replicates,
+    has_replicates,
+    per_run,
+    scaling_fits,
+    seed_means,
+    seed_text,
+)
 from sharpmeter.analysis.robust import RobustFinal
-from sharpmeter.analysis.runs import RunEntry
+from sharpmeter.analysis.runs import RunEntry, RunSelection
 from sharpmeter.analysis.scaling import ScalingFit
 from sharpmeter.analysis.stability import EDGE_BAND, at_edge, final_stability
 from sharpmeter.simulator import simulate_run
@@ -150,9 +166,14 @@ def _correlation(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.corrcoef(a, b)[0, 1])
 
 
-def compare_with_simulator(curves: Curves, final_fraction: float = 0.2) -> list[CurveComparison]:
-    """:func:`compare_curve` for every size, smallest first."""
-    return [compare_curve(n, *curves[n], final_fraction) for n in sorted(curves)]
+def compare_with_simulator(
+    curves: Curves | Replicates, final_fraction: float = 0.2
+) -> dict[float, dict[Seed, CurveComparison]]:
+    """:func:`compare_curve` for every run, by size (smallest first) and seed."""
+    return {
+        n: {seed: compare_curve(n, t, s, final_fraction) for seed, (t, s) in by_seed.items()}
+        for n, by_seed in as_replicates(curves).items()
+    }
 
 
 @dataclass(frozen=True)
@@ -173,25 +194,45 @@ class Verdict:
 class StudyAnalysis:
     """Everything a report shows, computed from the curves alone; ``runs`` lists every run
     found with why it is not in the fits, when the curves came from files (see
-    :func:`sharpmeter.analysis.runs.select_runs`)."""
+    :func:`sharpmeter.analysis.runs.select_runs`).
 
-    curves: Curves = field(repr=False)
-    finals: dict[float, float]
-    phase_fits: dict[float, ThreePhaseFit | str] = field(repr=False)
+    Per run, by size and seed: ``replicates`` (the curves), ``phase_fits``, ``comparisons``.
+    Per size: ``final_means`` (over its seeds). ``scaling`` is fitted on every run's final
+    value, ``scaling_on_means`` on the sizes' means (None without replicates).
+    """
+
+    replicates: Replicates = field(repr=False)
+    final_means: dict[float, SeedMean]
+    phase_fits: dict[float, dict[Seed, ThreePhaseFit | str]] = field(repr=False)
     scaling: FitComparison | None
-    comparisons: list[CurveComparison] = field(repr=False)
+    scaling_on_means: FitComparison | None
+    comparisons: dict[float, dict[Seed, CurveComparison]] = field(repr=False)
     verdicts: list[Verdict]
     runs: tuple[RunEntry, ...] = field(default=(), repr=False)
 
     @property
+    def finals(self) -> dict[float, float]:
+        """Each size's final value, the mean over its seeds."""
+        return {n: mean.mean for n, mean in self.final_means.items()}
+
+    @property
+    def replicated(self) -> bool:
+        """Whether a size has several seeds."""
+        return has_replicates(self.replicates)
+
+    @property
+    def curves(self) -> Curves:
+        """One curve per size; raises ``ValueError`` when a size has several seeds (see
+        ``replicates``)."""
+        if self.replicated:
+            raise ValueError("several seeds per size: take their curves from `replicates`")
+        return {n: curve for n, by_seed in self.replicates.items() for curve in by_seed.values()}
+
+    @property
     def unfinished(self) -> dict[float, str]:
-        """The fitted sizes whose run stopped before its planned end (fitted when asked for),
-        with how far it got: ``unfinished: step 60 of 150``."""
-        return {
-            entry.run.n_params: entry.run.unfinished
-            for entry in self.runs
-            if entry.left_out is None and entry.run.unfinished
-        }
+        """The fitted sizes with a run that stopped before its planned end (see
+        :attr:`~sharpmeter.analysis.runs.RunSelection.unfinished`)."""
+        return RunSelection(self.runs).unfinished
 
     @property
     def left_out(self) -> list[RunEntry]:
@@ -206,54 +247,85 @@ class StudyAnalysis:
 
 
 def analyse_curves(
-    curves: Curves,
+    curves: Curves | Replicates,
     final_fraction: float = 0.2,
-    losses: Curves | None = None,
+    losses: Curves | Replicates | None = None,
     runs: Sequence[RunEntry] = (),
     *,
-    learning_rates: Curves | None = None,
-    other_measures: Mapping[str, Curves] | None = None,
+    learning_rates: Curves | Replicates | None = None,
+    other_measures: Mapping[str, Curves | Replicates] | None = None,
     quantity: str = "sharpness",
 ) -> StudyAnalysis:
-    """Fits, simulator comparison and verdicts for one curve per size (``losses``: the probe
-    loss curves of the same runs, for the flatter-is-better claim; ``runs``: every run found,
-    fitted or not, to be listed beside the results; ``learning_rates``: the runs' ``lr``, for
-    the edge of stability; ``other_measures``: the curves of other measures of the same runs by
-    name, for the same story across measures, where ``quantity`` names the one in ``curves``).
+    """Fits, simulator comparison and verdicts for one curve per size, or per size its seeds'
+    curves ``{n_params: {seed: (t, values)}}`` (``losses``: the probe loss curves of the same
+    runs, for the flatter-is-better claim; ``runs``: every run found, fitted or not, to be
+    listed beside the results; ``learning_rates``: the runs' ``lr``, for the edge of
+    stability; ``other_measures``: the curves of other measures of the same runs by name, for
+    the same story across measures, where ``quantity`` names the one in ``curves``).
+
+    With several seeds per size, the seeds count where they carry information:
+
+    * a size's final value is the mean of its seeds' final values, ± the standard error over
+      seeds (``final_means``);
+    * the scaling fits, and the claims that the final value falls with scale and which form
+      fits better, take every run's final value as a point, so their intervals carry the
+      seed-to-seed spread; the fits on the size means are kept beside them;
+    * eq. (1) is fitted to each run on its own, not to a size's pooled points: the claim is
+      about every run, a pooled fit would blur peaks that fall at different t into one too low
+      and wide, and its residuals, correlated within a seed, would understate its intervals;
+      a size's parameters are then the seed means of its runs' fits;
+    * the peak over the final value is each run's own, averaged over the size's seeds before
+      the sizes are ranked (the maximum of pooled noisy points is biased upwards);
+    * flatter is better correlates the size means of sharpness and loss: the sizes, not the
+      seeds, are the independent draws of the law;
+    * early prediction regresses every run, leaves all the seeds of a size out together, and
+      averages the error reductions over each size's seeds for the sign test;
+    * the edge of stability asks every run.
     """
-    sizes = sorted(curves)
-    finals = {n: final_value(*curves[n], final_fraction) for n in sizes}
-    phase_fits = {n: _three_phase_or_reason(*curves[n]) for n in sizes}
-    scaling = _scaling_or_reason(finals)
-    comparisons = compare_with_simulator(curves, final_fraction)
+    replicates = as_replicates(curves)
+    run_finals = per_run(replicates, lambda t, s: final_value(t, s, final_fraction))
+    final_means = seed_means(run_finals)
+    phase_fits = per_run(replicates, _three_phase_or_reason)
+    fitted = _scaling_or_reason(run_finals)
+    scaling, on_means = (None, None) if isinstance(fitted, str) else fitted
+    comparisons = compare_with_simulator(replicates, final_fraction)
     verdicts = [
-        _three_phases_verdict(phase_fits, curves),
-        *_scaling_verdicts(scaling),
+        _three_phases_verdict(phase_fits, replicates),
+        *_scaling_verdicts(fitted if scaling is None else scaling),
         _peak_verdict(comparisons),
-        _loss_verdict(finals, losses, final_fraction),
-        _early_verdict(curves, final_fraction),
-        _stability_verdict(curves, learning_rates, final_fraction, quantity),
+        _loss_verdict(final_means, _replicates_or_none(losses), final_fraction),
+        _early_verdict(replicates, final_fraction),
+        _stability_verdict(
+            replicates, _replicates_or_none(learning_rates), final_fraction, quantity
+        ),
     ]
     stories = {quantity: direction_answers(verdicts)}
     for name, other in (other_measures or {}).items():
         stories[name] = direction_answers(analyse_curves(other, final_fraction).verdicts)
     verdicts.append(_measures_verdict(stories))
     return StudyAnalysis(
-        curves,
-        finals,
+        replicates,
+        final_means,
         phase_fits,
-        scaling if isinstance(scaling, FitComparison) else None,
+        scaling,
+        on_means,
         comparisons,
         verdicts,
         tuple(runs),
     )
 
 
-def _scaling_or_reason(finals: Mapping[float, float]) -> FitComparison | str:
-    if len(finals) < MIN_SIZES_FOR_SCALING:
+def _replicates_or_none(curves: Curves | Replicates | None) -> Replicates | None:
+    return None if curves is None else as_replicates(curves)
+
+
+def _scaling_or_reason(
+    run_finals: Mapping[float, Mapping[Seed, float]],
+) -> tuple[FitComparison, FitComparison | None] | str:
+    if len(run_finals) < MIN_SIZES_FOR_SCALING:
         return f"needs at least {MIN_SIZES_FOR_SCALING} sizes"
     try:
-        return compare_fits(list(finals), list(finals.values()))
+        return scaling_fits(run_finals)
     except ValueError as error:  # a final value that is not finite, or not positive
         return f"no scaling fit: {error}"
 
@@ -274,12 +346,19 @@ def has_three_phases(fit: ThreePhaseFit | str, t: np.ndarray) -> bool:
     return fit.s_p > fit.s_f > 0 and fit.t_p < 1 and rise_seen and decay_seen
 
 
-def _three_phases_verdict(phase_fits: Mapping[float, ThreePhaseFit | str], curves: Curves):
-    found = sum(has_three_phases(fit, curves[n][0]) for n, fit in phase_fits.items())
-    failed = sum(isinstance(fit, str) for fit in phase_fits.values())
-    if found == len(phase_fits):
+def _three_phases_verdict(
+    phase_fits: Mapping[float, Mapping[Seed, ThreePhaseFit | str]], replicates: Replicates
+) -> Verdict:
+    fits = [
+        (fit, replicates[n][seed][0])
+        for n, by_seed in phase_fits.items()
+        for seed, fit in by_seed.items()
+    ]
+    found = sum(has_three_phases(fit, t) for fit, t in fits)
+    failed = sum(isinstance(fit, str) for fit, _ in fits)
+    if found == len(fits):
         holds = True
-    elif found + failed == len(phase_fits):
+    elif found + failed == len(fits):
         holds = None  # no run said no; the failed fits cannot say yes
     else:
         holds = False
@@ -287,7 +366,7 @@ def _three_phases_verdict(phase_fits: Mapping[float, ThreePhaseFit | str], curve
         THREE_PHASES,
         holds,
         f"eq. (1) fits with S_p > S_f > 0, a rise and half the decay seen in {found} of "
-        f"{len(phase_fits)} runs" + (f"; {failed} fits failed" if failed else ""),
+        f"{len(fits)} runs" + (f"; {failed} fits failed" if failed else ""),
     )
 
 
@@ -299,11 +378,13 @@ def _scaling_verdicts(scaling: FitComparison | str) -> list[Verdict]:
     lo, hi = fit.slope_ci
     # an infinite or NaN interval excludes nothing
     decided = math.isfinite(lo) and math.isfinite(hi) and (hi < 0 or lo > 0)
+    sizes = np.unique(fit.n_params).size
     slope = Verdict(
         falls,
         (fit.slope < 0) if decided else None,
         f"log-linear slope {fit.slope:.4g} per decade, "
-        f"{fit.level:.0%} interval [{lo:.3g}, {hi:.3g}], R^2 {fit.r2:.3f}",
+        f"{fit.level:.0%} interval [{lo:.3g}, {hi:.3g}], R^2 {fit.r2:.3f}"
+        + (f", on all {fit.n} runs of {sizes} sizes" if fit.n > sizes else ""),
         _slope_p_value(fit),
     )
     if scaling.best is None:
@@ -328,12 +409,16 @@ def _slope_p_value(fit: ScalingFit) -> float | None:
     return p_value if math.isfinite(p_value) else None
 
 
-def _peak_verdict(comparisons: list[CurveComparison]) -> Verdict:
+def _peak_verdict(comparisons: Mapping[float, Mapping[Seed, CurveComparison]]) -> Verdict:
     claim = PEAK
     if len(comparisons) < MIN_SIZES_FOR_SCALING:
         return Verdict(claim, None, f"needs at least {MIN_SIZES_FOR_SCALING} sizes")
-    n = [c.n_params for c in comparisons]
-    ratios = [c.measured_peak_ratio for c in comparisons]
+    n = list(comparisons)
+    ratios = [
+        SeedMean(tuple(c.measured_peak_ratio for c in by_seed.values())).mean
+        for by_seed in comparisons.values()
+    ]
+    averaged = "(each run's, averaged over seeds) " if has_replicates(comparisons) else ""
     if np.ptp(ratios) == 0:
         return Verdict(claim, None, f"peak/final is {ratios[0]:.3g} at every size")
     correlation = spearman(n, ratios)
@@ -344,7 +429,7 @@ def _peak_verdict(comparisons: list[CurveComparison]) -> Verdict:
         claim,
         (rho > 0) if p_value < SIGNIFICANCE else None,
         f"Spearman rho {rho:.3f} ({'exact ' if exact else ''}p = {p_value:.3g}) of peak/final "
-        f"against N; "
+        f"{averaged}against N; "
         f"peak/final from {min(ratios):.3g} to {max(ratios):.3g}",
         p_value,
     )
@@ -365,7 +450,7 @@ def exact_spearman_p(n: int, rho: float) -> float:
 
 
 def _loss_verdict(
-    finals: Mapping[float, float], losses: Curves | None, final_fraction: float
+    finals: Mapping[float, SeedMean], losses: Replicates | None, final_fraction: float
 ) -> Verdict:
     claim = "Flatter is better: final sharpness rises with final loss across sizes"
     sizes = [n for n in finals if losses is not None and n in losses]
@@ -373,25 +458,30 @@ def _loss_verdict(
         return Verdict(
             claim, None, f"needs the probe loss of at least {MIN_SIZES_FOR_CORRELATION} sizes"
         )
-    final_loss = [final_value(*losses[n], final_fraction) for n in sizes]
-    r = pearson([finals[n] for n in sizes], final_loss)
+    final_loss = [
+        SeedMean(tuple(final_value(*curve, final_fraction) for curve in losses[n].values())).mean
+        for n in sizes
+    ]
+    r = pearson([finals[n].mean for n in sizes], final_loss)
     decided = r.ci[0] > 0 or r.ci[1] < 0
+    means = " of the size means over seeds" if has_replicates(losses) else ""
     return Verdict(
         claim,
         (r.r > 0) if decided else None,
-        f"Pearson r {r.r:.3f}, {r.level:.0%} interval [{r.ci[0]:.3f}, {r.ci[1]:.3f}]",
+        f"Pearson r {r.r:.3f}{means}, {r.level:.0%} interval [{r.ci[0]:.3f}, {r.ci[1]:.3f}]",
         r.p_value,
     )
 
 
-def _early_verdict(curves: Curves, final_fraction: float) -> Verdict:
+def _early_verdict(replicates: Replicates, final_fraction: float) -> Verdict:
     claim = (
         f"The first {EARLY_FRACTION:.0%} of training predicts the final value better than "
         "the last value seen"
     )
+    averaged = " (averaged over seeds)" if has_replicates(replicates) else ""
     try:
-        comparison = against_last_seen(curves, EARLY_FRACTION, final_fraction)
-        interval = sign_interval(comparison.improvement, 1 - SIGNIFICANCE)
+        comparison = against_last_seen(replicates, EARLY_FRACTION, final_fraction)
+        interval = sign_interval(comparison.size_improvement, 1 - SIGNIFICANCE)
     except ValueError as error:  # fewer than 4 sizes measured by the cutoff; an overflow
         return Verdict(claim, None, f"no early regression across sizes: {error}")
     evidence = (
@@ -399,7 +489,8 @@ def _early_verdict(curves: Curves, final_fraction: float) -> Verdict:
         f"on the early mean and log10 N, against {_rms(comparison.last_seen_errors):.3g} for "
         f"the last value seen at t <= {EARLY_FRACTION:g} "
         f"({_rms(comparison.early_mean_errors):.3g} for the early mean); "
-        f"smaller error in {interval.positive} of {interval.n} sizes, {_sign_text(interval)}"
+        f"smaller error in {interval.positive} of {interval.n} sizes{averaged}, "
+        f"{_sign_text(interval)}"
     )
     if comparison.no_early_point:
         evidence += "; not measured by then: " + ", ".join(
@@ -425,21 +516,28 @@ def _sign_text(interval: SignInterval) -> str:
 
 
 def _stability_verdict(
-    curves: Curves, learning_rates: Curves | None, final_fraction: float, quantity: str
+    replicates: Replicates,
+    learning_rates: Replicates | None,
+    final_fraction: float,
+    quantity: str,
 ) -> Verdict:
     low, high = EDGE_BAND
     claim = f"Sharpness settles at the edge of stability: S lr / 2 within [{low:g}, {high:g}]"
     if learning_rates is None:
         return Verdict(claim, None, "needs the runs' learning rates (rows' `lr`)")
     finals = {
-        n: _final_ratio(curves[n], learning_rates.get(n), final_fraction) for n in sorted(curves)
+        _run_name(n, seed, by_seed): _final_ratio(
+            curve, learning_rates.get(n, {}).get(seed), final_fraction
+        )
+        for n, by_seed in replicates.items()
+        for seed, curve in by_seed.items()
     }
     answers = [at_edge(f.ci) if isinstance(f, RobustFinal) else None for f in finals.values()]
     if any(answer is False for answer in answers):
         holds = False
     else:
         holds = True if all(answers) else None
-    described = [f"{format_size(n)} {_ratio_text(final)}" for n, final in finals.items()]
+    described = [f"{name} {_ratio_text(final)}" for name, final in finals.items()]
     return Verdict(
         claim,
         holds,
@@ -448,11 +546,13 @@ def _stability_verdict(
     )
 
 
-def _final_ratio(
-    curve: tuple[np.ndarray, np.ndarray],
-    lr: tuple[np.ndarray, np.ndarray] | None,
-    final_fraction: float,
-) -> RobustFinal | str:
+def _run_name(n_params: float, seed: Seed, by_seed: Mapping[Seed, Curve]) -> str:
+    """``10M``, or ``10M seed 3`` when the size has several seeds."""
+    name = format_size(n_params)
+    return f"{name} {seed_text(seed)}" if len(by_seed) > 1 else name
+
+
+def _final_ratio(curve: Curve, lr: Curve | None, final_fraction: float) -> RobustFinal | str:
     """The run's final stability ratio, or why it has none."""
     if lr is None:
         return "no lr logged"

@@ -5,7 +5,9 @@ Every number in it is computed here from the runs' JSONL files (read by
 :func:`sharpmeter.analysis.runs.load_runs`, analysed by :func:`sharpmeter.compare.analyse_curves`);
 nothing is carried over from training. Every run found is listed: one left out of the fits
 (empty, diverged, no finite value, stopped before its planned end) says why, and an unfinished
-run fitted on request is marked in every table.
+run fitted on request is marked in every table. Runs at one size that differ in seed are
+replicates: every run is listed with its seed, and each size's row shows the mean over its seeds
+± their standard error (see :func:`sharpmeter.compare.analyse_curves`).
 
 Example::
 
@@ -29,12 +31,13 @@ from pathlib import Path
 
 import numpy as np
 
-from sharpmeter.analysis import RobustFinal, final_stderr, robust_final
-from sharpmeter.analysis.curves import Curves
-from sharpmeter.analysis.phases import PARAMETERS
+from sharpmeter.analysis import RobustFinal, final_stderr, final_value, robust_final
+from sharpmeter.analysis.phases import PARAMETERS, ThreePhaseFit
 from sharpmeter.analysis.plotting import plot_scaling_fit
+from sharpmeter.analysis.replicates import Replicates, Seed, SeedMean
 from sharpmeter.analysis.runs import Run, RunEntry, RunSelection, load_runs, select_runs
-from sharpmeter.compare import StudyAnalysis, analyse_curves, has_three_phases
+from sharpmeter.analysis.scaling import FitComparison
+from sharpmeter.compare import CurveComparison, StudyAnalysis, analyse_curves, has_three_phases
 from sharpmeter.records import Record
 from sharpmeter.sizes import format_size
 
@@ -107,14 +110,15 @@ def load_analysis(
     ``quantity`` over them (its ``runs`` list every run found, fitted or not, and why).
 
     Runs that stopped before their planned ``max_steps`` are left out of the fits unless
-    ``include_unfinished``. The probe loss, the learning rate and the other measures of
-    :data:`MEASURE_COLUMNS` go into the verdicts when the fitted runs log them.
+    ``include_unfinished``. Runs at one size that differ in seed are analysed as replicates. The
+    probe loss, the learning rate and the other measures of :data:`MEASURE_COLUMNS` go into the
+    verdicts when the fitted runs log them.
     """
     files = find_runs(paths)
     selection = select_runs(load_runs(f.jsonl for f in files), quantity, include_unfinished)
     others = {name: _logged_curves(selection, name) for name in MEASURE_COLUMNS if name != quantity}
     analysis = analyse_curves(
-        selection.curves(quantity),
+        selection.replicates(quantity),
         final_fraction,
         _logged_curves(selection, "loss"),
         selection.entries,
@@ -125,10 +129,10 @@ def load_analysis(
     return files, selection.rows(), analysis
 
 
-def _logged_curves(selection: RunSelection, quantity: str) -> Curves | None:
+def _logged_curves(selection: RunSelection, quantity: str) -> Replicates | None:
     """The fitted runs' curves of ``quantity``, None when none of them logs a finite value."""
     try:
-        return selection.curves(quantity)
+        return selection.replicates(quantity)
     except ValueError:
         return None
 
@@ -222,6 +226,13 @@ def report_blocks(
     ]
     if analysis.scaling is not None:
         blocks += ["## Scaling of the final value", _scaling_table(analysis)]
+        if analysis.scaling_on_means is not None:
+            blocks.append(
+                "With several seeds per size, the fits on every run's final value carry the "
+                "seed-to-seed spread in their intervals (and decide the verdicts); the fits on "
+                "the size means see it only through the means' scatter about the law, and are "
+                "the ones to trust when the means stray from it more than their seeds explain."
+            )
         if analysis.scaling.undecided is not None:
             blocks.append(f"AIC cannot rank the two forms: {analysis.scaling.undecided}.")
         blocks.append(Figure(figures[1], "Final value against parameters, both fits."))
@@ -236,6 +247,7 @@ def compare_blocks(analysis: StudyAnalysis) -> list[Block]:
         [verdict.line() for verdict in analysis.verdicts],
         analysis.multiplicity,
         *_fitted_runs_note(analysis),
+        *_seeds_note(analysis),
         "## Measured against the simulator (common training-fraction axis)",
         _comparison_table(analysis),
         "The simulator is calibrated on 10M-7B parameter language models, so its levels are "
@@ -260,6 +272,19 @@ def _fitted_runs_note(analysis: StudyAnalysis) -> list[Block]:
     return [note]
 
 
+def _seeds_note(analysis: StudyAnalysis) -> list[Block]:
+    """How the seeds of a size enter the numbers, when a size has several."""
+    if not analysis.replicated:
+        return []
+    counts = sorted({len(by_seed) for by_seed in analysis.replicates.values()})
+    return [
+        f"Seeds per size: {', '.join(map(str, counts))}. A size's value is the mean of its "
+        "seeds' values ± the standard error over seeds (s / sqrt(k)); its three-phase "
+        "parameters are the seed means of each run's own fit; the scaling fits take every "
+        "run's final value, so their intervals carry the seed-to-seed spread."
+    ]
+
+
 def _size_cell(analysis: StudyAnalysis, n: float) -> str:
     """A fitted size, marked when its run stopped before its planned end."""
     mark = analysis.unfinished.get(n)
@@ -268,6 +293,8 @@ def _size_cell(analysis: StudyAnalysis, n: float) -> str:
 
 def _runs_table(analysis: StudyAnalysis, final_fraction: float) -> Table:
     """Every run found: the fitted ones with their numbers, the others with why not."""
+    # a seed column once a run records one: files without seeds keep their table
+    seeds = any(entry.run.seed is not None for entry in analysis.runs)
     header = (
         "parameters",
         "measurements",
@@ -277,30 +304,35 @@ def _runs_table(analysis: StudyAnalysis, final_fraction: float) -> Table:
         "peak at t",
         "not finite",
         "run",
+        *(("seed",) if seeds else ()),
         "steps",
         "in fits",
     )
     entries = sorted(analysis.runs, key=_size_order)
-    return Table(header, tuple(_run_row(analysis, entry, final_fraction) for entry in entries))
+    rows = tuple(_run_row(analysis, entry, final_fraction, seeds) for entry in entries)
+    return Table(header, rows)
 
 
 def _size_order(entry: RunEntry) -> tuple:
-    n = entry.run.n_params
-    return (n is None, n or 0.0, entry.run.name)
+    n, seed = entry.run.n_params, entry.run.seed
+    return (n is None, n or 0.0, seed is None, seed or 0, entry.run.name)
 
 
-def _run_row(analysis: StudyAnalysis, entry: RunEntry, final_fraction: float) -> tuple[str, ...]:
+def _run_row(
+    analysis: StudyAnalysis, entry: RunEntry, final_fraction: float, seeds: bool
+) -> tuple[str, ...]:
     run = entry.run
-    described = (str(entry.not_finite), f"`{run.name}`", run.progress)
+    seed = (("?" if run.seed is None else str(run.seed)),) if seeds else ()
+    described = (str(entry.not_finite), f"`{run.name}`", *seed, run.progress)
     if entry.left_out is not None:
         size = "unknown" if run.n_params is None else f"{run.n_params:,.0f}"
         return (size, str(entry.finite), "n/a", "n/a", "n/a", "n/a", *described, entry.left_out)
-    t, s = analysis.curves[run.n_params]
+    t, s = analysis.replicates[run.n_params][run.seed]
     stderr = final_stderr(t, s, final_fraction)
     return (
         _size_cell(analysis, run.n_params),
         str(s.size),
-        f"{analysis.finals[run.n_params]:.4g} ± {stderr:.2g}",
+        f"{final_value(t, s, final_fraction):.4g} ± {stderr:.2g}",
         _robust_cell(robust_final(t, s, final_fraction)),
         f"{s.max():.4g}",
         f"{t[np.argmax(s)]:.2f}",
@@ -317,20 +349,34 @@ def _robust_cell(robust: RobustFinal) -> str:
     return f"{robust.trimmed_mean:.4g}{interval} (median {robust.median:.4g})"
 
 
+def _seeds_header(analysis: StudyAnalysis) -> tuple[str, ...]:
+    return ("seeds",) if analysis.replicated else ()
+
+
+def _seeds_cell(analysis: StudyAnalysis, n: float) -> tuple[str, ...]:
+    return (str(len(analysis.replicates[n])),) if analysis.replicated else ()
+
+
+def _mean_of(results: Iterable, attribute: str) -> SeedMean:
+    """The seed mean of ``attribute`` of each seed's result."""
+    return SeedMean(tuple(getattr(result, attribute) for result in results))
+
+
+def _seed_cell(mean: SeedMean, spec: str) -> str:
+    """``1.02 ± 0.013``: the mean over seeds and its standard error; the value alone for one
+    seed."""
+    spread = f" ± {mean.stderr:.2g}" if mean.n_seeds > 1 else ""
+    return f"{mean.mean:{spec}}{spread}"
+
+
 def _comparison_table(analysis: StudyAnalysis) -> Table:
     rows = tuple(
-        (
-            _size_cell(analysis, c.n_params),
-            f"{c.measured_final:.4g} / {c.simulated_final:.4g}",
-            f"{c.measured_peak_ratio:.3g} / {c.simulated_peak_ratio:.3g}",
-            f"{c.measured_peak_t:.2f} / {c.simulated_peak_t:.2f}",
-            f"{c.shape_rmse:.3g}",
-            f"{c.shape_correlation:.3f}",
-        )
-        for c in analysis.comparisons
+        _comparison_row(analysis, n, list(by_seed.values()))
+        for n, by_seed in analysis.comparisons.items()
     )
     header = (
         "parameters",
+        *_seeds_header(analysis),
         "final (measured / simulated)",
         "peak/final (measured / simulated)",
         "peak at t (measured / simulated)",
@@ -340,23 +386,71 @@ def _comparison_table(analysis: StudyAnalysis) -> Table:
     return Table(header, rows)
 
 
+def _comparison_row(
+    analysis: StudyAnalysis, n: float, runs: list[CurveComparison]
+) -> tuple[str, ...]:
+    """A size's measured values (mean ± standard error over its seeds) beside the simulator's,
+    which has no seed to vary: any run's simulated values are the size's."""
+    simulated = runs[0]
+
+    def measured(attribute: str, spec: str) -> str:
+        return _seed_cell(_mean_of(runs, attribute), spec)
+
+    return (
+        _size_cell(analysis, n),
+        *_seeds_cell(analysis, n),
+        f"{measured('measured_final', '.4g')} / {simulated.simulated_final:.4g}",
+        f"{measured('measured_peak_ratio', '.3g')} / {simulated.simulated_peak_ratio:.3g}",
+        f"{measured('measured_peak_t', '.2f')} / {simulated.simulated_peak_t:.2f}",
+        measured("shape_rmse", ".3g"),
+        measured("shape_correlation", ".3f"),
+    )
+
+
 def _phase_table(analysis: StudyAnalysis) -> Table:
     rows = []
-    for n, fit in sorted(analysis.phase_fits.items()):
-        if isinstance(fit, str):
-            rows.append((_size_cell(analysis, n), fit, "", "", "", "", "no"))
-            continue
-        cells = [_with_stderr(getattr(fit, p), fit.stderr[p]) for p in PARAMETERS]
-        rows.append(
-            (
-                _size_cell(analysis, n),
-                *cells,
-                f"{fit.r2:.3f}",
-                "yes" if has_three_phases(fit, analysis.curves[n][0]) else "no",
-            )
-        )
-    header = ("parameters", "S_p", "S_f", "t_p", "lambda", "R^2", "three phases")
+    for n, fits in analysis.phase_fits.items():
+        size = (_size_cell(analysis, n), *_seeds_cell(analysis, n))
+        cells = _phase_cells(fits) if len(fits) == 1 else _seed_phase_cells(fits)
+        found = [
+            has_three_phases(fit, analysis.replicates[n][seed][0]) for seed, fit in fits.items()
+        ]
+        if len(fits) == 1:
+            answer = "yes" if found[0] else "no"
+        else:
+            failed = sum(isinstance(fit, str) for fit in fits.values())
+            answer = f"{sum(found)} of {len(fits)}" + (f" ({failed} failed)" if failed else "")
+        rows.append((*size, *cells, answer))
+    header = (
+        "parameters",
+        *_seeds_header(analysis),
+        "S_p",
+        "S_f",
+        "t_p",
+        "lambda",
+        "R^2",
+        "three phases",
+    )
     return Table(header, tuple(rows))
+
+
+def _phase_cells(fits: dict[Seed, ThreePhaseFit | str]) -> tuple[str, ...]:
+    """One run's fit: each parameter ± its standard error from the fit."""
+    [fit] = fits.values()
+    if isinstance(fit, str):
+        return (fit, "", "", "", "")
+    cells = [_with_stderr(getattr(fit, p), fit.stderr[p]) for p in PARAMETERS]
+    return (*cells, f"{fit.r2:.3f}")
+
+
+def _seed_phase_cells(fits: dict[Seed, ThreePhaseFit | str]) -> tuple[str, ...]:
+    """Several seeds' fits: each parameter's mean over the fitted seeds ± its standard error
+    over them (the seeds, not one fit's residuals, say how far it moves)."""
+    fitted = [fit for fit in fits.values() if not isinstance(fit, str)]
+    if not fitted:
+        return (f"no seed fitted: {next(iter(fits.values()))}", "", "", "", "")
+    cells = [_seed_cell(_mean_of(fitted, p), ".4g") for p in PARAMETERS]
+    return (*cells, _seed_cell(_mean_of(fitted, "r2"), ".3f"))
 
 
 def _with_stderr(value: float, stderr: float) -> str:
@@ -366,23 +460,14 @@ def _with_stderr(value: float, stderr: float) -> str:
 
 
 def _scaling_table(analysis: StudyAnalysis) -> Table:
-    scaling = analysis.scaling
-    rows = []
-    for name, fit in (
-        ("log-linear S = a log10 N + b", scaling.log_linear),
-        ("power law S = c N^k", scaling.power_law),
-    ):
-        lo, hi = fit.slope_ci
-        rows.append(
-            (
-                name,
-                f"{fit.slope:.4g}",
-                f"[{lo:.3g}, {hi:.3g}]",
-                f"{fit.r2:.4f}",
-                f"{fit.aic:.2f}",
-                f"{fit.bic:.2f}",
-            )
-        )
+    """Both forms; with replicates, fitted on every run's final value and on the size means."""
+    scaling, on_means = analysis.scaling, analysis.scaling_on_means
+    if on_means is None:
+        rows = _scaling_rows(scaling)
+    else:
+        sizes = on_means.log_linear.n
+        rows = _scaling_rows(scaling, f", all {scaling.log_linear.n} runs")
+        rows += _scaling_rows(on_means, f", {sizes} size means")
     header = (
         "form",
         "slope / exponent",
@@ -392,6 +477,26 @@ def _scaling_table(analysis: StudyAnalysis) -> Table:
         "BIC",
     )
     return Table(header, tuple(rows))
+
+
+def _scaling_rows(comparison: FitComparison, points: str = "") -> list[tuple[str, ...]]:
+    rows = []
+    for name, fit in (
+        ("log-linear S = a log10 N + b", comparison.log_linear),
+        ("power law S = c N^k", comparison.power_law),
+    ):
+        lo, hi = fit.slope_ci
+        rows.append(
+            (
+                name + points,
+                f"{fit.slope:.4g}",
+                f"[{lo:.3g}, {hi:.3g}]",
+                f"{fit.r2:.4f}",
+                f"{fit.aic:.2f}",
+                f"{fit.bic:.2f}",
+            )
+        )
+    return rows
 
 
 def _files_list(runs: Sequence[RunFiles], entries: Sequence[RunEntry]) -> list[str]:
@@ -435,15 +540,17 @@ def plot_curves(
     figure = MplFigure(figsize=(11, 4), layout="constrained")
     measured, shapes = figure.subplots(1, 2)
     colours = _colours(len(analysis.comparisons))
-    for colour, comparison in zip(colours, analysis.comparisons, strict=True):
-        n = comparison.n_params
-        t, s = analysis.curves[n]
-        measured.plot(t, s, color=colour, label=format_size(n))
-        fit = analysis.phase_fits[n]
-        if not isinstance(fit, str):
-            measured.plot(t, fit.predict(t), color=colour, linestyle=":", linewidth=1)
-        shapes.plot(comparison.t, comparison.measured, color=colour)
-        shapes.plot(comparison.t, comparison.simulated, color=colour, linestyle="--")
+    # a size's seeds share its colour, its one legend entry and its one simulated curve
+    for colour, (n, by_seed) in zip(colours, analysis.comparisons.items(), strict=True):
+        for index, (seed, comparison) in enumerate(by_seed.items()):
+            t, s = analysis.replicates[n][seed]
+            measured.plot(t, s, color=colour, label=None if index else format_size(n))
+            fit = analysis.phase_fits[n][seed]
+            if not isinstance(fit, str):
+                measured.plot(t, fit.predict(t), color=colour, linestyle=":", linewidth=1)
+            shapes.plot(comparison.t, comparison.measured, color=colour)
+            if not index:
+                shapes.plot(comparison.t, comparison.simulated, color=colour, linestyle="--")
     measured.set(
         title=f"measured {quantity} (dotted: eq. 1 fit)",
         xlabel="fraction of training",

@@ -13,7 +13,9 @@
 * ``stability``: the edge of stability, sharpness against ``2 / lr``;
 * ``inference``: a sign-test interval for few paired differences, Holm's correction;
 * ``runs``: record files -> every run in them, each step once (the last write kept), on its
-  planned training axis, and which runs a fit uses (with why the others are left out).
+  planned training axis, and which runs a fit uses (with why the others are left out);
+* ``replicates``: several seeds per size: a size's mean over its seeds with their standard
+  error, and the scaling fits on every run beside those on the size means.
 
 >>> from sharpmeter.analysis import fit_log_linear
 >>> round(fit_log_linear([1e7, 1e8, 1e9], [1.3, 1.2, 1.1]).slope, 6)
@@ -57,6 +59,7 @@ from sharpmeter.analysis.prediction import (
     early_prediction,
     regress_final,
 )
+from sharpmeter.analysis.replicates import SeedMean, as_replicates, scaling_fits
 from sharpmeter.analysis.robust import RobustFinal, robust_final
 from sharpmeter.analysis.runs import Run, RunEntry, RunSelection, load_runs, select_runs
 from sharpmeter.analysis.scaling import (
@@ -92,9 +95,11 @@ __all__ = [
     "RunEntry",
     "RunSelection",
     "ScalingFit",
+    "SeedMean",
     "SignInterval",
     "ThreePhaseFit",
     "against_last_seen",
+    "as_replicates",
     "at_edge",
     "bootstrap_fit",
     "bound_accuracy_correlation",
@@ -121,6 +126,7 @@ __all__ = [
     "phase_means",
     "regress_final",
     "robust_final",
+    "scaling_fits",
     "select_runs",
     "sign_interval",
     "spearman",

@@ -9,7 +9,9 @@ Two row shapes are logged (see ``sharpmeter.records``):
 
 Both become ``{n_params: (t, values)}`` with ``t`` the fraction of training (the row's
 ``fraction`` when every row of the run has one, else ``step`` over the run's planned length or,
-not knowing it, its last logged step), sorted by ``t``.
+not knowing it, its last logged step), sorted by ``t``. A run is told from another by its size,
+its ``run`` name and its ``seed`` (when the rows carry one); several seeds at one size are
+replicates (:mod:`sharpmeter.analysis.replicates`).
 """
 
 from __future__ import annotations
@@ -23,11 +25,11 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 from sharpmeter.analysis._checks import as_finite_1d, check_fraction
+from sharpmeter.analysis.replicates import Curve, Curves, Replicates, group_replicates
+from sharpmeter.sizes import format_size
 
 DEFAULT_LONG_QUANTITY = "sharpness"
 DEFAULT_WIDE_QUANTITY = "critical_sharpness"
-
-Curves = dict[float, tuple[np.ndarray, np.ndarray]]
 
 
 def window_size(n_points: int, fraction: float) -> int:
@@ -105,21 +107,48 @@ def is_long(row: Mapping[str, Any]) -> bool:
     return "quantity" in row and "value" in row
 
 
-RunKey = tuple[float | None, Any]  # (n_params, run name): what tells one run from another
+# (n_params, run name, seed): what tells one run from another
+RunKey = tuple[float | None, Any, int | None]
 
 
 def run_key(row: Mapping[str, Any]) -> RunKey:
-    """The run a row belongs to: its model size and its ``run`` name (None when not logged)."""
-    return finite_number(row.get("n_params")), row.get("run")
+    """The run a row belongs to: its model size, its ``run`` name and its ``seed`` (None when
+    not logged)."""
+    return finite_number(row.get("n_params")), row.get("run"), seed_of(row.get("seed"))
+
+
+def run_name(n_params: float | None, run: Any) -> str:
+    """A run's ``run`` name, or its readable size when it logged none."""
+    return str(run) if run is not None else format_size(n_params)
+
+
+def seed_of(value: Any) -> int | None:
+    """A seed as an int (``3.0`` reads as 3), None when not recorded; raises ``ValueError``
+    for anything that is not an integer.
+
+    >>> seed_of(3.0), seed_of(None)
+    (3, None)
+    """
+    if value is None:
+        return None
+    number = finite_number(value)
+    if number is None or not number.is_integer():
+        raise ValueError(f"a seed that is not an integer: {value!r}")
+    return int(number)
 
 
 def row_problem(row: Mapping[str, Any]) -> str | None:
-    """Why a row cannot be placed on a curve (no size, no position in training), or None."""
+    """Why a row cannot be placed on a curve (no size, no position in training, a seed that is
+    no integer), or None."""
     n_params = finite_number(row.get("n_params"))
     if n_params is None or n_params <= 0:
         return "has no positive n_params"
     if finite_number(row.get("step")) is None and finite_number(row.get("fraction")) is None:
         return "has neither step nor fraction"
+    try:
+        seed_of(row.get("seed"))
+    except ValueError as error:
+        return f"has {error}"
     return None
 
 
@@ -141,7 +170,7 @@ def logged_value(row: Mapping[str, Any], quantity: str | None) -> float | None:
 
 def run_curve(
     rows: Sequence[Mapping[str, Any]], quantity: str | None = None, length: float | None = None
-) -> tuple[np.ndarray, np.ndarray]:
+) -> Curve:
     """The finite values of ``quantity`` in one run's rows, as ``(t, values)`` sorted by ``t``
     (both empty when there is none).
 
@@ -171,31 +200,15 @@ def run_curve(
     return t[order], values[order]
 
 
-def one_curve_per_size(
-    curves: Mapping[RunKey, tuple[np.ndarray, np.ndarray]], quantity: str | None
-) -> Curves:
-    """``{n_params: (t, values)}`` from per-run curves, smallest size first; runs with no point
-    are left out. Several runs at one size are refused rather than silently merged."""
-    kept = {key: curve for key, curve in curves.items() if curve[0].size}
-    if not kept:
-        raise ValueError(f"no finite values of quantity {quantity or '(default)'} in the records")
-    runs_per_size: dict[float, list[Any]] = defaultdict(list)
-    for n_params, run in kept:
-        runs_per_size[n_params].append(run)
-    shared = {n: runs for n, runs in runs_per_size.items() if len(runs) > 1}
-    if shared:
-        raise ValueError(f"several runs share a model size; pass one run per size: {shared}")
-    return {key[0]: curve for key, curve in sorted(kept.items(), key=lambda kv: kv[0][0])}
-
-
 def curves_from_records(rows: Iterable[Mapping[str, Any]], quantity: str | None = None) -> Curves:
     """Group logged rows into one curve per model size for one quantity (see :func:`run_curve`).
 
     ``quantity=None`` means ``"sharpness"`` for long rows and ``"critical_sharpness"`` for wide
     rows. Rows whose value is missing or not finite (a failed measurement, logged with its status)
-    are skipped. The rows are taken as given: reading files through
-    :func:`sharpmeter.analysis.runs.load_runs` resolves steps logged twice and knows each run's
-    planned length.
+    are skipped. Several runs at one size are refused, replicates too: read those from files with
+    :meth:`~sharpmeter.analysis.runs.RunSelection.replicates`. The rows are taken as given:
+    reading files through :func:`sharpmeter.analysis.runs.load_runs` resolves steps logged twice
+    and knows each run's planned length.
 
     >>> rows = [{"n_params": 1e7, "step": s, "critical_sharpness": v}
     ...         for s, v in [(0, 1.0), (10, 2.0)]]
@@ -209,5 +222,20 @@ def curves_from_records(rows: Iterable[Mapping[str, Any]], quantity: str | None 
         if problem is not None:
             raise ValueError(f"row {index} {problem}: {dict(row)}")
         runs[run_key(row)].append(row)
-    curves = {key: run_curve(rows_of_run, quantity) for key, rows_of_run in runs.items()}
-    return one_curve_per_size(curves, quantity)
+    curves = [
+        (n_params, seed, run_name(n_params, run), run_curve(rows_of_run, quantity))
+        for (n_params, run, seed), rows_of_run in runs.items()
+    ]
+    return _one_curve_per_size(group_replicates(curves, quantity))
+
+
+def _one_curve_per_size(replicates: Replicates) -> Curves:
+    seeded = {
+        format_size(n): list(by_seed) for n, by_seed in replicates.items() if len(by_seed) > 1
+    }
+    if seeded:
+        raise ValueError(
+            f"several runs share a model size, replicates of seeds {seeded}; this takes one run "
+            "per size: read replicates with select_runs(load_runs(files)).replicates(quantity)"
+        )
+    return {n: curve for n, by_seed in replicates.items() for curve in by_seed.values()}

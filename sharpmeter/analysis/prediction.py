@@ -1,12 +1,15 @@
 """Early prediction of final sharpness from the start of training.
 
-Across runs i (one per model size N_i), regress the final value on the early mean and the scale::
+Across runs i of model size N_i, regress the final value on the early mean and the scale::
 
     F_i = b0 + b1 E_i + b2 log10 N_i + e_i
 
 with ``E_i`` the mean of the first ``early_fraction`` of run i's checkpoints and ``F_i`` the mean
-of its last ``final_fraction``. Reported: the in-sample R^2 and the leave-one-out (LOO) errors,
-each run predicted by the regression fitted on the others -- the honest measure with few runs.
+of its last ``final_fraction``. Reported: the in-sample R^2 and the leave-one-size-out errors,
+each run predicted by the regression fitted on the runs of the other sizes -- the honest measure
+with few sizes. With one run per size that is leave-one-out; with several seeds per size, all
+of a size's seeds are left out together: a seed of the same size left in would hand the fit
+nearly the answer, and what is to be predicted is a size not yet trained.
 
 :func:`against_last_seen` sets the regression against the naive forecast, "the final value is
 the last value seen by the early cutoff", on curves over the fraction of training ``t``: the
@@ -24,16 +27,17 @@ from numpy.typing import ArrayLike
 
 from sharpmeter.analysis._checks import as_finite_1d, check_fraction, paired
 from sharpmeter.analysis.curves import final_value, head_mean, tail_mean
+from sharpmeter.analysis.replicates import Curve, Seed, as_replicates
 
 _NUM_COEFFICIENTS = 3
 
 
 @dataclass(frozen=True)
 class EarlyPrediction:
-    """``F = b0 + b1 E + b2 log10 N`` fitted across runs, with leave-one-out errors.
+    """``F = b0 + b1 E + b2 log10 N`` fitted across runs, with leave-one-size-out errors.
 
-    ``loo_predictions[i]`` comes from the fit without run i; ``loo_rmse`` and
-    ``loo_max_abs_rel_error`` summarise ``loo_predictions - finals``.
+    ``loo_predictions[i]`` comes from the fit without the runs of run i's size; ``loo_rmse``
+    and ``loo_max_abs_rel_error`` summarise ``loo_predictions - finals``.
     """
 
     coefficients: tuple[float, float, float]
@@ -59,14 +63,15 @@ class EarlyPrediction:
 def regress_final(
     n_params: ArrayLike, early_means: ArrayLike, finals: ArrayLike
 ) -> EarlyPrediction:
-    """Fit ``F = b0 + b1 E + b2 log10 N`` across runs (needs 4+ runs, positive sizes).
+    """Fit ``F = b0 + b1 E + b2 log10 N`` across runs (needs 4+ runs, positive sizes), each
+    run then predicted without the runs of its size.
 
-    >>> n = [1e7, 1e8, 1e9, 1e10, 1e11]
-    >>> e = [1.0, 1.3, 1.5, 1.9, 2.0]
-    >>> f = [1.0 + 0.5 * ei - 0.1 * k for ei, k in zip(e, range(7, 12))]
-    >>> fit = regress_final(n, e, f)
-    >>> [round(c, 6) for c in fit.coefficients], round(fit.loo_rmse, 9)
-    ([1.0, 0.5, -0.1], 0.0)
+        >>> n = [1e7, 1e8, 1e9, 1e10, 1e11]
+        >>> e = [1.0, 1.3, 1.5, 1.9, 2.0]
+        >>> f = [1.0 + 0.5 * ei - 0.1 * k for ei, k in zip(e, range(7, 12))]
+        >>> fit = regress_final(n, e, f)
+        >>> [round(c, 6) for c in fit.coefficients], round(fit.loo_rmse, 9)
+        ([1.0, 0.5, -0.1], 0.0)
     """
     n_arr, e_arr = paired("n_params", n_params, "early_means", early_means, min_points=4)
     f_arr = as_finite_1d("finals", finals)
@@ -81,7 +86,7 @@ def regress_final(
 
     loo = np.empty_like(f_arr)
     for i in range(f_arr.size):
-        keep = np.arange(f_arr.size) != i
+        keep = n_arr != n_arr[i]
         coef_i = np.linalg.lstsq(design[keep], f_arr[keep], rcond=None)[0]
         loo[i] = design[i] @ coef_i
     errors = loo - f_arr
@@ -125,10 +130,11 @@ def early_prediction(
 
 @dataclass(frozen=True)
 class EarlyComparison:
-    """Per run, smallest first: the regression's leave-one-out error and the error of the last
-    value seen by ``early_fraction`` of training, each against the run's final value.
+    """Per run, smallest first: the regression's leave-one-size-out error and the error of the
+    last value seen by ``early_fraction`` of training, each against the run's final value.
     ``improvement`` is the second minus the first: positive where the regression does better.
-    Runs with no measurement by the cutoff cannot be forecast and are in ``no_early_point``."""
+    The sizes of runs with no measurement by the cutoff, which cannot be forecast, are in
+    ``no_early_point``."""
 
     early_fraction: float
     regression: EarlyPrediction
@@ -153,14 +159,22 @@ class EarlyComparison:
     def improvement(self) -> np.ndarray:
         return self.last_seen_errors - self.regression_errors
 
+    @property
+    def size_improvement(self) -> np.ndarray:
+        """``improvement`` averaged over each size's runs, smallest size first: one difference
+        per size, the independent unit (a size's seeds share the fit that left them out)."""
+        sizes = self.regression.n_params
+        return np.array([self.improvement[sizes == n].mean() for n in np.unique(sizes)])
+
 
 def against_last_seen(
-    curves: Mapping[float, tuple[np.ndarray, np.ndarray]],
+    curves: Mapping[float, Curve | Mapping[Seed, Curve]],
     early_fraction: float = 0.1,
     final_fraction: float = 0.2,
 ) -> EarlyComparison:
     """The regression on the early mean and the scale against the last value seen by the
-    cutoff, for ``{n_params: (t, values)}`` with ``t`` sorted (needs 4+ runs measured by then).
+    cutoff, for ``{n_params: (t, values)}`` with ``t`` sorted, or per size its seeds' curves
+    ``{n_params: {seed: (t, values)}}`` (needs 4+ runs measured by then).
 
     >>> t = np.linspace(0, 1, 21)
     >>> curves = {n: (t, np.where(t <= 0.1, 2 + 0.5 * k, 1 + 0.2 * k)) for k, n in
@@ -170,18 +184,21 @@ def against_last_seen(
     (True, array([1. , 1.3, 1.6, 1.9, 2.2]))
     """
     check_fraction("early_fraction", early_fraction)
-    early = {n: s[t <= early_fraction] for n, (t, s) in sorted(curves.items())}
-    seen = [n for n, values in early.items() if values.size]
+    runs = [
+        (n, curve) for n, by_seed in as_replicates(curves).items() for curve in by_seed.values()
+    ]
+    early = [(n, s[t <= early_fraction], (t, s)) for n, (t, s) in runs]
+    seen = [(n, values, curve) for n, values, curve in early if values.size]
     regression = regress_final(
-        seen,
-        [early[n].mean() for n in seen],
-        [final_value(*curves[n], final_fraction) for n in seen],
+        [n for n, _, _ in seen],
+        [values.mean() for _, values, _ in seen],
+        [final_value(*curve, final_fraction) for _, _, curve in seen],
     )
     return EarlyComparison(
         early_fraction=early_fraction,
         regression=regression,
-        last_seen=np.array([early[n][-1] for n in seen]),
-        no_early_point=tuple(n for n, values in early.items() if not values.size),
+        last_seen=np.array([values[-1] for _, values, _ in seen]),
+        no_early_point=tuple(dict.fromkeys(n for n, values, _ in early if not values.size)),
     )
 
 

@@ -13,21 +13,24 @@ they agree on:
   run says so), so a run killed at step 60 of 150 ends at ``t = 0.4`` instead of being stretched
   over the whole axis;
 * every run found is listed, and one left out of the fits says why: an empty file, a diverged
-  probe loss, no finite value, or (unless asked for) a run that stopped before its planned end.
+  probe loss, no finite value, or (unless asked for) a run that stopped before its planned end;
+* a run's seed is the ``seed`` of its rows, else of its metadata (what the training callback
+  records): runs at one size that differ in seed are replicates, two at one size with the same
+  seed or none are refused, naming them (:func:`~sharpmeter.analysis.replicates.group_replicates`).
 
 Example::
 
     selection = select_runs(load_runs(["runs/a/sharpness.jsonl", "runs/b/sharpness.jsonl"]))
     for entry in selection.entries:
-        print(entry.run.name, entry.run.progress, entry.left_out or "fitted")
-    curves = selection.curves("critical_sharpness")
+        print(entry.run.name, entry.run.seed, entry.run.progress, entry.left_out or "fitted")
+    replicates = selection.replicates("critical_sharpness")  # {n_params: {seed: (t, values)}}
 """
 
 from __future__ import annotations
 
 import json
 import warnings
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,19 +39,19 @@ from typing import Any
 import numpy as np
 
 from sharpmeter.analysis.curves import (
-    Curves,
     finite_number,
     is_long,
     logged_value,
     logs_quantity,
-    one_curve_per_size,
     quantity_name,
     row_problem,
     run_curve,
     run_key,
+    run_name,
+    seed_of,
 )
+from sharpmeter.analysis.replicates import Replicates, group_replicates, seed_text
 from sharpmeter.records import Record, RecordWarning, read_numbered_records
-from sharpmeter.sizes import format_size
 
 META_SUFFIX = ".meta.json"
 # What `sharpmeter train` writes into the run folder once training has ended.
@@ -64,7 +67,8 @@ class Run:
 
     ``planned_steps`` is ``max_steps`` from the metadata beside the file (None for files
     written before it was recorded, and for simulated curves, which carry their own fraction);
-    ``finished_marker`` says that ``sharpmeter train`` saw the training end.
+    ``finished_marker`` says that ``sharpmeter train`` saw the training end; ``seed`` is the
+    rows' ``seed``, else the metadata's (None when neither has one).
     """
 
     source: Path
@@ -73,10 +77,12 @@ class Run:
     rows: tuple[Record, ...] = field(repr=False)
     planned_steps: int | None = None
     finished_marker: bool = False
+    seed: int | None = None
 
     @property
     def label(self) -> str:
-        """The run and its file: unique among the runs found."""
+        """The run and its file: unique among the runs found, but for the seeds of one run
+        that a file holds side by side (its rows carry their ``seed``)."""
         return f"{self.name} ({self.source})"
 
     @property
@@ -154,6 +160,7 @@ def load_runs(files: Iterable[str | Path]) -> list[Run]:
 def _runs_in_file(path: Path) -> list[Run]:
     metadata = read_metadata(path)
     planned = _planned_steps(metadata, path)
+    seed = _metadata_seed(metadata, path)
     finished = (path.parent / FINISHED_MARKER).is_file()
     grouped: dict[Any, list[tuple[int, Record]]] = defaultdict(list)
     for line, row in read_numbered_records(path):
@@ -163,24 +170,25 @@ def _runs_in_file(path: Path) -> list[Run]:
         grouped[run_key(row)].append((line, row))
     if not grouped:
         name = str(metadata.get("run") or path.parent.name)
-        return [Run(path, name, finite_number(metadata.get("n_params")), (), planned, finished)]
+        n_params = finite_number(metadata.get("n_params"))
+        return [Run(path, name, n_params, (), planned, finished, seed)]
     return [
         Run(
             source=path,
-            name=str(run) if run is not None else format_size(n_params),
+            name=run_name(n_params, run),
             n_params=n_params,
             rows=last_write_wins(path, numbered),
             planned_steps=planned,
             finished_marker=finished,
+            seed=seed if row_seed is None else row_seed,
         )
-        for (n_params, run), numbered in grouped.items()
+        for (n_params, run, row_seed), numbered in grouped.items()
     ]
 
 
 def read_metadata(path: str | Path) -> dict[str, Any]:
     """The ``<name>.meta.json`` beside a record file, ``{}`` when there is none."""
-    path = Path(path)
-    meta_path = path.with_name(path.stem + META_SUFFIX)
+    meta_path = _meta_path(Path(path))
     if not meta_path.is_file():
         return {}
     try:
@@ -195,16 +203,26 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
     return metadata
 
 
+def _meta_path(path: Path) -> Path:
+    return path.with_name(path.stem + META_SUFFIX)
+
+
 def _planned_steps(metadata: dict[str, Any], path: Path) -> int | None:
     planned = metadata.get("max_steps")
     if planned is None:
         return None
     if isinstance(planned, bool) or not isinstance(planned, int) or planned <= 0:
         raise ValueError(
-            f"{path.with_name(path.stem + META_SUFFIX)}: max_steps must be a positive integer, "
-            f"got {planned!r}"
+            f"{_meta_path(path)}: max_steps must be a positive integer, got {planned!r}"
         )
     return planned
+
+
+def _metadata_seed(metadata: dict[str, Any], path: Path) -> int | None:
+    try:
+        return seed_of(metadata.get("seed"))
+    except ValueError as error:
+        raise ValueError(f"{_meta_path(path)}: {error}") from None
 
 
 def last_write_wins(path: Path, numbered: Sequence[tuple[int, Record]]) -> tuple[Record, ...]:
@@ -275,16 +293,30 @@ class RunSelection:
     def fitted(self) -> list[Run]:
         return [entry.run for entry in self.entries if entry.left_out is None]
 
-    def curves(self, quantity: str | None) -> Curves:
-        """One curve of ``quantity`` per size, from the fitted runs (several runs at one size
-        are refused; none with a finite value raises)."""
-        return one_curve_per_size(
-            {(run.n_params, run.label): run.curve(quantity) for run in self.fitted}, quantity
+    def replicates(self, quantity: str | None) -> Replicates:
+        """The fitted runs' curves of ``quantity`` by size and seed: runs at one size must
+        differ in seed, else they are refused by name; none with a finite value raises."""
+        return group_replicates(
+            [(run.n_params, run.seed, run.label, run.curve(quantity)) for run in self.fitted],
+            quantity,
         )
 
     def rows(self) -> list[Record]:
         """The rows of the fitted runs, each measurement once."""
         return [row for run in self.fitted for row in run.rows]
+
+    @property
+    def unfinished(self) -> dict[float, str]:
+        """The fitted sizes with a run that stopped before its planned end (fitted when asked
+        for), with how far it got: ``unfinished: step 60 of 150``, and which seed it was when
+        the size has several runs."""
+        runs_at = Counter(run.n_params for run in self.fitted)
+        marks: dict[float, list[str]] = defaultdict(list)
+        for run in self.fitted:
+            if run.unfinished:
+                seed = f" ({seed_text(run.seed)})" if runs_at[run.n_params] > 1 else ""
+                marks[run.n_params].append(run.unfinished + seed)
+        return {n: "; ".join(found) for n, found in marks.items()}
 
 
 def select_runs(

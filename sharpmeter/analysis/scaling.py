@@ -407,8 +407,9 @@ def bootstrap_fit(
 class Extrapolation:
     """Fit on the smaller sizes, predict the held-out largest ones.
 
-    ``rel_error = (predicted - actual) / actual``; ``lower``/``upper`` is the fit's t-based
-    prediction interval for a new run at each held-out size.
+    One entry per held-out point (per seed, with replicates): ``rel_error = (predicted -
+    actual) / actual``; ``lower``/``upper`` is the fit's t-based prediction interval for a new
+    run at its size.
     """
 
     fit: ScalingFit = field(repr=False)
@@ -438,7 +439,9 @@ def extrapolation_error(
 ) -> Extrapolation:
     """Hold out the ``n_holdout`` largest sizes, fit the rest, and compare the predictions.
 
-    The fit keeps at least 3 sizes, so 4+ points are needed for one held-out size.
+    Every point of a held-out size is held out (all its seeds, with replicates: one left in the
+    fit would hand it the answer). The fit keeps at least 3 sizes, so 4+ sizes are needed for
+    one held-out size.
 
     >>> e = extrapolation_error([1e7, 1e8, 1e9, 1e10], [1.3, 1.2, 1.1, 1.0])
     >>> round(float(e.rel_error[0]), 9)
@@ -448,12 +451,14 @@ def extrapolation_error(
     if form not in fitters:
         raise ValueError(f"form must be one of {sorted(fitters)}, got {form!r}")
     n_arr, v_arr = paired("n_params", n_params, "values", values, min_points=4)
-    if not 1 <= n_holdout <= n_arr.size - 3:
-        raise ValueError(f"n_holdout must be in [1, {n_arr.size - 3}] for {n_arr.size} points")
+    sizes = np.unique(n_arr)
+    if not 1 <= n_holdout <= sizes.size - 3:
+        raise ValueError(f"n_holdout must be in [1, {sizes.size - 3}] for {sizes.size} sizes")
     order = np.argsort(n_arr, kind="stable")
     n_arr, v_arr = n_arr[order], v_arr[order]
-    fit = fitters[form](n_arr[:-n_holdout], v_arr[:-n_holdout], level)
-    n_target, actual = n_arr[-n_holdout:], v_arr[-n_holdout:]
+    held = n_arr >= sizes[-n_holdout]
+    fit = fitters[form](n_arr[~held], v_arr[~held], level)
+    n_target, actual = n_arr[held], v_arr[held]
     predicted = np.asarray(fit.predict(n_target))
     lower, upper = fit.predict_interval(n_target, kind="prediction")
     return Extrapolation(
