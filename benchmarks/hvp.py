@@ -35,7 +35,7 @@ from benchmarks._common import (
     save_markdown,
     token_batch,
 )
-from sharpmeter.loss import causal_lm_loss
+from sharpmeter.measure.loss import causal_lm_loss
 
 # What the workers re-invoke, from the repository root.
 MODULE = "benchmarks.hvp"

@@ -18,8 +18,8 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 
 import sharpmeter as sm
-from sharpmeter.data import BYTE_VOCAB, lm_dataset
-from sharpmeter.gpt import build_gpt
+from sharpmeter.harness.data import BYTE_VOCAB, lm_dataset
+from sharpmeter.harness.gpt import build_gpt
 from sharpmeter.integrations.accelerate import AcceleratedMeter
 
 

@@ -20,18 +20,18 @@ import torch.distributed as dist
 from torch.distributed.fsdp import fully_shard
 
 import sharpmeter as sm
-from sharpmeter.data import BYTE_VOCAB, lm_dataset
-from sharpmeter.distributed import local_shard
-from sharpmeter.gpt import build_gpt
-from sharpmeter.loss import move_to
-from sharpmeter.sinks import JsonlSink, run_metadata
+from sharpmeter.harness.data import BYTE_VOCAB, lm_dataset
+from sharpmeter.harness.gpt import build_gpt
+from sharpmeter.measure.distributed import local_shard
+from sharpmeter.measure.loss import move_to
+from sharpmeter.measure.sinks import JsonlSink, run_metadata
 
 MAX_GRAD_NORM = 1.0
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description="FSDP2 loop with sharpmeter")
-    parser.add_argument("--size", default="medium", help="a named size of sharpmeter.gpt")
+    parser.add_argument("--size", default="medium", help="a named size of sharpmeter.harness.gpt")
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--every", type=int, default=10)
     parser.add_argument("--batch-size", type=int, default=16, help="global batch size")

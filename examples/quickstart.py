@@ -18,10 +18,10 @@ from pathlib import Path
 from transformers import Trainer, TrainingArguments
 
 import sharpmeter as sm
-from sharpmeter.data import BYTE_VOCAB, lm_dataset
-from sharpmeter.gpt import build_gpt
+from sharpmeter.harness.data import BYTE_VOCAB, lm_dataset
+from sharpmeter.harness.gpt import build_gpt
 from sharpmeter.integrations.hf import SharpnessCallback
-from sharpmeter.sinks import wandb_report_to
+from sharpmeter.measure.sinks import wandb_report_to
 
 
 def main() -> None:

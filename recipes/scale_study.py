@@ -1,7 +1,7 @@
 """The README's main job: a multi-scale sharpness study on CPU. Trains a ladder of byte-level
 GPT-2s on the KJV Bible with the same data order and schedule, measures critical sharpness
 along each run, then fits scaling laws and the three-phase model to the measured curves and sets
-them beside the paper's simulator (sharpmeter/study.py does the work).
+them beside the paper's simulator (sharpmeter/harness/study.py does the work).
 
     python recipes/scale_study.py                                   # configs/study_cpu.yaml
     python recipes/scale_study.py --sizes tiny small medium --max_steps 100

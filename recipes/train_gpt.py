@@ -1,5 +1,5 @@
 """Train one GPT-2 with the sharpness callback; every option comes from a YAML config and can
-be overridden as ``--key value`` (see sharpmeter/config.py for the keys).
+be overridden as ``--key value`` (see sharpmeter/harness/config.py for the keys).
 
     python recipes/train_gpt.py configs/tiny.yaml
     python recipes/train_gpt.py configs/tiny.yaml --max_steps 200 --learning_rate 1e-3
@@ -17,10 +17,10 @@ its output_dir while it trains: a second one started there stops with one line n
 
 import sys
 
-from sharpmeter.config import parse_config
-from sharpmeter.data import CorpusError
-from sharpmeter.runlock import RunLockedError
-from sharpmeter.train import train_gpt
+from sharpmeter.harness.config import parse_config
+from sharpmeter.harness.data import CorpusError
+from sharpmeter.harness.runlock import RunLockedError
+from sharpmeter.harness.train import train_gpt
 
 
 def main(argv: list[str]) -> None:

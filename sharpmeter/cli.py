@@ -8,9 +8,9 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from sharpmeter import commands
-from sharpmeter.analysis import cli as analysis_cli
-from sharpmeter.simulator import cli as simulator_cli
+from sharpmeter.harness import commands
+from sharpmeter.paper.analysis import cli as analysis_cli
+from sharpmeter.paper.simulator import cli as simulator_cli
 
 _PARTS = (simulator_cli, analysis_cli, commands)
 

@@ -11,8 +11,8 @@ import transformers
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from sharpmeter.distributed import local
-from sharpmeter.loss import causal_lm_loss  # noqa: F401  (the tests import it from here)
+from sharpmeter.measure.distributed import local
+from sharpmeter.measure.loss import causal_lm_loss  # noqa: F401  (the tests import it from here)
 
 VOCAB, SEQ = 16, 8
 
@@ -167,7 +167,7 @@ time.sleep(60)
 
 RUN_HOLDER = """
 import sys, time
-from sharpmeter.runlock import RunLock
+from sharpmeter.harness.runlock import RunLock
 lock = RunLock.acquire(sys.argv[1])
 print("held", flush=True)
 time.sleep(60)

@@ -8,8 +8,8 @@ import math
 import numpy as np
 import pytest
 
-from sharpmeter.analysis import cli as analysis_cli
-from sharpmeter.analysis import curves_from_records, tail_mean
+from sharpmeter.paper.analysis import cli as analysis_cli
+from sharpmeter.paper.analysis import curves_from_records, tail_mean
 
 SIZES = [10e6, 125e6, 350e6, 1.3e9, 3e9, 7e9]
 

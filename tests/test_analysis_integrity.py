@@ -13,11 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sharpmeter.analysis import cli as analysis_cli
-from sharpmeter.analysis import compare_fits, final_stderr, load_runs, select_runs
-from sharpmeter.compare import analyse_curves
-from sharpmeter.records import RecordWarning, read_records
-from sharpmeter.report import load_analysis, render_markdown, report_blocks
+from sharpmeter.paper.analysis import cli as analysis_cli
+from sharpmeter.paper.analysis import compare_fits, final_stderr, load_runs, select_runs
+from sharpmeter.paper.compare import analyse_curves
+from sharpmeter.paper.records import RecordWarning, read_records
+from sharpmeter.paper.report import load_analysis, render_markdown, report_blocks
 
 SIZES = {"a": 1e6, "b": 4e6, "c": 1.6e7, "d": 6.4e7}
 PLANNED = 150

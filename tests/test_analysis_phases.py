@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from sharpmeter.analysis import (
+from sharpmeter.paper.analysis import (
     detect_phases,
     fit_three_phase,
     peak_to_plateau_ratio,

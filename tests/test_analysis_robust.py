@@ -8,8 +8,8 @@ import math
 import numpy as np
 import pytest
 
-from sharpmeter.analysis import final_stderr, robust_final
-from sharpmeter.analysis.robust import block_length, moving_block_resamples, trimmed_mean
+from sharpmeter.paper.analysis import final_stderr, robust_final
+from sharpmeter.paper.analysis.robust import block_length, moving_block_resamples, trimmed_mean
 
 
 def ar1(n: int, rho: float, rng: np.random.Generator) -> np.ndarray:

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from sharpmeter.analysis import (
+from sharpmeter.paper.analysis import (
     bootstrap_fit,
     compare_fits,
     extrapolation_error,

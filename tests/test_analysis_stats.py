@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from sharpmeter.analysis import (
+from sharpmeter.paper.analysis import (
     bound_accuracy_correlation,
     early_prediction,
     effective_sample_size,

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from sharpmeter import config as config_module
 from sharpmeter.cli import main
-from sharpmeter.config import RUN_ARGUMENTS, parse_config
-from sharpmeter.data import CorpusError, check_corpus, lm_dataset
-from sharpmeter.gpt import MAX_POSITIONS, build_gpt, probe_memory_bytes
+from sharpmeter.harness import config as config_module
+from sharpmeter.harness.config import RUN_ARGUMENTS, parse_config
+from sharpmeter.harness.data import CorpusError, check_corpus, lm_dataset
+from sharpmeter.harness.gpt import MAX_POSITIONS, build_gpt, probe_memory_bytes
 
 RUN = "size: tiny\nblock_size: 16\ntokenizer: byte\nmax_steps: 5\nreport_to: none\n"
 STUDY = (
@@ -120,7 +120,7 @@ def test_the_probe_memory_estimate_bounds_a_measured_peak():
     allocation count would be flaky; the autograd graph's saved tensors are what dominates)."""
     import torch
 
-    from sharpmeter.operators import HessianOperator
+    from sharpmeter.measure.operators import HessianOperator
 
     model = build_gpt("tiny", vocab_size=256, block_size=32).float()
     batch = {"input_ids": torch.randint(0, 256, (4, 32))}

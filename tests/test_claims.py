@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 from test_report import SIZES, write_runs
 
-from sharpmeter.analysis.inference import holm, sign_interval
-from sharpmeter.compare import Verdict, analyse_curves, multiplicity_note
-from sharpmeter.report import write_report
-from sharpmeter.simulator import PAPER_SCALES, simulate_run
+from sharpmeter.paper.analysis.inference import holm, sign_interval
+from sharpmeter.paper.compare import Verdict, analyse_curves, multiplicity_note
+from sharpmeter.paper.report import write_report
+from sharpmeter.paper.simulator import PAPER_SCALES, simulate_run
 
 EARLY = "The first 10% of training predicts the final value"
 EDGE = "Sharpness settles at the edge of stability"

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from sharpmeter.analysis import tail_mean
-from sharpmeter.compare import analyse_curves, compare_curve
-from sharpmeter.simulator import PAPER_SCALES, simulate_run
+from sharpmeter.paper.analysis import tail_mean
+from sharpmeter.paper.compare import analyse_curves, compare_curve
+from sharpmeter.paper.simulator import PAPER_SCALES, simulate_run
 
 
 def test_a_curve_shaped_like_the_simulator_matches_it():

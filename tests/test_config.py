@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from sharpmeter import config as config_module
-from sharpmeter.config import RUN_ARGUMENTS, STUDY_ARGUMENTS, parse_config
+from sharpmeter.harness import config as config_module
+from sharpmeter.harness.config import RUN_ARGUMENTS, STUDY_ARGUMENTS, parse_config
 
 CONFIGS = Path(__file__).parent.parent / "configs"
 
@@ -138,7 +138,7 @@ def test_required_key_given_with_dashes():
 
 
 def test_the_sharpness_defaults_are_the_meters(tmp_path):
-    from sharpmeter.options import MeterOptions
+    from sharpmeter.measure.options import MeterOptions
 
     _, _, sharpness, _ = parse_config([write(tmp_path, "size: tiny\n")])
     assert sharpness.meter_options() == MeterOptions()

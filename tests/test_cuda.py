@@ -14,7 +14,7 @@ from conftest import causal_lm_loss, tiny_gpt2, token_batch
 from test_train import NEEDS_CUDA, ROOT, launch, rows_of
 
 import sharpmeter as sm
-from sharpmeter.loss import move_to
+from sharpmeter.measure.loss import move_to
 
 pytestmark = NEEDS_CUDA
 ACCELERATE = [str(Path(sys.executable).parent / "accelerate"), "launch"]

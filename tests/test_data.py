@@ -8,8 +8,8 @@ import socket
 import pytest
 import torch
 
-import sharpmeter.data as data
-from sharpmeter.data import (
+import sharpmeter.harness.data as data
+from sharpmeter.harness.data import (
     BYTE_VOCAB,
     TokenBlocks,
     check_corpus,
@@ -19,7 +19,7 @@ from sharpmeter.data import (
     load_text,
     train_bpe,
 )
-from sharpmeter.files import atomic_write
+from sharpmeter.measure.files import atomic_write
 
 tokenizers = pytest.importorskip("tokenizers")
 pytest.importorskip("datasets")

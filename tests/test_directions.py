@@ -9,14 +9,14 @@ import pytest
 import torch
 from torch import nn
 
-from sharpmeter import directions
-from sharpmeter.directions import (
+from sharpmeter.measure import directions
+from sharpmeter.measure.directions import (
     DirectionUnavailable,
     adam_denominator,
     learning_rate,
     update_direction,
 )
-from sharpmeter.params import ParameterVector, as_flat_vector, flatten
+from sharpmeter.measure.params import ParameterVector, as_flat_vector, flatten
 
 
 class Net(nn.Module):

@@ -10,7 +10,7 @@ from ranks import run_on_ranks
 from torch import nn
 
 import sharpmeter as sm
-from sharpmeter.distributed import local_shard
+from sharpmeter.measure.distributed import local_shard
 
 
 def measure(batch) -> dict[str, float]:

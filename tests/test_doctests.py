@@ -27,9 +27,12 @@ MODULES = modules_with_examples()
 
 def test_the_examples_are_found():
     # a guard against a collector that silently finds nothing
-    assert {"sharpmeter.analysis.scaling", "sharpmeter.compare", "sharpmeter.records"} <= set(
-        MODULES
-    )
+    assert {
+        "sharpmeter.measure.schema",
+        "sharpmeter.paper.analysis.scaling",
+        "sharpmeter.paper.compare",
+        "sharpmeter.paper.records",
+    } <= set(MODULES)
 
 
 @pytest.mark.parametrize("name", MODULES)

@@ -19,7 +19,7 @@ from ranks import run_on_ranks
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 import sharpmeter as sm
-from sharpmeter.distributed import FSDP1_FLATTENED, is_sharded, local, local_shard
+from sharpmeter.measure.distributed import FSDP1_FLATTENED, is_sharded, local, local_shard
 
 STEPS = 3
 COLUMNS = ("loss", "grad_norm", "lr", "critical_sharpness", "critical_eta", "stability_ratio")

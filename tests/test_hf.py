@@ -26,7 +26,7 @@ from transformers import (
 
 import sharpmeter as sm
 from sharpmeter.integrations.hf import SharpnessCallback, summary_line
-from sharpmeter.sinks import SinkWarning
+from sharpmeter.measure.sinks import SinkWarning
 
 KEYS = ("critical_sharpness", "hessian_trace", "lambda_max")
 
@@ -154,7 +154,7 @@ def test_failed_measurements_are_recorded_and_training_finishes(tmp_path, monkey
     def broken_lanczos(*args, **kwargs):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr("sharpmeter.measures.lanczos", broken_lanczos)
+    monkeypatch.setattr("sharpmeter.measure.measures.lanczos", broken_lanczos)
     trainer = make_trainer(tmp_path / "second", max_steps=3)
     SharpnessCallback.attach(trainer, schedule=sm.Schedule(every=3))
     trainer.train()

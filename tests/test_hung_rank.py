@@ -20,9 +20,14 @@ from conftest import causal_lm_loss, tiny_gpt2, token_batch
 from ranks import run_on_ranks
 
 import sharpmeter as sm
-from sharpmeter.distributed import CollectiveError, group_timeout, honour_timeout, local_shard
 from sharpmeter.integrations.hf import ddp_timeout
-from sharpmeter.records import read_records
+from sharpmeter.measure.distributed import (
+    CollectiveError,
+    group_timeout,
+    honour_timeout,
+    local_shard,
+)
+from sharpmeter.paper.records import read_records
 
 ROOT = Path(__file__).parent.parent
 RECIPE = ROOT / "recipes" / "train_gpt.py"

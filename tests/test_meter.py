@@ -13,14 +13,15 @@ import transformers
 from conftest import assert_same, snapshot, tiny_gpt2, token_batch
 
 import sharpmeter as sm
-import sharpmeter.distributed
-import sharpmeter.integrations.hf
-import sharpmeter.measures
-import sharpmeter.meter
-import sharpmeter.params
-from sharpmeter.loss import ProbeLoss, probe_loss_and_gradient
-from sharpmeter.measures import MEASURE_TABLE, MEASURES
-from sharpmeter.operators import NonFiniteLossError
+import sharpmeter.measure.distributed as distributed_module
+import sharpmeter.measure.measures as measures_module
+import sharpmeter.measure.meter as meter_module
+from sharpmeter.integrations.hf import SharpnessCallback
+from sharpmeter.measure import schema
+from sharpmeter.measure.loss import ProbeLoss, probe_loss_and_gradient
+from sharpmeter.measure.measures import MEASURE_TABLE, MEASURES
+from sharpmeter.measure.operators import NonFiniteLossError
+from sharpmeter.measure.params import unflatten
 
 
 def trained(model, optimizer, batch, steps: int = 2):
@@ -44,7 +45,7 @@ def test_a_measured_subset_is_clipped_by_the_global_norm():
     _, subset_gradient = probe_loss_and_gradient(ProbeLoss(model, None, batch), subset)
     clip = float(subset_gradient.norm()) / 4  # active for the subset's norm, and the global one
     full = sm.update_direction(
-        optimizer, every, gradients=sm.params.unflatten(full_gradient, every), max_grad_norm=clip
+        optimizer, every, gradients=unflatten(full_gradient, every), max_grad_norm=clip
     )
     expected = sm.critical_sharpness(
         model, None, batch, full.over(subset), params=subset, eta0=1e-3, check_below=2
@@ -170,7 +171,7 @@ def test_checking_options_builds_nothing_and_draws_nothing():
     np.random.seed(0)
     states = torch.get_rng_state(), random.getstate(), np.random.get_state()[1].copy()
     sm.MeterOptions(measures=("critical", "trace"), schedule=sm.Schedule(every=5))
-    sm.integrations.hf.SharpnessCallback(token_batch(2), measures=("critical",))
+    SharpnessCallback(token_batch(2), measures=("critical",))
     assert torch.equal(torch.get_rng_state(), states[0])
     assert random.getstate() == states[1]
     assert np.array_equal(np.random.get_state()[1], states[2])
@@ -202,8 +203,8 @@ def test_a_nan_estimate_is_never_ok_and_never_a_warm_start(monkeypatch):
         vectors = torch.full((operator.dim, 1), float("nan"), dtype=torch.float64)
         return sm.LanczosResult(values, vectors, values, 1, 1, True)
 
-    monkeypatch.setitem(sm.measures.TRACE_METHODS, "hutchinson", nan_trace)
-    monkeypatch.setattr(sm.measures, "lanczos", nan_lanczos)
+    monkeypatch.setitem(measures_module.TRACE_METHODS, "hutchinson", nan_trace)
+    monkeypatch.setattr(measures_module, "lanczos", nan_lanczos)
     row = meter.measure(2)
     assert row["trace_status"] == "nonfinite" and row["spectral_status"] == "nonfinite"
     assert row["status"] == "incomplete: trace,spectral"
@@ -222,13 +223,13 @@ def test_the_global_gradient_norm_is_taken_only_for_a_measure_that_follows_the_o
     trained(model, optimizer, batch)
     subset = [model.transformer.wte.weight]
     calls = []
-    original = sm.meter.SharpnessMeter._total_gradient_norm
+    original = meter_module.SharpnessMeter._total_gradient_norm
 
     def counted(self, *args, **kwargs):
         calls.append(self.measures)
         return original(self, *args, **kwargs)
 
-    monkeypatch.setattr(sm.meter.SharpnessMeter, "_total_gradient_norm", counted)
+    monkeypatch.setattr(meter_module.SharpnessMeter, "_total_gradient_norm", counted)
 
     def calls_for(measures, optimizer):
         meter = sm.SharpnessMeter(
@@ -289,17 +290,25 @@ def _rows_of_every_kind(monkeypatch) -> dict[str, dict]:
             raise RuntimeError("boom")
 
         for name in ("critical_sharpness", "directional_sharpness", "lanczos"):
-            patch.setattr(sm.measures, name, raising)
-        patch.setitem(sm.measures.TRACE_METHODS, "hutchinson", raising)
+            patch.setattr(measures_module, name, raising)
+        patch.setitem(measures_module.TRACE_METHODS, "hutchinson", raising)
         rows["estimators_raise"] = meter.measure(3, optimizer=optimizer)
     with monkeypatch.context() as patch:
 
         def nonfinite(*args, **kwargs):
             raise NonFiniteLossError("the probe loss or its gradient is not finite (loss = nan)")
 
-        patch.setattr(sm.meter, "HessianOperator", nonfinite)
+        patch.setattr(meter_module, "HessianOperator", nonfinite)
         rows["nonfinite_loss"] = meter.measure(4, optimizer=optimizer)
     return rows
+
+
+def test_the_measure_table_is_the_torch_free_schema():
+    """The paper side reads the measures' columns from the schema without torch: the table the
+    meter loops over is built from it, measure by measure, in its order."""
+    assert MEASURES == schema.MEASURES
+    assert {measure.name: measure.columns for measure in MEASURE_TABLE} == schema.MEASURE_COLUMNS
+    assert schema.VALUE_COLUMNS == tuple(measure.value_column for measure in MEASURE_TABLE)
 
 
 def test_every_row_has_the_same_keys_whatever_failed(monkeypatch):
@@ -331,24 +340,24 @@ def test_under_data_parallelism_an_estimator_that_raises_ends_the_run(monkeypatc
     def out_of_memory(*args, **kwargs):
         raise RuntimeError("out of memory on this rank's larger shard")
 
-    monkeypatch.setitem(sm.measures.TRACE_METHODS, "hutchinson", out_of_memory)
+    monkeypatch.setitem(measures_module.TRACE_METHODS, "hutchinson", out_of_memory)
     row = meter.measure(1)
     assert row["trace_status"].startswith("error: RuntimeError: out of memory")
     assert row["spectral_status"] == "ok"
-    monkeypatch.setattr(sm.distributed, "is_distributed", lambda: True)
+    monkeypatch.setattr(distributed_module, "is_distributed", lambda: True)
     monkeypatch.setattr(torch.distributed, "get_rank", lambda: 1)
-    with pytest.raises(sm.distributed.RankDivergence, match="measuring trace failed on rank 1"):
+    with pytest.raises(distributed_module.RankDivergence, match="measuring trace failed on rank 1"):
         meter.measure(2)
-    assert issubclass(sm.distributed.RankDivergence, sm.distributed.CollectiveError)
+    assert issubclass(distributed_module.RankDivergence, distributed_module.CollectiveError)
 
 
 def test_a_probe_with_fewer_examples_than_ranks_is_refused_on_every_rank(monkeypatch):
     batch = token_batch(3)
-    monkeypatch.setattr(sm.distributed, "is_distributed", lambda: True)
+    monkeypatch.setattr(distributed_module, "is_distributed", lambda: True)
     monkeypatch.setattr(torch.distributed, "get_world_size", lambda: 4)
     monkeypatch.setattr(torch.distributed, "get_rank", lambda: 3)
     with pytest.raises(ValueError, match="3 examples, fewer than the 4 ranks"):
-        sm.distributed.local_shard(batch)
+        distributed_module.local_shard(batch)
     monkeypatch.setattr(torch.distributed, "get_world_size", lambda: 3)
     monkeypatch.setattr(torch.distributed, "get_rank", lambda: 2)
-    assert sm.distributed.local_shard(batch)["input_ids"].shape[0] == 1
+    assert distributed_module.local_shard(batch)["input_ids"].shape[0] == 1

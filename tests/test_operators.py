@@ -7,8 +7,8 @@ import torch
 from conftest import causal_lm_loss, dense_hessian, tiny_gpt2, token_batch
 
 import sharpmeter as sm
-from sharpmeter.loss import loss_token_count
-from sharpmeter.probe import attention_guard
+from sharpmeter.measure.context import attention_guard
+from sharpmeter.measure.loss import loss_token_count
 
 EXACT = 1e-8
 FD = 1e-6

@@ -7,7 +7,12 @@ import math
 
 import pytest
 
-from sharpmeter.records import RecordWarning, read_numbered_records, read_records, write_records
+from sharpmeter.paper.records import (
+    RecordWarning,
+    read_numbered_records,
+    read_records,
+    write_records,
+)
 
 ROWS = [
     {"n_params": 10, "step": 1, "value": 1.5, "status": "ok", "converged": True},

@@ -13,7 +13,7 @@ import pytest
 from scipy import stats
 from test_analysis_integrity import fit, markdown, runs_table
 
-from sharpmeter.analysis import (
+from sharpmeter.paper.analysis import (
     compare_fits,
     curves_from_records,
     extrapolation_error,
@@ -22,10 +22,10 @@ from sharpmeter.analysis import (
     regress_final,
     select_runs,
 )
-from sharpmeter.analysis.prediction import against_last_seen
-from sharpmeter.records import write_records
-from sharpmeter.report import load_analysis
-from sharpmeter.simulator import simulate_run
+from sharpmeter.paper.analysis.prediction import against_last_seen
+from sharpmeter.paper.records import write_records
+from sharpmeter.paper.report import load_analysis
+from sharpmeter.paper.simulator import simulate_run
 
 SIZES = {"a": 1e7, "b": 5e7, "c": 2e8, "d": 1e9}
 SEEDS = (0, 1, 2)

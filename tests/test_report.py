@@ -10,11 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sharpmeter.analysis import compare_fits
-from sharpmeter.analysis.runs import load_runs
 from sharpmeter.cli import main
-from sharpmeter.report import find_runs, stability_line, write_report
-from sharpmeter.simulator import simulate_run
+from sharpmeter.paper.analysis import compare_fits
+from sharpmeter.paper.analysis.runs import load_runs
+from sharpmeter.paper.report import find_runs, stability_line, write_report
+from sharpmeter.paper.simulator import simulate_run
 
 CONFIGS = Path(__file__).parent.parent / "configs"
 SIZES = {"a": 1e7, "b": 5e7, "c": 2e8, "d": 1e9}

@@ -19,8 +19,8 @@ import torch.distributed as dist
 from conftest import FLOCK_HOLDER, RUN_HOLDER
 from ranks import run_on_ranks
 
-from sharpmeter import runlock
-from sharpmeter.runlock import LOCK_NAME, RunLock, RunLockedError, rank_zero_lock
+from sharpmeter.harness import runlock
+from sharpmeter.harness.runlock import LOCK_NAME, RunLock, RunLockedError, rank_zero_lock
 
 HOST = socket.gethostname()
 

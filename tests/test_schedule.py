@@ -96,7 +96,7 @@ def test_meter_bad_settings():
 
 
 def test_progress_bar_shows_only_when_asked(monkeypatch, capsys):
-    monkeypatch.setattr("sharpmeter.meter.PROGRESS_DELAY", 0.0)
+    monkeypatch.setattr("sharpmeter.measure.meter.PROGRESS_DELAY", 0.0)
     model = tiny_gpt2().eval()
     for progress in (False, True):
         meter = sm.SharpnessMeter(

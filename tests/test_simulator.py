@@ -1,4 +1,5 @@
-"""Tests of sharpmeter.simulator: the paper's tables, the stated equations, options and errors."""
+"""Tests of sharpmeter.paper.simulator: the paper's tables, the stated equations, options and
+errors."""
 
 from __future__ import annotations
 
@@ -9,10 +10,10 @@ import warnings
 import numpy as np
 import pytest
 
-import sharpmeter.records
-import sharpmeter.simulator
-from sharpmeter.records import read_records
-from sharpmeter.simulator import (
+import sharpmeter.paper.records
+import sharpmeter.paper.simulator
+from sharpmeter.paper.records import read_records
+from sharpmeter.paper.simulator import (
     PAPER,
     PAPER_SCALES,
     format_size,
@@ -21,7 +22,7 @@ from sharpmeter.simulator import (
     simulate_run,
     simulate_study,
 )
-from sharpmeter.simulator import cli as simulator_cli
+from sharpmeter.paper.simulator import cli as simulator_cli
 
 # The paper's numbers, typed from its text (shared/seeds/001_807f2370f7b47ade.txt).
 SCALE_NAMES = ["10M", "125M", "350M", "1.3B", "3B", "7B"]
@@ -268,7 +269,7 @@ def test_curves_round_trip_through_record_files(tmp_path, suffix):
         "value": float(s.runs[0].sharpness[0]),
     }
     path = tmp_path / f"curves{suffix}"
-    sharpmeter.records.write_records(path, rows)
+    sharpmeter.paper.records.write_records(path, rows)
     assert read_records(path) == rows
     grad = [
         r["value"] for r in rows if r["n_params"] == 1_300_000_000 and r["quantity"] == "grad_norm"

@@ -1,4 +1,5 @@
-"""Tests of sharpmeter.records: the JSONL/CSV record files shared by simulator and measurements."""
+"""Tests of sharpmeter.paper.records: the JSONL/CSV record files shared by simulator and
+measurements."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import math
 
 import pytest
 
-from sharpmeter.records import read_records, write_records
+from sharpmeter.paper.records import read_records, write_records
 
 ROWS = [
     {"source": "measured", "step": 0, "fraction": 0.0, "quantity": "critical", "value": 2.5},

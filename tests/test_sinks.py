@@ -2,7 +2,8 @@
 
 Tests may run as root, for whom a read-only folder is writable; failures are made by a regular
 file where the folder should be (no one can create a file inside it) or by a fake full disk
-(``open`` in ``sharpmeter.sinks`` replaced by one whose files fail after writing part of a line).
+(``open`` in ``sharpmeter.measure.sinks`` replaced by one whose files fail after writing part
+of a line).
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from sharpmeter import files, sinks
-from sharpmeter.sinks import JsonlSink, SinkWarning
+from sharpmeter.measure import files, sinks
+from sharpmeter.measure.sinks import JsonlSink, SinkWarning
 
 META = {"run": "r1", "n_params": 7, "seed": 0}
 

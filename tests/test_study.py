@@ -13,13 +13,13 @@ import numpy as np
 import pytest
 from conftest import RUN_HOLDER
 
-from sharpmeter import study
-from sharpmeter.analysis import compare_fits, curves_from_records, tail_mean
-from sharpmeter.commands import run_study_command
-from sharpmeter.records import read_records
-from sharpmeter.runlock import LOCK_NAME
-from sharpmeter.study import parse_study
-from sharpmeter.train import DONE_FILE, run_config
+from sharpmeter.harness import study
+from sharpmeter.harness.commands import run_study_command
+from sharpmeter.harness.runlock import LOCK_NAME
+from sharpmeter.harness.study import parse_study
+from sharpmeter.harness.train import DONE_FILE, run_config
+from sharpmeter.paper.analysis import compare_fits, curves_from_records, tail_mean
+from sharpmeter.paper.records import read_records
 
 RECIPE = Path(__file__).parent.parent / "recipes" / "scale_study.py"
 SMALL = ["--sizes", "tiny", "small", "medium", "--max_steps", "60", "--every", "5"]

@@ -13,13 +13,14 @@ import pytest
 import torch
 from conftest import RUN_HOLDER
 
-from sharpmeter import sinks, train
-from sharpmeter.config import parse_config
-from sharpmeter.data import lm_dataset
-from sharpmeter.gpt import build_gpt
-from sharpmeter.records import read_records
-from sharpmeter.runlock import LOCK_NAME, RunLockedError
-from sharpmeter.train import is_finished
+from sharpmeter.harness import train
+from sharpmeter.harness.config import parse_config
+from sharpmeter.harness.data import lm_dataset
+from sharpmeter.harness.gpt import build_gpt
+from sharpmeter.harness.runlock import LOCK_NAME, RunLockedError
+from sharpmeter.harness.train import is_finished
+from sharpmeter.measure import sinks
+from sharpmeter.paper.records import read_records
 
 ROOT = Path(__file__).parent.parent
 RECIPE = ROOT / "recipes" / "train_gpt.py"

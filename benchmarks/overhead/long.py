@@ -17,10 +17,10 @@ from transformers import TrainerCallback
 from benchmarks._common import REPO, command_line, header, num_params, python_module, save_markdown
 from benchmarks.overhead.tables import LONG_TITLE, long_section
 from benchmarks.overhead.training import SIZES, continue_training, make_trainer
-from sharpmeter.data import lm_dataset
+from sharpmeter.harness.data import lm_dataset
 from sharpmeter.integrations.hf import SharpnessCallback
-from sharpmeter.options import MeterOptions
-from sharpmeter.records import read_records
+from sharpmeter.measure.options import MeterOptions
+from sharpmeter.paper.records import read_records
 
 # What the children re-invoke, from the repository root.
 MODULE = "benchmarks.overhead"
@@ -132,7 +132,7 @@ def main_long(args: argparse.Namespace, out: Path | None) -> None:
         f"model: GPT-2 {args.size}, {with_['n_params']:,} parameters (n_embd {size.n_embd}, "
         f"n_layer {size.n_layer}, n_head {size.n_head}, vocab {size.vocab_size}), float32, "
         "dropout 0, random init",
-        f"data: KJV bytes (`sharpmeter.data.lm_dataset`), batch {args.batch_size} x "
+        f"data: KJV bytes (`sharpmeter.harness.data.lm_dataset`), batch {args.batch_size} x "
         f"{size.n_positions}; AdamW lr {args.lr:g} constant, max_grad_norm 1, seed {args.seed}; "
         "`Trainer(use_cpu=True, report_to=[], save_strategy='no', disable_tqdm=True)`",
         "callback: `SharpnessCallback.attach(trainer)`, no schedule argument: the default "

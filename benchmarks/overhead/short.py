@@ -21,10 +21,10 @@ from benchmarks.overhead.tables import (
     targets_table,
 )
 from benchmarks.overhead.training import SIZES, continue_training, make_trainer
-from sharpmeter.data import lm_dataset
+from sharpmeter.harness.data import lm_dataset
 from sharpmeter.integrations.hf import SharpnessCallback
-from sharpmeter.options import MeterOptions
-from sharpmeter.records import read_records
+from sharpmeter.measure.options import MeterOptions
+from sharpmeter.paper.records import read_records
 
 # The fixed grid this table measures: the meter's default adds a 5% wall-time budget on top,
 # which caps the long-run ratio at 1.05 by skipping due steps; the grid shows the raw cost.
@@ -133,7 +133,7 @@ def preamble(args: argparse.Namespace, pairs: list[tuple[dict, dict]], started: 
         f"model: GPT-2 {args.size}, {num_params(model):,} parameters (n_embd {size.n_embd}, "
         f"n_layer {size.n_layer}, n_head {size.n_head}, vocab {size.vocab_size}), float32, "
         "dropout 0, random init",
-        f"data: KJV bytes (`sharpmeter.data.lm_dataset`), batch {args.batch_size} x "
+        f"data: KJV bytes (`sharpmeter.harness.data.lm_dataset`), batch {args.batch_size} x "
         f"{size.n_positions}; AdamW lr {args.lr:g} constant, max_grad_norm 1, seed {args.seed}; "
         "`Trainer(use_cpu=True, report_to=[], save_strategy='no', disable_tqdm=True)`",
         f"callback: `SharpnessCallback.attach(trainer, schedule=Schedule(every={GRID.every}))` "

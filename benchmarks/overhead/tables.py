@@ -7,7 +7,7 @@ import math
 import statistics
 
 from benchmarks._common import fmt, markdown_table
-from sharpmeter.options import MeterOptions
+from sharpmeter.measure.options import MeterOptions
 
 TARGET_RATIO = 1.05
 TARGET_FORWARDS = 7

@@ -7,7 +7,7 @@ import argparse
 import torch
 
 from benchmarks._common import GPT2Size, gpt2
-from sharpmeter.data import BYTE_VOCAB
+from sharpmeter.harness.data import BYTE_VOCAB
 
 # Byte-level GPT-2s (vocabulary 256: the KJV bytes); n_positions is the block size trained on.
 SIZES = {

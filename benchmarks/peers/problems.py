@@ -58,7 +58,7 @@ class LogitsAdapter(nn.Module):
 
 
 def gpt2_problem(model: nn.Module, batch: dict[str, torch.Tensor], name: str) -> Problem:
-    from sharpmeter.loss import causal_lm_loss
+    from sharpmeter.measure.loss import causal_lm_loss
 
     return Problem(
         name=name,

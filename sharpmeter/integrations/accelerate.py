@@ -25,11 +25,12 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 
-from sharpmeter.distributed import local_shard
-from sharpmeter.loss import move_to
-from sharpmeter.meter import SharpnessMeter
-from sharpmeter.options import MeterOptions
-from sharpmeter.sinks import JsonlSink, WandbSink, run_metadata
+from sharpmeter.measure.distributed import local_shard
+from sharpmeter.measure.loss import move_to
+from sharpmeter.measure.meter import SharpnessMeter
+from sharpmeter.measure.options import MeterOptions
+from sharpmeter.measure.schema import RUN_FILE
+from sharpmeter.measure.sinks import JsonlSink, WandbSink, run_metadata
 
 
 class AcceleratedMeter:
@@ -44,8 +45,9 @@ class AcceleratedMeter:
         run_name: the ``run`` field of every row.
         optimizer: the loop's optimizer, to refuse at once one a measure cannot follow (the
             ``preconditioned`` measure needs Adam) instead of failing every row.
-        options: a :class:`~sharpmeter.options.MeterOptions` (default: its defaults).
-        **changes: :class:`~sharpmeter.options.MeterOptions` fields that override ``options``.
+        options: a :class:`~sharpmeter.measure.options.MeterOptions` (default: its defaults).
+        **changes: :class:`~sharpmeter.measure.options.MeterOptions` fields that override
+            ``options``.
     """
 
     def __init__(
@@ -54,7 +56,7 @@ class AcceleratedMeter:
         model: torch.nn.Module,
         probe_batch: Any,
         *,
-        jsonl_path: str | os.PathLike = "sharpness.jsonl",
+        jsonl_path: str | os.PathLike = RUN_FILE,
         wandb: bool = False,
         run_name: str | None = None,
         optimizer: Any = None,
@@ -81,8 +83,9 @@ class AcceleratedMeter:
     def step(self, step: int, optimizer: torch.optim.Optimizer) -> dict | None:
         """Measure if ``step`` is due (after ``optimizer.step()``); returns the row or None.
 
-        Raises :class:`~sharpmeter.distributed.CollectiveError` when another rank is stopped,
-        hung or dead (after the process group's timeout: ``InitProcessGroupKwargs(timeout=)``).
+        Raises :class:`~sharpmeter.measure.distributed.CollectiveError` when another rank is
+        stopped, hung or dead (after the process group's timeout:
+        ``InitProcessGroupKwargs(timeout=)``).
         """
         if not self.meter.is_due(step):
             return None

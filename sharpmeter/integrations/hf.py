@@ -12,7 +12,7 @@ taken along the update the *next* step would make. Rows go
 
 The console gets one short line per measurement (none with ``disable_tqdm``); the full row is
 in the JSONL file and the loggers. A logger that fails (a service down, a full disk) is a
-:class:`~sharpmeter.sinks.SinkWarning`, never the end of training.
+:class:`~sharpmeter.measure.sinks.SinkWarning`, never the end of training.
 
 The probe batch is fixed for the run: the one you pass, or ``probe_size`` examples drawn from
 the training set with a private generator and a private copy of the collator, every RNG forked
@@ -28,7 +28,7 @@ their data nor draw a random number for it: ranks that see different data (a str
 by rank) still hold one global probe, of which each measures its shard. The callback makes the
 process group honour ``ddp_timeout``, which transformers leaves out of the gloo group of a CPU
 run (torch's default is 30 minutes): a stopped, hung or dead rank then ends the run after that
-timeout with a :class:`~sharpmeter.distributed.CollectiveError` saying so.
+timeout with a :class:`~sharpmeter.measure.distributed.CollectiveError` saying so.
 
 Options are checked when the callback is made, without building anything; the probe's loss and
 the optimizer when training begins. Warm starts and the schedule position travel in the
@@ -64,12 +64,13 @@ from tqdm.auto import tqdm
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-from sharpmeter.distributed import collective, honour_timeout, is_distributed, local_shard
-from sharpmeter.loss import move_to, split_probe
-from sharpmeter.meter import SharpnessMeter
-from sharpmeter.options import MeterOptions, resolve_options
-from sharpmeter.rng import fork_rng
-from sharpmeter.sinks import JsonlSink, SinkWarning, numeric_items, run_metadata
+from sharpmeter.measure.distributed import collective, honour_timeout, is_distributed, local_shard
+from sharpmeter.measure.loss import move_to, split_probe
+from sharpmeter.measure.meter import SharpnessMeter
+from sharpmeter.measure.options import MeterOptions, resolve_options
+from sharpmeter.measure.rng import fork_rng
+from sharpmeter.measure.schema import RUN_FILE
+from sharpmeter.measure.sinks import JsonlSink, SinkWarning, numeric_items, run_metadata
 
 PREFIX = "sharpness/"
 # The meter's warm start and schedule position, kept in TrainerState.stateful_callbacks so that
@@ -99,19 +100,19 @@ class SharpnessCallback(TrainerCallback):
         probe_batch: a fixed batch (already collated) or ``None`` to draw ``probe_size``
             examples from the training set at the start of training, picked with
             ``probe_seed`` by a private generator.
-        options: a :class:`~sharpmeter.options.MeterOptions` (default: its defaults).
+        options: a :class:`~sharpmeter.measure.options.MeterOptions` (default: its defaults).
         jsonl_path: where rows go (default ``<output_dir>/sharpness.jsonl``).
         run_name: the ``run`` field of every row (default: ``args.run_name`` or the output
             folder's name).
-        **changes: :class:`~sharpmeter.options.MeterOptions` fields that override ``options``
-            (``measures``, ``schedule``, ``loss_fn``, ``probe_size``, ...). ``max_grad_norm``
-            left at ``None`` is the Trainer's, ``progress`` at ``None`` follows the Trainer's
-            progress bars.
+        **changes: :class:`~sharpmeter.measure.options.MeterOptions` fields that override
+            ``options`` (``measures``, ``schedule``, ``loss_fn``, ``probe_size``, ...).
+            ``max_grad_norm`` left at ``None`` is the Trainer's, ``progress`` at ``None``
+            follows the Trainer's progress bars.
 
     A drawn probe from a streaming dataset needs a re-iterable stream; under data parallelism
     rank 0 draws it and broadcasts it (see the module docstring). A logger that raises while a
-    row is logged gives a :class:`~sharpmeter.sinks.SinkWarning` (when logging starts failing
-    and when it works again), and training goes on.
+    row is logged gives a :class:`~sharpmeter.measure.sinks.SinkWarning` (when logging starts
+    failing and when it works again), and training goes on.
 
     Resume: the meter's state lives in ``state.stateful_callbacks["sharpmeter"]`` and is
     restored from any checkpoint's ``trainer_state.json``. The callback is not an
@@ -187,7 +188,7 @@ class SharpnessCallback(TrainerCallback):
             self.meter.load_state_dict(saved)
         self._publish_state(state)
         if state.is_world_process_zero:
-            path = self.jsonl_path or Path(args.output_dir) / "sharpness.jsonl"
+            path = self.jsonl_path or Path(args.output_dir) / RUN_FILE
             run = self.run_name or args.run_name or Path(args.output_dir).name
             # max_steps: the planned length, so analysis can tell an unfinished run.
             metadata = run_metadata(

@@ -1,0 +1,237 @@
+"""Train a GPT-2 with the sharpness callback: the recipe behind ``recipes/train_gpt.py`` and
+each size of a study. Read top to bottom: data, model, trainer, callback, train.
+
+Runs as it is under ``python`` (one process), ``accelerate launch --multi_gpu`` (DDP; on CPU
+with ``use_cpu: true``, gloo) and on GPUs (``bf16: true``; training may use SDPA or flash
+attention, measurements switch to the math kernel by themselves).
+
+Example::
+
+    model_args, data_args, sharpness_args, training_args = parse_config(["configs/tiny.yaml"])
+    jsonl = train_gpt(model_args, data_args, sharpness_args, training_args)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from transformers import Trainer, TrainingArguments, set_seed
+
+from sharpmeter.harness.config import DataArguments, ModelArguments, SharpnessArguments
+from sharpmeter.harness.data import TokenBlocks, lm_dataset
+from sharpmeter.harness.gpt import build_gpt
+from sharpmeter.harness.runlock import rank_zero_lock
+from sharpmeter.integrations.hf import SharpnessCallback
+from sharpmeter.measure.files import atomic_write_text
+from sharpmeter.measure.schema import DONE_FILE, RUN_FILE
+from sharpmeter.measure.sinks import wandb_mode
+
+# TrainingArguments that cannot change a run's numbers (its weights, its measurements): a
+# finished run is compared without them, so changing one does not train it again. Only what
+# certainly changes nothing is here; anything that touches the data, the model, the optimizer,
+# the devices or the order of random draws (even dataloader workers, compilation) is compared.
+_NOT_SHAPING = {
+    # Where the run writes and what it resumes from: a resumed run continues the same numbers.
+    "output_dir",
+    "logging_dir",
+    "resume_from_checkpoint",
+    "overwrite_output_dir",
+    # How often and where the Trainer reports its log: logging reads the loss and the learning
+    # rate after the step, draws nothing at random; the sharpness rows do not depend on it.
+    "logging_strategy",
+    "logging_steps",
+    "logging_first_step",
+    "logging_nan_inf_filter",
+    "log_on_each_node",
+    "log_level",
+    "log_level_replica",
+    "disable_tqdm",
+    "report_to",
+    "run_name",
+    "project",
+    "trackio_space_id",
+    "trackio_bucket_id",
+    "trackio_static_space_id",
+    # Checkpoints: a save copies the weights, optimizer and RNG states, and changes none.
+    "save_strategy",
+    "save_steps",
+    "save_total_limit",
+    "save_on_each_node",
+    "save_only_model",
+    # Publishing to the Hub happens after the numbers are made.
+    "push_to_hub",
+    "hub_model_id",
+    "hub_strategy",
+    "hub_token",
+    "hub_private_repo",
+    "hub_always_push",
+    "hub_revision",
+}
+
+
+def load_data(
+    data_args: DataArguments, block_size: int, training_args: TrainingArguments
+) -> TokenBlocks:
+    """The corpus as token blocks; the main process tokenizes (and caches) first."""
+    with training_args.main_process_first(desc="tokenizing the corpus"):
+        return lm_dataset(
+            data_args.corpus,
+            block_size=block_size,
+            tokenizer=data_args.tokenizer,
+            vocab_size=data_args.vocab_size,
+            cache_dir=data_args.cache_dir,
+            text_column=data_args.text_column,
+        )
+
+
+def train_gpt(
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    sharpness_args: SharpnessArguments,
+    training_args: TrainingArguments,
+    dataset: TokenBlocks | None = None,
+) -> Path:
+    """Train one model; returns the path of its ``sharpness.jsonl``.
+
+    ``dataset`` skips loading when the caller already holds the tokenized corpus (a study
+    trains every size on the same one). The run owns ``output_dir`` while it trains
+    (:mod:`sharpmeter.harness.runlock`; rank 0 holds the lock): a second run started on it
+    meanwhile raises :class:`~sharpmeter.harness.runlock.RunLockedError` on every rank, before
+    anything is read or written."""
+    if model_args.size is None:
+        raise ValueError("model_args.size is required: name a model size")
+    # Before anything is read or written: a second run on this folder is refused here.
+    with rank_zero_lock(training_args.output_dir, training_args.process_index):
+        return _train_in_owned_folder(model_args, data_args, sharpness_args, training_args, dataset)
+
+
+def _train_in_owned_folder(
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    sharpness_args: SharpnessArguments,
+    training_args: TrainingArguments,
+    dataset: TokenBlocks | None,
+) -> Path:
+    """:func:`train_gpt` once its output folder is this run's alone."""
+    if dataset is None:
+        dataset = load_data(data_args, model_args.block_size, training_args)
+    # The Trainer seeds only when it is built, after the model: seed here so that `seed` sets
+    # the initial weights too, whatever ran before (a study's earlier sizes, a resume).
+    set_seed(training_args.seed)
+    model = build_gpt(
+        model_args.size,
+        vocab_size=dataset.vocab_size,
+        block_size=model_args.block_size,
+        dropout=model_args.dropout,
+        attn_implementation=model_args.attn_implementation,
+    )
+    config = run_config(model_args, data_args, sharpness_args, training_args)
+    _start_wandb(training_args, config)
+
+    trainer = Trainer(model=model, args=training_args, train_dataset=dataset)
+    SharpnessCallback.attach(trainer, options=sharpness_args.meter_options())
+    try:
+        trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    finally:
+        _finish_wandb()
+    if training_args.process_index == 0:
+        write_done_marker(training_args.output_dir, config)
+    return Path(training_args.output_dir) / RUN_FILE
+
+
+def write_done_marker(output_dir: str | Path, config: dict[str, Any]) -> Path:
+    """Marks ``output_dir`` as holding a run finished with ``config``: written whole or not at
+    all (a full disk must not leave an empty marker that every later study trips on).
+
+    Example::
+
+        write_done_marker("runs/tiny", run_config(*arguments))   # runs/tiny/sharpmeter_run.json
+    """
+    path = Path(output_dir) / DONE_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(config, indent=1))
+    return path
+
+
+def run_config(
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    sharpness_args: SharpnessArguments,
+    training_args: TrainingArguments,
+) -> dict[str, Any]:
+    """Everything that shapes a run, JSON-able: what a finished run is compared against."""
+    training = {k: v for k, v in training_args.to_dict().items() if k not in _NOT_SHAPING}
+    config = {**vars(model_args), **vars(data_args), **vars(sharpness_args), **training}
+    return json.loads(json.dumps(config, default=str))
+
+
+def is_finished(output_dir: str | Path, config: dict[str, Any]) -> bool:
+    """Whether ``output_dir`` holds a run finished with ``config``.
+
+    Raises:
+        ValueError: it holds a finished run with another config (reusing it would report
+            numbers of a run that is not the one asked for), or a marker that cannot be read
+            (one line naming it: removing it trains the run again).
+    """
+    path = Path(output_dir) / DONE_FILE
+    if not path.is_file():
+        return False
+    done = _read_done_marker(path)
+    # Markers written before a setting was known not to shape runs may still list it.
+    done = {k: v for k, v in done.items() if k not in _NOT_SHAPING}
+    changed = sorted(k for k in config.keys() | done.keys() if config.get(k) != done.get(k))
+    if changed:
+        raise ValueError(
+            f"{output_dir} holds a finished run with other settings ({', '.join(changed)}); "
+            "use another output_dir or remove it"
+        )
+    return True
+
+
+def _read_done_marker(path: Path) -> dict[str, Any]:
+    """The config a done marker holds (ValueError in one line if it holds none)."""
+    data = b""
+    try:
+        data = path.read_bytes()
+        done = json.loads(data.decode("utf-8"))
+    except (OSError, ValueError) as error:  # ValueError: not UTF-8 or not JSON
+        empty = isinstance(error, ValueError) and not data.strip()
+        problem = "it is empty" if empty else " ".join(str(error).split())
+    else:
+        if isinstance(done, dict):
+            return done
+        problem = f"it holds a JSON {type(done).__name__}, not an object"
+    raise ValueError(
+        f"the run marker {path} cannot be read ({problem}): remove it to train this run again"
+    )
+
+
+def _start_wandb(training_args: TrainingArguments, config: dict) -> None:
+    """Start the W&B run the Trainer's ``WandbCallback`` will log into: offline without
+    credentials (never a prompt), in the output folder beside the JSONL. ``WANDB_DIR`` would
+    not do: W&B reads it once per process, and a study trains several runs in one."""
+    if "wandb" not in (training_args.report_to or []) or training_args.process_index != 0:
+        return
+    import wandb
+
+    Path(training_args.output_dir).mkdir(parents=True, exist_ok=True)
+    wandb.init(
+        project=os.environ.get("WANDB_PROJECT", "sharpmeter"),
+        name=training_args.run_name,
+        dir=training_args.output_dir,
+        mode=wandb_mode(),
+        config=config,
+    )
+
+
+def _finish_wandb() -> None:
+    # A study trains several sizes in one process: each needs a run of its own.
+    try:
+        import wandb
+    except ImportError:
+        return
+    if wandb.run is not None:
+        wandb.finish()

@@ -1,0 +1,118 @@
+"""The measurement context: measure a model without changing its training.
+
+Inside :func:`measurement` a model can be evaluated, differentiated twice and perturbed; on exit
+its parameters, ``.grad`` tensors, ``requires_grad`` flags, buffers (BatchNorm running
+statistics), train/eval flags and the global RNG streams (torch CPU and CUDA, Python's
+``random``, NumPy) are exactly what they were on entry.
+
+Two things the context switches on purpose while it is open:
+
+* **Dropout policy.** ``dropout="eval"`` (default) measures the deterministic eval-mode network;
+  ``dropout="train"`` keeps the model's own mode, and the operators then seed every forward
+  with a fixed value so that each HVP and each line-search forward sees the same masks.
+* **Attention backend.** Fused SDPA kernels (flash, memory-efficient, cuDNN) have no double
+  backward and no forward-mode AD, so :func:`attention_guard` pins
+  ``scaled_dot_product_attention`` to its math backend and moves Hugging Face models configured
+  for flash attention to ``sdpa`` for the duration.
+
+Example::
+
+    with sm.measurement(model):
+        op = sm.HessianOperator(model, None, batch)
+        top = sm.lanczos(op, k=1)
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from sharpmeter.measure.rng import fork_rng
+
+DROPOUT_POLICIES = ("eval", "train")
+
+
+@contextlib.contextmanager
+def attention_guard(model: nn.Module) -> Iterator[None]:
+    """Run attention through kernels that support double backward and forward-mode AD."""
+    configs = _flash_configs(model)
+    saved = [c._attn_implementation for c in configs]
+    try:
+        for config in configs:
+            config._attn_implementation = "sdpa"
+        with sdpa_kernel(SDPBackend.MATH):
+            yield
+    finally:
+        for config, implementation in zip(configs, saved, strict=True):
+            config._attn_implementation = implementation
+
+
+def _flash_configs(model: nn.Module) -> list:
+    """Hugging Face configs inside ``model`` whose attention is a flash-attention kernel."""
+    configs: dict[int, object] = {}
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        implementation = getattr(config, "_attn_implementation", None)
+        if isinstance(implementation, str) and "flash" in implementation:
+            configs[id(config)] = config
+    return list(configs.values())
+
+
+@dataclass
+class ModelState:
+    """Everything a measurement could disturb, captured so it can be put back exactly."""
+
+    grads: list[torch.Tensor | None]
+    requires_grad: list[bool]
+    buffers: list[torch.Tensor]
+    training: list[bool]
+
+    @classmethod
+    def capture(cls, model: nn.Module) -> ModelState:
+        params = list(model.parameters())
+        return cls(
+            grads=[p.grad for p in params],
+            requires_grad=[p.requires_grad for p in params],
+            buffers=[b.detach().clone() for b in model.buffers()],
+            training=[m.training for m in model.modules()],
+        )
+
+    def restore(self, model: nn.Module) -> None:
+        for p, grad, flag in zip(model.parameters(), self.grads, self.requires_grad, strict=True):
+            p.grad = grad
+            p.requires_grad_(flag)
+        with torch.no_grad():
+            for buffer, saved in zip(model.buffers(), self.buffers, strict=True):
+                buffer.copy_(saved)
+        for module, flag in zip(model.modules(), self.training, strict=True):
+            module.training = flag
+
+
+@contextlib.contextmanager
+def measurement(model: nn.Module, dropout: str = "eval") -> Iterator[None]:
+    """Open a measurement on ``model``; everything but the parameters is restored on exit.
+
+    Parameters are not snapshotted here (that would cost a copy of the model): the estimators
+    that move them (critical sharpness, finite differences) restore them by copy and check.
+    ``.grad`` tensors are kept by reference: the operators differentiate with
+    ``torch.autograd.grad``, which never accumulates into ``.grad``, and the FSDP2 gradient,
+    which must go through ``.grad``, puts every ``.grad`` back itself.
+    """
+    if dropout not in DROPOUT_POLICIES:
+        raise ValueError(f"dropout must be one of {DROPOUT_POLICIES}, got {dropout!r}")
+    state = ModelState.capture(model)
+    try:
+        with (
+            fork_rng(model.parameters()),
+            attention_guard(model),
+        ):
+            if dropout == "eval":
+                model.eval()
+            yield
+    finally:
+        state.restore(model)

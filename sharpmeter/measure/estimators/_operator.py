@@ -1,0 +1,59 @@
+"""What the estimators accept: any square linear operator, dense or matrix-free.
+
+An operator has ``shape == (n, n)``, ``dtype``, ``device`` and ``op @ v`` for a flat vector (and
+an ``(n, k)`` matrix). A dense ``torch.Tensor`` qualifies as it is; so do
+:class:`~sharpmeter.measure.operators.HessianOperator` and
+:class:`~sharpmeter.measure.operators.PreconditionedOperator`.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+import torch
+
+
+@runtime_checkable
+class LinearOperator(Protocol):
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    device: torch.device
+
+    def __matmul__(self, v: torch.Tensor) -> torch.Tensor: ...
+
+
+class CountingOperator:
+    """Wraps an operator, checks it is square and counts the products an estimator spends."""
+
+    def __init__(self, operator: LinearOperator | torch.Tensor) -> None:
+        shape = tuple(getattr(operator, "shape", ()))
+        if len(shape) != 2 or shape[0] != shape[1] or shape[0] == 0:
+            raise ValueError(f"expected a square, non-empty operator, got shape {shape}")
+        if not hasattr(operator, "__matmul__"):
+            raise ValueError(f"{type(operator).__name__} does not support `op @ v`")
+        self.operator = operator
+        self.dim = int(shape[0])
+        self.dtype = torch.promote_types(operator.dtype, torch.float32)
+        self.device = operator.device
+        self.num_matvecs = 0
+
+    def __matmul__(self, v: torch.Tensor) -> torch.Tensor:
+        self.num_matvecs += 1 if v.dim() == 1 else v.shape[1]
+        return (self.operator @ v.to(self.operator.dtype)).to(self.dtype)
+
+    def start_vector(self, v0: torch.Tensor | None, seed: int) -> torch.Tensor:
+        """A unit start vector: ``v0`` (warm start) or Gaussian from a private generator.
+
+        The private CPU generator gives the same vector on every device and every rank, and never
+        touches the global RNG.
+        """
+        if v0 is None:
+            generator = torch.Generator().manual_seed(seed)
+            v0 = torch.randn(self.dim, generator=generator, dtype=torch.float64)
+        elif v0.shape != (self.dim,):
+            raise ValueError(f"v0 must have shape ({self.dim},), got {tuple(v0.shape)}")
+        v0 = v0.to(device=self.device, dtype=self.dtype)
+        norm = torch.linalg.vector_norm(v0)
+        if not (torch.isfinite(norm) and norm > 0):
+            raise ValueError("the start vector must be finite and non-zero")
+        return v0 / norm

@@ -1,0 +1,263 @@
+r"""Top eigenvalues of a symmetric operator: power iteration and Lanczos.
+
+Both return the largest *algebraic* eigenvalue by default (the sharpness that limits a gradient
+step), together with the residual :math:`\lVert Hv - \lambda v\rVert / |\lambda|` of the returned
+pair, the number of operator products spent and whether the tolerance was met.
+
+Example::
+
+    op = sm.HessianOperator(model, None, batch)
+    r = sm.lanczos(op, k=3)            # r.values[0] >= r.values[1] >= r.values[2]
+    p = sm.power_iteration(op, v0=r.vectors[:, 0])   # warm start
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from sharpmeter.measure.checks import check_positive_int
+from sharpmeter.measure.estimators._operator import CountingOperator, LinearOperator
+
+WHICH = ("LA", "LM")
+
+
+@dataclass(frozen=True)
+class PowerIterationResult:
+    """Top eigenpair from power iteration.
+
+    Attributes:
+        value: the eigenvalue estimate :math:`\\lambda = v^\\top H v` (Rayleigh quotient).
+        vector: the unit vector :math:`v` (a warm start for the next measurement).
+        residual: :math:`\\lVert Hv - \\lambda v\\rVert / |\\lambda|`.
+        iterations: power steps taken (both passes when a shift was needed).
+        num_matvecs: operator products spent.
+        converged: ``residual <= tol``.
+    """
+
+    value: float
+    vector: torch.Tensor
+    residual: float
+    iterations: int
+    num_matvecs: int
+    converged: bool
+
+
+@dataclass(frozen=True)
+class LanczosResult:
+    """Top-k Ritz pairs from Lanczos with full reorthogonalisation.
+
+    Attributes:
+        values: the k largest algebraic Ritz values, descending (float64).
+        vectors: the Ritz vectors as columns, ``(n, k)``.
+        residuals: :math:`\\lVert H y_i - \\theta_i y_i\\rVert / |\\theta_i|` per pair, from the
+            Lanczos relation (:math:`= \\beta_m |s_{m,i}| / |\\theta_i|`, exact up to rounding
+            under full reorthogonalisation).
+        iterations: Lanczos steps (Krylov dimension).
+        num_matvecs: operator products spent (one per step).
+        converged: every residual ``<= tol`` (or an invariant subspace was found).
+    """
+
+    values: torch.Tensor
+    vectors: torch.Tensor
+    residuals: torch.Tensor
+    iterations: int
+    num_matvecs: int
+    converged: bool
+
+    @property
+    def value(self) -> float:
+        return float(self.values[0])
+
+    @property
+    def vector(self) -> torch.Tensor:
+        return self.vectors[:, 0]
+
+    @property
+    def residual(self) -> float:
+        return float(self.residuals[0])
+
+
+def power_iteration(
+    operator: LinearOperator | torch.Tensor,
+    max_iter: int = 100,
+    tol: float = 1e-3,
+    v0: torch.Tensor | None = None,
+    seed: int = 0,
+    which: str = "LA",
+) -> PowerIterationResult:
+    r"""Top eigenpair by power iteration, stopped on the residual.
+
+    Each step is :math:`w = Hv,\ \lambda = v^\top w,\
+    r = \lVert w - \lambda v\rVert/|\lambda|`; stop if :math:`r \le` ``tol``, else
+    :math:`v \leftarrow (w - \sigma v)/\lVert w - \sigma v\rVert`: one product per step.
+    Plain power iteration (:math:`\sigma = 0`) finds the eigenvalue of largest *magnitude*
+    (``which="LM"``). With ``which="LA"`` (default), if that one is negative, a second pass
+    iterates :math:`H - \sigma I` with :math:`\sigma = \lambda_{\rm neg}`, whose dominant
+    eigenvalue is :math:`\lambda_{\max} - \sigma \ge 0`, and so returns the largest algebraic
+    eigenvalue.
+
+    Args:
+        operator: a square operator or dense matrix (symmetric).
+        max_iter: most steps per pass.
+        tol: relative residual at which to stop.
+        v0: warm start (e.g. the previous measurement's vector); default Gaussian from ``seed``.
+        seed: seed of the private generator for the start vector.
+        which: ``"LA"`` largest algebraic (default) or ``"LM"`` largest magnitude.
+    """
+    check_positive_int("max_iter", max_iter)
+    if which not in WHICH:
+        raise ValueError(f"which must be one of {WHICH}, got {which!r}")
+    if not tol > 0:
+        raise ValueError(f"tol must be positive, got {tol}")
+    op = CountingOperator(operator)
+    start = op.start_vector(v0, seed)
+    value, vector, residual, iterations = _power_pass(op, start, 0.0, max_iter, tol)
+    if which == "LA" and value < 0:
+        value, vector, residual, more = _power_pass(op, start, value, max_iter, tol)
+        iterations += more
+    return PowerIterationResult(
+        value=value,
+        vector=vector,
+        residual=residual,
+        iterations=iterations,
+        num_matvecs=op.num_matvecs,
+        converged=residual <= tol,
+    )
+
+
+def _power_pass(
+    op: CountingOperator, v: torch.Tensor, shift: float, max_iter: int, tol: float
+) -> tuple[float, torch.Tensor, float, int]:
+    value, residual = 0.0, math.inf
+    for iteration in range(1, max_iter + 1):
+        w = op @ v
+        value = float(v @ w)
+        residual = _relative_residual(w, v, value)
+        if residual <= tol or iteration == max_iter:
+            return value, v, residual, iteration
+        w = w - shift * v
+        norm = torch.linalg.vector_norm(w)
+        if not torch.isfinite(norm) or norm == 0:
+            return value, v, residual, iteration
+        v = w / norm
+    raise AssertionError("unreachable: the loop returns on its last iteration")
+
+
+def _relative_residual(hv: torch.Tensor, v: torch.Tensor, value: float) -> float:
+    absolute = float(torch.linalg.vector_norm(hv - value * v))
+    if value == 0:
+        return 0.0 if absolute == 0 else math.inf
+    return absolute / abs(value)
+
+
+def lanczos(
+    operator: LinearOperator | torch.Tensor,
+    k: int = 1,
+    max_iter: int | None = None,
+    tol: float = 1e-6,
+    v0: torch.Tensor | None = None,
+    seed: int = 0,
+) -> LanczosResult:
+    r"""Top-k eigenpairs by Lanczos with full reorthogonalisation.
+
+    Builds an orthonormal Krylov basis :math:`Q_m` of
+    :math:`\mathrm{span}\{v_0, Hv_0, \dots, H^{m-1}v_0\}` with
+    :math:`H Q_m = Q_m T_m + \beta_m q_{m+1} e_m^\top`, :math:`T_m` tridiagonal. Every new
+    vector is orthogonalised against the whole basis twice ("twice is enough"), so no spurious
+    copies of converged eigenvalues appear. The small eigenproblem
+    :math:`T_m = S \Theta S^\top` is solved in float64 after every step; the run stops when each
+    of the top-k Ritz pairs :math:`(\theta_i, Q_m s_i)` has relative residual
+    :math:`\beta_m |s_{m,i}| / |\theta_i| \le` ``tol``, or after ``max_iter`` steps.
+
+    Memory: the basis holds up to ``max_iter`` vectors of the operator's size.
+
+    Args:
+        operator: a square symmetric operator or dense matrix.
+        k: number of top (algebraic) eigenpairs.
+        max_iter: most Lanczos steps (default ``max(30, 3k)``, at most the dimension).
+        tol: relative residual at which to stop.
+        v0: warm start (e.g. the previous top eigenvector); default Gaussian from ``seed``.
+        seed: seed of the private generator for start and restart vectors.
+    """
+    check_positive_int("k", k)
+    op = CountingOperator(operator)
+    if k > op.dim:
+        raise ValueError(f"k = {k} exceeds the dimension {op.dim}")
+    steps = min(op.dim, max(30, 3 * k) if max_iter is None else max_iter)
+    check_positive_int("max_iter", steps, minimum=k)
+    if not tol > 0:
+        raise ValueError(f"tol must be positive, got {tol}")
+    # Restart vectors come from another stream than the start vector, which they must not equal.
+    generator = torch.Generator().manual_seed(seed + 1)
+    basis = torch.empty(steps, op.dim, dtype=op.dtype, device=op.device)
+    alphas: list[float] = []
+    betas: list[float] = []  # betas[j] couples q_j and q_{j+1}; 0 marks a restart
+    q = op.start_vector(v0, seed)
+    for j in range(steps):
+        basis[j] = q
+        w = op @ q
+        alphas.append(float(q @ w))
+        w = _orthogonalise(w, basis[: j + 1])
+        beta = float(torch.linalg.vector_norm(w))
+        values, eigvecs, residuals = _ritz(alphas, betas, beta)
+        converged = len(values) >= k and bool((residuals[:k] <= tol).all())
+        if converged or j + 1 == steps:
+            break
+        if beta <= _breakdown_threshold(alphas, betas, op.dtype):
+            # Invariant subspace: its Ritz pairs are exact. Continue from a fresh direction
+            # orthogonal to it only if it holds fewer than k eigenpairs.
+            if j + 1 >= k:
+                residuals = torch.zeros_like(residuals)
+                break
+            w = _orthogonalise(_random_vector(op, generator), basis[: j + 1])
+            beta_next, q = 0.0, w / torch.linalg.vector_norm(w)
+        else:
+            beta_next, q = beta, w / beta
+        betas.append(beta_next)
+    count = len(alphas)
+    top = slice(0, min(k, count))
+    vectors = basis[:count].T @ eigvecs[:, top].to(op.dtype)
+    return LanczosResult(
+        values=values[top],
+        vectors=vectors,
+        residuals=residuals[top],
+        iterations=count,
+        num_matvecs=op.num_matvecs,
+        converged=bool((residuals[top] <= tol).all()) and count >= k,
+    )
+
+
+def _orthogonalise(w: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+    for _ in range(2):
+        w = w - basis.T @ (basis @ w)
+    return w
+
+
+def _ritz(
+    alphas: list[float], betas: list[float], beta_last: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Ritz values (descending), their eigenvectors of T and relative residuals, in float64."""
+    tridiagonal = torch.diag(torch.tensor(alphas, dtype=torch.float64))
+    if betas:
+        off = torch.tensor(betas, dtype=torch.float64)
+        tridiagonal += torch.diag(off, 1) + torch.diag(off, -1)
+    theta, s = torch.linalg.eigh(tridiagonal)
+    theta, s = theta.flip(0), s.flip(1)
+    absolute = beta_last * s[-1].abs()
+    residuals = torch.where(
+        theta != 0, absolute / theta.abs(), torch.where(absolute == 0, 0.0, math.inf)
+    )
+    return theta, s, residuals
+
+
+def _breakdown_threshold(alphas: list[float], betas: list[float], dtype: torch.dtype) -> float:
+    scale = max([abs(a) for a in alphas] + [abs(b) for b in betas] + [1e-300])
+    return 10 * torch.finfo(dtype).eps * scale
+
+
+def _random_vector(op: CountingOperator, generator: torch.Generator) -> torch.Tensor:
+    v = torch.randn(op.dim, generator=generator, dtype=torch.float64)
+    return v.to(device=op.device, dtype=op.dtype)

@@ -1,0 +1,350 @@
+r"""Critical sharpness (Kalra et al. 2026, arXiv 2601.16979): a line search on the model.
+
+Not an estimator of :mod:`sharpmeter.measure.estimators` (pure functions of a square operator):
+the search evaluates the loss at moved parameters, so it writes the model's parameters (and puts
+them back bit-identically), beside the operators that differentiate the same model.
+
+For the probe loss :math:`L` and an update direction :math:`d` (what the optimizer subtracts
+per unit learning rate), the *critical learning rate* is the smallest step that raises the loss,
+
+.. math:: \eta_c = \min\{\eta > 0 : L(\theta - \eta d) > L(\theta)\}, \qquad
+          \lambda_c = 2 / \eta_c .
+
+On a quadratic :math:`L = \tfrac12 \theta^\top H \theta - b^\top\theta` with gradient
+:math:`g`, :math:`L(\theta - \eta d) - L(\theta) = -\eta\, d^\top g + \tfrac12 \eta^2 d^\top H d`,
+so :math:`\eta_c = 2 d^\top g / d^\top H d` and :math:`\lambda_c = d^\top H d / d^\top g`, the
+*directional sharpness* that
+:func:`~sharpmeter.measure.estimators.directional.directional_sharpness` computes with one HVP.
+Along the gradient it is the Rayleigh quotient :math:`g^\top H g / g^\top g`. Critical
+sharpness needs forward passes only (and one backward for the descent check), so it works
+wherever training works (DDP, FSDP2, bf16), and it sees the loss beyond second order.
+
+On an FSDP2 model (``fully_shard``), a flat ``direction`` or ``gradient`` is this rank's shard
+of every parameter, and a per-parameter list holds ``DTensor`` objects sharded like the
+parameters (as ``.grad`` is); see :mod:`sharpmeter.measure.distributed`.
+
+Example::
+
+    d = sm.update_direction(optimizer)
+    r = sm.critical_sharpness(model, None, batch, d, eta0=previous.eta_c)
+    print(r.value, r.status, r.num_forward)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from sharpmeter.measure.checks import check_positive_int
+from sharpmeter.measure.distributed import local
+from sharpmeter.measure.loss import LossFn, ProbeLoss, probe_loss_and_gradient
+from sharpmeter.measure.params import (
+    ParameterVector,
+    all_finite,
+    as_flat_vector,
+    dot,
+    resolve_params,
+    unflatten,
+)
+from sharpmeter.measure.schema import NONFINITE
+
+STATUSES = ("ok", "nondescent", "no_increase", NONFINITE, "not_converged")
+
+
+@dataclass(frozen=True)
+class CriticalSharpnessResult:
+    """Critical sharpness with its bracket.
+
+    Attributes:
+        value: :math:`\\lambda_c = 2/\\eta_c` (NaN unless ``status == "ok"``).
+        eta_c: the geometric midpoint of the bracket, :math:`\\sqrt{lo \\cdot hi}` (NaN unless
+            ``status == "ok"``).
+        lo: the final bracket's lower end, a step that did not raise the loss (NaN if none).
+        hi: its upper end, a step that raised it (NaN if none), so :math:`lo < \\eta_c \\le hi`.
+        num_forward: forward passes spent, the base loss included.
+        status: one of :data:`STATUSES`:
+
+            - ``ok``: :math:`1 - lo/hi \\le 2^{-b}`, the loss at ``hi`` is finite and above
+              :math:`L(\\theta)`, and none of the ``check_below`` steps below the smallest step
+              that did not raise the loss raised it.
+            - ``nondescent``: :math:`d^\\top g \\le 0`, or every step down to the smallest tried
+              raised the loss.
+            - ``no_increase``: no step up to the largest tried raised the loss, so
+              :math:`\\lambda_c < 2/lo` (``hi`` NaN).
+            - ``nonfinite``: the base loss is not finite, or the loss at the final ``hi`` is not
+              (it went from at most :math:`L(\\theta)` at ``lo`` to NaN/inf at ``hi`` and no
+              finite rise was seen at the bracket's top). The first non-finite step ``hi`` is then
+              only an upper bound, :math:`\\eta_c \\le hi`, not a crossing of the loss. Takes
+              precedence over ``not_converged``.
+            - ``not_converged``: a bracket was found but ``max_forward`` ran out before it was
+              verified: the bisection short of :math:`1 - lo/hi \\le 2^{-b}`, the check below
+              unfinished, or a downward search from a rising check step without a step that
+              does not rise (``lo`` NaN). ``lo`` and ``hi`` show the bracket as far as it got.
+        loss: the probe loss :math:`L(\\theta)` (float32 or wider).
+        slope: :math:`d^\\top g` when the gradient was available, else NaN.
+    """
+
+    value: float
+    eta_c: float
+    lo: float
+    hi: float
+    num_forward: int
+    status: str
+    loss: float
+    slope: float
+
+
+def critical_sharpness(
+    model: nn.Module,
+    loss_fn: LossFn | None,
+    batch: Any,
+    direction: ParameterVector | torch.Tensor | Sequence[torch.Tensor],
+    *,
+    params: Iterable[nn.Parameter] | None = None,
+    eta0: float = 1e-3,
+    precision_bits: int = 4,
+    max_forward: int = 64,
+    check_below: int = 2,
+    gradient: torch.Tensor | Sequence[torch.Tensor] | None = None,
+    loss: float | None = None,
+    check_descent: bool = True,
+    weights: Sequence[float] | None = None,
+    seed: int | None = 0,
+    distributed: bool | None = None,
+) -> CriticalSharpnessResult:
+    r"""Critical sharpness :math:`2/\eta_c` along ``direction`` by a forward-only line search.
+
+    1. One forward gives :math:`L(\theta)` (with a backward for :math:`g` when ``gradient`` is
+       not given and ``check_descent``); :math:`d^\top g \le 0` stops with ``nondescent``.
+    2. Exponential search by factors of 2 from ``eta0`` (warm start: the previous
+       :math:`\eta_c`) brackets :math:`\eta_c` in :math:`(lo, hi]` with :math:`hi = 2\,lo`.
+    3. Geometric bisection :math:`\sqrt{lo\cdot hi}` until :math:`1 - lo/hi \le 2^{-b}`,
+       which takes exactly :math:`b` = ``precision_bits`` steps from a factor-2 bracket
+       (:math:`b \ge 2`).
+    4. Check below: a warm start past the first crossing of a loss that is not monotone along
+       :math:`d` brackets a later one. So the :math:`m` = ``check_below`` steps
+       :math:`s/4, s/16, \dots, s/4^m` below the smallest step :math:`s` that did not raise
+       the loss are tried; if one raises it, the first crossing lies below: it becomes the new
+       ``hi``, halving from it finds ``lo``, and steps 3 and 4 repeat. Every interval
+       :math:`(a, b) \subset [s\,4^{-m-1}, s]` with :math:`b/a > 4` on which the loss rises
+       holds a check step, so :math:`m` forwards watch a factor :math:`4^m` (16 by default)
+       below :math:`s`, the overshoot of a warm start when :math:`\eta_c` shrinks between
+       measurements; factor 2 would watch only :math:`2^m`, a wider factor would step over
+       narrower rises. No finite number of forwards excludes every earlier crossing: this is
+       a cheap guard, not a proof. On a loss that falls all the way to :math:`\eta_c` (a
+       quadratic) no check step rises.
+
+    When ``eta0`` is within a factor 2 of :math:`\eta_c` (and no check step rises) the search
+    costs :math:`1 + 2 + b + m` forwards. A non-finite loss counts as an increase while
+    searching (training would not survive the step), but only a finite rise at the final
+    ``hi`` is ``ok``: a loss that goes from below :math:`L(\theta)` straight to NaN/inf gives
+    ``nonfinite``, and a bracket not verified within ``max_forward`` gives ``not_converged``
+    (see :class:`CriticalSharpnessResult`). Every branch compares losses reduced over ranks at
+    steps that are fixed functions of the ones already tried, so every rank takes the same
+    branches. The parameters are set by copy from a snapshot (:math:`\theta_0 - \eta d`, never
+    by adding and subtracting) and restored the same way; their bit-identity is checked. Losses
+    are compared in float32 or wider.
+
+    Args:
+        model: the network (any mode; dropout masks are fixed by ``seed``).
+        loss_fn: ``(model, batch) -> scalar`` or ``None`` for ``output.loss``.
+        batch: one batch or a ``list`` of batches.
+        direction: :math:`d`: a :class:`~sharpmeter.measure.params.ParameterVector` (what
+            :func:`~sharpmeter.update_direction` returns), read by parameter identity and
+            required to cover exactly ``params`` (restrict it with ``d.over(params)``, else
+            ``ValueError``); a flat tensor in the order of ``params``; or one tensor per
+            parameter.
+        params: the parameters ``direction`` lives on (default: all trainable ones).
+        eta0: first step tried.
+        precision_bits: bisection precision :math:`b`, relative bracket width :math:`2^{-b}`.
+        max_forward: budget of forwards, the base one included.
+        check_below: steps tried below the bracket for an earlier crossing (0: none).
+        gradient: :math:`g` if already known (e.g. the training gradient); saves a backward.
+        loss: :math:`L(\theta)` if already known (with ``gradient``); saves the base forward,
+            which is then not counted.
+        check_descent: compute :math:`g` when not given to detect a non-descent direction.
+        weights: per-batch weights of a multi-batch probe.
+        seed: RNG seed of every forward (``None``: leave the global RNG alone).
+        distributed: ``batch`` is this rank's shard; losses are summed over ranks, so every
+            rank takes the same decisions (default: inside a process group of >1 rank).
+    """
+    if not (eta0 > 0 and math.isfinite(eta0)):
+        raise ValueError(f"eta0 must be positive and finite, got {eta0}")
+    check_positive_int("precision_bits", precision_bits)
+    check_positive_int("max_forward", max_forward, minimum=3)
+    check_positive_int("check_below", check_below, minimum=0)
+    chosen = resolve_params(model, params)
+    d = as_flat_vector(direction, chosen, "direction")
+    if not all_finite(d, chosen):
+        raise ValueError("the direction has non-finite entries")
+    probe = ProbeLoss(model, loss_fn, batch, weights=weights, seed=seed, distributed=distributed)
+    search = _LineSearch(probe, chosen, d)
+    try:
+        if loss is not None and gradient is not None:
+            g = as_flat_vector(gradient, chosen, "gradient")
+        else:
+            loss, g = _base_loss(probe, chosen, gradient, check_descent)
+            search.num_forward = 1
+        slope = float(dot(d, g, chosen)) if g is not None else math.nan
+        if not math.isfinite(loss):
+            status, lo, hi = NONFINITE, math.nan, math.nan
+        elif slope <= 0:
+            status, lo, hi = "nondescent", math.nan, math.nan
+        else:
+            status, lo, hi = search.bracket(loss, eta0, precision_bits, max_forward, check_below)
+    finally:
+        search.restore()
+    eta_c = math.sqrt(lo * hi) if status == "ok" else math.nan
+    return CriticalSharpnessResult(
+        value=2 / eta_c if status == "ok" else math.nan,
+        eta_c=eta_c,
+        lo=lo,
+        hi=hi,
+        num_forward=search.num_forward,
+        status=status,
+        loss=loss,
+        slope=slope,
+    )
+
+
+def _base_loss(
+    probe: ProbeLoss,
+    params: list[nn.Parameter],
+    gradient: torch.Tensor | Sequence[torch.Tensor] | None,
+    check_descent: bool,
+) -> tuple[float, torch.Tensor | None]:
+    if gradient is None and check_descent:
+        loss, g = probe_loss_and_gradient(probe, params)
+        return float(loss), g
+    with torch.no_grad():
+        loss = float(probe.reduce(probe().detach()))
+    return loss, None if gradient is None else as_flat_vector(gradient, params, "gradient")
+
+
+class _LineSearch:
+    """Evaluates :math:`L(\\theta_0 - \\eta d)` by copy and brackets the first increase.
+
+    Every step tried raises the loss or not; a non-finite loss raises it. ``smallest_flat`` is
+    the smallest step that did not, the anchor of the check below; ``nonfinite`` holds the steps
+    whose loss was not finite, to tell a finite rise at ``hi`` from a blow-up.
+    """
+
+    def __init__(self, probe: ProbeLoss, params: list[nn.Parameter], d: torch.Tensor) -> None:
+        self.probe = probe
+        self.params = params
+        self.theta0 = [p.detach().clone() for p in params]
+        self.direction = unflatten(d, params)
+        self.num_forward = 0
+        self.base = math.nan
+        self.max_forward = 0
+        self.smallest_flat = math.inf
+        self.nonfinite: set[float] = set()
+
+    def raises_loss(self, eta: float) -> bool:
+        with torch.no_grad():
+            for p, t, d in zip(self.params, self.theta0, self.direction, strict=True):
+                p.copy_(t - eta * d)
+            loss = float(self.probe.reduce(self.probe()))
+        self.num_forward += 1
+        if not math.isfinite(loss):
+            self.nonfinite.add(eta)
+            return True
+        if loss > self.base:
+            return True
+        self.smallest_flat = min(self.smallest_flat, eta)
+        return False
+
+    def budget_left(self) -> bool:
+        return self.num_forward < self.max_forward
+
+    def bracket(
+        self, base: float, eta0: float, precision_bits: int, max_forward: int, check_below: int
+    ) -> tuple[str, float, float]:
+        """Status and bracket ``(lo, hi]`` of the first step that raises the loss."""
+        self.base, self.max_forward = base, max_forward
+        if self.raises_loss(eta0):
+            lo, hi = self.halve(eta0)
+            if math.isnan(lo):
+                return "nondescent", lo, hi
+        else:
+            lo, hi = self.double(eta0)
+            if math.isnan(hi):
+                return "no_increase", lo, hi
+        while True:
+            lo, hi = self.bisect(lo, hi, precision_bits)
+            if 1 - lo / hi > 2.0**-precision_bits:
+                return self.status(hi, verified=False), lo, hi
+            rise = self.rise_below(check_below)
+            if rise is None:
+                return self.status(hi, verified=True), lo, hi
+            if math.isnan(rise):
+                return self.status(hi, verified=False), lo, hi
+            lo, hi = self.halve(rise)
+            if math.isnan(lo):
+                return self.status(hi, verified=False), lo, hi
+
+    def status(self, hi: float, verified: bool) -> str:
+        # A blow-up at the top says more than a short budget: no finite rise was seen at all.
+        if hi in self.nonfinite:
+            return NONFINITE
+        return "ok" if verified else "not_converged"
+
+    def halve(self, hi: float) -> tuple[float, float]:
+        """From a step that raised the loss, halve until one does not: ``(hi/2, hi]``, or
+        ``lo`` NaN when the budget runs out first."""
+        lo = math.nan
+        while math.isnan(lo) and self.budget_left():
+            eta = hi / 2
+            if self.raises_loss(eta):
+                hi = eta
+            else:
+                lo = eta
+        return lo, hi
+
+    def double(self, lo: float) -> tuple[float, float]:
+        """From a step that did not raise the loss, double until one does: ``(lo, 2 lo]``, or
+        ``hi`` NaN when the budget runs out first."""
+        hi = math.nan
+        while math.isnan(hi) and self.budget_left():
+            eta = 2 * lo
+            if self.raises_loss(eta):
+                hi = eta
+            else:
+                lo = eta
+        return lo, hi
+
+    def bisect(self, lo: float, hi: float, precision_bits: int) -> tuple[float, float]:
+        """Geometric bisection until :math:`1 - lo/hi \\le 2^{-b}` or the budget runs out."""
+        while 1 - lo / hi > 2.0**-precision_bits and self.budget_left():
+            mid = math.sqrt(lo * hi)
+            if self.raises_loss(mid):
+                hi = mid
+            else:
+                lo = mid
+        return lo, hi
+
+    def rise_below(self, count: int) -> float | None:
+        """The first of :math:`s/4, s/16, \\dots` (``count`` steps, :math:`s` the smallest step
+        that did not raise the loss) that raises it; ``None`` if none does, NaN if the budget
+        runs out before all are tried."""
+        eta = self.smallest_flat
+        for _ in range(count):
+            if not self.budget_left():
+                return math.nan
+            eta /= 4
+            if self.raises_loss(eta):
+                return eta
+        return None
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for p, t in zip(self.params, self.theta0, strict=True):
+                p.copy_(t)
+        restored = zip(self.params, self.theta0, strict=True)
+        if not all(torch.equal(local(p), local(t)) for p, t in restored):
+            raise RuntimeError("parameters were not restored bit-identically")

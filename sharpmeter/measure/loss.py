@@ -1,0 +1,256 @@
+r"""The probe loss: what every curvature quantity differentiates.
+
+A *batch* is whatever the model is called with: a mapping (``model(**batch)``, the Hugging Face
+convention), a tuple of tensors (``model(*batch)``) or one tensor (``model(batch)``). A *probe* is
+one batch or a ``list`` of batches. Its loss is the loss-token-weighted mean
+
+.. math:: L(\theta) = \sum_b w_b L_b(\theta), \qquad w_b = n_b / \textstyle\sum_c n_c,
+
+where :math:`L_b` is the mean loss over the loss tokens of batch :math:`b` and :math:`n_b` their
+number, so that a multi-batch probe gives the same number as one concatenated batch.
+
+``loss_fn(model, batch) -> scalar`` computes :math:`L_b`; ``loss_fn=None`` means the model's
+output carries ``.loss`` (Hugging Face models called with ``labels=``). Losses are returned in
+float32 or wider, whatever the model's dtype.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from sharpmeter.measure.distributed import (
+    all_reduce_sum,
+    fsdp_modules,
+    is_distributed,
+    is_sharded,
+    reshard,
+    world_size,
+)
+from sharpmeter.measure.params import cuda_device_indices, flatten, vector_dtype, zeros_for_unused
+
+LossFn = Callable[[nn.Module, Any], torch.Tensor]
+
+IGNORE_INDEX = -100
+
+
+def split_probe(batch: Any) -> list[Any]:
+    """One batch -> ``[batch]``; a ``list`` of batches -> itself. Empty probes are rejected."""
+    batches = batch if isinstance(batch, list) else [batch]
+    if not batches:
+        raise ValueError("the probe holds no batch")
+    return batches
+
+
+def move_to(batch: Any, device: torch.device) -> Any:
+    """A batch (tensor, mapping such as a collator's ``BatchEncoding``, tuple or list of
+    batches) with every tensor on ``device``."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device)
+    if isinstance(batch, Mapping):
+        return {k: move_to(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(move_to(v, device) for v in batch)
+    return batch
+
+
+def call_model(model: nn.Module, batch: Any) -> Any:
+    """Call ``model`` the way the batch says: ``**mapping``, ``*tuple`` or a single tensor."""
+    if isinstance(batch, Mapping):
+        return model(**batch)
+    if isinstance(batch, tuple):
+        return model(*batch)
+    return model(batch)
+
+
+def output_loss(model: nn.Module, batch: Any) -> torch.Tensor:
+    """The default ``loss_fn``: the ``.loss`` (or ``["loss"]``) of the model's output."""
+    out = call_model(model, batch)
+    loss = getattr(out, "loss", None)
+    if loss is None and isinstance(out, Mapping):
+        loss = out.get("loss")
+    if loss is None:
+        raise ValueError(
+            "the model's output has no .loss: pass loss_fn=(model, batch) -> loss, "
+            "or put labels in the batch of a Hugging Face model"
+        )
+    return loss
+
+
+def causal_lm_loss(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """Next-token cross entropy of a causal LM in the model's own dtype, ignoring labels -100.
+
+    The same loss as a Hugging Face causal LM's ``labels=``, which is computed in float32
+    even for a float64 model: pass this as ``loss_fn`` where float64 exactness matters.
+    """
+    logits = model(input_ids=batch["input_ids"]).logits[:, :-1]
+    targets = batch["labels"][:, 1:]
+    return nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX
+    )
+
+
+def loss_token_count(batch: Any) -> int:
+    """Number of loss tokens in a batch, the weight of a batch in a multi-batch probe.
+
+    With ``labels`` in a mapping batch: labels other than -100, after the one-token shift of a
+    causal language model when labels are 2-D (``labels[:, 1:]``). Otherwise the batch size (the
+    leading dimension of the first tensor). Pass ``weights=`` to the operator for anything else.
+    """
+    if isinstance(batch, Mapping) and isinstance(batch.get("labels"), torch.Tensor):
+        labels = batch["labels"]
+        counted = labels[:, 1:] if labels.dim() >= 2 else labels
+        return int((counted != IGNORE_INDEX).sum())
+    first = batch if isinstance(batch, torch.Tensor) else _first_tensor(batch)
+    return int(first.shape[0]) if first.dim() else 1
+
+
+def _first_tensor(batch: Any) -> torch.Tensor:
+    values = batch.values() if isinstance(batch, Mapping) else batch
+    for value in values:
+        if isinstance(value, torch.Tensor):
+            return value
+    raise ValueError("cannot weight a batch without tensors: pass weights=")
+
+
+def wide_loss(loss: torch.Tensor) -> torch.Tensor:
+    """Check that a loss is a scalar and promote it to float32 or wider."""
+    if loss.numel() != 1:
+        raise ValueError(f"the loss must be a scalar, got shape {tuple(loss.shape)}")
+    return loss.reshape(()).to(torch.promote_types(loss.dtype, torch.float32))
+
+
+class ProbeLoss:
+    """The weighted loss of a fixed probe, batch by batch.
+
+    Args:
+        model: the module to evaluate.
+        loss_fn: ``(model, batch) -> scalar`` or ``None`` for ``output.loss``.
+        batch: one batch or a list of batches.
+        weights: one weight per batch (normalised to sum 1); default: loss-token counts.
+        seed: when not ``None``, every forward runs with the global RNG seeded to this value
+            (inside ``fork_rng``, so the caller's RNG stream is untouched) and a model in train
+            mode sees the same dropout masks at every evaluation.
+        distributed: this rank holds a shard of the probe (default: inside a process group of
+            more than one rank). Weights are then over the global loss-token count and
+            :meth:`reduce` sums a quantity over ranks (see :mod:`sharpmeter.measure.distributed`).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: LossFn | None,
+        batch: Any,
+        weights: Sequence[float] | None = None,
+        seed: int | None = 0,
+        distributed: bool | None = None,
+    ) -> None:
+        self.model = model
+        self.loss_fn: LossFn = loss_fn if loss_fn is not None else output_loss
+        self.batches = split_probe(batch)
+        self.distributed = is_distributed() if distributed is None else distributed
+        self.weights = _normalised_weights(self.batches, weights, self.distributed)
+        self.seed = seed
+        self.fsdp_modules = fsdp_modules(model)
+
+    def reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum this rank's share over ranks (identity for a probe held whole)."""
+        return all_reduce_sum(tensor) if self.distributed else tensor
+
+    def batch_loss(self, index: int, model: nn.Module | None = None) -> torch.Tensor:
+        """Loss of batch ``index`` (float32 or wider), with the fixed RNG seed if one is set."""
+        target = self.model if model is None else model
+        batch = self.batches[index]
+        if self.seed is None:
+            return wide_loss(self.loss_fn(target, batch))
+        with torch.random.fork_rng(devices=cuda_device_indices(self.model.parameters())):
+            torch.manual_seed(self.seed)
+            return wide_loss(self.loss_fn(target, batch))
+
+    def __call__(self, model: nn.Module | None = None) -> torch.Tensor:
+        """The weighted probe loss :math:`\\sum_b w_b L_b` (keeps the autograd graph if enabled).
+
+        ``model`` stands in for ``self.model`` (``torch.func.functional_call`` passes a wrapper).
+        A fully sharded model is resharded afterwards, so the next forward reads the shards.
+        """
+        try:
+            return sum(w * self.batch_loss(i, model) for i, w in enumerate(self.weights))
+        finally:
+            # Also before a backward, which gathers the root's parameters once more: the price
+            # of never leaving them gathered when the forward or the loss raises.
+            reshard(self.fsdp_modules)
+
+
+def _normalised_weights(
+    batches: list[Any], weights: Sequence[float] | None, distributed: bool
+) -> list[float]:
+    if weights is None and len(batches) == 1 and not distributed:
+        return [1.0]  # nothing to weigh: the batch may hold no tensors at all
+    raw = (
+        [float(w) for w in weights]
+        if weights is not None
+        else [float(loss_token_count(b)) for b in batches]
+    )
+    if len(raw) != len(batches):
+        raise ValueError(f"got {len(raw)} weights for {len(batches)} batches")
+    total = sum(raw)
+    if distributed:
+        total = float(all_reduce_sum(torch.tensor(total, dtype=torch.float64)))
+    if any(w < 0 for w in raw) or not total > 0:
+        raise ValueError(f"batch weights must be non-negative with a positive sum, got {raw}")
+    return [w / total for w in raw]
+
+
+def loss_and_gradient(
+    probe: ProbeLoss, params: Sequence[torch.Tensor], create_graph: bool = False
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The probe loss and its gradient per parameter (zeros where the loss does not depend on it).
+
+    With ``create_graph`` the gradient keeps its graph for a second differentiation.
+    """
+    with torch.enable_grad():
+        loss = probe()
+        grads = torch.autograd.grad(loss, params, create_graph=create_graph, allow_unused=True)
+    return loss, zeros_for_unused(grads, params)
+
+
+def probe_loss_and_gradient(
+    probe: ProbeLoss, params: Sequence[torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The probe loss and flat gradient, detached and summed over ranks."""
+    if is_sharded(params):
+        return _sharded_loss_and_gradient(probe, params)
+    loss, grads = loss_and_gradient(probe, params)
+    gradient = flatten([g.detach() for g in grads], vector_dtype(params))
+    return probe.reduce(loss.detach()), probe.reduce(gradient)
+
+
+def _sharded_loss_and_gradient(
+    probe: ProbeLoss, params: Sequence[torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The FSDP2 gradient, by ``backward()`` into ``.grad``, every ``.grad`` put back after.
+
+    FSDP reduce-scatters the mean over ranks of their shares' gradients (its default divide
+    factor); the shares already sum to the probe loss, so the mean times the world size is its
+    gradient. Gradient sync must be on (after an optimizer step, as the callbacks measure):
+    inside ``no_sync`` / ``set_requires_gradient_sync(False)`` FSDP would add the probe's
+    gradient to the one being accumulated for training.
+    """
+    every_param = list(probe.model.parameters())
+    saved = [p.grad for p in every_param]
+    try:
+        for p in every_param:
+            p.grad = None
+        with torch.enable_grad():
+            loss = probe()
+            loss.backward()
+        grads = zeros_for_unused([p.grad for p in params], params)
+        gradient = flatten(grads, vector_dtype(params))
+    finally:
+        for p, grad in zip(every_param, saved, strict=True):
+            p.grad = grad
+    scale = world_size() if probe.distributed else 1
+    return probe.reduce(loss.detach()), gradient * scale

@@ -1,0 +1,408 @@
+r"""SharpnessMeter: a schedule and a set of estimators, one flat record per measurement.
+
+A measurement runs inside :func:`sharpmeter.measure.context.measurement` on a fixed probe batch, so
+training is never changed by it, and it never raises: a failed estimator leaves NaN in its
+columns and says why in its ``*_status`` column. The exception is data parallelism, where the
+ranks must take the same collectives in step: a failed collective (another rank is stopped,
+hung or dead) or an estimator that raised on one rank ends the run with a
+:class:`~sharpmeter.measure.distributed.CollectiveError` saying so, since no rank could go on
+measuring (or training) in step with the others.
+
+The record (a flat ``dict`` of floats, ints, bools and strings; every row of a meter has the
+same keys, a failed one NaN where it has no value):
+
+=============================  ==========================================================
+``step``, ``lr``               training step; learning rate of the next update (first group)
+``loss``, ``grad_norm``        probe loss :math:`L(\theta)` and :math:`\lVert g\rVert`
+``loss_noise_floor``           :math:`\epsilon_{\rm dtype}|L|`: loss changes below it are rounding
+``critical_sharpness``         :math:`\lambda_c = 2/\eta_c` along the optimizer's update direction
+``critical_eta[_lo,_hi]``      :math:`\eta_c` and its bracket; ``critical_num_forward``
+``stability_ratio``            :math:`\mathrm{lr}\,\lambda_c/2 = \mathrm{lr}/\eta_c`: above 1 the
+                               next step raises the probe loss
+``directional_sharpness``      :math:`d^\top H d / d^\top g` (one HVP)
+``hessian_trace[_stderr]``     Hutchinson or Hutch++ with its standard error
+``lambda_max[_residual]``      top Hessian eigenvalue by Lanczos, residual, ``_converged``
+``preconditioned_lambda_max``  top eigenvalue of :math:`P^{-1/2} H P^{-1/2}`, :math:`P` the
+                               preconditioner of the measured Adam step; ``_residual``,
+                               ``_converged``
+``*_num_matvecs``              HVPs spent per estimator; ``wall_seconds`` in total
+``skipped_for_budget``         steps on the grid left out since the previous measurement
+                               because measuring was over its time budget
+``*_status``                   ``ok``, or why the measure has no trustworthy value
+                               (``no_increase``, ``not_converged``, ``nonfinite``,
+                               ``no_direction: ...``, ``error: ...``; the value is then NaN
+                               or, for Lanczos, unconverged)
+``status``                     ``ok`` only when every measure is; else ``error: <measures>``
+                               (an estimator raised) or ``incomplete: <measures>``; a row
+                               that failed before its measures: ``nonfinite`` (the probe loss)
+                               or ``error``, each measure's status saying the same
+``error``                      why such a row failed (``None`` otherwise)
+=============================  ==========================================================
+
+Warm starts: each measurement starts the line search at the previous ``ok`` :math:`\eta_c`
+and Lanczos at the previous finite top eigenvector; a failed row seeds nothing.
+
+Example::
+
+    meter = sm.SharpnessMeter(model, probe_batch, schedule=sm.Schedule(every=50))
+    for step, batch in enumerate(loader):
+        loss = model(**batch).loss
+        loss.backward()
+        if meter.is_due(step):
+            print(meter.measure(step, optimizer=optimizer))
+        optimizer.step()
+        optimizer.zero_grad()
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from sharpmeter.measure.context import measurement
+from sharpmeter.measure.directions import (
+    DirectionUnavailable,
+    check_adam_type,
+    learning_rate,
+    update_direction,
+)
+from sharpmeter.measure.distributed import (
+    NO_FSDP_HVP,
+    CollectiveError,
+    check_not_fsdp1,
+    collective,
+    end_run_if_distributed,
+    is_distributed,
+    is_sharded,
+)
+from sharpmeter.measure.loss import LossFn, ProbeLoss, probe_loss_and_gradient
+from sharpmeter.measure.measures import (
+    MEASURE_BY_NAME,
+    Measure,
+    Outcome,
+    RowContext,
+    WarmStart,
+)
+from sharpmeter.measure.operators import HessianOperator, NonFiniteLossError
+from sharpmeter.measure.options import MeterOptions, resolve_options
+from sharpmeter.measure.params import all_finite, norm, resolve_params, unflatten
+from sharpmeter.measure.schedule import Schedule
+from sharpmeter.measure.schema import NONFINITE
+
+PROGRESS_DELAY = 2.0  # seconds before a measurement shows its bar: short ones stay quiet
+# What every row has besides its measures' columns, NaN where the row failed before them.
+ROW_COLUMNS = ("lr", "loss", "grad_norm", "loss_noise_floor")
+
+
+class SharpnessMeter:
+    """Measures sharpness of ``model`` on a fixed probe batch, on a schedule.
+
+    Args:
+        model: the (unwrapped) module being trained.
+        probe_batch: one batch or a list of batches, kept fixed for the whole run.
+        loss_fn: ``(model, batch) -> scalar``, the same as ``loss_fn=`` among the options.
+        options: a :class:`~sharpmeter.measure.options.MeterOptions` (default: its defaults).
+        **changes: :class:`~sharpmeter.measure.options.MeterOptions` fields that override
+            ``options`` (``measures=``, ``schedule=``, ``lanczos_max_iter=``, ...).
+
+    Construction runs one probe forward (RNG, buffers and modes restored), so that a probe
+    that gives no loss fails here rather than once per measurement.
+
+    Raises:
+        ValueError: an unknown option or measure, a bad value, a probe whose forward gives no
+            scalar loss (no ``.loss`` in the output and no ``loss_fn``), a measure that needs
+            Hessian-vector products on a model sharded by FSDP (only ``critical`` works there).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        probe_batch: Any,
+        loss_fn: LossFn | None = None,
+        *,
+        options: MeterOptions | None = None,
+        **changes: Any,
+    ) -> None:
+        if loss_fn is not None:
+            changes["loss_fn"] = loss_fn
+        self.options = resolve_options(options, changes)
+        self.model = model
+        self.probe_batch = probe_batch
+        self.chosen: tuple[Measure, ...] = tuple(MEASURE_BY_NAME[m] for m in self.measures)
+        check_not_fsdp1(model)
+        self.params = resolve_params(model, self.options.params)
+        hvp_measures = [m.name for m in self.chosen if m.needs_hvp]
+        # is_sharded also refuses parameter layouts that nothing can measure
+        if is_sharded(self.params) and hvp_measures:
+            raise ValueError(f"cannot measure {hvp_measures} on an FSDP model: {NO_FSDP_HVP}")
+        # The Trainer clips by the norm over every trainable parameter's gradient.
+        measured = {id(p) for p in self.params}
+        self.clips_a_subset = bool(self.options.max_grad_norm) and any(
+            id(p) not in measured for p in resolve_params(model)
+        )
+        self._check_probe_loss()
+        self.warm = WarmStart()
+        self.last_step: int | None = None
+        self.measuring_seconds = 0.0
+        self.last_cost = 0.0
+        self.skipped_for_budget = 0
+        self._started = time.perf_counter()
+
+    @property
+    def measures(self) -> tuple[str, ...]:
+        return self.options.measures
+
+    @property
+    def schedule(self) -> Schedule:
+        return self.options.schedule
+
+    def _probe(self) -> ProbeLoss:
+        return ProbeLoss(self.model, self.options.loss_fn, self.probe_batch, seed=self.options.seed)
+
+    def _check_probe_loss(self) -> None:
+        """One probe forward now, so that a model without a loss (no ``.loss`` and no
+        ``loss_fn``) or a loss that is not a scalar is refused here, not once per row."""
+        with measurement(self.model, self.options.dropout), torch.no_grad():
+            self._probe()()
+
+    def check_optimizer(self, optimizer: Any) -> None:
+        """Refuse, before training, an optimizer a chosen measure cannot follow: the
+        ``preconditioned`` measure needs Adam's second moments."""
+        if "preconditioned" in self.measures:
+            check_adam_type(optimizer)
+
+    def is_due(self, step: int) -> bool:
+        """Whether ``step`` is on the schedule, not yet measured, and within the time budget."""
+        if self.last_step is not None and step <= self.last_step:
+            return False
+        if not self.schedule.is_due(step):
+            return False
+        if self.schedule.max_fraction is None:
+            return True
+        due = self.schedule.within_budget(
+            self.measuring_seconds, self.training_seconds, next_cost=self.last_cost
+        )
+        if is_distributed():
+            # Wall clocks differ between ranks; a measurement is collective, so rank 0 decides.
+            decision = torch.tensor(int(due), device=self.params[0].device)
+            with collective("the broadcast of whether a measurement is due"):
+                torch.distributed.broadcast(decision, src=0)
+            due = bool(decision)
+        self.skipped_for_budget += not due
+        return due
+
+    def measure(self, step: int, optimizer: torch.optim.Optimizer | None = None) -> dict:
+        """One measurement at the current parameters; never changes training, and raises only
+        a :class:`~sharpmeter.measure.distributed.CollectiveError` (a failed collective under data
+        parallelism: the process group is unusable, so training cannot go on either).
+
+        With ``optimizer``, critical and directional sharpness follow the update it would
+        apply to the probe gradient (:func:`sharpmeter.update_direction`); without, the
+        gradient itself (``lr`` is then NaN). Every row has the same keys, in the same order,
+        whatever failed.
+        """
+        started = time.perf_counter()
+        row = self._blank_row(step)
+        try:
+            with measurement(self.model, self.options.dropout):
+                self._measure_into(row, optimizer)
+            row["status"] = _overall_status(row, self.chosen)
+        except CollectiveError:  # the process group is gone: the run must end, saying why
+            raise
+        except NonFiniteLossError as error:
+            _fail(row, self.chosen, NONFINITE, str(error))
+        except Exception as error:  # a measurement must never stop training
+            end_run_if_distributed(error, "a measurement")
+            _fail(row, self.chosen, "error", f"{type(error).__name__}: {error}")
+        elapsed = time.perf_counter() - started
+        row["wall_seconds"] = elapsed
+        row["skipped_for_budget"] = self.skipped_for_budget
+        self.skipped_for_budget = 0
+        self.measuring_seconds += elapsed
+        self.last_cost = elapsed
+        self.last_step = int(step)
+        return row
+
+    def _blank_row(self, step: int) -> dict[str, Any]:
+        """A row before measuring: NaN values, no status and no error yet."""
+        row: dict[str, Any] = {"step": int(step)}
+        row.update(dict.fromkeys(ROW_COLUMNS, math.nan))
+        for measure in self.chosen:
+            row.update(dict.fromkeys(measure.columns, math.nan))
+            row[measure.status_column] = None
+        row.update(status=None, error=None, wall_seconds=math.nan, skipped_for_budget=0)
+        return row
+
+    @property
+    def training_seconds(self) -> float:
+        """Wall time since the meter started (or the run, after a resume), less measuring."""
+        return time.perf_counter() - self._started - self.measuring_seconds
+
+    def _measure_into(self, row: dict, optimizer: torch.optim.Optimizer | None) -> None:
+        context = self._row_context(optimizer)
+        row["lr"] = context.lr
+        row["loss"] = context.loss
+        row["grad_norm"] = float(norm(context.gradient, self.params))
+        row["loss_noise_floor"] = torch.finfo(self.params[0].dtype).eps * abs(context.loss)
+        # HVP measures first: the line search writes the parameters (and restores them), which
+        # would make the operator rebuild its graph.
+        ordered = sorted(self.chosen, key=lambda measure: not measure.needs_hvp)
+        bar = tqdm(
+            ordered,
+            desc="measuring",
+            leave=False,
+            delay=PROGRESS_DELAY,
+            disable=not self.options.progress,
+        )
+        for measure in bar:
+            hvps = context.operator.num_matvecs if context.operator is not None else 0
+            bar.set_postfix_str(f"{measure.name}, {hvps} HVPs so far", refresh=False)
+            outcome = _take(measure, context)
+            row.update(outcome.values)
+            row[measure.status_column] = outcome.status
+
+    def _row_context(self, optimizer: torch.optim.Optimizer | None) -> RowContext:
+        """The probe loss and gradient (with the Hessian operator when a measure needs HVPs),
+        the learning rate and the update direction of this row."""
+        operator = None
+        if any(measure.needs_hvp for measure in self.chosen):
+            operator = HessianOperator(
+                self.model,
+                self.options.loss_fn,
+                self.probe_batch,
+                params=self.params,
+                mode=self.options.hvp_mode,
+                seed=self.options.seed,
+            )
+            loss, gradient = operator.loss, operator.gradient
+        else:
+            loss, gradient = probe_loss_and_gradient(self._probe(), self.params)
+            if not (torch.isfinite(loss) and all_finite(gradient, self.params)):
+                raise NonFiniteLossError(f"the probe loss is not finite ({float(loss)})")
+        clip_norm = self._total_gradient_norm() if self._clips_by_global_norm(optimizer) else None
+        lr, direction = self._direction(optimizer, gradient, clip_norm)
+        return RowContext(
+            meter=self,
+            operator=operator,
+            loss=float(loss),
+            gradient=gradient,
+            lr=lr,
+            direction=direction,
+            optimizer=optimizer,
+            clip_norm=clip_norm,
+        )
+
+    def _clips_by_global_norm(self, optimizer: torch.optim.Optimizer | None) -> bool:
+        """Whether this row needs :meth:`_total_gradient_norm`: a clipped subset is measured and
+        a chosen measure follows the optimizer's update. Otherwise the extra backward (and,
+        under sharding, its collective) would be spent on a number nothing reads."""
+        return (
+            self.clips_a_subset
+            and optimizer is not None
+            and any(measure.follows_update for measure in self.chosen)
+        )
+
+    def _total_gradient_norm(self) -> torch.Tensor:
+        """The norm clipping divides by: over every trainable parameter, as the Trainer clips,
+        even when only a subset is measured (one more backward)."""
+        every = resolve_params(self.model)
+        return norm(probe_loss_and_gradient(self._probe(), every)[1], every)
+
+    def _direction(
+        self,
+        optimizer: torch.optim.Optimizer | None,
+        gradient: torch.Tensor,
+        clip_norm: torch.Tensor | None,
+    ) -> tuple[float, torch.Tensor | DirectionUnavailable | None]:
+        """The learning rate and the update direction, or why the direction is unavailable
+        (the HVP measures that do not need it still run).
+
+        ``update_direction`` raises ``ValueError`` for an optimizer state that has no direction
+        per unit rate (the first group's rate 0 while another's is not, none of the measured
+        parameters optimized): like an optimizer that cannot be followed, that is a status of
+        the direction measures, not a failure of the whole row. No direction is computed when
+        no chosen measure reads it (a shadow step copies the optimizer's state).
+        """
+        if optimizer is None:
+            return math.nan, gradient
+        lr = learning_rate(optimizer)
+        if not any(measure.needs_direction for measure in self.chosen):
+            return lr, None
+        try:
+            direction = update_direction(
+                optimizer,
+                self.params,
+                gradients=unflatten(gradient, self.params),
+                max_grad_norm=self.options.max_grad_norm,
+                total_grad_norm=clip_norm,
+            )
+        except DirectionUnavailable as error:
+            return lr, error
+        except ValueError as error:
+            return lr, DirectionUnavailable(str(error))
+        return lr, direction.over(self.params).to(gradient.dtype)
+
+    def state_dict(self) -> dict:
+        """JSON-able warm-start and schedule state (eigenvectors are not kept)."""
+        return {
+            "eta_c": self.warm.eta_c,
+            "last_step": self.last_step,
+            "measuring_seconds": self.measuring_seconds,
+            "training_seconds": self.training_seconds,
+            "last_cost": self.last_cost,
+            "skipped_for_budget": self.skipped_for_budget,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.warm.eta_c = state.get("eta_c")
+        self.last_step = state.get("last_step")
+        self.measuring_seconds = float(state.get("measuring_seconds", 0.0))
+        self.last_cost = float(state.get("last_cost", 0.0))
+        self.skipped_for_budget = int(state.get("skipped_for_budget", 0))
+        # The budget compares totals over the whole run, so the clock resumes where it stopped.
+        elapsed = self.measuring_seconds + float(state.get("training_seconds", 0.0))
+        self._started = time.perf_counter() - elapsed
+
+
+def _take(measure: Measure, context: RowContext) -> Outcome:
+    """One measure of one row; what fails is its status, never the row's end."""
+    if measure.needs_direction and isinstance(context.direction, DirectionUnavailable):
+        return Outcome(f"no_direction: {context.direction}")
+    try:
+        outcome = measure.run(context)
+    except CollectiveError:  # no other estimator can run without the process group
+        raise
+    except Exception as error:  # one estimator failing leaves the others standing
+        end_run_if_distributed(error, f"measuring {measure.name}")
+        return Outcome(f"error: {type(error).__name__}: {error}")
+    value = outcome.values.get(measure.value_column, math.nan)
+    if outcome.status == "ok" and not math.isfinite(value):
+        # An HVP that overflowed gives a NaN trace or eigenvalue: never an ok NaN.
+        return Outcome(NONFINITE, outcome.values)
+    return outcome
+
+
+def _fail(row: dict[str, Any], measures: Sequence[Measure], status: str, error: str) -> None:
+    """A row that failed before its measures: each measure not taken says so too."""
+    row["status"] = status
+    row["error"] = error
+    for measure in measures:
+        if row[measure.status_column] is None:
+            row[measure.status_column] = status
+
+
+def _overall_status(row: Mapping[str, Any], measures: Sequence[Measure]) -> str:
+    """``ok`` only when every measure is: what raised is named as an error, what finished
+    without a trustworthy value (no increase, not converged, no direction, ...) as incomplete."""
+    statuses = {m.name: str(row[m.status_column]) for m in measures}
+    errors = [name for name, status in statuses.items() if status.startswith("error")]
+    if errors:
+        return "error: " + ",".join(errors)
+    incomplete = [name for name, status in statuses.items() if status != "ok"]
+    return "ok" if not incomplete else "incomplete: " + ",".join(incomplete)

@@ -1,0 +1,179 @@
+"""MeterOptions: every setting of a sharpness measurement, each default stated once with its
+reason.
+
+One frozen object serves every entry point: :class:`~sharpmeter.measure.meter.SharpnessMeter`, the
+Trainer callback, the ``accelerate`` helper and the run config (whose ``SharpnessArguments``
+turn themselves into one). Each takes ``options=MeterOptions(...)``, keyword arguments that
+override its fields, or both; a config that wants another value says so in its YAML file.
+
+Example::
+
+    options = MeterOptions(measures=("critical",), schedule=Schedule(every=25))
+    meter = SharpnessMeter(model, probe, options=options)
+    meter = SharpnessMeter(model, probe, measures=("critical",), lanczos_max_iter=60)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from sharpmeter.measure.checks import check_choice, check_positive_int, is_finite_number
+from sharpmeter.measure.context import DROPOUT_POLICIES
+from sharpmeter.measure.loss import LossFn
+from sharpmeter.measure.measures import MEASURES, TRACE_METHODS
+from sharpmeter.measure.operators import MODES
+from sharpmeter.measure.schedule import Schedule
+
+
+@dataclass(frozen=True)
+class MeterOptions:
+    """What a meter measures, when, and how; checked when made (:meth:`validate`).
+
+    Args:
+        measures: any of ``critical``, ``directional``, ``trace``, ``spectral``,
+            ``preconditioned`` (repeats are dropped).
+        schedule: which steps are measured, and the share of wall time measuring may take.
+        loss_fn: ``(model, batch) -> scalar``; ``None`` for the output's ``.loss`` (a Hugging
+            Face model given ``labels``, or ``start_positions``/``end_positions``, ...).
+        params: the parameters to measure (``None``: every trainable one).
+        dropout: ``"eval"`` or ``"train"`` (fixed-seed masks).
+        trace_method: ``"hutchinson"`` or ``"hutchpp"``; ``trace_num_matvecs`` its HVP budget.
+        lanczos_max_iter, lanczos_tol: Krylov size (HVPs) and relative residual target of a
+            top eigenvalue; missing the target within ``lanczos_max_iter`` is
+            ``not_converged`` (the row ``incomplete: spectral``).
+        critical_precision_bits: the line search brackets :math:`\\eta_c` to a relative width
+            :math:`2^{-b}`.
+        max_grad_norm: the gradient clipping of the optimizer's update (as the Trainer's
+            ``max_grad_norm``); ``None`` or 0: none. Under the Trainer callback ``None`` means
+            the Trainer's own.
+        hvp_mode: ``"double_backward"``, ``"fwd"`` or ``"fd"``.
+        seed: seed of the trace probes, the Lanczos start and the dropout masks.
+        progress: a progress bar (measure, HVPs so far) for measurements longer than two
+            seconds; ``None``: none, except under the Trainer callback, which shows it where
+            the Trainer shows its own.
+        probe_size, probe_seed: the examples of a probe drawn from the training set, and the
+            seed that picks them (where no probe batch is given: the Trainer callback, a run
+            config).
+
+    Raises:
+        ValueError: an unknown measure or a bad value, named.
+    """
+
+    # Critical sharpness (forward passes only), the trace and the top eigenvalue: the three
+    # curves the report compares. Directional and preconditioned sharpness when asked for.
+    measures: tuple[str, ...] = ("critical", "trace", "spectral")
+    # An HVP costs about two training steps whatever the model size, so a fixed grid alone would
+    # multiply training time (benchmarks/results/overhead.md): every 10 steps while measuring
+    # has taken at most 5% of the wall time.
+    schedule: Schedule = Schedule(every=10, max_fraction=0.05)
+    # The output's .loss: what a Hugging Face model computes when the batch has labels.
+    loss_fn: LossFn | None = None
+    # Every trainable parameter: the curvature of the model that is trained.
+    params: Iterable[nn.Parameter] | None = None
+    # The deterministic eval-mode network, whose curvature depends on no dropout mask.
+    dropout: str = "eval"
+    # Unbiased with a standard error at any budget; Hutch++ pays where a few eigenvalues
+    # dominate and the budget is large enough to find them.
+    trace_method: str = "hutchinson"
+    # 8 HVPs, about 16 training steps: the standard error says how far to trust the estimate.
+    trace_num_matvecs: int = 8
+    # A warm start needs a few of them; 20 bounds what a cold start costs (about 40 training
+    # steps) and holds (20 vectors of the parameters' size).
+    lanczos_max_iter: int = 20
+    # About three digits of the top eigenvalue, which Lanczos started from the last top vector
+    # reaches in 1-2 HVPs (benchmarks/README.md).
+    lanczos_tol: float = 1e-3
+    # eta_c to 6% (2^-4), four bisection forwards once it is bracketed.
+    critical_precision_bits: int = 4
+    # The meter cannot see whether the loop clips, so none unless told; the Trainer callback
+    # reads the Trainer's.
+    max_grad_norm: float | None = None
+    # Exact, one extra backward per HVP with the gradient's graph reused, any module.
+    hvp_mode: str = "double_backward"
+    # The same probes, start vector and masks in every run: rows of two runs compare.
+    seed: int = 0
+    # Quiet unless asked: the callback follows the Trainer's own progress bars.
+    progress: bool | None = None
+    # 8 examples: an HVP costs about two training steps of a batch of the probe's size.
+    probe_size: int = 8
+    # A fixed seed: the same probe examples in every run of a study.
+    probe_seed: int = 0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.measures, Iterable) and not isinstance(self.measures, str):
+            # One entry per measure, in the order given: a repeat would take it twice per row.
+            given = list(self.measures)
+            unique = tuple(m for i, m in enumerate(given) if m not in given[:i])
+            object.__setattr__(self, "measures", unique)
+        self.validate()
+
+    def validate(self) -> None:
+        """Every check that needs no model: names and values only, nothing is built and no
+        random number is drawn (a callback made after the Trainer seeded must not move it)."""
+        _check_measures(self.measures)
+        if not isinstance(self.schedule, Schedule):
+            raise ValueError(f"schedule must be a sharpmeter.Schedule, got {self.schedule!r}")
+        if self.loss_fn is not None and not callable(self.loss_fn):
+            raise ValueError(
+                f"loss_fn must be a callable (model, batch) -> loss, got {self.loss_fn!r}"
+            )
+        if self.params is not None and (
+            isinstance(self.params, torch.Tensor) or not isinstance(self.params, Iterable)
+        ):
+            raise ValueError("params must be a list of parameters (e.g. list(layer.parameters()))")
+        check_choice("dropout", self.dropout, DROPOUT_POLICIES)
+        check_choice("trace_method", self.trace_method, TRACE_METHODS)
+        check_choice("hvp_mode", self.hvp_mode, MODES)
+        check_positive_int("trace_num_matvecs", self.trace_num_matvecs, minimum=4)
+        check_positive_int("lanczos_max_iter", self.lanczos_max_iter)
+        check_positive_int("critical_precision_bits", self.critical_precision_bits)
+        check_positive_int("seed", self.seed, minimum=0)
+        check_positive_int("probe_size", self.probe_size)
+        check_positive_int("probe_seed", self.probe_seed, minimum=0)
+        if not (is_finite_number(self.lanczos_tol) and self.lanczos_tol > 0):
+            raise ValueError(f"lanczos_tol must be a positive number, got {self.lanczos_tol!r}")
+        if self.max_grad_norm is not None and not (
+            is_finite_number(self.max_grad_norm) and self.max_grad_norm >= 0
+        ):
+            raise ValueError(
+                f"max_grad_norm must be a non-negative number or None, got {self.max_grad_norm!r}"
+            )
+        if self.progress is not None and not isinstance(self.progress, bool):
+            raise ValueError(f"progress must be True, False or None, got {self.progress!r}")
+
+    def replace(self, **changes: Any) -> MeterOptions:
+        """These options with ``changes``, checked; a misspelled name is refused with the
+        closest one (``max_grad_nrom``: did you mean ``max_grad_norm``?)."""
+        names = [f.name for f in dataclasses.fields(self)]
+        unknown = [name for name in changes if name not in names]
+        if unknown:
+            close = difflib.get_close_matches(unknown[0], names, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(
+                f"unknown sharpness option {unknown[0]!r}{hint}; the options are "
+                + ", ".join(names)
+            )
+        return dataclasses.replace(self, **changes)
+
+
+def resolve_options(options: MeterOptions | None, changes: dict[str, Any]) -> MeterOptions:
+    """What an entry point was given: ``options`` (default :class:`MeterOptions`) with the
+    keyword arguments ``changes`` applied."""
+    return (options if options is not None else MeterOptions()).replace(**changes)
+
+
+def _check_measures(measures: Any) -> None:
+    if isinstance(measures, str) or not isinstance(measures, Iterable):
+        raise ValueError(
+            f"measures must be a tuple of names such as ('critical',), got {measures!r}"
+        )
+    unknown = [m for m in measures if m not in MEASURES]
+    if unknown or not measures:
+        raise ValueError(f"measures must be a non-empty subset of {MEASURES}, got {measures}")

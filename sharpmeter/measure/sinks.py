@@ -1,0 +1,327 @@
+"""Where measurement rows go: a JSONL file always, W&B when a run is active or wanted.
+
+Every row of the JSONL file carries the run's identity (``run``, ``n_params``) so that files of
+several runs can be analysed together (``sharpmeter fit runs/*/sharpness.jsonl``); the full
+metadata (config, seed, dtype, library versions) goes once into ``<name>.meta.json`` beside it.
+
+W&B never prompts: with no API key (``WANDB_API_KEY`` or a stored login) and no ``WANDB_MODE``,
+a run is started in offline mode; ``wandb sync`` uploads it later.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import platform
+import warnings
+from collections.abc import Mapping
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from sharpmeter.measure.files import atomic_write_text, write_all
+from sharpmeter.measure.schema import META_SUFFIX
+
+SCALAR_TYPES = (int, float, bool)
+
+
+def run_metadata(model: nn.Module, **extra: Any) -> dict[str, Any]:
+    """Identity of a run: parameter count, dtype, model config, versions, plus ``extra``."""
+    config = getattr(model, "config", None)
+    to_dict = getattr(config, "to_dict", None)
+    first = next(model.parameters(), None)
+    return {
+        "n_params": sum(p.numel() for p in model.parameters()),
+        "dtype": str(first.dtype).removeprefix("torch.") if first is not None else None,
+        "model_class": type(model).__name__,
+        "config": to_dict() if callable(to_dict) else None,
+        "versions": {
+            "sharpmeter": _sharpmeter_version(),
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            **_optional_versions("transformers", "accelerate", "wandb"),
+        },
+        **extra,
+    }
+
+
+def _sharpmeter_version() -> str:
+    """The installed distribution's version (a source tree run without installing has none)."""
+    try:
+        return version("sharpmeter")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+def _optional_versions(*names: str) -> dict[str, str]:
+    found = {}
+    for name in names:
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            continue
+    return found
+
+
+class SinkWarning(RuntimeWarning):
+    """A sink could not write (or writes again): training goes on, rows wait in memory."""
+
+
+class JsonlSink:
+    """Appends one JSON line per measurement, flushed at once (a crash loses nothing).
+
+    A failing write (read-only folder, full disk) never stops training: the rows that could not
+    be written wait in :attr:`pending` and every later :meth:`write` (or :meth:`flush`) writes
+    them first, so once the disk is back the file holds every row, in order, exactly once. A
+    :class:`SinkWarning` says when writing fails and when it works again, once each.
+
+    Args:
+        path: the ``.jsonl`` file; parent folders are created.
+        metadata: written to ``<path stem>.meta.json``; its ``run`` and ``n_params`` are also
+            put in every row.
+        resume_step: when resuming from a checkpoint at this step, rows measured after it
+            (by the run that crashed or was stopped) are dropped first, so the curve continues
+            without duplicates; so is a torn last line the crash left.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        metadata: Mapping[str, Any] | None = None,
+        resume_step: int | None = None,
+    ) -> None:
+        self.path = Path(path)
+        metadata = dict(metadata or {})
+        self.identity = {k: metadata[k] for k in ("run", "n_params") if k in metadata}
+        self.meta_path = self.path.with_name(self.path.stem + META_SUFFIX)
+        # What is still to be written; each is retried until it succeeds.
+        self._meta_text = json.dumps(metadata, indent=2, default=str) + "\n" if metadata else None
+        self._resume_step = resume_step
+        self._prepared = False
+        self.pending: list[str] = []
+        # File size before a failed append whose torn part could not be cut off yet.
+        self._torn_at: int | None = None
+        self._failing = False
+        self._retry()
+
+    def write(self, row: Mapping[str, Any]) -> None:
+        # Encoded now, so that a row JSON cannot hold raises here instead of blocking the queue.
+        self.pending.append(json.dumps({**self.identity, **_json_safe(row)}) + "\n")
+        self._retry()
+
+    def flush(self) -> None:
+        """Tries again to write what is pending (rows, metadata) without adding a row."""
+        self._retry()
+
+    def close(self) -> None:
+        """Makes a last try; what still cannot be written is reported lost and dropped."""
+        self._retry()
+        if self.pending:
+            warnings.warn(
+                f"sharpmeter: {len(self.pending)} rows could not be written to {self.path} "
+                "and are lost",
+                SinkWarning,
+                stacklevel=2,
+            )
+            self.pending.clear()
+        if self._meta_text is not None:
+            warnings.warn(
+                f"sharpmeter: the run metadata could not be written to {self.meta_path}",
+                SinkWarning,
+                stacklevel=2,
+            )
+            self._meta_text = None
+
+    def _retry(self) -> None:
+        """One attempt at everything outstanding; warns when a failure starts and ends (not per
+        row, so that a long outage does not flood the log)."""
+        failed: tuple[Path, OSError] | None = None
+        written = 0
+        try:
+            self._prepare()
+        except OSError as error:
+            failed = (self.path, error)
+        else:
+            written, error = self._append_pending()
+            if error is not None:
+                failed = (self.path, error)
+            if self._meta_text is not None:
+                try:
+                    atomic_write_text(self.meta_path, self._meta_text)
+                    self._meta_text = None
+                except OSError as error:
+                    failed = failed or (self.meta_path, error)
+        if failed is not None and not self._failing:
+            self._failing = True
+            path, error = failed
+            warnings.warn(
+                f"sharpmeter could not write {path} ({error}); training goes on, the rows are "
+                "kept in memory and written at the next try",
+                SinkWarning,
+                stacklevel=3,
+            )
+        elif failed is None and self._failing:
+            self._failing = False
+            warnings.warn(
+                f"sharpmeter writes {self.path} again: {written} pending rows written",
+                SinkWarning,
+                stacklevel=3,
+            )
+
+    def _prepare(self) -> None:
+        """Makes the folder and drops the old run's rows, before any row of this run is added."""
+        if self._prepared:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self._resume_step is not None:
+            self._truncate_after(self._resume_step)
+        elif self.path.exists():
+            os.truncate(self.path, 0)
+        self._prepared = True
+
+    def _truncate_after(self, step: int) -> None:
+        try:
+            data = self.path.read_bytes()
+        except FileNotFoundError:
+            return
+        kept = b"".join(line + b"\n" for line in data.splitlines() if _step_at_most(line, step))
+        if data.startswith(kept):
+            # Only the tail goes: nothing to write, so a full disk or read-only folder cannot
+            # stop it, and the kept rows are never rewritten.
+            if len(kept) < len(data):
+                os.truncate(self.path, len(kept))
+        else:
+            atomic_write_text(self.path, kept.decode("utf-8"))
+
+    def _append_pending(self) -> tuple[int, OSError | None]:
+        """Appends the pending rows in order, each in one write, until one fails; a failed append
+        is cut off again, so that the next line is never glued onto a torn one."""
+        if not self.pending:
+            return 0, None
+        written = 0
+        try:
+            with open(self.path, "ab", buffering=0) as handle:
+                if self._torn_at is not None:
+                    if handle.seek(0, os.SEEK_END) > self._torn_at:
+                        handle.truncate(self._torn_at)
+                    self._torn_at = None
+                while self.pending:
+                    start = handle.seek(0, os.SEEK_END)
+                    try:
+                        write_all(handle, self.pending[0].encode("utf-8"))
+                    except OSError:
+                        self._torn_at = start
+                        with contextlib.suppress(OSError):
+                            handle.truncate(start)
+                            self._torn_at = None
+                        raise
+                    self.pending.pop(0)
+                    written += 1
+        except OSError as error:
+            return written, error
+        return written, None
+
+
+def _step_at_most(line: bytes, step: int) -> bool:
+    try:
+        row = json.loads(line)
+    except ValueError:  # a line torn by a crash, or an empty one
+        return False
+    if not isinstance(row, dict):
+        return False
+    row_step = row.get("step", -1)
+    return isinstance(row_step, (int, float)) and row_step <= step
+
+
+def _json_safe(row: Mapping[str, Any]) -> dict[str, Any]:
+    """NaN and infinities become ``null`` (strict JSON); tensors become Python numbers."""
+    safe = {}
+    for key, value in row.items():
+        if isinstance(value, torch.Tensor):
+            value = value.item()
+        if isinstance(value, float) and not math.isfinite(value):
+            value = None
+        safe[key] = value
+    return safe
+
+
+def numeric_items(row: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
+    """The scalar entries of a row (no statuses), keys prefixed: what metric loggers accept."""
+    return {
+        f"{prefix}{key}": float(value)
+        for key, value in row.items()
+        if isinstance(value, SCALAR_TYPES) and key != "step"
+    }
+
+
+def wandb_mode() -> str:
+    """``WANDB_MODE`` if set; else ``online`` with credentials, ``offline`` without."""
+    if os.environ.get("WANDB_MODE"):
+        return os.environ["WANDB_MODE"]
+    has_key = bool(os.environ.get("WANDB_API_KEY")) or _netrc_has_wandb()
+    return "online" if has_key else "offline"
+
+
+def _netrc_has_wandb() -> bool:
+    import netrc
+
+    try:
+        hosts = netrc.netrc().hosts
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        return False
+    return any("wandb" in host for host in hosts)
+
+
+class WandbSink:
+    """Logs rows into the active W&B run, or starts one (offline without credentials).
+
+    Args:
+        project: W&B project of a run this sink starts.
+        prefix: key prefix, ``sharpness/`` by default.
+        step_key: the x-axis metric; the rows' ``step`` is logged under it.
+        init_kwargs: more ``wandb.init`` arguments (``name``, ``config``, ``dir``, ...).
+    """
+
+    def __init__(
+        self,
+        project: str = "sharpmeter",
+        prefix: str = "sharpness/",
+        step_key: str = "train/global_step",
+        **init_kwargs: Any,
+    ) -> None:
+        import wandb
+
+        self.wandb = wandb
+        self.prefix = prefix
+        self.step_key = step_key
+        self.owns_run = wandb.run is None
+        if self.owns_run:
+            self.run = wandb.init(project=project, mode=wandb_mode(), **init_kwargs)
+        else:
+            self.run = wandb.run
+        self.run.define_metric(step_key)
+        self.run.define_metric(f"{prefix}*", step_metric=step_key)
+
+    def write(self, row: Mapping[str, Any]) -> None:
+        self.run.log({**numeric_items(row, self.prefix), self.step_key: row["step"]})
+
+    def close(self) -> None:
+        if self.owns_run:
+            self.run.finish()
+
+
+def wandb_report_to() -> list[str]:
+    """``report_to`` for a Trainer: ``["wandb"]`` when wandb is installed, with ``WANDB_MODE``
+    set to :func:`wandb_mode` unless the user set it (so a machine without credentials runs
+    offline instead of prompting), else ``[]``."""
+    try:
+        import wandb  # noqa: F401
+    except ImportError:
+        return []
+    os.environ.setdefault("WANDB_MODE", wandb_mode())
+    return ["wandb"]

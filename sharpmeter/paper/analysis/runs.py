@@ -1,0 +1,352 @@
+"""Runs as ``fit``, ``compare`` and ``report`` see them: every run in the record files, each
+measurement once, with its planned length and why it is or is not fitted.
+
+All three read runs with :func:`load_runs` and choose what to fit with :func:`select_runs`, so
+they agree on:
+
+* a step logged twice (a resumed run that logged it again, a file appended twice) keeps its last
+  write, with a :class:`~sharpmeter.paper.records.RecordWarning` naming the file and the lines: a
+  repeated tail would otherwise shrink a standard error, a conflicting row move a final value,
+  both unseen;
+* a step's fraction of training is ``step / max_steps``, the run's planned length from the
+  ``<name>.meta.json`` beside its file (older files lack it: then the last logged step, and the
+  run says so), so a run killed at step 60 of 150 ends at ``t = 0.4`` instead of being stretched
+  over the whole axis;
+* every run found is listed, and one left out of the fits says why: an empty file, a diverged
+  probe loss, no finite value, or (unless asked for) a run that stopped before its planned end;
+* a run's seed is the ``seed`` of its rows, else of its metadata (what the training callback
+  records): runs at one size that differ in seed are replicates, two at one size with the same
+  seed or none are refused, naming them
+  (:func:`~sharpmeter.paper.analysis.replicates.group_replicates`).
+
+Example::
+
+    selection = select_runs(load_runs(["runs/a/sharpness.jsonl", "runs/b/sharpness.jsonl"]))
+    for entry in selection.entries:
+        print(entry.run.name, entry.run.seed, entry.run.progress, entry.left_out or "fitted")
+    replicates = selection.replicates("critical_sharpness")  # {n_params: {seed: (t, values)}}
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sharpmeter.measure.schema import DONE_FILE, META_SUFFIX, NONFINITE
+from sharpmeter.paper.analysis.curves import (
+    finite_number,
+    is_long,
+    logged_value,
+    logs_quantity,
+    quantity_name,
+    row_problem,
+    run_curve,
+    run_key,
+    run_name,
+    seed_of,
+)
+from sharpmeter.paper.analysis.replicates import Replicates, group_replicates, seed_text
+from sharpmeter.paper.records import Record, RecordWarning, read_numbered_records
+
+_REPEATS_SHOWN = 5
+
+
+@dataclass(frozen=True)
+class Run:
+    """One run's rows, one per measurement (the last written of a repeated step), and its plan.
+
+    ``planned_steps`` is ``max_steps`` from the metadata beside the file (None for files
+    written before it was recorded, and for simulated curves, which carry their own fraction);
+    ``finished_marker`` says that ``sharpmeter train`` saw the training end; ``seed`` is the
+    rows' ``seed``, else the metadata's (None when neither has one).
+    """
+
+    source: Path
+    name: str
+    n_params: float | None
+    rows: tuple[Record, ...] = field(repr=False)
+    planned_steps: int | None = None
+    finished_marker: bool = False
+    seed: int | None = None
+
+    @property
+    def label(self) -> str:
+        """The run and its file: unique among the runs found, but for the seeds of one run
+        that a file holds side by side (its rows carry their ``seed``)."""
+        return f"{self.name} ({self.source})"
+
+    @property
+    def steps(self) -> list[float]:
+        """The steps the run logged, in order, each once."""
+        return sorted({step for row in self.rows if (step := _step(row)) is not None})
+
+    @property
+    def last_step(self) -> float | None:
+        steps = self.steps
+        return steps[-1] if steps else None
+
+    @property
+    def progress(self) -> str:
+        """How far the run got, and against what: ``60 of 150``, or the last step alone when
+        the plan is unknown (the fraction of training is then ``step / last step``)."""
+        last = self.last_step
+        if last is None:
+            return "no step logged"
+        if self.planned_steps is None:
+            return f"{_step_text(last)} (no planned max_steps: t = step / last step)"
+        return f"{_step_text(last)} of {self.planned_steps}"
+
+    @property
+    def unfinished(self) -> str | None:
+        """``unfinished: step 60 of 150`` when the run stopped before its planned end, else None.
+
+        Stopped early means: no finished marker beside it, and a next measurement at the
+        spacing of its last two would still have fallen within ``max_steps`` (a schedule need not
+        land on the last step: every 10 steps of 155 ends at 150, finished).
+        """
+        steps = self.steps
+        if self.planned_steps is None or self.finished_marker or not steps:
+            return None
+        spacing = steps[-1] - steps[-2] if len(steps) > 1 else 0.0
+        if steps[-1] + spacing > self.planned_steps:
+            return None
+        return f"unfinished: step {_step_text(steps[-1])} of {self.planned_steps}"
+
+    @property
+    def diverged_from(self) -> float | None:
+        """The first step of the run's closing rows whose probe loss was not finite (the
+        meter's ``nonfinite`` status): training diverged there, no later value is its end."""
+        first = None
+        for row in sorted(self.rows, key=lambda row: _step(row) or 0.0, reverse=True):
+            if row.get("status") != NONFINITE:
+                break
+            first = _step(row)
+        return first
+
+    def curve(self, quantity: str | None) -> tuple[np.ndarray, np.ndarray]:
+        """``(t, values)`` of ``quantity`` on the run's planned training axis."""
+        return run_curve(self.rows, quantity, self.planned_steps)
+
+    def count_values(self, quantity: str | None) -> tuple[int, int]:
+        """``(finite, not finite)`` values of ``quantity`` among the rows that log it (null in
+        JSON, NaN or Infinity in CSV count as not finite)."""
+        logged = [logged_value(row, quantity) for row in self.rows if logs_quantity(row, quantity)]
+        finite = sum(value is not None for value in logged)
+        return finite, len(logged) - finite
+
+
+def load_runs(files: Iterable[str | Path]) -> list[Run]:
+    """Every run in the record files, in file order: a file holds one run per size and ``run``
+    name; an empty file is a run with no rows, so that it is listed too.
+
+    Raises ``ValueError`` naming ``file:line`` for a row that is not a JSON object or has no
+    size or step (a torn last line is dropped with a warning, see
+    :func:`sharpmeter.paper.records.read_numbered_records`), and naming the metadata file when that
+    cannot be read.
+    """
+    return [run for path in map(Path, files) for run in _runs_in_file(path)]
+
+
+def _runs_in_file(path: Path) -> list[Run]:
+    metadata = read_metadata(path)
+    planned = _planned_steps(metadata, path)
+    seed = _metadata_seed(metadata, path)
+    finished = (path.parent / DONE_FILE).is_file()
+    grouped: dict[Any, list[tuple[int, Record]]] = defaultdict(list)
+    for line, row in read_numbered_records(path):
+        problem = row_problem(row)
+        if problem is not None:
+            raise ValueError(f"{path}:{line}: the row {problem}")
+        grouped[run_key(row)].append((line, row))
+    if not grouped:
+        name = str(metadata.get("run") or path.parent.name)
+        n_params = finite_number(metadata.get("n_params"))
+        return [Run(path, name, n_params, (), planned, finished, seed)]
+    return [
+        Run(
+            source=path,
+            name=run_name(n_params, run),
+            n_params=n_params,
+            rows=last_write_wins(path, numbered),
+            planned_steps=planned,
+            finished_marker=finished,
+            seed=seed if row_seed is None else row_seed,
+        )
+        for (n_params, run, row_seed), numbered in grouped.items()
+    ]
+
+
+def read_metadata(path: str | Path) -> dict[str, Any]:
+    """The ``<name>.meta.json`` beside a record file, ``{}`` when there is none."""
+    meta_path = _meta_path(Path(path))
+    if not meta_path.is_file():
+        return {}
+    try:
+        metadata = json.loads(meta_path.read_text(encoding="utf-8"))
+    except ValueError as error:
+        raise ValueError(
+            f"{meta_path}: cannot read the run's metadata ({error}); restore or remove it "
+            "(without it, each step is taken over the run's last logged step)"
+        ) from None
+    if not isinstance(metadata, dict):
+        raise ValueError(f"{meta_path}: expected a JSON object")
+    return metadata
+
+
+def _meta_path(path: Path) -> Path:
+    return path.with_name(path.stem + META_SUFFIX)
+
+
+def _planned_steps(metadata: dict[str, Any], path: Path) -> int | None:
+    planned = metadata.get("max_steps")
+    if planned is None:
+        return None
+    if isinstance(planned, bool) or not isinstance(planned, int) or planned <= 0:
+        raise ValueError(
+            f"{_meta_path(path)}: max_steps must be a positive integer, got {planned!r}"
+        )
+    return planned
+
+
+def _metadata_seed(metadata: dict[str, Any], path: Path) -> int | None:
+    try:
+        return seed_of(metadata.get("seed"))
+    except ValueError as error:
+        raise ValueError(f"{_meta_path(path)}: {error}") from None
+
+
+def last_write_wins(path: Path, numbered: Sequence[tuple[int, Record]]) -> tuple[Record, ...]:
+    """One row per measurement, in file order: of a step logged more than once, the last
+    written (a resumed run logs again what it measured after its checkpoint). Warns with the
+    file and the lines of every repeat, so a conflict is never resolved unseen."""
+    lines: dict[tuple, list[int]] = defaultdict(list)
+    kept: dict[tuple, tuple[int, Record]] = {}
+    for line, row in numbered:
+        key = _measurement(row)
+        lines[key].append(line)
+        kept[key] = (line, row)
+    repeats = [_repeat_text(key, found) for key, found in lines.items() if len(found) > 1]
+    if repeats:
+        shown = ", ".join(repeats[:_REPEATS_SHOWN])
+        more = len(repeats) - _REPEATS_SHOWN
+        warnings.warn(
+            f"{path}: {len(repeats)} measurements logged more than once, the last write kept: "
+            + shown
+            + (f" and {more} more" if more > 0 else ""),
+            RecordWarning,
+            stacklevel=2,
+        )
+    return tuple(row for _, row in sorted(kept.values(), key=lambda kept_row: kept_row[0]))
+
+
+def _measurement(row: Record) -> tuple:
+    """What a row measured: where in training (its step, else its fraction) and, for a long
+    row, which quantity."""
+    step = _step(row)
+    where = ("step", step) if step is not None else ("fraction", finite_number(row["fraction"]))
+    return (*where, row.get("quantity") if is_long(row) else None)
+
+
+def _repeat_text(key: tuple, lines: list[int]) -> str:
+    """``step 40 on lines 5 and 12 (kept line 12)``."""
+    axis, position, quantity = key
+    what = f"{axis} {_step_text(position)}" + (f" of {quantity}" if quantity else "")
+    listed = ", ".join(map(str, lines[:-1])) + f" and {lines[-1]}"
+    return f"{what} on lines {listed} (kept line {lines[-1]})"
+
+
+def _step(row: Record) -> float | None:
+    return finite_number(row.get("step"))
+
+
+def _step_text(step: float) -> str:
+    return f"{step:.0f}" if float(step).is_integer() else f"{step:g}"
+
+
+@dataclass(frozen=True)
+class RunEntry:
+    """A run found, what it logged of the quantity, and why it is not fitted (None: fitted)."""
+
+    run: Run
+    finite: int
+    not_finite: int
+    left_out: str | None
+
+
+@dataclass(frozen=True)
+class RunSelection:
+    """Every run found, each with why it is or is not in the fits."""
+
+    entries: tuple[RunEntry, ...]
+
+    @property
+    def fitted(self) -> list[Run]:
+        return [entry.run for entry in self.entries if entry.left_out is None]
+
+    def replicates(self, quantity: str | None) -> Replicates:
+        """The fitted runs' curves of ``quantity`` by size and seed: runs at one size must
+        differ in seed, else they are refused by name; none with a finite value raises."""
+        return group_replicates(
+            [(run.n_params, run.seed, run.label, run.curve(quantity)) for run in self.fitted],
+            quantity,
+        )
+
+    def rows(self) -> list[Record]:
+        """The rows of the fitted runs, each measurement once."""
+        return [row for run in self.fitted for row in run.rows]
+
+    @property
+    def unfinished(self) -> dict[float, str]:
+        """The fitted sizes with a run that stopped before its planned end (fitted when asked
+        for), with how far it got: ``unfinished: step 60 of 150``, and which seed it was when
+        the size has several runs."""
+        runs_at = Counter(run.n_params for run in self.fitted)
+        marks: dict[float, list[str]] = defaultdict(list)
+        for run in self.fitted:
+            if run.unfinished:
+                seed = f" ({seed_text(run.seed)})" if runs_at[run.n_params] > 1 else ""
+                marks[run.n_params].append(run.unfinished + seed)
+        return {n: "; ".join(found) for n, found in marks.items()}
+
+
+def select_runs(
+    runs: Sequence[Run], quantity: str | None = None, include_unfinished: bool = False
+) -> RunSelection:
+    """Which runs a fit of ``quantity`` uses, and why each other one is left out.
+
+    Left out: an empty file, a run whose probe loss diverged (its last values describe no end of
+    training), one with no finite value of ``quantity``, and one that stopped before its planned
+    end unless ``include_unfinished`` (it then stays marked as unfinished). Raises
+    ``ValueError`` listing every run and its reason when none is left to fit.
+    """
+    entries = tuple(_entry(run, quantity, include_unfinished) for run in runs)
+    selection = RunSelection(entries)
+    if not selection.fitted:
+        runs_by_reason: dict[str, list[str]] = defaultdict(list)
+        for entry in entries:
+            runs_by_reason[str(entry.left_out)].append(entry.run.name)
+        reasons = "".join(f"; {why}: {', '.join(names)}" for why, names in runs_by_reason.items())
+        raise ValueError(f"no run to fit {quantity or 'the default quantity'}{reasons}")
+    return selection
+
+
+def _entry(run: Run, quantity: str | None, include_unfinished: bool) -> RunEntry:
+    finite, not_finite = run.count_values(quantity)
+    if not run.rows:
+        left_out = "empty file"
+    elif run.diverged_from is not None:
+        left_out = f"diverged: probe loss not finite from step {_step_text(run.diverged_from)}"
+    elif finite == 0:
+        left_out = f"no finite {quantity_name(run.rows[0], quantity)}"
+    elif run.unfinished and not include_unfinished:
+        left_out = run.unfinished
+    else:
+        left_out = None
+    return RunEntry(run, finite, not_finite, left_out)

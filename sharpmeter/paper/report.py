@@ -1,0 +1,658 @@
+"""A study report from logged runs: Markdown beside its PNG figures, and one self-contained
+HTML file with the same figures embedded.
+
+Every number in it is computed here from the runs' JSONL files (read by
+:func:`sharpmeter.paper.analysis.runs.load_runs`, analysed by
+:func:`sharpmeter.paper.compare.analyse_curves`); nothing is carried over from training. Every
+run found is listed: one left out of the fits (empty, diverged, no finite value, stopped before
+its planned end) says why, and an unfinished run fitted on request is marked in every table.
+Runs at one size that differ in seed are replicates: every run is listed with its seed, and each
+size's row shows the mean over its seeds ± their standard error (see
+:func:`sharpmeter.paper.compare.analyse_curves`).
+
+Example::
+
+    files = write_report(["runs/study"], out="runs/study")
+    files.html          # runs/study/report.html, open it in a browser
+
+A run is a folder holding ``sharpness.jsonl`` (what ``SharpnessCallback`` writes into the
+Trainer's ``output_dir``), the JSONL file itself, or a study folder with one such folder per
+size. The W&B runs found beside a JSONL file are listed with the command that uploads them.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import math
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from sharpmeter.measure.schema import RUN_FILE, VALUE_COLUMNS
+from sharpmeter.paper.analysis import RobustFinal, final_stderr, final_value, robust_final
+from sharpmeter.paper.analysis.phases import PARAMETERS, ThreePhaseFit
+from sharpmeter.paper.analysis.plotting import plot_scaling_fit
+from sharpmeter.paper.analysis.replicates import Replicates, Seed, SeedMean
+from sharpmeter.paper.analysis.runs import Run, RunEntry, RunSelection, load_runs, select_runs
+from sharpmeter.paper.analysis.scaling import FitComparison
+from sharpmeter.paper.compare import (
+    CurveComparison,
+    StudyAnalysis,
+    analyse_curves,
+    has_three_phases,
+)
+from sharpmeter.paper.records import Record
+from sharpmeter.paper.sizes import format_size
+
+_WANDB_URL = re.compile(r"https://wandb\.ai/\S+/runs/\w+")
+
+
+@dataclass(frozen=True)
+class RunFiles:
+    """One logged run: its JSONL file and the W&B run folder beside it, if any."""
+
+    jsonl: Path
+    wandb_dir: Path | None
+
+    @property
+    def name(self) -> str:
+        return self.jsonl.parent.name
+
+    def wandb_line(self) -> str:
+        """How to look at the W&B run: its URL when it went online, else `wandb sync`."""
+        if self.wandb_dir is None:
+            return "none"
+        return _wandb_url(self.wandb_dir) or f"`wandb sync {self.wandb_dir}`"
+
+
+def find_runs(paths: Iterable[str | Path]) -> list[RunFiles]:
+    """JSONL files, run folders, or study folders (one run folder per size) -> runs."""
+    runs = []
+    for path in map(Path, paths):
+        if path.is_file():
+            files = [path]
+        elif (path / RUN_FILE).is_file():
+            files = [path / RUN_FILE]
+        else:
+            files = sorted(path.glob(f"*/{RUN_FILE}"))
+        if not files:
+            raise ValueError(f"no {RUN_FILE} at {str(path)!r} or in its sub-folders")
+        runs += [RunFiles(f, _latest_wandb_run(f.parent)) for f in files]
+    return runs
+
+
+def _latest_wandb_run(folder: Path) -> Path | None:
+    """The newest W&B run beside a JSONL file: an attempt that was restarted from scratch
+    leaves its old run folder behind. Names carry the start time: ``[offline-]run-DATE-ID``."""
+    runs = sorted(folder.glob("wandb/*run-*"), key=lambda path: path.name.split("run-")[-1])
+    return runs[-1] if runs else None
+
+
+def _wandb_url(folder: Path) -> str | None:
+    log = folder / "logs" / "debug.log"
+    match = _WANDB_URL.search(log.read_text(errors="replace")) if log.is_file() else None
+    return match.group(0) if match else None
+
+
+def load_analysis(
+    paths: Sequence[str | Path],
+    quantity: str = "critical_sharpness",
+    final_fraction: float = 0.2,
+    include_unfinished: bool = False,
+) -> tuple[list[RunFiles], list[Record], StudyAnalysis]:
+    """The run files under ``paths``, the rows of the runs fitted, and the analysis of
+    ``quantity`` over them (its ``runs`` list every run found, fitted or not, and why).
+
+    Runs that stopped before their planned ``max_steps`` are left out of the fits unless
+    ``include_unfinished``. Runs at one size that differ in seed are analysed as replicates. The
+    probe loss, the learning rate and the other measures' values
+    (:data:`~sharpmeter.measure.schema.VALUE_COLUMNS`) go into the verdicts when the fitted runs
+    log them.
+    """
+    files = find_runs(paths)
+    selection = select_runs(load_runs(f.jsonl for f in files), quantity, include_unfinished)
+    others = {name: _logged_curves(selection, name) for name in VALUE_COLUMNS if name != quantity}
+    analysis = analyse_curves(
+        selection.replicates(quantity),
+        final_fraction,
+        _logged_curves(selection, "loss"),
+        selection.entries,
+        learning_rates=_logged_curves(selection, "lr"),
+        other_measures={name: curves for name, curves in others.items() if curves is not None},
+        quantity=quantity,
+    )
+    return files, selection.rows(), analysis
+
+
+def _logged_curves(selection: RunSelection, quantity: str) -> Replicates | None:
+    """The fitted runs' curves of ``quantity``, None when none of them logs a finite value."""
+    try:
+        return selection.replicates(quantity)
+    except ValueError:
+        return None
+
+
+@dataclass(frozen=True)
+class ReportFiles:
+    markdown: Path
+    html: Path
+    figures: tuple[Path, ...]
+
+
+def write_report(
+    paths: Sequence[str | Path],
+    out: str | Path,
+    quantity: str = "critical_sharpness",
+    final_fraction: float = 0.2,
+    title: str = "Sharpness scaling study",
+    include_unfinished: bool = False,
+) -> ReportFiles:
+    """Analyse the runs under ``paths`` and write ``report.md``, ``report.html`` and the
+    figures ``curves.png`` and (with 3+ sizes) ``scaling.png`` into ``out``; unfinished runs
+    are fitted only with ``include_unfinished`` (see :func:`load_analysis`)."""
+    runs, _, analysis = load_analysis(paths, quantity, final_fraction, include_unfinished)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    stability = None
+    if quantity == "critical_sharpness":
+        stability = stability_line(_smallest_fitted(analysis))
+    figures = [plot_curves(analysis, out / "curves.png", quantity, stability)]
+    if analysis.scaling is not None:
+        figures.append(plot_scaling_fit(analysis.scaling, out / "scaling.png", f"final {quantity}"))
+    blocks = report_blocks(analysis, runs, quantity, final_fraction, title, figures)
+    markdown = out / "report.md"
+    markdown.write_text(render_markdown(blocks, relative_to=out))
+    page = out / "report.html"
+    page.write_text(render_html(blocks, title))
+    return ReportFiles(markdown, page, tuple(figures))
+
+
+# ---- content -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Table:
+    header: tuple[str, ...]
+    rows: tuple[tuple[str, ...], ...]
+
+
+@dataclass(frozen=True)
+class Figure:
+    path: Path
+    caption: str
+
+
+Block = str | Table | Figure | list  # str: a paragraph or "## heading"; list: bullet items
+
+
+def report_blocks(
+    analysis: StudyAnalysis,
+    runs: Sequence[RunFiles],
+    quantity: str,
+    final_fraction: float,
+    title: str,
+    figures: Sequence[Path],
+) -> list[Block]:
+    measurements = sum(len(entry.run.rows) for entry in analysis.runs)
+    fitted = len(analysis.runs) - len(analysis.left_out)
+    blocks: list[Block] = [
+        f"# {title}",
+        f"Quantity `{quantity}`; the final value of a run is the mean over its last "
+        f"{final_fraction:.0%} of training (± the standard error of that mean as if the "
+        "measurements were independent: neighbours are correlated, so it is a lower bound). "
+        "The robust final is the 20% trimmed mean of the same span (one spike cannot move it) "
+        "with a 95% moving-block bootstrap interval that widens for correlated measurements, "
+        "and the median. A step's fraction of training is the step over the run's planned "
+        "max_steps. "
+        f"{len(analysis.runs)} runs ({fitted} fitted), {measurements} logged measurements.",
+        *compare_blocks(analysis),
+        Figure(
+            figures[0],
+            "Measured curves with their three-phase fits (dotted) and, when the rows carry a "
+            "learning rate, 2 / lr (dashed), where the next step would raise the probe loss "
+            "(left); the same curves "
+            "divided by their final value, beside the paper's simulator at the same sizes "
+            "(right, dashed).",
+        ),
+        "## Runs",
+        _runs_table(analysis, final_fraction),
+        "## Three-phase fits (eq. 1)",
+        _phase_table(analysis),
+    ]
+    if analysis.scaling is not None:
+        blocks += ["## Scaling of the final value", _scaling_table(analysis)]
+        if analysis.scaling_on_means is not None:
+            blocks.append(
+                "With several seeds per size, the fits on every run's final value carry the "
+                "seed-to-seed spread in their intervals (and decide the verdicts); the fits on "
+                "the size means see it only through the means' scatter about the law, and are "
+                "the ones to trust when the means stray from it more than their seeds explain."
+            )
+        if analysis.scaling.undecided is not None:
+            blocks.append(f"AIC cannot rank the two forms: {analysis.scaling.undecided}.")
+        blocks.append(Figure(figures[1], "Final value against parameters, both fits."))
+    blocks += ["## Files", _files_list(runs, analysis.runs)]
+    return blocks
+
+
+def compare_blocks(analysis: StudyAnalysis) -> list[Block]:
+    """The verdicts, which runs they rest on, and the measured-against-simulated table."""
+    return [
+        "## Verdicts on the paper's claims",
+        [verdict.line() for verdict in analysis.verdicts],
+        analysis.multiplicity,
+        *_fitted_runs_note(analysis),
+        *_seeds_note(analysis),
+        "## Measured against the simulator (common training-fraction axis)",
+        _comparison_table(analysis),
+        "The simulator is calibrated on 10M-7B parameter language models, so its levels are "
+        "extrapolated below 10M and belong to the paper's runs: the final values stand side by "
+        "side for reference, and the shapes (each curve divided by its final value) are what "
+        "is compared.",
+    ]
+
+
+def _fitted_runs_note(analysis: StudyAnalysis) -> list[Block]:
+    """Which runs found the fits leave out and why, and which unfinished ones they include."""
+    if not analysis.runs:  # curves given directly: no run to account for
+        return []
+    fitted = len(analysis.runs) - len(analysis.left_out)
+    note = f"Fitted: {fitted} of the {len(analysis.runs)} runs found."
+    if analysis.left_out:
+        reasons = [f"`{entry.run.name}` ({entry.left_out})" for entry in analysis.left_out]
+        note += " Left out: " + "; ".join(reasons) + "."
+    if analysis.unfinished:
+        marks = [f"{n:,.0f} ({mark})" for n, mark in sorted(analysis.unfinished.items())]
+        note += " Included as asked although unfinished: " + "; ".join(marks) + "."
+    return [note]
+
+
+def _seeds_note(analysis: StudyAnalysis) -> list[Block]:
+    """How the seeds of a size enter the numbers, when a size has several."""
+    if not analysis.replicated:
+        return []
+    counts = sorted({len(by_seed) for by_seed in analysis.replicates.values()})
+    return [
+        f"Seeds per size: {', '.join(map(str, counts))}. A size's value is the mean of its "
+        "seeds' values ± the standard error over seeds (s / sqrt(k)); its three-phase "
+        "parameters are the seed means of each run's own fit; the scaling fits take every "
+        "run's final value, so their intervals carry the seed-to-seed spread."
+    ]
+
+
+def _size_cell(analysis: StudyAnalysis, n: float) -> str:
+    """A fitted size, marked when its run stopped before its planned end."""
+    mark = analysis.unfinished.get(n)
+    return f"{n:,.0f}" + (f" ({mark})" if mark else "")
+
+
+def _runs_table(analysis: StudyAnalysis, final_fraction: float) -> Table:
+    """Every run found: the fitted ones with their numbers, the others with why not."""
+    # a seed column once a run records one: files without seeds keep their table
+    seeds = any(entry.run.seed is not None for entry in analysis.runs)
+    header = (
+        "parameters",
+        "measurements",
+        "final",
+        "robust final",
+        "peak",
+        "peak at t",
+        "not finite",
+        "run",
+        *(("seed",) if seeds else ()),
+        "steps",
+        "in fits",
+    )
+    entries = sorted(analysis.runs, key=_size_order)
+    rows = tuple(_run_row(analysis, entry, final_fraction, seeds) for entry in entries)
+    return Table(header, rows)
+
+
+def _size_order(entry: RunEntry) -> tuple:
+    n, seed = entry.run.n_params, entry.run.seed
+    return (n is None, n or 0.0, seed is None, seed or 0, entry.run.name)
+
+
+def _run_row(
+    analysis: StudyAnalysis, entry: RunEntry, final_fraction: float, seeds: bool
+) -> tuple[str, ...]:
+    run = entry.run
+    seed = (("?" if run.seed is None else str(run.seed)),) if seeds else ()
+    described = (str(entry.not_finite), f"`{run.name}`", *seed, run.progress)
+    if entry.left_out is not None:
+        size = "unknown" if run.n_params is None else f"{run.n_params:,.0f}"
+        return (size, str(entry.finite), "n/a", "n/a", "n/a", "n/a", *described, entry.left_out)
+    t, s = analysis.replicates[run.n_params][run.seed]
+    stderr = final_stderr(t, s, final_fraction)
+    return (
+        _size_cell(analysis, run.n_params),
+        str(s.size),
+        f"{final_value(t, s, final_fraction):.4g} ± {stderr:.2g}",
+        _robust_cell(robust_final(t, s, final_fraction)),
+        f"{s.max():.4g}",
+        f"{t[np.argmax(s)]:.2f}",
+        *described,
+        "yes",
+    )
+
+
+def _robust_cell(robust: RobustFinal) -> str:
+    """``1.02e+03 [981, 1.06e+03] (median 1.01e+03)``: the trimmed mean, its interval, the
+    median; the trimmed mean alone when the tail is too short for an interval."""
+    lo, hi = robust.ci
+    interval = f" [{lo:.3g}, {hi:.3g}]" if math.isfinite(lo) and math.isfinite(hi) else ""
+    return f"{robust.trimmed_mean:.4g}{interval} (median {robust.median:.4g})"
+
+
+def _seeds_header(analysis: StudyAnalysis) -> tuple[str, ...]:
+    return ("seeds",) if analysis.replicated else ()
+
+
+def _seeds_cell(analysis: StudyAnalysis, n: float) -> tuple[str, ...]:
+    return (str(len(analysis.replicates[n])),) if analysis.replicated else ()
+
+
+def _mean_of(results: Iterable, attribute: str) -> SeedMean:
+    """The seed mean of ``attribute`` of each seed's result."""
+    return SeedMean(tuple(getattr(result, attribute) for result in results))
+
+
+def _seed_cell(mean: SeedMean, spec: str) -> str:
+    """``1.02 ± 0.013``: the mean over seeds and its standard error; the value alone for one
+    seed."""
+    spread = f" ± {mean.stderr:.2g}" if mean.n_seeds > 1 else ""
+    return f"{mean.mean:{spec}}{spread}"
+
+
+def _comparison_table(analysis: StudyAnalysis) -> Table:
+    rows = tuple(
+        _comparison_row(analysis, n, list(by_seed.values()))
+        for n, by_seed in analysis.comparisons.items()
+    )
+    header = (
+        "parameters",
+        *_seeds_header(analysis),
+        "final (measured / simulated)",
+        "peak/final (measured / simulated)",
+        "peak at t (measured / simulated)",
+        "shape RMSE",
+        "shape correlation",
+    )
+    return Table(header, rows)
+
+
+def _comparison_row(
+    analysis: StudyAnalysis, n: float, runs: list[CurveComparison]
+) -> tuple[str, ...]:
+    """A size's measured values (mean ± standard error over its seeds) beside the simulator's,
+    which has no seed to vary: any run's simulated values are the size's."""
+    simulated = runs[0]
+
+    def measured(attribute: str, spec: str) -> str:
+        return _seed_cell(_mean_of(runs, attribute), spec)
+
+    return (
+        _size_cell(analysis, n),
+        *_seeds_cell(analysis, n),
+        f"{measured('measured_final', '.4g')} / {simulated.simulated_final:.4g}",
+        f"{measured('measured_peak_ratio', '.3g')} / {simulated.simulated_peak_ratio:.3g}",
+        f"{measured('measured_peak_t', '.2f')} / {simulated.simulated_peak_t:.2f}",
+        measured("shape_rmse", ".3g"),
+        measured("shape_correlation", ".3f"),
+    )
+
+
+def _phase_table(analysis: StudyAnalysis) -> Table:
+    rows = []
+    for n, fits in analysis.phase_fits.items():
+        size = (_size_cell(analysis, n), *_seeds_cell(analysis, n))
+        cells = _phase_cells(fits) if len(fits) == 1 else _seed_phase_cells(fits)
+        found = [
+            has_three_phases(fit, analysis.replicates[n][seed][0]) for seed, fit in fits.items()
+        ]
+        if len(fits) == 1:
+            answer = "yes" if found[0] else "no"
+        else:
+            failed = sum(isinstance(fit, str) for fit in fits.values())
+            answer = f"{sum(found)} of {len(fits)}" + (f" ({failed} failed)" if failed else "")
+        rows.append((*size, *cells, answer))
+    header = (
+        "parameters",
+        *_seeds_header(analysis),
+        "S_p",
+        "S_f",
+        "t_p",
+        "lambda",
+        "R^2",
+        "three phases",
+    )
+    return Table(header, tuple(rows))
+
+
+def _phase_cells(fits: dict[Seed, ThreePhaseFit | str]) -> tuple[str, ...]:
+    """One run's fit: each parameter ± its standard error from the fit."""
+    [fit] = fits.values()
+    if isinstance(fit, str):
+        return (fit, "", "", "", "")
+    cells = [_with_stderr(getattr(fit, p), fit.stderr[p]) for p in PARAMETERS]
+    return (*cells, f"{fit.r2:.3f}")
+
+
+def _seed_phase_cells(fits: dict[Seed, ThreePhaseFit | str]) -> tuple[str, ...]:
+    """Several seeds' fits: each parameter's mean over the fitted seeds ± its standard error
+    over them (the seeds, not one fit's residuals, say how far it moves)."""
+    fitted = [fit for fit in fits.values() if not isinstance(fit, str)]
+    if not fitted:
+        return (f"no seed fitted: {next(iter(fits.values()))}", "", "", "", "")
+    cells = [_seed_cell(_mean_of(fitted, p), ".4g") for p in PARAMETERS]
+    return (*cells, _seed_cell(_mean_of(fitted, "r2"), ".3f"))
+
+
+def _with_stderr(value: float, stderr: float) -> str:
+    # A fit pinned at a bound of its parameters has a singular covariance: no error to show.
+    shown = f"{stderr:.2g}" if math.isfinite(stderr) and stderr > 0 else "n/a"
+    return f"{value:.4g} ± {shown}"
+
+
+def _scaling_table(analysis: StudyAnalysis) -> Table:
+    """Both forms; with replicates, fitted on every run's final value and on the size means."""
+    scaling, on_means = analysis.scaling, analysis.scaling_on_means
+    if on_means is None:
+        rows = _scaling_rows(scaling)
+    else:
+        sizes = on_means.log_linear.n
+        rows = _scaling_rows(scaling, f", all {scaling.log_linear.n} runs")
+        rows += _scaling_rows(on_means, f", {sizes} size means")
+    header = (
+        "form",
+        "slope / exponent",
+        f"{scaling.log_linear.level:.0%} interval",
+        "R^2",
+        "AIC",
+        "BIC",
+    )
+    return Table(header, tuple(rows))
+
+
+def _scaling_rows(comparison: FitComparison, points: str = "") -> list[tuple[str, ...]]:
+    rows = []
+    for name, fit in (
+        ("log-linear S = a log10 N + b", comparison.log_linear),
+        ("power law S = c N^k", comparison.power_law),
+    ):
+        lo, hi = fit.slope_ci
+        rows.append(
+            (
+                name + points,
+                f"{fit.slope:.4g}",
+                f"[{lo:.3g}, {hi:.3g}]",
+                f"{fit.r2:.4f}",
+                f"{fit.aic:.2f}",
+                f"{fit.bic:.2f}",
+            )
+        )
+    return rows
+
+
+def _files_list(runs: Sequence[RunFiles], entries: Sequence[RunEntry]) -> list[str]:
+    rows = [row for entry in entries for row in entry.run.rows]
+    failed = sum(1 for row in rows if row.get("status") not in (None, "ok"))
+    items = [f"`{run.jsonl}` ({run.name}); W&B: {run.wandb_line()}" for run in runs]
+    items.append(f"measurements with a status other than ok: {failed}")
+    return items
+
+
+# ---- figures -------------------------------------------------------------------------------
+
+
+def _smallest_fitted(analysis: StudyAnalysis) -> Run:
+    fitted = [entry.run for entry in analysis.runs if entry.left_out is None]
+    return min(fitted, key=lambda run: run.n_params)
+
+
+def stability_line(run: Run) -> tuple[np.ndarray, np.ndarray] | None:
+    """``2 / lr`` along one run (a study trains every size on one schedule), on its planned
+    training axis: where critical sharpness meets it, the next step raises the probe loss.
+    None when no positive learning rate was logged (measured without an optimizer)."""
+    t, lr = run.curve("lr")
+    keep = lr > 0
+    if not keep.any():
+        return None
+    return t[keep], 2 / lr[keep]
+
+
+def plot_curves(
+    analysis: StudyAnalysis,
+    path: Path,
+    quantity: str,
+    stability: tuple[np.ndarray, np.ndarray] | None = None,
+) -> Path:
+    """Measured curves with their three-phase fits (and ``2 / lr`` when given), and
+    normalised shapes beside the simulator's."""
+    from matplotlib.figure import Figure as MplFigure
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    figure = MplFigure(figsize=(11, 4), layout="constrained")
+    measured, shapes = figure.subplots(1, 2)
+    colours = _colours(len(analysis.comparisons))
+    # a size's seeds share its colour, its one legend entry and its one simulated curve
+    for colour, (n, by_seed) in zip(colours, analysis.comparisons.items(), strict=True):
+        for index, (seed, comparison) in enumerate(by_seed.items()):
+            t, s = analysis.replicates[n][seed]
+            measured.plot(t, s, color=colour, label=None if index else format_size(n))
+            fit = analysis.phase_fits[n][seed]
+            if not isinstance(fit, str):
+                measured.plot(t, fit.predict(t), color=colour, linestyle=":", linewidth=1)
+            shapes.plot(comparison.t, comparison.measured, color=colour)
+            if not index:
+                shapes.plot(comparison.t, comparison.simulated, color=colour, linestyle="--")
+    measured.set(
+        title=f"measured {quantity} (dotted: eq. 1 fit)",
+        xlabel="fraction of training",
+        ylabel=quantity,
+        yscale="log",
+    )
+    shapes.set(
+        title="S / S_final: measured (solid), simulator (dashed)",
+        xlabel="fraction of training",
+        ylabel="S / S_final",
+        yscale="log",
+    )
+    if stability is not None:
+        low, high = measured.get_ylim()
+        measured.plot(*stability, color="grey", linestyle="--", label="2 / lr")
+        # 2 / lr runs off to infinity as a schedule decays to 0: keep the measured range in view
+        measured.set_ylim(low, 3 * high)
+    measured.legend(title="parameters", fontsize=8)
+    for axes in (measured, shapes):  # plain numbers on the log axes, not 2 x 10^0
+        plain = FuncFormatter(lambda value, _: f"{value:g}")
+        axes.yaxis.set_major_formatter(plain)
+        low, high = axes.get_ylim()
+        # minor labels only when the axis spans less than a decade; else they pile up
+        axes.yaxis.set_minor_formatter(plain if high / low < 10 else NullFormatter())
+    figure.savefig(path, dpi=120)
+    return path
+
+
+def _colours(count: int) -> list:
+    from matplotlib import colormaps
+
+    return list(colormaps["viridis"](np.linspace(0, 0.9, count)))
+
+
+# ---- rendering -----------------------------------------------------------------------------
+
+
+def render_markdown(blocks: Sequence[Block], relative_to: Path) -> str:
+    parts = []
+    for block in blocks:
+        if isinstance(block, Table):
+            parts.append(_markdown_table(block))
+        elif isinstance(block, Figure):
+            link = (
+                block.path.relative_to(relative_to)
+                if block.path.is_relative_to(relative_to)
+                else block.path
+            )
+            parts.append(f"![{block.path.stem}]({link})\n\n*{block.caption}*")
+        elif isinstance(block, list):
+            parts.append("\n".join(f"- {item}" for item in block))
+        else:
+            parts.append(block)
+    return "\n\n".join(parts) + "\n"
+
+
+def _markdown_table(table: Table) -> str:
+    lines = ["| " + " | ".join(table.header) + " |", "|" + "---|" * len(table.header)]
+    lines += ["| " + " | ".join(row) + " |" for row in table.rows]
+    return "\n".join(lines)
+
+
+_STYLE = (
+    "body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
+    "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;"
+    "text-align:right}th{background:#f4f4f4}img{max-width:100%}code{background:#f4f4f4}"
+)
+
+
+def render_html(blocks: Sequence[Block], title: str) -> str:
+    parts = [
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}"
+        f"</title><style>{_STYLE}</style></head><body>"
+    ]
+    for block in blocks:
+        if isinstance(block, Table):
+            head = "".join(f"<th>{_inline(cell)}</th>" for cell in block.header)
+            body = "".join(
+                "<tr>" + "".join(f"<td>{_inline(cell)}</td>" for cell in row) + "</tr>"
+                for row in block.rows
+            )
+            parts.append(f"<table><tr>{head}</tr>{body}</table>")
+        elif isinstance(block, Figure):
+            data = base64.b64encode(block.path.read_bytes()).decode("ascii")
+            parts.append(
+                f"<figure><img src='data:image/png;base64,{data}' "
+                f"alt='{html.escape(block.caption)}'><figcaption>"
+                f"{_inline(block.caption)}</figcaption></figure>"
+            )
+        elif isinstance(block, list):
+            parts.append("<ul>" + "".join(f"<li>{_inline(item)}</li>" for item in block) + "</ul>")
+        elif block.startswith("#"):
+            level = len(block) - len(block.lstrip("#"))
+            parts.append(f"<h{level}>{_inline(block[level:].strip())}</h{level}>")
+        else:
+            parts.append(f"<p>{_inline(block)}</p>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def _inline(text: str) -> str:
+    """The two Markdown marks the report uses, ``**bold**`` and ```code```, as HTML."""
+    text = html.escape(text)
+    text = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", text)
+    text = re.sub(r"`(.+?)`", r"<code>\1</code>", text)
+    return re.sub(r"(https://\S+)", r"<a href='\1'>\1</a>", text)
