@@ -331,9 +331,13 @@ def test_every_row_has_the_same_keys_whatever_failed(monkeypatch):
     assert rows["ok"]["error"] is None and "boom" not in str(rows["ok"])
 
 
-def test_under_data_parallelism_an_estimator_that_raises_ends_the_run(monkeypatch):
-    """One process: a raising estimator is a status. Several ranks: its collectives are out of
-    step with the other ranks', so the run ends with a CollectiveError naming the rank."""
+@pytest.mark.parametrize("failed_elsewhere", [0, 1])
+def test_under_data_parallelism_an_estimator_that_raises_on_one_rank_ends_the_run(
+    monkeypatch, failed_elsewhere
+):
+    """One process: a raising estimator is a status. Several ranks that all failed there: a
+    status too (they are still in step). Only some ranks: their collectives are out of step
+    with the others', so the run ends with a CollectiveError naming the rank."""
     model = tiny_gpt2().eval()
     meter = sm.SharpnessMeter(model, token_batch(2), measures=("trace", "spectral"))
 
@@ -345,9 +349,21 @@ def test_under_data_parallelism_an_estimator_that_raises_ends_the_run(monkeypatc
     assert row["trace_status"].startswith("error: RuntimeError: out of memory")
     assert row["spectral_status"] == "ok"
     monkeypatch.setattr(distributed_module, "is_distributed", lambda: True)
+    monkeypatch.setattr(distributed_module, "world_size", lambda: 2)
     monkeypatch.setattr(torch.distributed, "get_rank", lambda: 1)
-    with pytest.raises(distributed_module.RankDivergence, match="measuring trace failed on rank 1"):
-        meter.measure(2)
+    failures = []
+
+    def sum_over_two_ranks(tensor):  # the other rank adds its own failure, or is elsewhere
+        failures.append(float(tensor))
+        return tensor + failed_elsewhere
+
+    monkeypatch.setattr(distributed_module, "all_reduce_sum", sum_over_two_ranks)
+    if failed_elsewhere:
+        assert meter.measure(2)["trace_status"].startswith("error: RuntimeError: out of memory")
+    else:
+        with pytest.raises(distributed_module.RankDivergence, match="trace failed on rank 1"):
+            meter.measure(2)
+    assert failures == [1.0]
     assert issubclass(distributed_module.RankDivergence, distributed_module.CollectiveError)
 
 

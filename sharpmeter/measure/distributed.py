@@ -59,10 +59,20 @@ class RankDivergence(CollectiveError):
     """
 
 
-def end_run_if_distributed(error: Exception, what: str) -> None:
-    """Raise :class:`RankDivergence` for ``error`` under data parallelism (nothing in one
-    process, where a failed measurement is only a status)."""
-    if is_distributed():
+def agree_on_failure(error: Exception, what: str, device: torch.device) -> None:
+    """Return when ``error`` may be recorded as a status: in one process, or when every rank
+    failed at this same point (a failure they agree on, e.g. a check on all-reduced numbers,
+    leaves them in step); raise :class:`RankDivergence` when only some ranks did.
+
+    Every rank that fails here sums a 1 over the ranks: all of them arrive together only when
+    all failed. A rank that did not fail is inside another collective meanwhile; the sum then
+    falls short (or never completes and times out as a :class:`CollectiveError`), and the run
+    ends either way instead of pairing the ranks' collectives wrongly.
+    """
+    if not is_distributed():
+        return
+    failed = all_reduce_sum(torch.ones(1, device=device))
+    if int(failed.item()) != world_size():
         raise RankDivergence(
             f"sharpmeter: {what} failed on rank {dist.get_rank()} ({type(error).__name__}: "
             f"{error}); ranks that measure together must take the same collectives and this "

@@ -75,11 +75,12 @@ from sharpmeter.measure.directions import (
 from sharpmeter.measure.distributed import (
     NO_FSDP_HVP,
     CollectiveError,
+    agree_on_failure,
     check_not_fsdp1,
     collective,
-    end_run_if_distributed,
     is_distributed,
     is_sharded,
+    local,
 )
 from sharpmeter.measure.loss import LossFn, ProbeLoss, probe_loss_and_gradient
 from sharpmeter.measure.measures import (
@@ -218,7 +219,7 @@ class SharpnessMeter:
         except NonFiniteLossError as error:
             _fail(row, self.chosen, NONFINITE, str(error))
         except Exception as error:  # a measurement must never stop training
-            end_run_if_distributed(error, "a measurement")
+            agree_on_failure(error, "a measurement", local(self.params[0]).device)
             _fail(row, self.chosen, "error", f"{type(error).__name__}: {error}")
         elapsed = time.perf_counter() - started
         row["wall_seconds"] = elapsed
@@ -379,7 +380,7 @@ def _take(measure: Measure, context: RowContext) -> Outcome:
     except CollectiveError:  # no other estimator can run without the process group
         raise
     except Exception as error:  # one estimator failing leaves the others standing
-        end_run_if_distributed(error, f"measuring {measure.name}")
+        agree_on_failure(error, f"measuring {measure.name}", context.gradient.device)
         return Outcome(f"error: {type(error).__name__}: {error}")
     value = outcome.values.get(measure.value_column, math.nan)
     if outcome.status == "ok" and not math.isfinite(value):
