@@ -50,6 +50,9 @@ def main() -> None:
         jsonl_path=f"{args.output}/sharpness.jsonl",
         schedule=sm.Schedule(every=args.every),
         optimizer=optimizer,
+        # A cold Lanczos on the untrained model needs more than the default 20 HVPs to reach
+        # its 1e-3 residual (the later ones start warm from the previous top vector).
+        lanczos_max_iter=40,
     )
     meter.step(0, optimizer)  # at initialisation, before the first update
     model.train()

@@ -34,7 +34,7 @@ def test_two_ranks_measure_what_one_process_measures(tmp_path):
     double = run([str(launcher), "launch", "--multi_gpu", "--num_processes", "2"], tmp_path / "two")
     assert [r["step"] for r in single] == [r["step"] for r in double] == [0, 5, 10]
     assert set(single[0]) == set(double[0])
-    assert all(r["status"] == "ok" for r in single + double)
+    assert all(r["status"] == "ok" for r in single + double), [r["status"] for r in single + double]
     # At initialisation the parameters are identical, so the numbers must be too; later the
     # trajectories part (each rank draws its own dropout masks).
     for key in KEYS:
