@@ -49,6 +49,7 @@ def main() -> None:
         probe,
         jsonl_path=f"{args.output}/sharpness.jsonl",
         schedule=sm.Schedule(every=args.every),
+        max_steps=args.steps,  # the planned length: a run killed midway is seen as such
         optimizer=optimizer,
         # A cold Lanczos on the untrained model needs more than the default 20 HVPs to reach
         # its 1e-3 residual (the later ones start warm from the previous top vector).

@@ -58,7 +58,10 @@ def main() -> None:
     )
     sink = None
     if dist.get_rank() == 0:
-        metadata = run_metadata(model, run="fsdp", world_size=dist.get_world_size())
+        # max_steps: the planned length, so analysis can tell a run killed midway.
+        metadata = run_metadata(
+            model, run="fsdp", world_size=dist.get_world_size(), max_steps=args.steps
+        )
         sink = JsonlSink(f"{args.output}/sharpness.jsonl", metadata)
 
     for step in range(1, args.steps + 1):
@@ -74,6 +77,7 @@ def main() -> None:
                 lambda_c = row["critical_sharpness"]
                 print(f"step {step}: loss {row['loss']:.3f}, lambda_c {lambda_c:.4g}")
     if sink is not None:
+        sink.mark_finished()  # the loop ran to its end: the metadata says so
         sink.close()
     dist.destroy_process_group()
 

@@ -20,7 +20,7 @@ import sys
 from sharpmeter.harness.config import parse_config
 from sharpmeter.harness.data import CorpusError
 from sharpmeter.harness.runlock import RunLockedError
-from sharpmeter.harness.train import train_gpt
+from sharpmeter.harness.train import DoneMarkerError, train_gpt
 
 
 def main(argv: list[str]) -> None:
@@ -30,8 +30,9 @@ def main(argv: list[str]) -> None:
         sys.exit(f"train_gpt.py: error: {error}")
     try:
         jsonl = train_gpt(model_args, data_args, sharpness_args, training_args)
-    # The output folder is taken and the corpus read before any training: one line too.
-    except (CorpusError, RunLockedError) as error:
+    # The output folder is taken and the corpus read before any training: one line too; so is
+    # a training that finished but could not be marked (the message says how to recover).
+    except (CorpusError, RunLockedError, DoneMarkerError) as error:
         sys.exit(f"train_gpt.py: error: {error}")
     if training_args.process_index == 0:
         print(f"sharpness curve: {jsonl}")

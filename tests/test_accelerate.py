@@ -1,5 +1,5 @@
-"""The loop examples on one process and on two gloo ranks: accelerate's (`accelerate launch`)
-and FSDP2's (`torchrun`)."""
+"""AcceleratedMeter's metadata, and the loop examples on one process and on two gloo ranks:
+accelerate's (`accelerate launch`) and FSDP2's (`torchrun`)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from conftest import SEQ, VOCAB, tiny_gpt2
+
+from sharpmeter.integrations.accelerate import AcceleratedMeter
 
 EXAMPLES = Path(__file__).parent.parent / "examples"
 KEYS = ("loss", "critical_sharpness", "lambda_max", "hessian_trace")
@@ -24,7 +28,41 @@ def run(command: list[str], output: Path, example: str = "accelerate_loop.py") -
         capture_output=True,
         timeout=300,
     )
+    metadata = json.loads((output / "sharpness.meta.json").read_text())
+    assert metadata["max_steps"] == 10 and metadata["finished"] is True
     return [json.loads(line) for line in (output / "sharpness.jsonl").read_text().splitlines()]
+
+
+class OneProcess:
+    """What AcceleratedMeter asks of an ``Accelerator`` in one CPU process, without the global
+    state a real one sets up for the rest of the test session."""
+
+    device = torch.device("cpu")
+    is_main_process = True
+    num_processes = 1
+
+    def unwrap_model(self, model):
+        return model
+
+
+def test_the_metadata_holds_the_planned_steps_and_whether_the_loop_ended(tmp_path):
+    ids = torch.randint(0, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(0))
+    probe = {"input_ids": ids, "labels": ids}
+    path = tmp_path / "run" / "sharpness.jsonl"
+    meter = AcceleratedMeter(
+        OneProcess(), tiny_gpt2(), probe, jsonl_path=path, max_steps=40, measures=("critical",)
+    )
+    meta_path = tmp_path / "run" / "sharpness.meta.json"
+    started = json.loads(meta_path.read_text())
+    assert started["max_steps"] == 40 and started["finished"] is False and started["run"] == "run"
+    meter.close()
+    assert json.loads(meta_path.read_text())["finished"] is True
+
+
+@pytest.mark.parametrize("max_steps", [0, -5, 2.5, True])
+def test_a_planned_length_that_is_no_positive_integer_is_refused(tmp_path, max_steps):
+    with pytest.raises(ValueError, match="max_steps must be a positive integer"):
+        AcceleratedMeter(OneProcess(), tiny_gpt2(), {}, max_steps=max_steps)
 
 
 @pytest.mark.slow

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from sharpmeter.measure.schedule import Schedule
 from sharpmeter.paper.analysis import cli as analysis_cli
 from sharpmeter.paper.analysis import compare_fits, final_stderr, load_runs, select_runs
 from sharpmeter.paper.compare import analyse_curves
@@ -48,13 +49,22 @@ def wide_rows(name: str, steps=STEPS) -> list[dict]:
     ]
 
 
-def write_run(root: Path, name: str, rows: list[dict], max_steps: int | None = PLANNED) -> Path:
+def write_run(
+    root: Path,
+    name: str,
+    rows: list[dict],
+    max_steps: int | None = PLANNED,
+    finished: bool | None = True,
+) -> Path:
+    """A run's rows and its metadata; ``finished=None``: a file from before it was recorded."""
     folder = root / name
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "sharpness.jsonl"
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     if max_steps is not None:
         meta = {"run": name, "n_params": SIZES.get(name), "max_steps": max_steps}
+        if finished is not None:
+            meta["finished"] = finished
         (folder / "sharpness.meta.json").write_text(json.dumps(meta))
     return path
 
@@ -62,6 +72,13 @@ def write_run(root: Path, name: str, rows: list[dict], max_steps: int | None = P
 def write_study(root: Path, **replaced: list[dict]) -> Path:
     for name in SIZES:
         write_run(root, name, replaced.get(name, wide_rows(name)))
+    return root
+
+
+def write_killed_study(root: Path) -> Path:
+    """Every size finished but ``b``, killed at step 60 of 150."""
+    write_study(root)
+    write_run(root, "b", wide_rows("b", steps=STEPS[:6]), finished=False)
     return root
 
 
@@ -169,7 +186,7 @@ def test_the_fit_command_resolves_repeats_too(tmp_path, capsys):
 
 
 def test_an_unfinished_run_is_named_and_left_out(tmp_path):
-    root = write_study(tmp_path, b=wide_rows("b", steps=STEPS[:6]))  # killed at step 60 of 150
+    root = write_killed_study(tmp_path)
     files, _, analysis = load_analysis([root])
     assert sorted(analysis.curves) == [SIZES["a"], SIZES["c"], SIZES["d"]]
     text = markdown(root)
@@ -180,7 +197,7 @@ def test_an_unfinished_run_is_named_and_left_out(tmp_path):
 
 
 def test_an_unfinished_run_fitted_on_request_keeps_its_place_on_the_axis(tmp_path):
-    root = write_study(tmp_path, b=wide_rows("b", steps=STEPS[:6]))
+    root = write_killed_study(tmp_path)
     _, _, analysis = load_analysis([root], include_unfinished=True)
     t, _ = analysis.curves[SIZES["b"]]
     assert t[-1] == pytest.approx(0.4)  # step 60 of 150, not stretched to 1
@@ -194,7 +211,7 @@ def test_an_unfinished_run_fitted_on_request_keeps_its_place_on_the_axis(tmp_pat
 def test_the_compare_and_report_commands_take_include_unfinished(tmp_path, capsys):
     from sharpmeter.cli import main
 
-    root = write_study(tmp_path, b=wide_rows("b", steps=STEPS[:6]))
+    root = write_killed_study(tmp_path)
     assert main(["compare", str(root)]) == 0
     assert "Left out: `b` (unfinished: step 60 of 150)" in capsys.readouterr().out
     assert main(["compare", str(root), "--include-unfinished"]) == 0
@@ -203,15 +220,62 @@ def test_the_compare_and_report_commands_take_include_unfinished(tmp_path, capsy
     assert "4,000,000 (unfinished: step 60 of 150)" in (root / "report.md").read_text()
 
 
-def test_a_run_that_ended_between_measurements_is_finished(tmp_path):
+# Steps of a finished log-spaced run of 1300 steps (the next would be 1334), and of a finished
+# default Schedule(every=10, max_fraction=0.05) run of 1000 whose time budget skipped 960-1000.
+LOG_SPACED = [step for step in range(1, 1301) if Schedule(per_decade=8).is_due(step)]
+BUDGET_SKIPPED = list(range(10, 951, 10))
+
+
+@pytest.mark.parametrize(
+    ("steps", "planned"), [(LOG_SPACED, 1300), (BUDGET_SKIPPED, 1000)], ids=["log", "budget"]
+)
+def test_a_run_its_metadata_says_finished_is_fitted_wherever_its_schedule_ended(
+    tmp_path, steps, planned
+):
     root = write_study(tmp_path)
-    write_run(root, "a", wide_rows("a"), max_steps=155)  # every 10 steps of 155: last at 150
-    write_run(root, "b", wide_rows("b", steps=STEPS[:6]), max_steps=PLANNED)
-    (root / "b" / "sharpmeter_run.json").write_text("{}")  # training said it ended
+    write_run(root, "b", wide_rows("b", steps=steps), max_steps=planned, finished=True)
+    [run] = load_runs([root / "b" / "sharpness.jsonl"])
+    assert run.unfinished is None
+    _, _, analysis = load_analysis([root])
+    assert SIZES["b"] in analysis.curves and not analysis.left_out
+
+
+def test_a_run_its_metadata_says_unfinished_is_left_out_even_past_its_last_measurement(tmp_path):
+    root = write_study(tmp_path)
+    write_run(root, "b", wide_rows("b"), finished=False)  # killed after its last measurement
+    [run] = load_runs([root / "b" / "sharpness.jsonl"])
+    assert run.unfinished == "unfinished: step 150 of 150"
+    write_run(root, "b", wide_rows("b", steps=STEPS[:6]), max_steps=None, finished=False)
+    (root / "b" / "sharpness.meta.json").write_text(json.dumps({"finished": False}))
+    [run] = load_runs([root / "b" / "sharpness.jsonl"])
+    assert run.unfinished == "unfinished: step 60"  # no plan to measure it against
+
+
+def test_a_finished_record_that_is_not_a_boolean_names_the_metadata_file(tmp_path):
+    write_run(tmp_path, "a", wide_rows("a"))
+    meta = tmp_path / "a" / "sharpness.meta.json"
+    meta.write_text(json.dumps({"max_steps": PLANNED, "finished": "yes"}))
+    with pytest.raises(ValueError, match="sharpness.meta.json: finished must be true or false"):
+        load_runs([tmp_path / "a" / "sharpness.jsonl"])
+
+
+def test_an_older_file_is_finished_when_its_steps_show_it_and_else_unknown(tmp_path):
+    root = write_study(tmp_path)
+    older = {"max_steps": PLANNED, "finished": None}
+    write_run(root, "a", wide_rows("a"), max_steps=155, finished=None)  # every 10 of 155: 150
+    write_run(root, "b", wide_rows("b", steps=STEPS[:6]), **older)
+    write_run(root, "c", wide_rows("c", steps=STEPS[:6]), **older)
+    (root / "c" / "sharpmeter_run.json").write_text("{}")  # the harness saw training end
+    write_run(root, "d", wide_rows("d", steps=LOG_SPACED), max_steps=1300, finished=None)
     runs = {run.name: run for run in load_runs(sorted(root.glob("*/sharpness.jsonl")))}
     assert runs["a"].unfinished is None and runs["a"].progress == "150 of 155"
-    assert runs["b"].unfinished is None
     assert runs["c"].unfinished is None
+    unknown = "finished? unknown (older file): step {} of {}"
+    assert runs["b"].unfinished == unknown.format(60, PLANNED)
+    assert runs["d"].unfinished == unknown.format(1000, 1300)  # log-spaced: not guessed
+    text = markdown(root)
+    assert f"Left out: `b` ({unknown.format(60, PLANNED)})" in text
+    assert table_row(text, "4,000,000").endswith(f"| {unknown.format(60, PLANNED)} |")
 
 
 def test_without_a_plan_the_last_step_is_the_axis_and_the_report_says_so(tmp_path):
@@ -226,7 +290,7 @@ def test_without_a_plan_the_last_step_is_the_axis_and_the_report_says_so(tmp_pat
 
 
 def test_the_fit_command_leaves_unfinished_runs_out_unless_asked(tmp_path, capsys):
-    root = write_study(tmp_path, b=wide_rows("b", steps=STEPS[:6]))
+    root = write_killed_study(tmp_path)
     files = sorted(str(path) for path in root.glob("*/sharpness.jsonl"))
     assert fit(files) == 0
     out = capsys.readouterr().out

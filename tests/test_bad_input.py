@@ -9,9 +9,12 @@ import pytest
 
 from sharpmeter.cli import main
 from sharpmeter.harness import config as config_module
+from sharpmeter.harness import study
 from sharpmeter.harness.config import RUN_ARGUMENTS, parse_config
 from sharpmeter.harness.data import CorpusError, check_corpus, lm_dataset
 from sharpmeter.harness.gpt import MAX_POSITIONS, build_gpt, probe_memory_bytes
+from sharpmeter.harness.train import DoneMarkerError
+from sharpmeter.paper import report
 
 RUN = "size: tiny\nblock_size: 16\ntokenizer: byte\nmax_steps: 5\nreport_to: none\n"
 STUDY = (
@@ -79,7 +82,8 @@ def test_a_folder_without_txt_files_is_refused_when_the_config_is_read(tmp_path)
         (RUN.replace("max_steps: 5", "max_steps: -3"), "max_steps must be positive"),
         (
             RUN.replace("block_size: 16", f"block_size: {MAX_POSITIONS + 1}"),
-            f"larger than the model's {MAX_POSITIONS} positions",
+            f"longer than GPT-2's context length of {MAX_POSITIONS} tokens, the most this "
+            "harness builds",
         ),
     ],
 )
@@ -136,3 +140,38 @@ def test_the_probe_memory_estimate_bounds_a_measured_peak():
         op @ torch.randn(op.shape[0])
     estimate = probe_memory_bytes("tiny", 32, 256, 4, double_backward=True)
     assert sum(saved) < estimate < 4 * sum(saved)
+
+
+def test_a_study_whose_runs_cannot_be_reported_keeps_them_and_says_so_in_one_line(
+    tmp_path, monkeypatch
+):
+    """Every size diverged, say: the report finds no run to fit, the training stays."""
+    monkeypatch.setattr(study, "train_gpt", lambda *arguments, dataset: None)
+    monkeypatch.setattr(study, "load_data", lambda *arguments: None)
+
+    def nothing_to_fit(*arguments, **options):
+        raise ValueError("no run to fit critical_sharpness; diverged: tiny, small, medium")
+
+    monkeypatch.setattr(report, "load_analysis", nothing_to_fit)
+    out = tmp_path / "study"
+    with pytest.raises(SystemExit) as exited:
+        main(["study", write(tmp_path / "study.yaml", STUDY + f"output_dir: {out}\n")])
+    message = str(exited.value.code)
+    assert message.startswith("sharpmeter study: error: ") and "\n" not in message
+    assert f"the runs are trained and kept in {out}" in message
+    assert "no run to fit critical_sharpness" in message
+    assert f"`sharpmeter report {out}`" in message
+
+
+def test_a_study_whose_done_marker_cannot_be_written_says_so_in_one_line(tmp_path, monkeypatch):
+    def full_disk(*arguments, dataset):
+        raise DoneMarkerError("training finished and x/sharpness.jsonl is intact, but ...")
+
+    monkeypatch.setattr(study, "train_gpt", full_disk)
+    monkeypatch.setattr(study, "load_data", lambda *arguments: None)
+    out = tmp_path / "study"
+    with pytest.raises(SystemExit) as exited:
+        main(["study", write(tmp_path / "study.yaml", STUDY + f"output_dir: {out}\n")])
+    message = str(exited.value.code)
+    assert message.startswith("sharpmeter study: error: training finished and ")
+    assert "\n" not in message

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import random
 import shutil
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -25,7 +27,9 @@ from transformers import (
 )
 
 import sharpmeter as sm
+from sharpmeter.integrations import hf
 from sharpmeter.integrations.hf import SharpnessCallback, summary_line
+from sharpmeter.measure.rng import fork_rng
 from sharpmeter.measure.sinks import SinkWarning
 
 KEYS = ("critical_sharpness", "hessian_trace", "lambda_max")
@@ -480,19 +484,19 @@ def test_under_ddp_rank_zero_draws_the_probe_and_the_other_ranks_take_it(monkeyp
         raise AssertionError("a broadcast outside a process group")
 
     monkeypatch.setattr(torch.distributed, "broadcast_object_list", no_collective)
-    alone = callback._draw_probe(stream_loader(stream))
+    alone = callback._draw_probe(stream_loader(stream), [])
     assert stream.passes == 1
     assert torch.equal(alone["input_ids"], stream.ids[:4])
 
     sent: list = []
     fake_process_group(monkeypatch, 0, sent)
-    drawn = callback._draw_probe(stream_loader(stream))
+    drawn = callback._draw_probe(stream_loader(stream), [])
     assert stream.passes == 2 and len(sent) == 1
     assert torch.equal(drawn["input_ids"], alone["input_ids"])
 
     fake_process_group(monkeypatch, 1, sent)
     states = torch.get_rng_state(), random.getstate()
-    taken = callback._draw_probe(stream_loader(Untouchable(), refuse_to_collate))
+    taken = callback._draw_probe(stream_loader(Untouchable(), refuse_to_collate), [])
     assert torch.equal(taken["input_ids"], drawn["input_ids"])
     assert torch.equal(torch.get_rng_state(), states[0]) and random.getstate() == states[1]
 
@@ -505,11 +509,11 @@ def test_under_ddp_a_probe_rank_zero_cannot_draw_fails_on_every_rank(monkeypatch
     empty = CountingStream()
     empty.ids = empty.ids[:0]
     with pytest.raises(ValueError, match="no example"):
-        callback._draw_probe(stream_loader(empty))
+        callback._draw_probe(stream_loader(empty), [])
     assert len(sent) == 1
     fake_process_group(monkeypatch, 1, sent)
     with pytest.raises(ValueError, match="rank 0 could not draw the probe.*no example"):
-        callback._draw_probe(stream_loader(Untouchable(), refuse_to_collate))
+        callback._draw_probe(stream_loader(Untouchable(), refuse_to_collate), [])
 
 
 def test_options_come_as_one_object_keywords_or_both_and_the_rest_from_the_trainer(tmp_path):
@@ -552,3 +556,62 @@ def test_training_is_bit_identical_with_gradient_accumulation_and_clipping(tmp_p
     reference_params, reference_losses = training_record(reference)
     assert len(losses) == 6 and losses == reference_losses
     assert all(torch.equal(a, b) for a, b in zip(params, reference_params))
+
+
+class Crash(TrainerCallback):
+    """Training raises at ``step``, as a crash would: the Trainer's on_train_end never runs."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            raise RuntimeError("crashed")
+
+
+def read_metadata(trainer) -> dict:
+    return json.loads((Path(trainer.args.output_dir) / "sharpness.meta.json").read_text())
+
+
+def test_the_metadata_says_whether_training_ended_normally(tmp_path):
+    finished = make_trainer(tmp_path / "finished", max_steps=4)
+    SharpnessCallback.attach(finished, schedule=sm.Schedule(every=2))
+    finished.train()
+    assert read_metadata(finished)["finished"] is True
+    crashed = make_trainer(tmp_path / "crashed", max_steps=4)
+    SharpnessCallback.attach(crashed, schedule=sm.Schedule(every=2))
+    crashed.add_callback(Crash(step=3))
+    with pytest.raises(RuntimeError, match="crashed"):
+        crashed.train()
+    assert read_metadata(crashed)["finished"] is False
+
+
+def test_rows_a_crashed_run_could_not_write_are_reported_lost(tmp_path):
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file where the folder should be")
+    trainer = make_trainer(tmp_path, max_steps=4)
+    SharpnessCallback.attach(
+        trainer, schedule=sm.Schedule(every=1), jsonl_path=str(blocker / "sharpness.jsonl")
+    )
+    trainer.add_callback(Crash(step=2))
+    with pytest.warns(SinkWarning, match="blocker"), pytest.raises(RuntimeError, match="crashed"):
+        trainer.train()
+    del trainer
+    with pytest.warns(SinkWarning, match="2 rows could not be written .* lost"):
+        gc.collect()
+
+
+def test_the_drawn_probe_forks_the_random_streams_of_the_models_devices(tmp_path, monkeypatch):
+    forked = []
+
+    def recording_fork_rng(tensors=()):
+        forked.append(list(tensors))
+        return fork_rng(tensors)
+
+    monkeypatch.setattr(hf, "fork_rng", recording_fork_rng)
+    trainer = make_trainer(tmp_path, max_steps=1)
+    SharpnessCallback.attach(trainer, schedule=sm.Schedule(every=1), measures=("critical",))
+    trainer.train()
+    [tensors] = forked
+    parameters = list(trainer.model.parameters())
+    assert len(tensors) == len(parameters) and all(map(torch.Tensor.is_set_to, tensors, parameters))

@@ -36,7 +36,7 @@ def write_run(
     root: Path, name: str, n_params: float, seed: int | None, noise: int, level: float = 1.0
 ) -> Path:
     """A run as the training callback leaves it: wide rows of a simulated run (its noise drawn
-    from ``noise``, its sharpness times ``level``) and metadata with the run's seed."""
+    from ``noise``, its sharpness times ``level``) and metadata with the run's seed, finished."""
     run = simulate_run(n_params, n_checkpoints=60, seed=noise)
     folder = root / name
     folder.mkdir(parents=True, exist_ok=True)
@@ -54,7 +54,13 @@ def write_run(
     ]
     path = folder / "sharpness.jsonl"
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    meta = {"run": name, "n_params": n_params, "max_steps": MAX_STEPS, "seed": seed}
+    meta = {
+        "run": name,
+        "n_params": n_params,
+        "max_steps": MAX_STEPS,
+        "seed": seed,
+        "finished": True,
+    }
     (folder / "sharpness.meta.json").write_text(json.dumps(meta))
     return path
 
@@ -245,6 +251,8 @@ def test_an_unfinished_seed_is_marked_with_its_seed(tmp_path):
     path = root / "b-s1" / "sharpness.jsonl"
     rows = path.read_text().splitlines()[:30]  # stopped at step 300 of 600
     path.write_text("\n".join(rows) + "\n")
+    meta = path.with_name("sharpness.meta.json")
+    meta.write_text(json.dumps({**json.loads(meta.read_text()), "finished": False}))
     _, _, analysis = load_analysis([root])
     assert list(analysis.replicates[SIZES["b"]]) == [0, 2]
     _, _, analysis = load_analysis([root], include_unfinished=True)

@@ -9,6 +9,7 @@ of a line).
 from __future__ import annotations
 
 import errno
+import gc
 import json
 import os
 import sys
@@ -21,6 +22,7 @@ from sharpmeter.measure import files, sinks
 from sharpmeter.measure.sinks import JsonlSink, SinkWarning
 
 META = {"run": "r1", "n_params": 7, "seed": 0}
+STARTED = {**META, "finished": False}  # the metadata a sink writes until the run ends normally
 
 
 class DiskFull:
@@ -90,7 +92,7 @@ def test_folder_that_cannot_be_made_keeps_rows_until_it_can(tmp_path):
         {"run": "r1", "n_params": 7, "step": 1, "critical": None},
         {"run": "r1", "n_params": 7, "step": 2, "critical": 3.0},
     ]
-    assert json.loads((blocker / "sharpness.meta.json").read_text()) == META
+    assert json.loads((blocker / "sharpness.meta.json").read_text()) == STARTED
 
 
 @pytest.mark.skipif(
@@ -142,7 +144,7 @@ def test_failed_metadata_write_keeps_the_old_file(tmp_path, monkeypatch):
     disk.full = True
     with pytest.warns(SinkWarning, match=r"sharpness\.meta\.json.*No space left"):
         sink = JsonlSink(path, {**META, "run": "r2"})
-    assert json.loads(meta_path.read_text()) == META
+    assert json.loads(meta_path.read_text()) == STARTED
     assert [p.name for p in tmp_path.iterdir()] == [meta_path.name]  # no temporary file left
 
     disk.full = False
@@ -212,3 +214,31 @@ def test_a_failed_atomic_write_leaves_the_old_file_and_no_temporary_one(tmp_path
     with pytest.raises(OSError, match="No space left"):
         files.atomic_write_text(target, "new")
     assert target.read_text() == "old" and list(tmp_path.iterdir()) == [target]
+
+
+def test_the_metadata_says_finished_only_once_the_run_is_marked_so(tmp_path, monkeypatch):
+    meta_path = tmp_path / "sharpness.meta.json"
+    sink = JsonlSink(tmp_path / "sharpness.jsonl", META)
+    assert json.loads(meta_path.read_text()) == STARTED
+    disk = DiskFull(monkeypatch, ".tmp")
+    disk.full = True
+    with pytest.warns(SinkWarning, match=r"sharpness\.meta\.json.*No space left"):
+        sink.mark_finished()  # never raises: the rewrite waits with the rows
+    assert json.loads(meta_path.read_text()) == STARTED  # rewritten whole or not at all
+    disk.full = False
+    with pytest.warns(SinkWarning, match="writes .* again"):
+        sink.close()
+    assert json.loads(meta_path.read_text()) == {**META, "finished": True}
+    assert [p.name for p in tmp_path.iterdir()] == [meta_path.name]  # no temporary file left
+
+
+def test_rows_pending_when_a_sink_is_dropped_unclosed_are_reported_lost(tmp_path, monkeypatch):
+    disk = DiskFull(monkeypatch, ".jsonl")
+    sink = JsonlSink(tmp_path / "sharpness.jsonl", META)
+    disk.full = True
+    with pytest.warns(SinkWarning, match="No space left"):
+        sink.write({"step": 0})
+        sink.write({"step": 1})
+    del sink  # training raised: no one closes it
+    with pytest.warns(SinkWarning, match="2 rows could not be written .* lost"):
+        gc.collect()

@@ -168,8 +168,14 @@ def test_the_done_marker_is_written_whole_or_not_at_all(tmp_path, no_training, m
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(sinks.os, "replace", disk_full)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(train.DoneMarkerError, match="No space left") as failed:
         train.train_gpt(*arguments, dataset=TOY_DATA)
+    message = str(failed.value)  # one line: what finished, what is intact, how to recover
+    assert "\n" not in message and message.startswith("training finished and ")
+    assert (
+        f"{out / 'sharpness.jsonl'} is intact" in message and str(out / train.DONE_FILE) in message
+    )
+    assert "copy the JSONL aside to keep it, free space and rerun" in message
     assert os.listdir(out) == []  # no marker, no temporary file (and no lock)
     monkeypatch.undo()
     monkeypatch.setattr(train, "Trainer", FakeTrainer)
@@ -214,3 +220,17 @@ def test_a_run_releases_its_folder_when_it_ends_and_when_it_fails(tmp_path, no_t
     with pytest.raises(RuntimeError, match="diverged"):
         train.train_gpt(*run_arguments(tmp_path / "failed", *QUICK), dataset=TOY_DATA)
     assert not (tmp_path / "failed" / LOCK_NAME).exists()
+
+
+def test_a_finished_folder_trained_again_has_no_marker_until_it_finishes(tmp_path, no_training):
+    out = tmp_path / "run"
+    train.train_gpt(*run_arguments(out, *QUICK), dataset=TOY_DATA)
+    assert is_finished(out, train.run_config(*run_arguments(out, *QUICK)))
+    changed = run_arguments(out, *QUICK, "--learning_rate", "0.5")  # the caller's choice
+    no_training.failure = RuntimeError("killed midway")
+    with pytest.raises(RuntimeError, match="killed midway"):
+        train.train_gpt(*changed, dataset=TOY_DATA)
+    assert not (out / train.DONE_FILE).exists()  # the old run's marker went with its rows
+    no_training.failure = None
+    train.train_gpt(*changed, dataset=TOY_DATA)
+    assert is_finished(out, train.run_config(*changed))

@@ -44,7 +44,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         parser.add_argument(
             "--include-unfinished",
             action="store_true",
-            help="also fit runs that stopped before their planned max_steps (marked unfinished)",
+            help=(
+                "also fit runs not known to have ended normally (metadata finished: false, or "
+                "an older file that cannot tell), marked as such"
+            ),
         )
         parser.set_defaults(handler=handler)
 
@@ -53,6 +56,8 @@ def run_study_command(args: argparse.Namespace) -> int:
     from sharpmeter.harness.data import CorpusError
     from sharpmeter.harness.runlock import RunLockedError
     from sharpmeter.harness.study import parse_study, run_study
+    from sharpmeter.harness.train import DoneMarkerError
+    from sharpmeter.paper.report import ReportError
 
     try:
         config = parse_study([args.config, *args.overrides])
@@ -60,9 +65,17 @@ def run_study_command(args: argparse.Namespace) -> int:
         raise SystemExit(f"sharpmeter study: error: {error}") from None
     try:
         files = run_study(config)
-    # The corpus is read, and the output folder taken, before any training: one line too.
-    except (CorpusError, RunLockedError) as error:
+    # The corpus is read, and the output folder taken, before any training: one line too; so
+    # is a run that trained but could not be marked, which the message says how to recover.
+    except (CorpusError, RunLockedError, DoneMarkerError) as error:
         raise SystemExit(f"sharpmeter study: error: {error}") from None
+    except ReportError as error:  # e.g. every size diverged: the trained runs are not lost
+        out = config.training.output_dir
+        raise SystemExit(
+            f"sharpmeter study: error: the runs are trained and kept in {out}, but cannot be "
+            f"reported: {error}; `sharpmeter report {out}` reports them again (with "
+            "--include-unfinished, another --quantity, ...)"
+        ) from None
     if files is not None:
         print(files.markdown.read_text())
         print(f"report: {files.html}\n        {files.markdown}")

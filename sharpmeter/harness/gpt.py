@@ -1,9 +1,10 @@
 """GPT-2-style models built from a config (no weights downloaded), in named sizes.
 
 Two ladders: a CPU one of five sizes spanning about two decades of parameters (the README's
-main job trains it in minutes on two cores), and a GPU one from ~14M to ~210M parameters (with
-an 8K-token BPE vocabulary). A size is ``(n_embd, n_layer, n_head)``; the parameter count
-follows from it, the vocabulary and the context length, and is what the analysis uses.
+main job trains it in minutes on two cores) and a sixth, ``xxlarge`` (~3.2M), that takes the
+claims study to 2.6 decades; and a GPU one from ~14M to ~210M parameters (with an 8K-token BPE
+vocabulary). A size is ``(n_embd, n_layer, n_head)``; the parameter count follows from it,
+the vocabulary and the context length, and is what the analysis uses.
 
 Example::
 
@@ -30,6 +31,7 @@ CPU_SIZES = {
     "medium": GptShape(64, 2, 4),
     "large": GptShape(96, 3, 4),
     "xlarge": GptShape(128, 4, 4),
+    "xxlarge": GptShape(256, 4, 8),
 }
 # Named by shape: their parameter counts depend on the vocabulary.
 GPU_SIZES = {
@@ -65,11 +67,12 @@ def check_size(name: str) -> GptShape:
 
 
 def check_positions(block_size: int) -> None:
-    """A ValueError if a block is longer than a GPT-2 size takes (:data:`MAX_POSITIONS`)."""
+    """A ValueError if a block is longer than GPT-2's context length (:data:`MAX_POSITIONS`),
+    the most this harness builds: a policy, since the model gets ``block_size`` positions."""
     if block_size > MAX_POSITIONS:
         raise ValueError(
-            f"block_size {block_size} is larger than the model's {MAX_POSITIONS} positions "
-            "(GPT-2's n_positions)"
+            f"block_size {block_size} is longer than GPT-2's context length of {MAX_POSITIONS} "
+            "tokens, the most this harness builds"
         )
 
 

@@ -100,7 +100,13 @@ def train_gpt(
     trains every size on the same one). The run owns ``output_dir`` while it trains
     (:mod:`sharpmeter.harness.runlock`; rank 0 holds the lock): a second run started on it
     meanwhile raises :class:`~sharpmeter.harness.runlock.RunLockedError` on every rank, before
-    anything is read or written."""
+    anything is read or written. A done marker an earlier run left there is removed first and
+    written again only when this training ends normally, so that a run killed midway is never
+    taken for finished.
+
+    Raises:
+        DoneMarkerError: training finished but its marker could not be written (a full disk).
+    """
     if model_args.size is None:
         raise ValueError("model_args.size is required: name a model size")
     # Before anything is read or written: a second run on this folder is refused here.
@@ -116,6 +122,9 @@ def _train_in_owned_folder(
     dataset: TokenBlocks | None,
 ) -> Path:
     """:func:`train_gpt` once its output folder is this run's alone."""
+    if training_args.process_index == 0:
+        # Before the callback truncates the JSONL: the old run's marker must not outlive it.
+        (Path(training_args.output_dir) / DONE_FILE).unlink(missing_ok=True)
     if dataset is None:
         dataset = load_data(data_args, model_args.block_size, training_args)
     # The Trainer seeds only when it is built, after the model: seed here so that `seed` sets
@@ -137,9 +146,28 @@ def _train_in_owned_folder(
         trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     finally:
         _finish_wandb()
+    jsonl = Path(training_args.output_dir) / RUN_FILE
     if training_args.process_index == 0:
-        write_done_marker(training_args.output_dir, config)
-    return Path(training_args.output_dir) / RUN_FILE
+        _mark_done(training_args.output_dir, config, jsonl)
+    return jsonl
+
+
+class DoneMarkerError(OSError):
+    """Training finished, but the marker saying so could not be written (a full disk)."""
+
+
+def _mark_done(output_dir: str | Path, config: dict[str, Any], jsonl: Path) -> None:
+    """:func:`write_done_marker`, failing in one line that says what is safe and what is not:
+    without the marker the next run trains this one again and rewrites its JSONL."""
+    try:
+        write_done_marker(output_dir, config)
+    except OSError as error:
+        raise DoneMarkerError(
+            f"training finished and {jsonl} is intact, but the run marker "
+            f"{Path(output_dir) / DONE_FILE} could not be written ({error}); copy the JSONL "
+            "aside to keep it, free space and rerun: the run is then trained again and its "
+            "JSONL rewritten"
+        ) from error
 
 
 def write_done_marker(output_dir: str | Path, config: dict[str, Any]) -> Path:

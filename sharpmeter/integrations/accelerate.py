@@ -8,13 +8,15 @@ Example (``accelerate launch --multi_gpu --num_processes 2 train.py``)::
 
     accelerator = Accelerator()
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
-    meter = AcceleratedMeter(accelerator, model, probe_batch, jsonl_path="runs/a/sharpness.jsonl")
+    meter = AcceleratedMeter(
+        accelerator, model, probe_batch, jsonl_path="runs/a/sharpness.jsonl", max_steps=1000
+    )
     for step, batch in enumerate(loader, start=1):
         accelerator.backward(model(**batch).loss)
         optimizer.step()
         optimizer.zero_grad()
         meter.step(step, optimizer)     # measures when the schedule says so
-    meter.close()
+    meter.close()                       # the metadata then says the run finished
 """
 
 from __future__ import annotations
@@ -43,6 +45,9 @@ class AcceleratedMeter:
         jsonl_path: the JSONL file the main process writes.
         wandb: also log to W&B (the active run, or one started offline without credentials).
         run_name: the ``run`` field of every row.
+        max_steps: the loop's planned number of steps, written into the metadata: analysis
+            puts step ``s`` at ``t = s / max_steps``, so a run killed midway is not stretched
+            over the whole axis (without it, ``t = s / last step logged``).
         optimizer: the loop's optimizer, to refuse at once one a measure cannot follow (the
             ``preconditioned`` measure needs Adam) instead of failing every row.
         options: a :class:`~sharpmeter.measure.options.MeterOptions` (default: its defaults).
@@ -59,10 +64,13 @@ class AcceleratedMeter:
         jsonl_path: str | os.PathLike = RUN_FILE,
         wandb: bool = False,
         run_name: str | None = None,
+        max_steps: int | None = None,
         optimizer: Any = None,
         options: MeterOptions | None = None,
         **changes: Any,
     ) -> None:
+        if max_steps is not None and (not _is_int(max_steps) or max_steps <= 0):
+            raise ValueError(f"max_steps must be a positive integer, got {max_steps!r}")
         self.accelerator = accelerator
         unwrapped = accelerator.unwrap_model(model)
         batch = local_shard(move_to(probe_batch, accelerator.device))
@@ -70,13 +78,16 @@ class AcceleratedMeter:
         if optimizer is not None:
             self.meter.check_optimizer(optimizer)
         self.sinks: list = []
+        self.jsonl: JsonlSink | None = None
         if accelerator.is_main_process:
             metadata = run_metadata(
                 unwrapped,
                 run=run_name or os.path.basename(os.path.dirname(jsonl_path) or "."),
                 world_size=accelerator.num_processes,
+                max_steps=max_steps,
             )
-            self.sinks.append(JsonlSink(jsonl_path, metadata))
+            self.jsonl = JsonlSink(jsonl_path, metadata)
+            self.sinks.append(self.jsonl)
             if wandb:
                 self.sinks.append(WandbSink(name=run_name))
 
@@ -95,7 +106,14 @@ class AcceleratedMeter:
         return row
 
     def close(self) -> None:
-        """Write what a full disk held back (warning about what is lost) and end a W&B run
-        this meter started."""
+        """End the run normally: record in the metadata that it finished (a run that never
+        gets here reads as unfinished), write what a full disk held back (warning about what
+        is lost) and end a W&B run this meter started."""
+        if self.jsonl is not None:
+            self.jsonl.mark_finished()
         for sink in self.sinks:
             sink.close()
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)

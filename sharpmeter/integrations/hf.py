@@ -4,7 +4,9 @@ The callback measures at ``on_step_end`` (the step is done: parameters updated, 
 advanced, and ``param_groups[..]["lr"]`` is the next step's rate), so critical sharpness is
 taken along the update the *next* step would make. Rows go
 
-* to ``<output_dir>/sharpness.jsonl`` (main process only, always);
+* to ``<output_dir>/sharpness.jsonl`` (main process only, always), beside its metadata
+  ``sharpness.meta.json`` (the planned ``max_steps``; ``finished`` turns true at
+  ``on_train_end``, so a run that raised or was killed reads as unfinished);
 * through ``Trainer.log`` under ``sharpness/...`` when the callback is bound to the trainer
   (:meth:`SharpnessCallback.attach`), so they reach every ``report_to`` integration (W&B shows
   them as ``train/sharpness/...`` on the Trainer's own step axis) and ``state.log_history``;
@@ -177,7 +179,7 @@ class SharpnessCallback(TrainerCallback):
             honour_timeout(timeout)
         batch = self.probe_batch
         if batch is None:
-            batch = self._draw_probe(train_dataloader)
+            batch = self._draw_probe(train_dataloader, list(model.parameters()))
         # Every rank holds the same global probe; each measures its shard (sums over ranks).
         batch = local_shard(move_to(batch, next(model.parameters()).device))
         self.meter = SharpnessMeter(model, batch, options=self._options_under(args, state))
@@ -211,15 +213,16 @@ class SharpnessCallback(TrainerCallback):
             filled["progress"] = state.is_world_process_zero and not args.disable_tqdm
         return self.options.replace(**filled)
 
-    def _draw_probe(self, dataloader) -> Any:
-        """The global probe: drawn here in one process, by rank 0 under data parallelism."""
+    def _draw_probe(self, dataloader, params: list[torch.Tensor]) -> Any:
+        """The global probe: drawn here in one process, by rank 0 under data parallelism; the
+        random streams of the devices holding ``params`` (the model's) are forked too."""
         if dataloader is None:
             raise ValueError("no probe_batch given and no train dataloader to draw one from")
         if is_distributed():
-            return self._probe_from_rank_zero(dataloader)
-        return self._draw_probe_here(dataloader)
+            return self._probe_from_rank_zero(dataloader, params)
+        return self._draw_probe_here(dataloader, params)
 
-    def _probe_from_rank_zero(self, dataloader) -> Any:
+    def _probe_from_rank_zero(self, dataloader, params: list[torch.Tensor]) -> Any:
         """Rank 0's probe on every rank. Ranks may see different data (a stream sharded by
         rank, a dataset that depends on the rank), yet every rank must measure its shard of
         one global probe. Rank 0 sends the probe or why it could not draw one, so that no rank
@@ -229,7 +232,7 @@ class SharpnessCallback(TrainerCallback):
         failure: Exception | None = None
         if dist.get_rank() == 0:
             try:
-                payload = [(self._draw_probe_here(dataloader), None)]
+                payload = [(self._draw_probe_here(dataloader, params), None)]
             except Exception as error:  # sent to the other ranks, then raised here
                 failure = error
                 payload = [(None, f"{type(error).__name__}: {error}")]
@@ -242,9 +245,10 @@ class SharpnessCallback(TrainerCallback):
             raise ValueError(f"rank 0 could not draw the probe ({reason})")
         return batch
 
-    def _draw_probe_here(self, dataloader) -> Any:
+    def _draw_probe_here(self, dataloader, params: list[torch.Tensor]) -> Any:
         """``probe_size`` examples collated by a copy of the training collator, every RNG
-        forked: training draws the numbers it would have drawn without us."""
+        forked (CUDA's on the devices of ``params``, where a collator may draw too): training
+        draws the numbers it would have drawn without us."""
         try:
             collate = copy.deepcopy(dataloader.collate_fn)
         except Exception as error:
@@ -252,7 +256,7 @@ class SharpnessCallback(TrainerCallback):
                 f"cannot copy the training collator to draw a probe without advancing its "
                 f"random state ({type(error).__name__}: {error}): pass probe_batch="
             ) from error
-        with fork_rng():
+        with fork_rng(params):
             return collate(self._probe_examples(dataloader.dataset))
 
     def _probe_examples(self, dataset) -> list[Any]:
@@ -291,7 +295,10 @@ class SharpnessCallback(TrainerCallback):
         return control
 
     def on_train_end(self, args, state, control, **kwargs):
+        # Only a normal end comes here: a run that raised keeps "finished": false, and its
+        # sink reports rows it could not write when it is collected (JsonlSink).
         if self.sink is not None:
+            self.sink.mark_finished()
             self.sink.close()
         return control
 

@@ -34,9 +34,10 @@ same keys, a failed one NaN where it has no value):
                                or, for Lanczos, unconverged)
 ``status``                     ``ok`` only when every measure is; else ``error: <measures>``
                                (an estimator raised) or ``incomplete: <measures>``; a row
-                               that failed before its measures: ``nonfinite`` (the probe loss)
-                               or ``error``, each measure's status saying the same
-``error``                      why such a row failed (``None`` otherwise)
+                               that failed as a whole, before its measures: a bare
+                               ``nonfinite`` (the probe loss) or ``error``, each measure's
+                               status saying the same
+``error``                      why a whole row failed (``None`` otherwise)
 =============================  ==========================================================
 
 Warm starts: each measurement starts the line search at the previous ``ok`` :math:`\eta_c`

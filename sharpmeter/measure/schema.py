@@ -18,6 +18,9 @@ from __future__ import annotations
 RUN_FILE = "sharpness.jsonl"
 # A row file's metadata (run identity, config, versions, planned max_steps): <stem> + META_SUFFIX.
 META_SUFFIX = ".meta.json"
+# The metadata's record of the run's end: false from its start, true once it ended normally
+# (a crash or kill -9 leaves false). Files written before it was recorded lack it.
+FINISHED_KEY = "finished"
 # Written into the run folder by the GPT harness once training has ended: the run is finished.
 DONE_FILE = "sharpmeter_run.json"
 # The ``status`` of a row (and of each of its measures) whose probe loss was not finite.

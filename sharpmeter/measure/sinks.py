@@ -16,6 +16,7 @@ import math
 import os
 import platform
 import warnings
+import weakref
 from collections.abc import Mapping
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -25,7 +26,7 @@ import torch
 from torch import nn
 
 from sharpmeter.measure.files import atomic_write_text, write_all
-from sharpmeter.measure.schema import META_SUFFIX
+from sharpmeter.measure.schema import FINISHED_KEY, META_SUFFIX
 
 SCALAR_TYPES = (int, float, bool)
 
@@ -80,10 +81,16 @@ class JsonlSink:
     them first, so once the disk is back the file holds every row, in order, exactly once. A
     :class:`SinkWarning` says when writing fails and when it works again, once each.
 
+    The metadata records how the run ended: ``"finished": false`` from the start, ``true`` once
+    the writer calls :meth:`mark_finished` at its normal end; a run that crashed or was killed
+    keeps ``false``, so analysis never has to guess from the steps logged. Rows still pending
+    when the sink is closed, or garbage-collected without :meth:`close` (training raised), or
+    when the interpreter exits, are reported lost with a :class:`SinkWarning`.
+
     Args:
         path: the ``.jsonl`` file; parent folders are created.
-        metadata: written to ``<path stem>.meta.json``; its ``run`` and ``n_params`` are also
-            put in every row.
+        metadata: written to ``<path stem>.meta.json`` with ``finished`` added; its ``run``
+            and ``n_params`` are also put in every row.
         resume_step: when resuming from a checkpoint at this step, rows measured after it
             (by the run that crashed or was stopped) are dropped first, so the curve continues
             without duplicates; so is a torn last line the crash left.
@@ -99,11 +106,15 @@ class JsonlSink:
         metadata = dict(metadata or {})
         self.identity = {k: metadata[k] for k in ("run", "n_params") if k in metadata}
         self.meta_path = self.path.with_name(self.path.stem + META_SUFFIX)
+        self._metadata = {**metadata, FINISHED_KEY: False} if metadata else {}
         # What is still to be written; each is retried until it succeeds.
-        self._meta_text = json.dumps(metadata, indent=2, default=str) + "\n" if metadata else None
+        self._meta_text = _metadata_text(self._metadata) if metadata else None
         self._resume_step = resume_step
         self._prepared = False
         self.pending: list[str] = []
+        # Reports the rows still pending when the sink is closed, collected or left at exit;
+        # the list is shared (only ever changed in place), the sink itself is not held.
+        self._report_lost = weakref.finalize(self, _report_lost_rows, self.pending, self.path)
         # File size before a failed append whose torn part could not be cut off yet.
         self._torn_at: int | None = None
         self._failing = False
@@ -118,17 +129,20 @@ class JsonlSink:
         """Tries again to write what is pending (rows, metadata) without adding a row."""
         self._retry()
 
+    def mark_finished(self) -> None:
+        """Records in the metadata that the run ended normally (``"finished": true``): the file
+        is rewritten whole, retried like the rows; never raises (a sink without metadata has
+        nothing to mark)."""
+        if not self._metadata:
+            return
+        self._metadata[FINISHED_KEY] = True
+        self._meta_text = _metadata_text(self._metadata)
+        self._retry()
+
     def close(self) -> None:
         """Makes a last try; what still cannot be written is reported lost and dropped."""
         self._retry()
-        if self.pending:
-            warnings.warn(
-                f"sharpmeter: {len(self.pending)} rows could not be written to {self.path} "
-                "and are lost",
-                SinkWarning,
-                stacklevel=2,
-            )
-            self.pending.clear()
+        self._report_lost()
         if self._meta_text is not None:
             warnings.warn(
                 f"sharpmeter: the run metadata could not be written to {self.meta_path}",
@@ -225,6 +239,21 @@ class JsonlSink:
         except OSError as error:
             return written, error
         return written, None
+
+
+def _metadata_text(metadata: Mapping[str, Any]) -> str:
+    return json.dumps(metadata, indent=2, default=str) + "\n"
+
+
+def _report_lost_rows(pending: list[str], path: Path) -> None:
+    """The rows that could not be written are dropped, with a warning saying so."""
+    if pending:
+        warnings.warn(
+            f"sharpmeter: {len(pending)} rows could not be written to {path} and are lost",
+            SinkWarning,
+            stacklevel=2,
+        )
+        pending.clear()
 
 
 def _step_at_most(line: bytes, step: int) -> bool:

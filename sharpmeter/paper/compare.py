@@ -2,11 +2,13 @@
 
 Levels are not comparable: the simulator is calibrated on 10M-7B language models, a measured run
 is whatever its model, data and optimizer make it. Shapes are. Each curve is put on a common
-axis, the fraction of training ``t = step / last step``, and divided by its final value
-``S_final``, the mean over the last ``final_fraction`` of training time (``t >= 1 - f``: the
-same span whatever the schedule's spacing); the simulated curve is the paper's noise-free
-eq. (1) at the same parameter count. Per size this gives the shape RMSE and correlation on a
-common grid, and, from the raw points, where each curve peaks and its peak-to-final ratio.
+axis, the fraction of training ``t = step / max_steps`` (the run's planned length, read by
+:func:`~sharpmeter.paper.analysis.runs.load_runs`; its last step when unknown), and divided by
+its final value ``S_final``, the mean over the last ``final_fraction`` of training time
+(``t >= 1 - f``: the same span whatever the schedule's spacing); the simulated curve is the
+paper's noise-free eq. (1) at the same parameter count. Per size this gives the shape RMSE and
+correlation on a common grid, and, from the raw points, where each curve peaks and its
+peak-to-final ratio.
 
 The verdicts test the paper's claims on the measured curves alone:
 
@@ -41,9 +43,11 @@ many to expect and which decisions with a p-value survive Holm's correction.
 With several seeds per size (replicates, :mod:`sharpmeter.paper.analysis.replicates`) each claim
 takes them where they matter; :func:`analyse_curves` says how.
 
-Example::
+Example (reading runs as ``sharpmeter report`` does: each measurement once, unfinished runs
+left out)::
 
-    curves = curves_from_records(read_records("runs/study/small/sharpness.jsonl"))
+    selection = select_runs(load_runs(["runs/study/small/sharpness.jsonl"]))
+    curves = selection.replicates("critical_sharpness")
     for n, by_seed in compare_with_simulator(curves).items():
         for c in by_seed.values():
             print(n, c.shape_rmse, c.measured_peak_t, c.simulated_peak_t)

@@ -4,8 +4,9 @@ HTML file with the same figures embedded.
 Every number in it is computed here from the runs' JSONL files (read by
 :func:`sharpmeter.paper.analysis.runs.load_runs`, analysed by
 :func:`sharpmeter.paper.compare.analyse_curves`); nothing is carried over from training. Every
-run found is listed: one left out of the fits (empty, diverged, no finite value, stopped before
-its planned end) says why, and an unfinished run fitted on request is marked in every table.
+run found is listed: one left out of the fits (empty, diverged, no finite value, not known to
+have ended normally: see :attr:`~sharpmeter.paper.analysis.runs.Run.unfinished`) says why, and
+an unfinished run fitted on request is marked in every table.
 Runs at one size that differ in seed are replicates: every run is listed with its seed, and each
 size's row shows the mean over its seeds ± their standard error (see
 :func:`sharpmeter.paper.compare.analyse_curves`).
@@ -136,6 +137,11 @@ def _logged_curves(selection: RunSelection, quantity: str) -> Replicates | None:
         return None
 
 
+class ReportError(ValueError):
+    """The runs cannot be reported (none left to fit, a record that cannot be read): raised by
+    :func:`write_report`, so that a caller that trained them can tell this from its own errors."""
+
+
 @dataclass(frozen=True)
 class ReportFiles:
     markdown: Path
@@ -153,8 +159,13 @@ def write_report(
 ) -> ReportFiles:
     """Analyse the runs under ``paths`` and write ``report.md``, ``report.html`` and the
     figures ``curves.png`` and (with 3+ sizes) ``scaling.png`` into ``out``; unfinished runs
-    are fitted only with ``include_unfinished`` (see :func:`load_analysis`)."""
-    runs, _, analysis = load_analysis(paths, quantity, final_fraction, include_unfinished)
+    are fitted only with ``include_unfinished`` (see :func:`load_analysis`).
+
+    Raises :class:`ReportError` (a ``ValueError``) when the runs cannot be analysed."""
+    try:
+        runs, _, analysis = load_analysis(paths, quantity, final_fraction, include_unfinished)
+    except ValueError as error:
+        raise ReportError(str(error)) from error
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     stability = None

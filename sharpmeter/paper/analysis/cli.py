@@ -69,7 +69,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--include-unfinished",
         action="store_true",
-        help="also fit runs that stopped before their planned max_steps (marked unfinished)",
+        help=(
+            "also fit runs not known to have ended normally (metadata finished: false, or "
+            "an older file that cannot tell), marked as such"
+        ),
     )
     parser.add_argument(
         "--bootstrap",

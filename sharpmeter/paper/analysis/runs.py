@@ -13,7 +13,9 @@ they agree on:
   run says so), so a run killed at step 60 of 150 ends at ``t = 0.4`` instead of being stretched
   over the whole axis;
 * every run found is listed, and one left out of the fits says why: an empty file, a diverged
-  probe loss, no finite value, or (unless asked for) a run that stopped before its planned end;
+  probe loss, no finite value, or (unless asked for) a run that did not end normally: its
+  metadata's ``finished`` is false (it crashed or was killed), or, in an older file without
+  that record, its steps cannot show that it finished (see :attr:`Run.unfinished`);
 * a run's seed is the ``seed`` of its rows, else of its metadata (what the training callback
   records): runs at one size that differ in seed are replicates, two at one size with the same
   seed or none are refused, naming them
@@ -39,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-from sharpmeter.measure.schema import DONE_FILE, META_SUFFIX, NONFINITE
+from sharpmeter.measure.schema import DONE_FILE, FINISHED_KEY, META_SUFFIX, NONFINITE
 from sharpmeter.paper.analysis.curves import (
     finite_number,
     is_long,
@@ -64,8 +66,9 @@ class Run:
 
     ``planned_steps`` is ``max_steps`` from the metadata beside the file (None for files
     written before it was recorded, and for simulated curves, which carry their own fraction);
-    ``finished_marker`` says that ``sharpmeter train`` saw the training end; ``seed`` is the
-    rows' ``seed``, else the metadata's (None when neither has one).
+    ``finished`` is the metadata's record of a normal end (None for files written before it
+    was recorded); ``finished_marker`` says that ``sharpmeter train`` saw the training end;
+    ``seed`` is the rows' ``seed``, else the metadata's (None when neither has one).
     """
 
     source: Path
@@ -75,6 +78,7 @@ class Run:
     planned_steps: int | None = None
     finished_marker: bool = False
     seed: int | None = None
+    finished: bool | None = None
 
     @property
     def label(self) -> str:
@@ -105,19 +109,30 @@ class Run:
 
     @property
     def unfinished(self) -> str | None:
-        """``unfinished: step 60 of 150`` when the run stopped before its planned end, else None.
+        """Why the run may not have reached its end, else None.
 
-        Stopped early means: no finished marker beside it, and a next measurement at the
-        spacing of its last two would still have fallen within ``max_steps`` (a schedule need not
-        land on the last step: every 10 steps of 155 ends at 150, finished).
+        The writer's record decides: ``unfinished: step 60 of 150`` when the metadata says
+        ``"finished": false`` (the run crashed or was killed before its normal end). An older
+        file without that record is finished when the GPT harness's done marker lies beside it,
+        or when a next measurement at the spacing of its last two would have fallen past
+        ``max_steps`` (every 10 steps of 155 ends at 150); otherwise its steps cannot tell a
+        kill from a schedule that ends early (log-spaced, or a time budget that skipped the
+        last measurements), and it is ``finished? unknown (older file): step 60 of 150``. An
+        older file without ``max_steps`` has nothing to be measured against: None.
         """
-        steps = self.steps
-        if self.planned_steps is None or self.finished_marker or not steps:
+        last = self.last_step
+        if self.finished or last is None:
             return None
-        spacing = steps[-1] - steps[-2] if len(steps) > 1 else 0.0
-        if steps[-1] + spacing > self.planned_steps:
+        if self.finished is False:
+            return f"unfinished: {self._stopped_at(last)}"
+        if self.planned_steps is None or self.finished_marker or _past_end(self):
             return None
-        return f"unfinished: step {_step_text(steps[-1])} of {self.planned_steps}"
+        return f"finished? unknown (older file): {self._stopped_at(last)}"
+
+    def _stopped_at(self, last: float) -> str:
+        """``step 60 of 150``, or ``step 60`` when the plan is unknown."""
+        plan = "" if self.planned_steps is None else f" of {self.planned_steps}"
+        return f"step {_step_text(last)}{plan}"
 
     @property
     def diverged_from(self) -> float | None:
@@ -142,6 +157,13 @@ class Run:
         return finite, len(logged) - finite
 
 
+def _past_end(run: Run) -> bool:
+    """Whether a next measurement at the spacing of the run's last two falls past its plan."""
+    steps = run.steps
+    spacing = steps[-1] - steps[-2] if len(steps) > 1 else 0.0
+    return steps[-1] + spacing > run.planned_steps
+
+
 def load_runs(files: Iterable[str | Path]) -> list[Run]:
     """Every run in the record files, in file order: a file holds one run per size and ``run``
     name; an empty file is a run with no rows, so that it is listed too.
@@ -158,7 +180,8 @@ def _runs_in_file(path: Path) -> list[Run]:
     metadata = read_metadata(path)
     planned = _planned_steps(metadata, path)
     seed = _metadata_seed(metadata, path)
-    finished = (path.parent / DONE_FILE).is_file()
+    finished = _finished(metadata, path)
+    marker = (path.parent / DONE_FILE).is_file()
     grouped: dict[Any, list[tuple[int, Record]]] = defaultdict(list)
     for line, row in read_numbered_records(path):
         problem = row_problem(row)
@@ -168,7 +191,7 @@ def _runs_in_file(path: Path) -> list[Run]:
     if not grouped:
         name = str(metadata.get("run") or path.parent.name)
         n_params = finite_number(metadata.get("n_params"))
-        return [Run(path, name, n_params, (), planned, finished, seed)]
+        return [Run(path, name, n_params, (), planned, marker, seed, finished)]
     return [
         Run(
             source=path,
@@ -176,8 +199,9 @@ def _runs_in_file(path: Path) -> list[Run]:
             n_params=n_params,
             rows=last_write_wins(path, numbered),
             planned_steps=planned,
-            finished_marker=finished,
+            finished_marker=marker,
             seed=seed if row_seed is None else row_seed,
+            finished=finished,
         )
         for (n_params, run, row_seed), numbered in grouped.items()
     ]
@@ -213,6 +237,14 @@ def _planned_steps(metadata: dict[str, Any], path: Path) -> int | None:
             f"{_meta_path(path)}: max_steps must be a positive integer, got {planned!r}"
         )
     return planned
+
+
+def _finished(metadata: dict[str, Any], path: Path) -> bool | None:
+    """The metadata's record of a normal end; None in files written before it was kept."""
+    finished = metadata.get(FINISHED_KEY)
+    if finished is not None and not isinstance(finished, bool):
+        raise ValueError(f"{_meta_path(path)}: finished must be true or false, got {finished!r}")
+    return finished
 
 
 def _metadata_seed(metadata: dict[str, Any], path: Path) -> int | None:
@@ -304,9 +336,10 @@ class RunSelection:
 
     @property
     def unfinished(self) -> dict[float, str]:
-        """The fitted sizes with a run that stopped before its planned end (fitted when asked
-        for), with how far it got: ``unfinished: step 60 of 150``, and which seed it was when
-        the size has several runs."""
+        """The fitted sizes with a run not known to have ended normally (fitted when asked
+        for), with how far it got: ``unfinished: step 60 of 150`` (or ``finished? unknown
+        (older file): ...``, see :attr:`Run.unfinished`), and which seed it was when the size
+        has several runs."""
         runs_at = Counter(run.n_params for run in self.fitted)
         marks: dict[float, list[str]] = defaultdict(list)
         for run in self.fitted:
@@ -322,9 +355,9 @@ def select_runs(
     """Which runs a fit of ``quantity`` uses, and why each other one is left out.
 
     Left out: an empty file, a run whose probe loss diverged (its last values describe no end of
-    training), one with no finite value of ``quantity``, and one that stopped before its planned
-    end unless ``include_unfinished`` (it then stays marked as unfinished). Raises
-    ``ValueError`` listing every run and its reason when none is left to fit.
+    training), one with no finite value of ``quantity``, and one not known to have ended
+    normally (:attr:`Run.unfinished`) unless ``include_unfinished`` (it then stays marked).
+    Raises ``ValueError`` listing every run and its reason when none is left to fit.
     """
     entries = tuple(_entry(run, quantity, include_unfinished) for run in runs)
     selection = RunSelection(entries)
