@@ -74,9 +74,15 @@ def test_hf_default_loss_and_default_attention_work():
     model = tiny_gpt2().float().eval()
     assert model.config._attn_implementation == "sdpa"
     op = sm.HessianOperator(model, None, token_batch())
-    hv = op @ torch.ones(op.dim)
-    assert hv.dtype == torch.float32 and torch.isfinite(hv).all()
-    assert op.loss.dtype == torch.float32
+    v = torch.randn(op.dim, generator=torch.Generator().manual_seed(0))
+    hv = op @ v
+    assert hv.dtype == torch.float32 and op.loss.dtype == torch.float32
+    # The same product through eager attention, which has a double backward of its own.
+    eager = tiny_gpt2().float().eval()
+    eager.config._attn_implementation = "eager"
+    reference = sm.HessianOperator(eager, None, token_batch())
+    torch.testing.assert_close(op.loss, reference.loss)
+    torch.testing.assert_close(hv, reference @ v, rtol=1e-4, atol=1e-6)
 
 
 def test_parameter_subset_is_the_dense_block(gpt2_reference):
