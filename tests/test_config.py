@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
 
 from sharpmeter.harness import config as config_module
 from sharpmeter.harness.config import RUN_ARGUMENTS, STUDY_ARGUMENTS, parse_config
+from sharpmeter.harness.gpt import build_gpt
 
 CONFIGS = Path(__file__).parent.parent / "configs"
 
@@ -51,6 +53,7 @@ def test_command_line_overrides_the_file():
         ("gpt_gpu", RUN_ARGUMENTS),
         ("study_cpu", STUDY_ARGUMENTS),
         ("study_gpu", STUDY_ARGUMENTS),
+        ("claims_cpu", STUDY_ARGUMENTS),
     ],
 )
 def test_every_shipped_config_parses(name, types, monkeypatch):
@@ -150,7 +153,7 @@ def test_null_turns_the_time_budget_off_unless_the_command_line_sets_it(tmp_path
     assert parse_config([config, "--max_fraction", "0.1"])[2].schedule().max_fraction == 0.1
 
 
-@pytest.mark.parametrize("name", ["tiny", "study_cpu", "study_gpu"])
+@pytest.mark.parametrize("name", ["tiny", "study_cpu", "study_gpu", "claims_cpu"])
 def test_shipped_configs_measure_every_step_of_their_grid(name, monkeypatch):
     """A study curve (and the tiny demo) is measured at every step of its grid: no budget."""
     monkeypatch.setattr(config_module, "available_memory_bytes", lambda: None)
@@ -159,3 +162,38 @@ def test_shipped_configs_measure_every_step_of_their_grid(name, monkeypatch):
     parsed = parse_config([str(CONFIGS / f"{name}.yaml"), *cpu], types, required=())
     sharpness = next(p for p in parsed if type(p).__name__ == "SharpnessArguments")
     assert sharpness.schedule().max_fraction is None
+
+
+def test_the_claims_config_has_the_sizes_seeds_and_measures_its_claims_need():
+    study, _, _, sharpness, training = parse_config(
+        [str(CONFIGS / "claims_cpu.yaml")], STUDY_ARGUMENTS, required=()
+    )
+    counts = [n_params(size) for size in study.sizes]
+    assert math.log10(max(counts) / min(counts)) >= 2.5
+    assert study.seeds == [0, 1, 2] and training.data_seed is not None
+    assert set(sharpness.measures) == {"critical", "trace", "spectral"}
+    assert study.schedule_variants == ["cosine", "linear", "cosine_with_restarts"]
+    assert study.schedule_size in study.sizes
+
+
+def n_params(size: str) -> int:
+    return sum(p.numel() for p in build_gpt(size, vocab_size=256, block_size=64).parameters())
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("seeds: [0, 1, 0]\n", r"seeds must be distinct, got \[0, 1, 0\]"),
+        ("seeds: [-1]\n", "seeds must be non-negative"),
+        ("schedule_variants: [cosine, linear]\n", "need a schedule_size among sizes"),
+        ("schedule_variants: [cosine]\nschedule_size: large\n", "got 'large'"),
+        ("schedule_variants: [cosine, step]\nschedule_size: tiny\n", r"\['step'\] unknown"),
+        (
+            "schedule_variants: [cosine_with_restarts]\nschedule_size: tiny\nrestart_cycles: 1\n",
+            "restart_cycles must be 2 or more",
+        ),
+    ],
+)
+def test_bad_study_keys_raise_a_clear_error(tmp_path, text, message):
+    with pytest.raises(ValueError, match=message):
+        parse_config([write(tmp_path, "sizes: [tiny, small]\n" + text)], STUDY_ARGUMENTS, ())

@@ -19,15 +19,19 @@ from sharpmeter.harness.runlock import LOCK_NAME
 from sharpmeter.harness.study import parse_study
 from sharpmeter.harness.train import DONE_FILE, run_config
 from sharpmeter.paper.analysis import compare_fits, curves_from_records, tail_mean
+from sharpmeter.paper.analysis.runs import load_runs
+from sharpmeter.paper.compare import schedule_verdict
 from sharpmeter.paper.records import read_records
 
 RECIPE = Path(__file__).parent.parent / "recipes" / "scale_study.py"
 SMALL = ["--sizes", "tiny", "small", "medium", "--max_steps", "60", "--every", "5"]
 
 
-def run_study(out: Path, *extra: str) -> subprocess.CompletedProcess:
+def run_study(out: Path, *extra: str, config: Path | None = None) -> subprocess.CompletedProcess:
+    """The recipe in a process of its own, on ``config`` (None: its default, study_cpu.yaml)."""
+    configs = [] if config is None else [str(config)]
     return subprocess.run(
-        [sys.executable, str(RECIPE), "--output_dir", str(out), *extra],
+        [sys.executable, str(RECIPE), *configs, "--output_dir", str(out), *extra],
         capture_output=True,
         text=True,
         timeout=600,
@@ -167,3 +171,83 @@ def test_a_study_releases_its_folder_when_it_fails(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="corpus gone"):
         study.run_study(config)
     assert not (tmp_path / "study" / LOCK_NAME).exists()
+
+
+CLAIMS = Path(__file__).parent.parent / "configs" / "claims_cpu.yaml"
+# configs/claims_cpu.yaml shrunk to seconds: two sizes, two seeds, 20 steps
+CLAIMS_SHRUNK = [
+    *("--sizes", "tiny", "small", "--seeds", "0", "1", "--max_steps", "20", "--every", "2"),
+    *("--warmup_steps", "2", "--restart_cycles", "2", "--disable_tqdm", "true"),
+]
+
+
+def test_seeds_and_schedules_each_train_into_a_folder_of_their_own(tmp_path):
+    config = parse_study([str(CLAIMS), "--output_dir", str(tmp_path), *CLAIMS_SHRUNK])
+    trained = {
+        str(Path(run.training.output_dir).relative_to(tmp_path)): (
+            run.model.size,
+            run.training.seed,
+            run.training.data_seed,
+            run.training.lr_scheduler_type.value,
+            run.training.lr_scheduler_kwargs,
+        )
+        for run in config.runs()
+    }
+    restarts = ("small", 0, 0, "cosine_with_restarts", {"num_cycles": 2})
+    assert trained == {
+        "tiny/seed0": ("tiny", 0, 0, "cosine", None),
+        "small/seed0": ("small", 0, 0, "cosine", None),
+        "tiny/seed1": ("tiny", 1, 0, "cosine", None),
+        "small/seed1": ("small", 1, 0, "cosine", None),
+        "schedules/cosine": ("small", 0, 0, "cosine", {}),
+        "schedules/linear": ("small", 0, 0, "linear", {}),
+        "schedules/cosine_with_restarts": restarts,
+    }
+    assert [run.training.run_name for run in config.ladder()][:2] == ["tiny/seed0", "small/seed0"]
+
+
+def test_seeds_pin_the_data_order_a_config_leaves_to_seed(tmp_path):
+    # no data_seed: transformers would draw each run's data order from its own seed
+    config = tmp_path / "study.yaml"
+    config.write_text("sizes: [tiny]\nmax_steps: 60\nevery: 5\nseed: 7\nuse_cpu: true\n")
+    argv = [str(config), "--output_dir", str(tmp_path / "study")]
+    single = parse_study(argv).ladder()
+    assert [(r.training.seed, r.training.data_seed) for r in single] == [(7, None)]
+    replicated = parse_study([*argv, "--seeds", "3", "4"]).ladder()
+    assert [(r.training.seed, r.training.data_seed) for r in replicated] == [(3, 7), (4, 7)]
+
+
+def test_the_claims_study_shrunk_reports_its_seeds_and_trains_its_schedules(tmp_path):
+    out = tmp_path / "claims"
+    done = run_study(out, *CLAIMS_SHRUNK, config=CLAIMS)
+    assert done.returncode == 0, done.stderr[-2000:]
+    ladder = [out / size / f"seed{seed}" for seed in (0, 1) for size in ("tiny", "small")]
+    schedules = [out / "schedules" / name for name in ("cosine", "linear", "cosine_with_restarts")]
+    for folder in ladder + schedules:
+        assert (folder / DONE_FILE).is_file(), folder
+    assert not (out / "tiny" / "sharpness.jsonl").exists()
+    first, second = (read_records(out / "small" / f"seed{k}" / "sharpness.jsonl") for k in (0, 1))
+    assert [row["lr"] for row in first] == [row["lr"] for row in second]
+    assert first[0]["loss"] != second[0]["loss"]  # another initialisation
+
+    report = (out / "report.md").read_text()
+    assert "Seeds per size: 2." in report and "| seed |" in report
+    for folder in ladder:
+        run = folder.relative_to(out).as_posix()
+        assert f"| `{run}` | {run[-1]} |" in report, run
+    assert "schedules/" not in report  # one size, outside the scaling fits
+
+    # Restarts raise the learning rate again halfway; linear and cosine decay throughout.
+    lr = {p.name: [row["lr"] for row in read_records(p / "sharpness.jsonl")] for p in schedules}
+    assert lr["cosine"] != lr["linear"]
+    after_warmup = {name: rates[1:] for name, rates in lr.items()}
+    for name in ("cosine", "linear"):
+        assert after_warmup[name] == sorted(after_warmup[name], reverse=True), name
+    restarted = after_warmup["cosine_with_restarts"]
+    assert restarted != sorted(restarted, reverse=True)
+    runs = {p.name: load_runs([p / "sharpness.jsonl"])[0] for p in schedules}
+    curves = {name: run.curve("critical_sharpness") for name, run in runs.items()}
+    assert schedule_verdict(curves).holds is not None  # the three runs are what it compares
+
+    again = run_study(out, *CLAIMS_SHRUNK, config=CLAIMS)
+    assert again.returncode == 0 and again.stdout.count("already trained") == 7

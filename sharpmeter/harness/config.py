@@ -124,13 +124,48 @@ class SharpnessArguments:
         )
 
 
+# Learning-rate schedules a study can compare on one size: transformers' schedules that need
+# no option of their own, and cosine with restarts, which takes its cycles from the study.
+RESTARTS = "cosine_with_restarts"
+SCHEDULE_VARIANTS = ("linear", "cosine", RESTARTS, "polynomial", "constant_with_warmup")
+
+
 @dataclass
 class StudyArguments:
-    """A ladder of sizes trained alike, and how its report summarises them."""
+    """A ladder of sizes trained alike, and how its report summarises them.
+
+    ``seeds`` makes replicates: each size trains once per seed, each seed a different
+    initialisation over the same data order. ``schedule_variants`` trains one more run of
+    ``schedule_size`` per learning-rate schedule, outside the ladder's fits::
+
+        StudyArguments(sizes=["tiny", "small"], seeds=[0, 1, 2])
+        StudyArguments(schedule_variants=["cosine", "linear", "cosine_with_restarts"],
+                       schedule_size="small")
+    """
 
     sizes: list[str] = field(
         default_factory=lambda: ["tiny", "small", "medium", "large", "xlarge"],
-        metadata={"help": "named sizes to train, each into <output_dir>/<size>"},
+        metadata={"help": "named sizes to train, each into <output_dir>/<size>[/seed<k>]"},
+    )
+    seeds: list[int] = field(
+        default_factory=list,
+        metadata={
+            "help": "initialisation seeds, one run per size and seed in <output_dir>/<size>/"
+            "seed<k>, all on data_seed's data order (none: one run per size with `seed`)"
+        },
+    )
+    schedule_variants: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": f"learning-rate schedules (of {SCHEDULE_VARIANTS}) to train schedule_size "
+            "with, each into <output_dir>/schedules/<schedule>"
+        },
+    )
+    schedule_size: str | None = field(
+        default=None, metadata={"help": "the size of the ladder the schedule variants train"}
+    )
+    restart_cycles: int = field(
+        default=4, metadata={"help": f"cosine cycles of the {RESTARTS} variant (2+)"}
     )
     quantity: str = field(default="critical_sharpness", metadata={"help": "logged column"})
     final_fraction: float = field(
@@ -140,10 +175,38 @@ class StudyArguments:
     def __post_init__(self) -> None:
         for size in self.sizes:
             check_size(size)
-        if len(set(self.sizes)) != len(self.sizes):
-            raise ValueError(f"sizes must be distinct, got {self.sizes}")
+        _check_distinct("sizes", self.sizes)
+        _check_distinct("seeds", self.seeds)
+        if any(seed < 0 for seed in self.seeds):
+            raise ValueError(f"seeds must be non-negative, got {self.seeds}")
+        self._check_schedule_variants()
         if not 0 < self.final_fraction <= 1:
             raise ValueError(f"final_fraction must be in (0, 1], got {self.final_fraction}")
+
+    def _check_schedule_variants(self) -> None:
+        if not self.schedule_variants:
+            return
+        _check_distinct("schedule_variants", self.schedule_variants)
+        unknown = [name for name in self.schedule_variants if name not in SCHEDULE_VARIANTS]
+        if unknown:
+            raise ValueError(
+                f"schedule_variants {unknown} unknown; choose from {SCHEDULE_VARIANTS}"
+            )
+        # One of the ladder's sizes: its ladder run is the reference the variants differ from
+        # (and the probe-memory check, which looks at the ladder, covers it).
+        if self.schedule_size not in self.sizes:
+            raise ValueError(
+                f"schedule_variants need a schedule_size among sizes {self.sizes}, "
+                f"got {self.schedule_size!r}"
+            )
+        # One cycle is plain cosine: no restart to see.
+        if RESTARTS in self.schedule_variants and self.restart_cycles < 2:
+            raise ValueError(f"restart_cycles must be 2 or more, got {self.restart_cycles}")
+
+
+def _check_distinct(name: str, values: Sequence[Any]) -> None:
+    if len(set(values)) != len(values):
+        raise ValueError(f"{name} must be distinct, got {values}")
 
 
 RUN_ARGUMENTS = (ModelArguments, DataArguments, SharpnessArguments, TrainingArguments)

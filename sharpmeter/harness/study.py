@@ -1,17 +1,28 @@
 """A multi-scale study: train a ladder of sizes alike, then report (``sharpmeter study CONFIG``).
 
 Every size sees the same corpus, data order, initialisation seed, schedule and measurements;
-only the shape of the model changes. Each size trains into ``<output_dir>/<size>``; a size that
+only the shape of the model changes. Each size trains into ``<output_dir>/<size>``; a run that
 already finished is not trained again, so an interrupted study resumes where it stopped;
 options that cannot change the numbers (logging, checkpoints: see ``_NOT_SHAPING`` in
 :mod:`sharpmeter.harness.train`) may differ on the rerun. A study owns its ``output_dir`` while
 it runs: a second one started there is refused in one line (:mod:`sharpmeter.harness.runlock`).
 The report (:mod:`sharpmeter.paper.report`) is computed from the logged JSONL files alone.
 
+With ``seeds: [0, 1, 2]`` each size trains once per seed, into ``<output_dir>/<size>/seed<k>``,
+and the report takes the runs of one size as replicates. A replicate is another initialisation
+on the same data: ``seed`` becomes the seed's, ``data_seed`` stays the config's (its ``seed``
+when it sets none), so seed-to-seed spread measures what the starting point alone does. The
+ladder trains seed by seed, so a study stopped early holds whole ladders.
+
+With ``schedule_variants`` one size of the ladder (``schedule_size``) trains once more per
+learning-rate schedule, into ``<output_dir>/schedules/<schedule>``, on the first seed; these
+runs stay out of the ladder's fits and report (one size cannot make a scaling law).
+
 Example::
 
     sharpmeter study configs/study_cpu.yaml                    # the README's main job
     sharpmeter study configs/study_cpu.yaml --sizes tiny small medium --max_steps 100
+    sharpmeter study configs/claims_cpu.yaml                   # 3 seeds, 6 sizes, 3 schedules
 """
 
 from __future__ import annotations
@@ -20,11 +31,12 @@ import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from transformers import TrainingArguments
 
 from sharpmeter.harness.config import (
+    RESTARTS,
     STUDY_ARGUMENTS,
     DataArguments,
     ModelArguments,
@@ -56,7 +68,7 @@ class RunArguments(NamedTuple):
 
 @dataclass(frozen=True)
 class StudyConfig:
-    """A parsed study config: the ladder and the run settings every size shares."""
+    """A parsed study config: the ladder and the run settings every run shares."""
 
     study: StudyArguments
     model: ModelArguments
@@ -64,17 +76,61 @@ class StudyConfig:
     sharpness: SharpnessArguments
     training: TrainingArguments
 
-    def size_arguments(self, size: str) -> RunArguments:
-        """The run of one size of the ladder, in ``<output_dir>/<size>``."""
-        output_dir = str(Path(self.training.output_dir) / size)
-        training = dataclasses.replace(self.training, output_dir=output_dir, run_name=size)
+    def ladder(self) -> list[RunArguments]:
+        """Every run of the ladder, seed by seed: each size once per seed of ``seeds``, or
+        once with the config's ``seed`` when ``seeds`` is empty."""
+        seeds = self.study.seeds or [None]
+        return [self.size_arguments(size, seed) for seed in seeds for size in self.study.sizes]
+
+    def size_arguments(self, size: str, seed: int | None = None) -> RunArguments:
+        """The run of one size of the ladder: in ``<output_dir>/<size>`` with the config's
+        ``seed`` (None), else in ``<output_dir>/<size>/seed<seed>`` with that seed."""
+        folder = size if seed is None else f"{size}/seed{seed}"
+        return self._run(size, folder, **self._seeded(seed))
+
+    def schedule_runs(self) -> list[RunArguments]:
+        """One run of ``schedule_size`` per schedule variant, on the ladder's first seed, in
+        ``<output_dir>/schedules/<schedule>``. Cosine with restarts takes ``restart_cycles``
+        cycles; every other variant its transformers defaults."""
+        first_seed = self.study.seeds[0] if self.study.seeds else None
+        return [
+            self._run(
+                self.study.schedule_size,
+                f"schedules/{schedule}",
+                lr_scheduler_type=schedule,
+                lr_scheduler_kwargs=(
+                    {"num_cycles": self.study.restart_cycles} if schedule == RESTARTS else {}
+                ),
+                **self._seeded(first_seed),
+            )
+            for schedule in self.study.schedule_variants
+        ]
+
+    def runs(self) -> list[RunArguments]:
+        """Every run the study trains: the ladder, then the schedule variants."""
+        return self.ladder() + self.schedule_runs()
+
+    def _run(self, size: str, folder: str, **training_changes: Any) -> RunArguments:
+        """A run of ``size`` in ``<output_dir>/<folder>``, named after that folder."""
+        output_dir = str(Path(self.training.output_dir) / folder)
+        training = dataclasses.replace(
+            self.training, output_dir=output_dir, run_name=folder, **training_changes
+        )
         model = dataclasses.replace(self.model, size=size)
         return RunArguments(model, self.data, self.sharpness, training)
+
+    def _seeded(self, seed: int | None) -> dict[str, int]:
+        """The training changes of a replicate: its initialisation ``seed``, and the data order
+        pinned, since ``data_seed`` unset would follow ``seed`` (None: the config as it is)."""
+        if seed is None:
+            return {}
+        data_seed = self.training.data_seed
+        return {"seed": seed, "data_seed": self.training.seed if data_seed is None else data_seed}
 
 
 def parse_study(argv: Sequence[str]) -> StudyConfig:
     """``[CONFIG.yaml] [--name value ...]`` -> :class:`StudyConfig`; every check that can fail
-    before training fails here, including a finished size trained with other settings."""
+    before training fails here, including a finished run trained with other settings."""
     config = StudyConfig(*parse_config(argv, STUDY_ARGUMENTS, required=("output_dir", "max_steps")))
     if config.model.size is not None:
         raise ValueError("a study names its model sizes in 'sizes', not 'size'")
@@ -91,14 +147,14 @@ def parse_study(argv: Sequence[str]) -> StudyConfig:
             f"max_steps = {steps} leaves {count} measurements on the schedule; a curve needs "
             f"at least {MIN_MEASUREMENTS}"
         )
-    for size in config.study.sizes:
-        config.size_arguments(size).finished()
+    for arguments in config.runs():
+        arguments.finished()
     return config
 
 
 def run_study(config: StudyConfig) -> ReportFiles | None:
-    """Train the sizes of a parsed study config that are not finished, then write the report
-    into its ``output_dir``. Returns None on ranks other than 0.
+    """Train the runs of a parsed study config that are not finished, then write the report
+    of its ladder into its ``output_dir``. Returns None on ranks other than 0.
 
     The study owns its ``output_dir`` from start to end (:mod:`sharpmeter.harness.runlock`): a
     second study (or run) started on it meanwhile raises
@@ -112,22 +168,20 @@ def _run_owned_study(config: StudyConfig) -> ReportFiles | None:
     """:func:`run_study` once its output folder is this study's alone."""
     main_process = config.training.process_index == 0
     dataset = load_data(config.data, config.model.block_size, config.training)
-    sizes = config.study.sizes
-    for index, size in enumerate(sizes, start=1):
-        arguments = config.size_arguments(size)
-        output_dir = arguments.training.output_dir
+    runs = config.runs()
+    for index, arguments in enumerate(runs, start=1):
+        training = arguments.training
         finished = arguments.finished()
         if main_process:
             action = "already trained in" if finished else "training into"
-            print(f"[{index}/{len(sizes)}] {size}: {action} {output_dir}")
+            print(f"[{index}/{len(runs)}] {training.run_name}: {action} {training.output_dir}")
         if not finished:
             train_gpt(*arguments, dataset=dataset)
     if not main_process:
         return None
-    root = Path(config.training.output_dir)
     return write_report(
-        [root / size for size in sizes],
-        out=root,
+        [arguments.training.output_dir for arguments in config.ladder()],
+        out=config.training.output_dir,
         quantity=config.study.quantity,
         final_fraction=config.study.final_fraction,
     )

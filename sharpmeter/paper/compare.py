@@ -40,6 +40,10 @@ The verdicts test the paper's claims on the measured curves alone:
 Several claims tested on one study decide some by chance: :func:`multiplicity_note` says how
 many to expect and which decisions with a p-value survive Holm's correction.
 
+One claim is about one size under several learning-rate schedules, runs outside the ladder:
+:func:`schedule_verdict` asks whether cosine with restarts brings spikes that cosine and
+linear do not.
+
 With several seeds per size (replicates, :mod:`sharpmeter.paper.analysis.replicates`) each claim
 takes them where they matter; :func:`analyse_curves` says how.
 
@@ -102,6 +106,10 @@ DECIDING_DELTA_AIC = 2.0
 SIGNIFICANCE = 0.05
 MAX_EXACT_SIZES = 8  # 8! orderings enumerate in a blink; beyond, the t approximation is fine
 EARLY_FRACTION = 0.1  # the paper predicts the final value from the first 10% of training
+RESTARTS = "cosine_with_restarts"  # transformers' name of the schedule
+SPIKE_FROM = 0.2  # past the rise: the paper's decay and plateau phases (its checkpoints 40-200)
+SPIKE_RATIO = 2.0  # a "massive" spike: twice the largest jump a schedule without restarts makes
+MIN_JUMPS = 5
 
 ANSWERS = {True: "yes", False: "no", None: "undecided"}
 THREE_PHASES = "Three phases (rise, decay, plateau) in every run"
@@ -603,6 +611,53 @@ def _measures_verdict(stories: Mapping[str, Mapping[str, bool | None]]) -> Verdi
     if not twice:
         return Verdict(claim, None, f"no claim decided by two measures; {told}")
     return Verdict(claim, True, f"agree on {', '.join(twice)}; {told}")
+
+
+def schedule_verdict(curves_by_schedule: Mapping[str, Curve]) -> Verdict:
+    """Schedule sensitivity: one size trained under several learning-rate schedules (transformers'
+    names, on one measurement grid), and whether cosine with restarts makes sharpness spike
+    where the others only decay.
+
+    A curve's largest jump is the largest ``|Δ ln S|`` between consecutive measurements at
+    ``t >= SPIKE_FROM``, past the rise (a spike up and a collapse down both break a smooth
+    decay). Yes when the restarts curve's largest jump is at least ``SPIKE_RATIO`` times the
+    largest of every other schedule's (their measurement noise sets the scale), no when it is
+    smaller; undecided without a restarts curve and another, or with fewer than
+    ``MIN_JUMPS`` jumps past ``SPIKE_FROM`` in one of them.
+
+    Example::
+
+        verdict = schedule_verdict({"cosine": (t, s1), "linear": (t, s2), RESTARTS: (t, s3)})
+        verdict.line()  # "Cosine with restarts makes sharpness spike ...: **yes** (...)"
+    """
+    claim = "Cosine with restarts makes sharpness spike where cosine and linear decay smoothly"
+    jumps = {name: _largest_jump(*curve) for name, curve in curves_by_schedule.items()}
+    if RESTARTS not in jumps or len(jumps) < 2:
+        given = ", ".join(sorted(jumps)) or "none"
+        return Verdict(claim, None, f"needs a {RESTARTS} curve and another schedule's; got {given}")
+    short = sorted(name for name, jump in jumps.items() if jump is None)
+    if short:
+        where = f"past t = {SPIKE_FROM:g}"
+        return Verdict(claim, None, f"fewer than {MIN_JUMPS} jumps {where} in {', '.join(short)}")
+    restarts = jumps.pop(RESTARTS)
+    smooth = max(jumps.values())
+    ratio = restarts / smooth if smooth > 0 else math.inf
+    listed = ", ".join(f"{name} {jump:.3g}" for name, jump in {RESTARTS: restarts, **jumps}.items())
+    evidence = (
+        f"largest |Δ ln S| between measurements at t >= {SPIKE_FROM:g}: {listed}; restarts "
+        f"{ratio:.3g} times the largest other, a spike from {SPIKE_RATIO:g} times"
+    )
+    return Verdict(claim, ratio >= SPIKE_RATIO, evidence)
+
+
+def _largest_jump(t: np.ndarray, s: np.ndarray) -> float | None:
+    """The largest ``|Δ ln S|`` between consecutive positive values at ``t >= SPIKE_FROM``
+    (None: fewer than ``MIN_JUMPS`` of them)."""
+    t, s = np.asarray(t, dtype=float), np.asarray(s, dtype=float)
+    kept = s[(t >= SPIKE_FROM) & np.isfinite(s) & (s > 0)]
+    if kept.size < MIN_JUMPS + 1:
+        return None
+    return float(np.max(np.abs(np.diff(np.log(kept)))))
 
 
 def multiplicity_note(verdicts: Sequence[Verdict], level: float = SIGNIFICANCE) -> str:
