@@ -107,6 +107,12 @@ def test_runs_are_found_by_folder_file_or_study(tmp_path):
     assert find_runs([root / "b", root / "c" / "sharpness.jsonl"])[1].name == "c"
     with pytest.raises(ValueError, match="no sharpness.jsonl"):
         find_runs([tmp_path / "empty"])
+    seeds = tmp_path / "seeds"  # a study with several seeds: <size>/seed<k>, and schedules/
+    for folder in ("a/seed0", "a/seed1", "b/seed0", "schedules/linear"):
+        (seeds / folder).mkdir(parents=True)
+        (seeds / folder / "sharpness.jsonl").write_text("")
+    found = [r.jsonl.relative_to(seeds).parent.as_posix() for r in find_runs([seeds])]
+    assert found == ["a/seed0", "a/seed1", "b/seed0"]
 
 
 def test_cli_compare_and_report(tmp_path, capsys):

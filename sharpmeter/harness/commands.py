@@ -22,7 +22,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="train a ladder of GPT-2 sizes with the sharpness callback, then report",
         description=(
             "Train every size of a study config (YAML; any key can be overridden as "
-            "--key value) into <output_dir>/<size>, skipping sizes already trained, then "
+            "--key value) into <output_dir>/<size> (<size>/seed<k> with several seeds), "
+            "skipping runs already trained, then "
             "write report.md, report.html and figures into output_dir."
         ),
     )

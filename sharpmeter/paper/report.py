@@ -71,7 +71,9 @@ class RunFiles:
 
 
 def find_runs(paths: Iterable[str | Path]) -> list[RunFiles]:
-    """JSONL files, run folders, or study folders (one run folder per size) -> runs."""
+    """JSONL files, run folders, or study folders (one run folder per size, or per size and
+    seed: ``<size>/seed<k>``) -> runs. A study's ``schedules/`` runs are not part of its
+    ladder and are not collected."""
     runs = []
     for path in map(Path, paths):
         if path.is_file():
@@ -79,7 +81,7 @@ def find_runs(paths: Iterable[str | Path]) -> list[RunFiles]:
         elif (path / RUN_FILE).is_file():
             files = [path / RUN_FILE]
         else:
-            files = sorted(path.glob(f"*/{RUN_FILE}"))
+            files = sorted(path.glob(f"*/{RUN_FILE}")) or sorted(path.glob(f"*/seed*/{RUN_FILE}"))
         if not files:
             raise ValueError(f"no {RUN_FILE} at {str(path)!r} or in its sub-folders")
         runs += [RunFiles(f, _latest_wandb_run(f.parent)) for f in files]
