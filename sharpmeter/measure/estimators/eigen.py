@@ -190,44 +190,98 @@ def lanczos(
     check_positive_int("max_iter", steps, minimum=k)
     if not tol > 0:
         raise ValueError(f"tol must be positive, got {tol}")
-    # Restart vectors come from another stream than the start vector, which they must not equal.
-    generator = torch.Generator().manual_seed(seed + 1)
-    basis = torch.empty(steps, op.dim, dtype=op.dtype, device=op.device)
-    alphas: list[float] = []
-    betas: list[float] = []  # betas[j] couples q_j and q_{j+1}; 0 marks a restart
-    q = op.start_vector(v0, seed)
-    for j in range(steps):
-        basis[j] = q
-        w = op @ q
-        alphas.append(float(q @ w))
-        w = _orthogonalise(w, basis[: j + 1])
-        beta = float(torch.linalg.vector_norm(w))
-        values, eigvecs, residuals = _ritz(alphas, betas, beta)
-        converged = len(values) >= k and bool((residuals[:k] <= tol).all())
-        if converged or j + 1 == steps:
-            break
-        if beta <= _breakdown_threshold(alphas, betas, op.dtype):
-            # Invariant subspace: its Ritz pairs are exact. Continue from a fresh direction
-            # orthogonal to it only if it holds fewer than k eigenpairs.
-            if j + 1 >= k:
-                residuals = torch.zeros_like(residuals)
-                break
-            w = _orthogonalise(_random_vector(op, generator), basis[: j + 1])
-            beta_next, q = 0.0, w / torch.linalg.vector_norm(w)
+    krylov = _Lanczos(op, steps, v0, seed)
+    krylov.run(k, tol)
+    return krylov.result(k, tol)
+
+
+class _Lanczos:
+    r"""The Lanczos iteration of :func:`lanczos`, one step at a time, its basis open to reuse.
+
+    After each :meth:`step`: ``basis[:size]`` holds the orthonormal vectors as *rows*;
+    ``alphas[j]`` :math:`= q_j^\top H q_j` is the diagonal of :math:`T = Q^\top H Q` and
+    ``betas`` its off-diagonal (0 where the run restarted after an invariant subspace);
+    ``beta`` is :math:`\beta_m = \lVert H q_m - Q T e_m\rVert`; ``product`` is :math:`H q_m`;
+    ``values``, ``eigvecs``, ``residuals`` are all Ritz pairs of :math:`T` (descending) and their
+    relative residuals. At most ``steps`` steps (the basis is allocated once).
+    """
+
+    def __init__(
+        self, op: CountingOperator, steps: int, v0: torch.Tensor | None, seed: int
+    ) -> None:
+        self.op = op
+        # Restart vectors come from another stream than the start vector, which they must not
+        # equal.
+        self._generator = torch.Generator().manual_seed(seed + 1)
+        self.basis = torch.empty(steps, op.dim, dtype=op.dtype, device=op.device)
+        self.alphas: list[float] = []
+        self.betas: list[float] = []  # betas[j] couples q_j and q_{j+1}; 0 marks a restart
+        self.beta = 0.0
+        self.product = self._remainder = None  # H q_m, and its part orthogonal to the basis
+        self._next = op.start_vector(v0, seed)
+
+    @property
+    def size(self) -> int:
+        return len(self.alphas)
+
+    @property
+    def full(self) -> bool:
+        return self.size == self.basis.shape[0]
+
+    def step(self) -> None:
+        """One product: the next basis vector, its column of T and all Ritz pairs."""
+        if self.full:
+            raise RuntimeError("the Lanczos basis is full")
+        if self.alphas:
+            self._advance()
+        j, q = self.size, self._next
+        self.basis[j] = q
+        self.product = self.op @ q
+        self.alphas.append(float(q @ self.product))
+        self._remainder = _orthogonalise(self.product, self.basis[: j + 1])
+        self.beta = float(torch.linalg.vector_norm(self._remainder))
+        self.values, self.eigvecs, self.residuals = _ritz(self.alphas, self.betas, self.beta)
+
+    def _advance(self) -> None:
+        if self.invariant:
+            # Invariant subspace: continue from a fresh direction orthogonal to it.
+            w = _random_vector(self.op, self._generator)
+            w = _orthogonalise(w, self.basis[: self.size])
+            beta_next, self._next = 0.0, w / torch.linalg.vector_norm(w)
         else:
-            beta_next, q = beta, w / beta
-        betas.append(beta_next)
-    count = len(alphas)
-    top = slice(0, min(k, count))
-    vectors = basis[:count].T @ eigvecs[:, top].to(op.dtype)
-    return LanczosResult(
-        values=values[top],
-        vectors=vectors,
-        residuals=residuals[top],
-        iterations=count,
-        num_matvecs=op.num_matvecs,
-        converged=bool((residuals[top] <= tol).all()) and count >= k,
-    )
+            beta_next, self._next = self.beta, self._remainder / self.beta
+        self.betas.append(beta_next)
+
+    @property
+    def invariant(self) -> bool:
+        """The basis spans an invariant subspace (to rounding): its Ritz pairs are exact."""
+        return self.beta <= _breakdown_threshold(self.alphas, self.betas, self.op.dtype)
+
+    def run(self, k: int, tol: float, min_steps: int = 1) -> None:
+        """Steps until the top-k Ritz pairs meet ``tol`` (at least ``min_steps`` steps: more
+        grow the basis past convergence), the basis is full, or it spans an invariant subspace
+        holding k eigenpairs (and ``min_steps`` vectors)."""
+        while True:
+            self.step()
+            converged = len(self.values) >= k and bool((self.residuals[:k] <= tol).all())
+            if (converged and self.size >= min_steps) or self.full:
+                return
+            if self.invariant and self.size >= max(k, min_steps):
+                self.residuals = torch.zeros_like(self.residuals)
+                return
+
+    def result(self, k: int, tol: float) -> LanczosResult:
+        """The top-k Ritz pairs, as :func:`lanczos` returns them."""
+        top = slice(0, min(k, self.size))
+        vectors = self.basis[: self.size].T @ self.eigvecs[:, top].to(self.op.dtype)
+        return LanczosResult(
+            values=self.values[top],
+            vectors=vectors,
+            residuals=self.residuals[top],
+            iterations=self.size,
+            num_matvecs=self.size,  # one product per step
+            converged=bool((self.residuals[top] <= tol).all()) and self.size >= k,
+        )
 
 
 def _orthogonalise(w: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
