@@ -20,10 +20,12 @@ import torch
 from sharpmeter.measure.directions import DirectionUnavailable, adam_preconditioner
 from sharpmeter.measure.estimators import (
     LanczosResult,
+    TraceAndTopResult,
     directional_sharpness,
     hutchinson,
     hutchpp,
     lanczos,
+    trace_and_top,
 )
 from sharpmeter.measure.linesearch import critical_sharpness
 from sharpmeter.measure.operators import HessianOperator, PreconditionedOperator
@@ -35,6 +37,10 @@ if TYPE_CHECKING:
     from sharpmeter.measure.options import MeterOptions
 
 TRACE_METHODS = {"hutchinson": hutchinson, "hutchpp": hutchpp}
+# Hutchinson deflated by the Lanczos basis of the spectral measure: when both are chosen, one
+# Krylov run serves both (estimators/krylov.py, benchmarks/results/krylov.md).
+DEFLATED = "deflated"
+TRACE_METHOD_NAMES = (*TRACE_METHODS, DEFLATED)
 # The first line search starts at the learning rate, or here where there is none to read (no
 # optimizer, a rate of 0): the search doubles or halves from it, a few forwards either way.
 COLD_ETA0 = 1e-3
@@ -65,6 +71,8 @@ class RowContext:
     direction: torch.Tensor | DirectionUnavailable | None
     optimizer: torch.optim.Optimizer | None
     clip_norm: torch.Tensor | None
+    # Results measures of this row share (the deflated trace's Krylov run); filled as taken.
+    shared: dict[str, Any] = field(default_factory=dict, compare=False)
 
     @property
     def options(self) -> MeterOptions:
@@ -137,20 +145,51 @@ def _directional(row: RowContext) -> Outcome:
 
 def _trace(row: RowContext) -> Outcome:
     options = row.options
-    estimate = TRACE_METHODS[options.trace_method]
-    result = estimate(row.operator, num_matvecs=options.trace_num_matvecs, seed=options.seed)
+    if options.trace_method == DEFLATED:
+        shared = _shared_krylov(row)
+        result = shared.trace
+        # The Lanczos steps count here only when no spectral measure reports them.
+        spent = result.num_matvecs if _chosen(row, "spectral") else shared.num_matvecs
+    else:
+        estimate = TRACE_METHODS[options.trace_method]
+        result = estimate(row.operator, num_matvecs=options.trace_num_matvecs, seed=options.seed)
+        spent = result.num_matvecs
     values = {
         "hessian_trace": result.value,
         "hessian_trace_stderr": result.stderr,
-        "hessian_trace_num_matvecs": result.num_matvecs,
+        "hessian_trace_num_matvecs": spent,
     }
     return Outcome("ok", values)
 
 
 def _spectral(row: RowContext) -> Outcome:
+    if row.options.trace_method == DEFLATED and _chosen(row, "trace"):
+        return _eigen_outcome("lambda_max", _shared_krylov(row).top)
     result = _top_eigenpair(row, row.operator, row.warm.top_vector)
     row.warm.top_vector = _warm_vector(result.vector, row.warm.top_vector)
     return _eigen_outcome("lambda_max", result)
+
+
+def _shared_krylov(row: RowContext) -> TraceAndTopResult:
+    """The row's one Krylov run for the deflated trace and the top eigenvalue, taken once:
+    Lanczos from the last top vector, its basis deflating ``trace_num_matvecs`` probes."""
+    if "krylov" not in row.shared:
+        options = row.options
+        result = trace_and_top(
+            row.operator,
+            lanczos_max_iter=options.lanczos_max_iter,
+            lanczos_tol=options.lanczos_tol,
+            num_matvecs=options.trace_num_matvecs,
+            seed=options.seed,
+            v0=row.warm.top_vector,
+        )
+        row.warm.top_vector = _warm_vector(result.top.vector, row.warm.top_vector)
+        row.shared["krylov"] = result
+    return row.shared["krylov"]
+
+
+def _chosen(row: RowContext, name: str) -> bool:
+    return any(measure.name == name for measure in row.meter.chosen)
 
 
 def _preconditioned(row: RowContext) -> Outcome:

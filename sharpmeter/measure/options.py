@@ -27,7 +27,7 @@ from torch import nn
 from sharpmeter.measure.checks import check_choice, check_positive_int, is_finite_number
 from sharpmeter.measure.context import DROPOUT_POLICIES
 from sharpmeter.measure.loss import LossFn
-from sharpmeter.measure.measures import MEASURES, TRACE_METHODS
+from sharpmeter.measure.measures import MEASURES, TRACE_METHOD_NAMES
 from sharpmeter.measure.operators import MODES
 from sharpmeter.measure.schedule import Schedule
 
@@ -44,7 +44,9 @@ class MeterOptions:
             Face model given ``labels``, or ``start_positions``/``end_positions``, ...).
         params: the parameters to measure (``None``: every trainable one).
         dropout: ``"eval"`` or ``"train"`` (fixed-seed masks).
-        trace_method: ``"hutchinson"`` or ``"hutchpp"``; ``trace_num_matvecs`` its HVP budget.
+        trace_method: ``"hutchinson"``, ``"hutchpp"`` or ``"deflated"`` (Hutchinson deflated
+            by the spectral measure's Lanczos basis: one Krylov run for both, lower variance
+            at the same HVPs); ``trace_num_matvecs`` its HVP budget (probes).
         lanczos_max_iter, lanczos_tol: Krylov size (HVPs) and relative residual target of a
             top eigenvalue; missing the target within ``lanczos_max_iter`` is
             ``not_converged`` (the row ``incomplete: spectral``).
@@ -129,7 +131,7 @@ class MeterOptions:
         ):
             raise ValueError("params must be a list of parameters (e.g. list(layer.parameters()))")
         check_choice("dropout", self.dropout, DROPOUT_POLICIES)
-        check_choice("trace_method", self.trace_method, TRACE_METHODS)
+        check_choice("trace_method", self.trace_method, TRACE_METHOD_NAMES)
         check_choice("hvp_mode", self.hvp_mode, MODES)
         check_positive_int("trace_num_matvecs", self.trace_num_matvecs, minimum=4)
         check_positive_int("lanczos_max_iter", self.lanczos_max_iter)
