@@ -103,11 +103,13 @@ def _numbered_csv_rows(path: Path) -> list[tuple[int, Record]]:
     header = next(reader, None)
     if header is None:
         return []
+    # Every row written ends with a newline: without one, the last line was cut short.
+    torn_line = None if text.endswith(("\n", "\r")) else _last_line(text)
     rows = []
     for cells in reader:
         if not cells:  # a blank line
             continue
-        if reader.line_num == _last_line(text) and not text.endswith(("\n", "\r")):
+        if reader.line_num == torn_line:
             _warn_torn(path, reader.line_num, "no newline at the end of the file")
             break
         if len(cells) != len(header):
