@@ -378,6 +378,9 @@ def test_a_probe_with_fewer_examples_than_ranks_is_refused_on_every_rank(monkeyp
     monkeypatch.setattr(torch.distributed, "get_world_size", lambda: 3)
     monkeypatch.setattr(torch.distributed, "get_rank", lambda: 2)
     assert distributed_module.local_shard(batch)["input_ids"].shape[0] == 1
+    # a multi-batch probe: every batch needs a row per rank, not only the first
+    with pytest.raises(ValueError, match="2 examples, fewer than the 3 ranks"):
+        distributed_module.local_shard([batch, token_batch(2)])
 
 
 def test_the_deflated_trace_shares_one_krylov_run_with_the_spectral_measure():

@@ -156,8 +156,19 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def shard_batch(batch: Any, rank: int, world_size: int) -> Any:
-    """Rows ``rank, rank + world_size, ...`` of every tensor of a batch (a strided shard)."""
+    """Rows ``rank, rank + world_size, ...`` of every tensor of a batch (a strided shard).
+
+    Raises:
+        ValueError: a tensor has fewer rows than there are ranks (a rank would get none, and
+            its forward would fail while the others wait); the same on every rank.
+    """
     if isinstance(batch, torch.Tensor):
+        if batch.dim() and batch.shape[0] < world_size:
+            raise ValueError(
+                f"the probe holds {batch.shape[0]} examples, fewer than the {world_size} ranks "
+                f"that share it: every rank needs at least one, so use a probe of at least "
+                f"{world_size} examples"
+            )
         return batch[rank::world_size]
     if isinstance(batch, dict):
         return {k: shard_batch(v, rank, world_size) for k, v in batch.items()}
@@ -167,34 +178,11 @@ def shard_batch(batch: Any, rank: int, world_size: int) -> Any:
 
 
 def local_shard(batch: Any) -> Any:
-    """This rank's shard of a global probe batch (the batch itself outside data parallelism).
-
-    Raises:
-        ValueError: the batch has fewer examples than there are ranks (a rank would get none,
-            and its forward would fail while the others wait); the same on every rank.
-    """
+    """This rank's shard of a global probe batch (the batch itself outside data parallelism);
+    a batch with fewer examples than ranks raises (see :func:`shard_batch`)."""
     if not is_distributed():
         return batch
-    examples, ranks = _examples(batch), dist.get_world_size()
-    if examples is not None and examples < ranks:
-        raise ValueError(
-            f"the probe holds {examples} examples, fewer than the {ranks} ranks that share it: "
-            f"every rank needs at least one, so use a probe of at least {ranks} examples"
-        )
-    return shard_batch(batch, dist.get_rank(), ranks)
-
-
-def _examples(batch: Any) -> int | None:
-    """The examples in a batch (the first dimension of its first tensor; None: no tensor)."""
-    if isinstance(batch, torch.Tensor):
-        return batch.shape[0] if batch.dim() else None
-    values = batch.values() if isinstance(batch, dict) else batch
-    if isinstance(values, (list, tuple)) or isinstance(batch, dict):
-        for value in values:
-            examples = _examples(value)
-            if examples is not None:
-                return examples
-    return None
+    return shard_batch(batch, dist.get_rank(), dist.get_world_size())
 
 
 NO_FSDP_HVP = (
