@@ -8,6 +8,7 @@ import torch
 from conftest import assert_same, causal_lm_loss, snapshot, tiny_gpt2, token_batch
 
 import sharpmeter as sm
+from sharpmeter.measure.estimators import trace_and_top
 
 
 def start_training() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
@@ -37,6 +38,8 @@ def run_every_estimator(model, optimizer, batch) -> None:
     sm.lanczos(op, k=2, max_iter=6)
     sm.hutchinson(op, num_matvecs=3)
     sm.hutchpp(op, num_matvecs=6)
+    trace_and_top(op, lanczos_max_iter=5, num_matvecs=3)
+    trace_and_top(op, lanczos_max_iter=5, num_matvecs=3, rel_stderr=0.5, max_matvecs=12)
     sm.directional_sharpness(op, op.gradient)
     preconditioner = sm.adam_preconditioner(optimizer, list(model.parameters()))
     sm.lanczos(sm.PreconditionedOperator(op, preconditioner), max_iter=5)
