@@ -13,7 +13,8 @@ import pytest
 from sharpmeter.cli import main
 from sharpmeter.paper.analysis import compare_fits
 from sharpmeter.paper.analysis.runs import load_runs
-from sharpmeter.paper.report import find_runs, stability_line, write_report
+from sharpmeter.paper.compare import RESTARTS, schedule_verdict
+from sharpmeter.paper.report import find_runs, find_schedule_runs, stability_line, write_report
 from sharpmeter.paper.simulator import simulate_run
 
 CONFIGS = Path(__file__).parent.parent / "configs"
@@ -76,6 +77,8 @@ def test_report_numbers_come_from_the_logs(tmp_path):
     assert "old999" not in markdown
     assert [f.name for f in files.figures] == ["curves.png", "scaling.png"]
     assert "](curves.png)" in markdown
+    # no schedule runs: no section, and the note counts the ladder's 8 verdicts alone
+    assert "Schedule sensitivity" not in markdown and "of 8 verdicts decided" in markdown
 
 
 def test_html_report_is_self_contained(tmp_path):
@@ -130,3 +133,113 @@ def test_cli_compare_and_report(tmp_path, capsys):
         main(["compare", str(root), "--quantity", "lambda_max"])
     with pytest.raises(SystemExit, match="unknown model size"):
         main(["study", str(CONFIGS / "study_cpu.yaml"), "--sizes", "tiny", "huge"])
+
+
+SCHEDULE_SIZE = SIZES["b"]
+SCHEDULE_STEPS = 600  # 60 measurements, every 10 steps
+
+
+def schedule_lr(name: str, t: np.ndarray, peak: float = 1e-3) -> np.ndarray:
+    """The learning rate of transformers' schedules (no warmup): restarts take 4 cycles."""
+    if name == "linear":
+        return peak * (1 - t)
+    cycles = 4 if name == RESTARTS else 1
+    return peak * 0.5 * (1 + np.cos(np.pi * ((cycles * t) % 1.0)))
+
+
+def write_schedules(study, restarts_spike: bool):
+    """``<study>/schedules/<schedule>/``: one size's curve under cosine and linear, and under
+    restarts with the spikes the paper describes just after each restart (or without them)."""
+    for seed, name in enumerate(("cosine", "linear", RESTARTS), start=3):
+        curve = simulate_run(SCHEDULE_SIZE, n_checkpoints=60, seed=seed).sharpness
+        steps = 10 * np.arange(1, curve.size + 1)
+        t = steps / SCHEDULE_STEPS
+        if name == RESTARTS and restarts_spike:
+            for restart in (0.25, 0.5, 0.75):
+                curve[np.searchsorted(t, restart, side="right")] *= 1.5
+        folder = study / "schedules" / name
+        folder.mkdir(parents=True)
+        rows = [
+            {
+                "run": f"schedules/{name}",
+                "n_params": SCHEDULE_SIZE,
+                "step": int(step),
+                "critical_sharpness": float(s),
+                "loss": 3.0,
+                "lr": float(lr),
+                "status": "ok",
+            }
+            for step, s, lr in zip(steps, curve, schedule_lr(name, t), strict=True)
+        ]
+        (folder / "sharpness.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return study / "schedules"
+
+
+def file_verdict(schedules):
+    """The verdict computed straight from the schedule runs' files."""
+    curves = {
+        folder.name: load_runs([folder / "sharpness.jsonl"])[0].curve("critical_sharpness")
+        for folder in sorted(schedules.iterdir())
+    }
+    return schedule_verdict(curves)
+
+
+@pytest.mark.parametrize("restarts_spike, answer", [(True, "yes"), (False, "no")])
+def test_a_study_with_schedule_runs_reports_their_verdict(tmp_path, restarts_spike, answer):
+    root = write_runs(tmp_path / "study")
+    schedules = write_schedules(root, restarts_spike)
+    verdict = file_verdict(schedules)
+    assert verdict.holds is (answer == "yes"), verdict.line()
+    files = write_report([root], out=root)  # found under the study folder
+    markdown = files.markdown.read_text()
+    section = markdown[markdown.index("## Schedule sensitivity") : markdown.index("## Files")]
+    claim = "Cosine with restarts makes sharpness spike where cosine and linear decay smoothly"
+    assert f"- {claim}: **{answer}** (largest |Δ ln S|" in section
+    assert verdict.line() in section
+    # the claim is one more decided on the study: counted, no p-value for Holm to rank
+    assert "of 9 verdicts decided" in markdown
+    assert "includes the schedule-sensitivity verdict below" in markdown
+    for name in ("cosine", "linear", RESTARTS):  # each run listed, compared, its ratio shown
+        assert re.search(rf"\| {name} \| 50,000,000 \| 60 \| [^|]+ \| [^|]+ \[", section), name
+        assert (
+            f"| `schedules/{name}` | 600 (no planned max_steps: t = step / last step) | yes |"
+            in section
+        )
+        assert f"`{schedules / name / 'sharpness.jsonl'}` (" in markdown  # under Files
+    assert "](schedules.png)" in section
+    assert [f.name for f in files.figures] == ["curves.png", "scaling.png", "schedules.png"]
+    assert (root / "schedules.png").stat().st_size > 10_000
+    assert files.html.read_text().count("data:image/png;base64,") == 3
+    # the ladder is the ladder: the schedule runs are not among its fitted runs
+    assert f"{len(SIZES)} runs ({len(SIZES)} fitted)" in markdown
+
+
+def test_schedule_runs_are_found_under_a_study_folder_or_named(tmp_path, capsys):
+    root = write_runs(tmp_path / "study")
+    schedules = write_schedules(root, restarts_spike=True)
+    found = find_schedule_runs([root, root / "a"])  # a run folder holds no schedules
+    assert [r.name for r in found] == ["cosine", "cosine_with_restarts", "linear"]
+    assert find_schedule_runs([root / "a", root / "b" / "sharpness.jsonl"]) == []
+    assert find_runs([root]) == find_runs([root / name for name in SIZES])  # not the ladder's
+    ladder = [str(root / name) for name in SIZES]
+    out = tmp_path / "named"
+    assert main(["report", *ladder, "--schedules", str(schedules), "--out", str(out)]) == 0
+    assert file_verdict(schedules).line() in (out / "report.md").read_text()
+    assert main(["report", *ladder, "--out", str(tmp_path / "ladder")]) == 0
+    assert "Schedule sensitivity" not in (tmp_path / "ladder" / "report.md").read_text()
+    # study.py names none with schedules=[] when the study trains none
+    assert (
+        "Schedule sensitivity"
+        not in write_report([root], tmp_path / "none", schedules=[]).markdown.read_text()
+    )
+    capsys.readouterr()
+
+
+def test_a_schedule_run_that_cannot_be_compared_says_why(tmp_path):
+    root = write_runs(tmp_path / "study")
+    schedules = write_schedules(root, restarts_spike=True)
+    (schedules / RESTARTS / "sharpness.jsonl").write_text("")
+    markdown = write_report([root], out=root).markdown.read_text()
+    assert "spike where cosine and linear decay smoothly: **undecided** (needs a" in markdown
+    assert f"| {RESTARTS} | unknown | 0 | n/a | n/a |" in markdown
+    assert "| empty file |" in markdown

@@ -4,6 +4,8 @@ Example (shell):
     sharpmeter study configs/study_cpu.yaml --max_steps 300       # train the ladder, report
     sharpmeter compare runs/study                                  # measured vs simulated
     sharpmeter report runs/study/small runs/study/large --out runs/pair
+    sharpmeter report runs/claims                                  # ladder and schedules/
+    sharpmeter report runs/claims/*/seed* --schedules runs/claims/schedules --out runs/claims
 """
 
 from __future__ import annotations
@@ -14,6 +16,11 @@ from pathlib import Path
 from sharpmeter.measure.schema import RUN_FILE
 
 RUNS_HELP = f"run folders (holding {RUN_FILE}), JSONL files, or a study folder"
+SCHEDULES_HELP = (
+    "one size's runs under several learning-rate schedules, for the schedule-sensitivity "
+    "section: run folders (each named after its schedule), or the folder holding one per "
+    "schedule (a study's schedules/); default: the schedules/ of a study folder among the runs"
+)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -50,6 +57,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                 "an older file that cannot tell), marked as such"
             ),
         )
+        if name == "report":
+            parser.add_argument("--schedules", nargs="+", type=Path, help=SCHEDULES_HELP)
         parser.set_defaults(handler=handler)
 
 
@@ -110,6 +119,7 @@ def run_report(args: argparse.Namespace) -> int:
             args.quantity,
             args.final_fraction,
             include_unfinished=args.include_unfinished,
+            schedules=args.schedules,
         )
     except ValueError as error:
         raise SystemExit(f"sharpmeter report: error: {error}") from None

@@ -19,6 +19,15 @@ Example::
 A run is a folder holding ``sharpness.jsonl`` (what ``SharpnessCallback`` writes into the
 Trainer's ``output_dir``), the JSONL file itself, or a study folder with one such folder per
 size. The W&B runs found beside a JSONL file are listed with the command that uploads them.
+
+A study with ``schedule_variants`` also trains one size under several learning-rate schedules,
+in ``<study>/schedules/<schedule>/``: those runs stay out of the ladder's fits, and the report
+decides schedule sensitivity on them in a section of its own (:func:`load_schedules`). They are
+found under a study folder given as a path (:func:`find_schedule_runs`), or named with
+``schedules=``::
+
+    ladder = sorted(glob("runs/claims/*/seed*"))
+    write_report(ladder, out="runs/claims", schedules=["runs/claims/schedules"])
 """
 
 from __future__ import annotations
@@ -37,19 +46,32 @@ from sharpmeter.measure.schema import RUN_FILE, VALUE_COLUMNS
 from sharpmeter.paper.analysis import RobustFinal, final_stderr, final_value, robust_final
 from sharpmeter.paper.analysis.phases import PARAMETERS, ThreePhaseFit
 from sharpmeter.paper.analysis.plotting import plot_scaling_fit
-from sharpmeter.paper.analysis.replicates import Replicates, Seed, SeedMean
-from sharpmeter.paper.analysis.runs import Run, RunEntry, RunSelection, load_runs, select_runs
+from sharpmeter.paper.analysis.replicates import Curve, Replicates, Seed, SeedMean
+from sharpmeter.paper.analysis.runs import (
+    Run,
+    RunEntry,
+    RunSelection,
+    load_runs,
+    run_entry,
+    select_runs,
+)
 from sharpmeter.paper.analysis.scaling import FitComparison
+from sharpmeter.paper.analysis.stability import final_stability
 from sharpmeter.paper.compare import (
+    SPIKE_FROM,
     CurveComparison,
     StudyAnalysis,
+    Verdict,
     analyse_curves,
     has_three_phases,
+    multiplicity_note,
+    schedule_verdict,
 )
 from sharpmeter.paper.records import Record
 from sharpmeter.paper.sizes import format_size
 
 _WANDB_URL = re.compile(r"https://wandb\.ai/\S+/runs/\w+")
+SCHEDULES = "schedules"  # a study's folder of schedule runs, one sub-folder per schedule
 
 
 @dataclass(frozen=True)
@@ -73,7 +95,7 @@ class RunFiles:
 def find_runs(paths: Iterable[str | Path]) -> list[RunFiles]:
     """JSONL files, run folders, or study folders (one run folder per size, or per size and
     seed: ``<size>/seed<k>``) -> runs. A study's ``schedules/`` runs are not part of its
-    ladder and are not collected."""
+    ladder and are not collected (:func:`find_schedule_runs` finds them)."""
     runs = []
     for path in map(Path, paths):
         if path.is_file():
@@ -85,6 +107,18 @@ def find_runs(paths: Iterable[str | Path]) -> list[RunFiles]:
         if not files:
             raise ValueError(f"no {RUN_FILE} at {str(path)!r} or in its sub-folders")
         runs += [RunFiles(f, _latest_wandb_run(f.parent)) for f in files]
+    return runs
+
+
+def find_schedule_runs(paths: Iterable[str | Path]) -> list[RunFiles]:
+    """The schedule runs of the study folders among ``paths``: ``<study>/schedules/<name>/``
+    (what a study with ``schedule_variants`` trains), by name. Run folders and JSONL files
+    have none."""
+    runs = []
+    for path in map(Path, paths):
+        if path.is_dir() and not (path / RUN_FILE).is_file():
+            files = sorted((path / SCHEDULES).glob(f"*/{RUN_FILE}"))
+            runs += [RunFiles(f, _latest_wandb_run(f.parent)) for f in files]
     return runs
 
 
@@ -139,6 +173,52 @@ def _logged_curves(selection: RunSelection, quantity: str) -> Replicates | None:
         return None
 
 
+@dataclass(frozen=True)
+class ScheduleAnalysis:
+    """One size trained under several learning-rate schedules, outside the ladder: each run by
+    its schedule (the name of its folder, ``schedules/<schedule>/``) with why it is left out
+    of the comparison (:func:`~sharpmeter.paper.analysis.runs.select_runs`'s reasons), and the
+    :func:`~sharpmeter.paper.compare.schedule_verdict` on the curves of the others."""
+
+    files: tuple[RunFiles, ...]
+    entries: dict[str, RunEntry]
+    quantity: str
+    verdict: Verdict
+
+    @property
+    def compared(self) -> dict[str, Run]:
+        """The runs the verdict compares, by schedule."""
+        return {name: entry.run for name, entry in self.entries.items() if entry.left_out is None}
+
+
+def load_schedules(
+    files: Sequence[RunFiles],
+    quantity: str = "critical_sharpness",
+    include_unfinished: bool = False,
+) -> ScheduleAnalysis:
+    """The schedule runs in ``files``, one per file, each named by its folder, and the verdict
+    on those that can be compared (the ladder's rules: not empty, not diverged, a finite value
+    of ``quantity``, finished unless ``include_unfinished``).
+
+    Raises ``ValueError`` for a file holding several runs, or two schedules of one name."""
+    entries: dict[str, RunEntry] = {}
+    for files_of_run in files:
+        runs = load_runs([files_of_run.jsonl])
+        if len(runs) != 1:
+            raise ValueError(
+                f"{files_of_run.jsonl}: a schedule run's file holds one run, found {len(runs)}"
+            )
+        if files_of_run.name in entries:
+            raise ValueError(
+                f"two schedule runs named {files_of_run.name!r}: one folder per schedule"
+            )
+        entries[files_of_run.name] = run_entry(runs[0], quantity, include_unfinished)
+    compared = {
+        name: entry.run.curve(quantity) for name, entry in entries.items() if entry.left_out is None
+    }
+    return ScheduleAnalysis(tuple(files), entries, quantity, schedule_verdict(compared))
+
+
 class ReportError(ValueError):
     """The runs cannot be reported (none left to fit, a record that cannot be read): raised by
     :func:`write_report`, so that a caller that trained them can tell this from its own errors."""
@@ -158,14 +238,22 @@ def write_report(
     final_fraction: float = 0.2,
     title: str = "Sharpness scaling study",
     include_unfinished: bool = False,
+    schedules: Sequence[str | Path] | None = None,
 ) -> ReportFiles:
     """Analyse the runs under ``paths`` and write ``report.md``, ``report.html`` and the
     figures ``curves.png`` and (with 3+ sizes) ``scaling.png`` into ``out``; unfinished runs
     are fitted only with ``include_unfinished`` (see :func:`load_analysis`).
 
+    ``schedules``: one size's runs under several learning-rate schedules, as run folders, JSONL
+    files, or the folder holding one run folder per schedule (a study's ``schedules/``): they
+    get a section of their own, with ``schedules.png``. None finds them under the study folders
+    among ``paths`` (:func:`find_schedule_runs`); ``[]``: none.
+
     Raises :class:`ReportError` (a ``ValueError``) when the runs cannot be analysed."""
     try:
         runs, _, analysis = load_analysis(paths, quantity, final_fraction, include_unfinished)
+        found = find_schedule_runs(paths) if schedules is None else find_runs(schedules)
+        schedule_runs = load_schedules(found, quantity, include_unfinished) if found else None
     except ValueError as error:
         raise ReportError(str(error)) from error
     out = Path(out)
@@ -176,7 +264,13 @@ def write_report(
     figures = [plot_curves(analysis, out / "curves.png", quantity, stability)]
     if analysis.scaling is not None:
         figures.append(plot_scaling_fit(analysis.scaling, out / "scaling.png", f"final {quantity}"))
-    blocks = report_blocks(analysis, runs, quantity, final_fraction, title, figures)
+    schedule_figure = None
+    if schedule_runs is not None and schedule_runs.compared:
+        schedule_figure = plot_schedules(schedule_runs, out / "schedules.png")
+        figures.append(schedule_figure)
+    blocks = report_blocks(
+        analysis, runs, quantity, final_fraction, title, figures, schedule_runs, schedule_figure
+    )
     markdown = out / "report.md"
     markdown.write_text(render_markdown(blocks, relative_to=out))
     page = out / "report.html"
@@ -209,6 +303,8 @@ def report_blocks(
     final_fraction: float,
     title: str,
     figures: Sequence[Path],
+    schedules: ScheduleAnalysis | None = None,
+    schedule_figure: Path | None = None,
 ) -> list[Block]:
     measurements = sum(len(entry.run.rows) for entry in analysis.runs)
     fitted = len(analysis.runs) - len(analysis.left_out)
@@ -222,7 +318,7 @@ def report_blocks(
         "and the median. A step's fraction of training is the step over the run's planned "
         "max_steps. "
         f"{len(analysis.runs)} runs ({fitted} fitted), {measurements} logged measurements.",
-        *compare_blocks(analysis),
+        *compare_blocks(analysis, None if schedules is None else schedules.verdict),
         Figure(
             figures[0],
             "Measured curves with their three-phase fits (dotted) and, when the rows carry a "
@@ -248,16 +344,30 @@ def report_blocks(
         if analysis.scaling.undecided is not None:
             blocks.append(f"AIC cannot rank the two forms: {analysis.scaling.undecided}.")
         blocks.append(Figure(figures[1], "Final value against parameters, both fits."))
-    blocks += ["## Files", _files_list(runs, analysis.runs)]
+    entries = list(analysis.runs)
+    if schedules is not None:
+        blocks += schedule_blocks(schedules, final_fraction, schedule_figure)
+        runs, entries = [*runs, *schedules.files], entries + list(schedules.entries.values())
+    blocks += ["## Files", _files_list(runs, entries)]
     return blocks
 
 
-def compare_blocks(analysis: StudyAnalysis) -> list[Block]:
-    """The verdicts, which runs they rest on, and the measured-against-simulated table."""
+def compare_blocks(analysis: StudyAnalysis, schedule: Verdict | None = None) -> list[Block]:
+    """The verdicts, which runs they rest on, and the measured-against-simulated table;
+    ``schedule``, the schedule-sensitivity verdict shown further down, counts in the note on
+    multiple comparisons."""
+    # The schedule claim joins the count: it is one more claim of the paper decided on this
+    # study's runs, so one more chance of a decision made by chance. It has no p-value (a
+    # threshold on a ratio of jumps, as the AIC and edge-of-stability rules are thresholds),
+    # so Holm's correction, which ranks p-values, leaves it out as it leaves those out.
+    verdicts = [*analysis.verdicts, *([] if schedule is None else [schedule])]
+    note = multiplicity_note(verdicts)
+    if schedule is not None:
+        note += " The count includes the schedule-sensitivity verdict below."
     return [
         "## Verdicts on the paper's claims",
         [verdict.line() for verdict in analysis.verdicts],
-        analysis.multiplicity,
+        note,
         *_fitted_runs_note(analysis),
         *_seeds_note(analysis),
         "## Measured against the simulator (common training-fraction axis)",
@@ -511,6 +621,68 @@ def _scaling_rows(comparison: FitComparison, points: str = "") -> list[tuple[str
     return rows
 
 
+def schedule_blocks(
+    schedules: ScheduleAnalysis, final_fraction: float, figure: Path | None
+) -> list[Block]:
+    """The schedule-sensitivity section: the verdict, the runs it compares, their curves."""
+    blocks: list[Block] = [
+        "## Schedule sensitivity",
+        "One size trained once more under each learning-rate schedule (each run named by its "
+        "folder, outside the ladder's fits): does cosine with restarts make sharpness spike "
+        "where cosine and linear decay smoothly? A curve's largest jump is its largest "
+        f"|Δ ln S| between consecutive measurements at t >= {SPIKE_FROM:g}, past the rise.",
+        [schedules.verdict.line()],
+        _schedule_table(schedules, final_fraction),
+    ]
+    if figure is not None:
+        lr = ", and its 2 / lr (dashed, same colour) where the rows carry a learning rate,"
+        lr = lr if schedules.quantity == "critical_sharpness" else ""
+        blocks.append(
+            Figure(
+                figure,
+                f"Measured {schedules.quantity} of each schedule's run{lr} against the fraction "
+                f"of training; shaded: t < {SPIKE_FROM:g}, the rise, where jumps are not compared.",
+            )
+        )
+    return blocks
+
+
+def _schedule_table(schedules: ScheduleAnalysis, final_fraction: float) -> Table:
+    header = (
+        "schedule",
+        "parameters",
+        "measurements",
+        "final",
+        "S lr / 2 (final)",
+        "run",
+        "steps",
+        "compared",
+    )
+    rows = []
+    for name, entry in schedules.entries.items():
+        run = entry.run
+        size = "unknown" if run.n_params is None else f"{run.n_params:,.0f}"
+        final, ratio = "n/a", "n/a"
+        if entry.left_out is None:
+            t, s = run.curve(schedules.quantity)
+            final = f"{final_value(t, s, final_fraction):.4g}"
+            ratio = _final_ratio_cell(t, s, run.curve("lr"), final_fraction)
+        answer = entry.left_out or "yes"
+        rows.append(
+            (name, size, str(entry.finite), final, ratio, f"`{run.name}`", run.progress, answer)
+        )
+    return Table(header, tuple(rows))
+
+
+def _final_ratio_cell(t: np.ndarray, s: np.ndarray, lr: Curve, final_fraction: float) -> str:
+    """The stability ratio over the run's last ``final_fraction``, robustly (as the
+    edge-of-stability verdict takes it), or why there is none."""
+    try:
+        return _robust_cell(final_stability(t, s, *lr, final_fraction))
+    except ValueError:  # no point with both a sharpness and a positive learning rate
+        return "no lr logged"
+
+
 def _files_list(runs: Sequence[RunFiles], entries: Sequence[RunEntry]) -> list[str]:
     rows = [row for entry in entries for row in entry.run.rows]
     failed = sum(1 for row in rows if row.get("status") not in (None, "ok"))
@@ -547,7 +719,6 @@ def plot_curves(
     """Measured curves with their three-phase fits (and ``2 / lr`` when given), and
     normalised shapes beside the simulator's."""
     from matplotlib.figure import Figure as MplFigure
-    from matplotlib.ticker import FuncFormatter, NullFormatter
 
     figure = MplFigure(figsize=(11, 4), layout="constrained")
     measured, shapes = figure.subplots(1, 2)
@@ -581,14 +752,56 @@ def plot_curves(
         # 2 / lr runs off to infinity as a schedule decays to 0: keep the measured range in view
         measured.set_ylim(low, 3 * high)
     measured.legend(title="parameters", fontsize=8)
-    for axes in (measured, shapes):  # plain numbers on the log axes, not 2 x 10^0
-        plain = FuncFormatter(lambda value, _: f"{value:g}")
-        axes.yaxis.set_major_formatter(plain)
-        low, high = axes.get_ylim()
-        # minor labels only when the axis spans less than a decade; else they pile up
-        axes.yaxis.set_minor_formatter(plain if high / low < 10 else NullFormatter())
+    for axes in (measured, shapes):
+        _plain_log_labels(axes)
     figure.savefig(path, dpi=120)
     return path
+
+
+def plot_schedules(schedules: ScheduleAnalysis, path: Path) -> Path:
+    """Each compared schedule's curve against the fraction of training, with its ``2 / lr``
+    (dashed) when the quantity is critical sharpness and the rows carry a learning rate."""
+    from matplotlib.figure import Figure as MplFigure
+
+    figure = MplFigure(figsize=(7, 4), layout="constrained")
+    axes = figure.subplots()
+    axes.set(
+        title=f"{schedules.quantity} by learning-rate schedule",
+        xlabel="fraction of training",
+        ylabel=schedules.quantity,
+        yscale="log",
+        xlim=(0, 1),
+    )
+    axes.axvspan(0, SPIKE_FROM, color="0.93", zorder=0)
+    runs = schedules.compared
+    colours = _colours(len(runs))
+    for colour, (name, run) in zip(colours, runs.items(), strict=True):
+        axes.plot(*run.curve(schedules.quantity), color=colour, label=name)
+    lines = []
+    if schedules.quantity == "critical_sharpness":
+        lines = [stability_line(run) for run in runs.values()]
+    if any(line is not None for line in lines):
+        low, high = axes.get_ylim()
+        for colour, line in zip(colours, lines, strict=True):
+            if line is not None:
+                axes.plot(*line, color=colour, linestyle="--", linewidth=1)
+        axes.plot([], [], color="grey", linestyle="--", linewidth=1, label="2 / lr")
+        axes.set_ylim(low, 3 * high)  # 2 / lr runs off as a schedule decays: keep S in view
+    axes.legend(title="schedule", fontsize=8)
+    _plain_log_labels(axes)
+    figure.savefig(path, dpi=120)
+    return path
+
+
+def _plain_log_labels(axes) -> None:
+    """Plain numbers on a log axis, not 2 x 10^0."""
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    plain = FuncFormatter(lambda value, _: f"{value:g}")
+    axes.yaxis.set_major_formatter(plain)
+    low, high = axes.get_ylim()
+    # minor labels only when the axis spans less than a decade; else they pile up
+    axes.yaxis.set_minor_formatter(plain if high / low < 10 else NullFormatter())
 
 
 def _colours(count: int) -> list:

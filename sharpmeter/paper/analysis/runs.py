@@ -359,7 +359,7 @@ def select_runs(
     normally (:attr:`Run.unfinished`) unless ``include_unfinished`` (it then stays marked).
     Raises ``ValueError`` listing every run and its reason when none is left to fit.
     """
-    entries = tuple(_entry(run, quantity, include_unfinished) for run in runs)
+    entries = tuple(run_entry(run, quantity, include_unfinished) for run in runs)
     selection = RunSelection(entries)
     if not selection.fitted:
         runs_by_reason: dict[str, list[str]] = defaultdict(list)
@@ -370,7 +370,9 @@ def select_runs(
     return selection
 
 
-def _entry(run: Run, quantity: str | None, include_unfinished: bool) -> RunEntry:
+def run_entry(run: Run, quantity: str | None, include_unfinished: bool = False) -> RunEntry:
+    """One run's entry in :func:`select_runs`: what it logged of ``quantity``, and why it is
+    left out of a fit (None: fitted)."""
     finite, not_finite = run.count_values(quantity)
     if not run.rows:
         left_out = "empty file"
