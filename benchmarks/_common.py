@@ -40,10 +40,11 @@ class GPT2Size:
     n_positions: int = 128
 
 
-# ~1M and ~10M parameters (tied embeddings counted once). Small vocabularies keep most parameters
-# in the transformer blocks, as in a real GPT-2, instead of in the embedding table.
+# Named by parameter count (tied embeddings counted once): ~1K (1,080; the tests' float64_gpt2
+# shape, not the harness's "tiny"), ~1M and ~10M. Small vocabularies keep most parameters in the
+# transformer blocks, as in a real GPT-2, instead of in the embedding table.
 GPT2_SIZES = {
-    "tiny": GPT2Size("tiny", vocab_size=16, n_embd=8, n_layer=1, n_head=2, n_positions=8),
+    "1K": GPT2Size("1K", vocab_size=16, n_embd=8, n_layer=1, n_head=2, n_positions=8),
     "1M": GPT2Size("1M", vocab_size=2048, n_embd=128, n_layer=4, n_head=4),
     "10M": GPT2Size("10M", vocab_size=8192, n_embd=256, n_layer=10, n_head=8),
 }

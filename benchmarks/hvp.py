@@ -104,7 +104,7 @@ def make_train_step(model: torch.nn.Module, batch: dict) -> Callable[[], None]:
 def setup(size: str, batch_size: int, seq_len: int, threads: int) -> tuple:
     torch.set_num_threads(threads)
     model = gpt2(GPT2_SIZES[size])
-    # The tiny model has 8 positions: longer sequences would index past its position table.
+    # The 1K model has 8 positions: longer sequences would index past its position table.
     length = min(seq_len, model.config.n_positions)
     batch = token_batch(model.config.vocab_size, batch_size, length)
     return model, batch
@@ -240,7 +240,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         prog=f"python -m {MODULE}", description=__doc__.split("\n\n")[0]
     )
-    parser.add_argument("--sizes", default="1M,10M", help="comma-separated: tiny, 1M, 10M")
+    parser.add_argument("--sizes", default="1M,10M", help="comma-separated: 1K, 1M, 10M")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=5, help="timed rounds after a warm-up")

@@ -15,8 +15,8 @@ Cold (random Lanczos start, the seed's) and warm (started from the top eigenvect
 previous training step, as the meter does). Counting HVPs is deterministic; seconds are not
 measured.
 
-    python -m benchmarks.krylov                                   # gpt2-tiny, gpt2-1M
-    python -m benchmarks.krylov --problems gpt2-tiny --seeds 2    # a quick check
+    python -m benchmarks.krylov                                  # gpt2-5K, gpt2-1M
+    python -m benchmarks.krylov --problems gpt2-5K --seeds 2     # a quick check
 """
 
 from __future__ import annotations
@@ -322,7 +322,7 @@ def verdict(infos: list[dict], args) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--problems", nargs="+", default=["gpt2-tiny", "gpt2-1M"])
+    parser.add_argument("--problems", nargs="+", default=["gpt2-5K", "gpt2-1M"])
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--train-steps", type=int, default=20)
     parser.add_argument("--rel-stderr", type=float, default=0.02)

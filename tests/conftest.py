@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny float64 GPT-2 with an exact loss, dense references, a quadratic."""
+"""Shared fixtures: a ~1K-parameter float64 GPT-2 with an exact loss, dense references, a
+quadratic."""
 
 from __future__ import annotations
 
@@ -17,8 +18,10 @@ from sharpmeter.measure.loss import causal_lm_loss  # noqa: F401  (the tests imp
 VOCAB, SEQ = 16, 8
 
 
-def tiny_gpt2(dropout: float = 0.0, seed: int = 0, n_layer: int = 1) -> nn.Module:
-    """A ~1K-parameter GPT-2 (LayerNorm, attention, tied embeddings), default attention."""
+def float64_gpt2(dropout: float = 0.0, seed: int = 0, n_layer: int = 1) -> nn.Module:
+    """A ~1K-parameter GPT-2 in float64 (LayerNorm, attention, tied embeddings), default
+    attention: small enough for a dense Hessian. Not the harness's ``tiny`` size
+    (:mod:`sharpmeter.harness.gpt`, n_embd 16); the shape of the benchmarks' ``1K``."""
     torch.manual_seed(seed)
     config = transformers.GPT2Config(
         vocab_size=VOCAB,
@@ -64,8 +67,8 @@ def dense_hessian(model: nn.Module, loss_fn, batch, params=None) -> torch.Tensor
 
 @pytest.fixture(scope="session")
 def gpt2_reference():
-    """(model in eval mode, batch, dense Hessian) for the float64 tiny GPT-2."""
-    model = tiny_gpt2().eval()
+    """(model in eval mode, batch, dense Hessian) for :func:`float64_gpt2`."""
+    model = float64_gpt2().eval()
     batch = token_batch()
     return model, batch, dense_hessian(model, causal_lm_loss, batch)
 

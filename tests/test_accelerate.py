@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import SEQ, VOCAB, tiny_gpt2
+from conftest import SEQ, VOCAB, float64_gpt2
 
 from sharpmeter.integrations.accelerate import AcceleratedMeter
 
@@ -50,7 +50,7 @@ def test_the_metadata_holds_the_planned_steps_and_whether_the_loop_ended(tmp_pat
     probe = {"input_ids": ids, "labels": ids}
     path = tmp_path / "run" / "sharpness.jsonl"
     meter = AcceleratedMeter(
-        OneProcess(), tiny_gpt2(), probe, jsonl_path=path, max_steps=40, measures=("critical",)
+        OneProcess(), float64_gpt2(), probe, jsonl_path=path, max_steps=40, measures=("critical",)
     )
     meta_path = tmp_path / "run" / "sharpness.meta.json"
     started = json.loads(meta_path.read_text())
@@ -62,7 +62,7 @@ def test_the_metadata_holds_the_planned_steps_and_whether_the_loop_ended(tmp_pat
 @pytest.mark.parametrize("max_steps", [0, -5, 2.5, True])
 def test_a_planned_length_that_is_no_positive_integer_is_refused(tmp_path, max_steps):
     with pytest.raises(ValueError, match="max_steps must be a positive integer"):
-        AcceleratedMeter(OneProcess(), tiny_gpt2(), {}, max_steps=max_steps)
+        AcceleratedMeter(OneProcess(), float64_gpt2(), {}, max_steps=max_steps)
 
 
 @pytest.mark.slow

@@ -11,7 +11,7 @@ import copy
 
 import pytest
 import torch
-from conftest import causal_lm_loss, tiny_gpt2, token_batch
+from conftest import causal_lm_loss, float64_gpt2, token_batch
 
 import sharpmeter as sm
 
@@ -37,7 +37,7 @@ def measure(model: torch.nn.Module, batch: dict) -> dict:
 
 
 def test_bf16_model_measures_close_to_float32():
-    base = tiny_gpt2(n_layer=2)
+    base = float64_gpt2(n_layer=2)
     batch = token_batch(batch_size=8, seed=3)
     full = measure(copy.deepcopy(base).float(), batch)
     half = measure(copy.deepcopy(base).to(torch.bfloat16), batch)

@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from conftest import Quadratic, causal_lm_loss, quadratic_loss, tiny_gpt2, token_batch
+from conftest import Quadratic, causal_lm_loss, float64_gpt2, quadratic_loss, token_batch
 
 import sharpmeter as sm
 
@@ -266,7 +266,7 @@ def test_no_budget_left_after_a_check_rose_is_not_converged():
 
 
 def test_parameters_restored_bit_identically_and_rng_untouched():
-    model = tiny_gpt2(dropout=0.1).train()
+    model = float64_gpt2(dropout=0.1).train()
     batch = token_batch()
     before = [p.detach().clone() for p in model.parameters()]
     rng = torch.get_rng_state()
@@ -320,7 +320,7 @@ def test_a_parameter_vector_direction_is_read_by_parameter():
     """update_direction's ParameterVector holds the optimizer's group order (no-decay first
     here), not the model's: it is read parameter by parameter, and one over other parameters
     than the measured ones is refused, never mixed up."""
-    model = tiny_gpt2().eval()
+    model = float64_gpt2().eval()
     batch = token_batch(3)
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     decay = [p for p in model.parameters() if p.dim() >= 2]

@@ -24,11 +24,24 @@ def test_lanczos_top_eigenvalues_of_gpt2_hessian(gpt2_reference):
 
 
 def test_lanczos_default_settings_on_gpt2(gpt2_reference):
+    """Defaults (k=1, tol=1e-6, at most 30 steps): converged within them, to the dense top
+    eigenpair; the residual it reports is the true one."""
     model, batch, hessian = gpt2_reference
-    top = float(torch.linalg.eigvalsh(hessian)[-1])
-    result = sm.lanczos(sm.HessianOperator(model, causal_lm_loss, batch))
-    assert 30 <= result.iterations or result.converged
+    values, vectors = torch.linalg.eigh(hessian)
+    top, gap = float(values[-1]), float(values[-1] - values[-2])
+    op = sm.HessianOperator(model, causal_lm_loss, batch)
+    result = sm.lanczos(op)
+    assert result.converged and result.residual <= 1e-6
+    assert result.iterations <= 30 and result.num_matvecs == op.num_matvecs == result.iterations
+    assert result.values.shape == (1,) and result.vectors.shape == (op.dim, 1)
+    # Rayleigh-Ritz: value error <= residual^2 |top| / gap, angle <= residual |top| / gap.
     assert result.value == pytest.approx(top, rel=1e-8)
+    y = result.vector
+    assert float(torch.linalg.vector_norm(y)) == pytest.approx(1.0, abs=1e-12)
+    sine = max(0.0, 1 - float(y @ vectors[:, -1]) ** 2) ** 0.5
+    assert sine <= 2 * result.residual * abs(top) / gap
+    true_residual = torch.linalg.vector_norm(hessian @ y - result.value * y) / abs(result.value)
+    assert float(true_residual) == pytest.approx(result.residual, abs=1e-9)
 
 
 def test_power_iteration_on_gpt2_within_its_tolerance(gpt2_reference):

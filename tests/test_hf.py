@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import gc
 import json
 import math
@@ -14,7 +15,7 @@ import pytest
 import torch
 import wandb
 import wandb_records
-from conftest import VOCAB, tiny_gpt2
+from conftest import VOCAB, causal_lm_loss, dense_hessian, float64_gpt2
 from tokenizers import Tokenizer
 from tokenizers.models import WordLevel
 from transformers import (
@@ -25,12 +26,13 @@ from transformers import (
     TrainerState,
     TrainingArguments,
 )
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 import sharpmeter as sm
 from sharpmeter.integrations import hf
 from sharpmeter.integrations.hf import SharpnessCallback, summary_line
 from sharpmeter.measure.rng import fork_rng
-from sharpmeter.measure.sinks import SinkWarning
+from sharpmeter.measure.sinks import SinkWarning, WandbSink
 
 KEYS = ("critical_sharpness", "hessian_trace", "lambda_max")
 
@@ -48,7 +50,7 @@ class TokenDataset(torch.utils.data.Dataset):
 
 
 def make_trainer(tmp_path, dropout=0.1, report_to="none", max_steps=30, **args):
-    model = tiny_gpt2(dropout=dropout).float().train()
+    model = float64_gpt2(dropout=dropout).float().train()
     defaults = {"save_strategy": "no", "logging_steps": 5, "disable_tqdm": True}
     arguments = TrainingArguments(
         output_dir=str(tmp_path / "out"),
@@ -174,10 +176,11 @@ def test_resume_continues_the_curve_without_duplicates(tmp_path):
     first.train()  # measures 4..20 and checkpoints at 10 and 20
     second = make_trainer(tmp_path, max_steps=20, save_strategy="steps", save_steps=10)
     SharpnessCallback.attach(second, schedule=sm.Schedule(every=4))
-    second.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-10"))
+    checkpoint = tmp_path / "out" / f"{PREFIX_CHECKPOINT_DIR}-10"
+    second.train(resume_from_checkpoint=str(checkpoint))
     rows = read_rows(tmp_path / "out" / "sharpness.jsonl")
     assert [r["step"] for r in rows] == [4, 8, 12, 16, 20]
-    saved = json.loads((tmp_path / "out" / "checkpoint-10" / "trainer_state.json").read_text())
+    saved = json.loads((checkpoint / "trainer_state.json").read_text())
     state = saved["stateful_callbacks"]["sharpmeter"]
     assert state["last_step"] == 8 and state["eta_c"] > 0
 
@@ -214,14 +217,28 @@ def test_a_probe_without_loss_is_refused_when_training_begins(tmp_path):
 
 
 def test_a_parameter_subset_given_with_the_probe_batch(tmp_path):
+    """The row measures the given probe's Hessian block of the given parameters, at the last
+    step's parameters: lambda_max and the trace against that dense block (float64)."""
     trainer = make_trainer(tmp_path, max_steps=2)
     layer = [trainer.model.transformer.wte.weight]  # along the attention alone the loss never rises
     probe = TokenDataset(size=4)[0]
     probe = {k: v[None] for k, v in probe.items()}
-    SharpnessCallback.attach(trainer, probe, params=layer, schedule=sm.Schedule(every=2))
+    # schedules={}: the trace and lambda_max on the same grid as critical sharpness.
+    SharpnessCallback.attach(
+        trainer, probe, params=layer, schedule=sm.Schedule(every=2), schedules={}
+    )
     trainer.train()
     (row,) = read_rows(tmp_path / "out" / "sharpness.jsonl")
     assert row["status"] == "ok" and row["step"] == 2
+    assert row["trace_status"] == row["spectral_status"] == "ok"
+    exact = copy.deepcopy(trainer.model).double().eval()  # measured at step 2: these weights
+    block = dense_hessian(exact, causal_lm_loss, probe, [exact.transformer.wte.weight])
+    assert block.shape == (layer[0].numel(),) * 2
+    top = float(torch.linalg.eigvalsh(block)[-1])
+    assert row["lambda_max"] == pytest.approx(top, rel=1e-4)
+    trace = float(block.trace())
+    assert abs(row["hessian_trace"] - trace) <= 4 * row["hessian_trace_stderr"]
+    assert row["loss"] == pytest.approx(causal_lm_loss(exact, probe).item(), rel=1e-6)
 
 
 def masking_collator(seed: int | None) -> DataCollatorForLanguageModeling:
@@ -321,7 +338,7 @@ def test_resume_from_a_checkpoint_elsewhere_keeps_the_warm_start(tmp_path):
     SharpnessCallback.attach(first, **options)
     first.train()
     moved = tmp_path / "elsewhere" / "saved"
-    shutil.copytree(tmp_path / "a" / "out" / "checkpoint-10", moved)
+    shutil.copytree(tmp_path / "a" / "out" / f"{PREFIX_CHECKPOINT_DIR}-10", moved)
     uninterrupted = read_rows(tmp_path / "a" / "out" / "sharpness.jsonl")[2:]
     for restore in (False, True):
         folder = tmp_path / f"restore_{restore}"
@@ -388,17 +405,75 @@ class FailingLogger(TrainerCallback):
             raise ConnectionError("the logging service is down")
 
 
-class FailingRun:
+class RecordingRun:
+    """An active W&B run that keeps what it is given."""
+
+    def __init__(self):
+        self.metrics: list[tuple[tuple, dict]] = []
+        self.logged: list[dict] = []
+
+    def define_metric(self, *args, **kwargs):
+        self.metrics.append((args, kwargs))
+
+    def log(self, data, *args, **kwargs):
+        self.logged.append(dict(data))
+
+
+class FailingRun(RecordingRun):
     """An active W&B run that cannot log."""
 
     def log(self, *args, **kwargs):
         raise ConnectionError("the logging service is down")
 
 
-@pytest.mark.parametrize("bound", [True, False])
+class UnreachableRun(FailingRun):
+    """An active W&B run that cannot even be set up (``define_metric`` raises too)."""
+
+    def define_metric(self, *args, **kwargs):
+        raise ConnectionError("the logging service is down")
+
+
+def test_unbound_the_active_wandb_run_gets_the_rows_through_a_wandb_sink(tmp_path, monkeypatch):
+    """Not bound to the Trainer, the callback logs into the active W&B run through one
+    WandbSink, set up lazily at the first row (not when the callback is made), under the keys
+    the Trainer's WandbCallback gives: train/sharpness/<column> on the train/global_step axis,
+    non-finite values left out."""
+    run = RecordingRun()
+    monkeypatch.setattr(wandb, "run", run)
+    made = []
+    monkeypatch.setattr(hf, "WandbSink", lambda **kw: made.append(WandbSink(**kw)) or made[-1])
+    trainer = make_trainer(tmp_path, max_steps=4)
+    callback = SharpnessCallback(schedule=sm.Schedule(every=2), measures=("critical",))
+    assert run.metrics == [] and callback._wandb is None  # nothing set up before the first row
+    trainer.add_callback(callback)
+    trainer.train()
+    assert len(made) == 1 and made[0].run is run and not made[0].owns_run
+    assert run.metrics == [
+        (("train/global_step",), {}),
+        (("train/sharpness/*",), {"step_metric": "train/global_step"}),
+    ]
+    history = [h for h in trainer.state.log_history if "sharpness/critical_sharpness" in h]
+    assert [h["step"] for h in history] == [2, 4]
+    expected = [
+        {
+            **{f"train/{k}": v for k, v in h.items() if k != "step" and math.isfinite(v)},
+            "train/global_step": h["step"],
+        }
+        for h in history
+    ]
+    assert run.logged == expected
+    rows = read_rows(tmp_path / "out" / "sharpness.jsonl")
+    for row, entry in zip(rows, run.logged, strict=True):
+        assert entry["train/sharpness/critical_sharpness"] == row["critical_sharpness"]
+        assert entry["train/sharpness/loss"] == row["loss"]
+    assert callback._wandb is None  # closed at the end of training; the run is not finished
+
+
+@pytest.mark.parametrize("bound", [True, False, "setup"])
 def test_a_failing_logger_does_not_stop_training(tmp_path, monkeypatch, bound):
-    """Bound (Trainer.log and its loggers) or not (W&B directly), a logger that raises is a
-    warning: training runs to its end on its own trajectory, the JSONL file gets every row."""
+    """Bound (Trainer.log and its loggers) or not (a WandbSink into the active W&B run, whose
+    logging or setup fails), a logger that raises is a warning: training runs to its end on
+    its own trajectory, the JSONL file gets every row."""
     reference = make_trainer(tmp_path / "a", max_steps=4)
     reference.train()
     trainer = make_trainer(tmp_path / "b", max_steps=4)
@@ -407,7 +482,7 @@ def test_a_failing_logger_does_not_stop_training(tmp_path, monkeypatch, bound):
         trainer.add_callback(FailingLogger())
         SharpnessCallback.attach(trainer, **options)
     else:
-        monkeypatch.setattr(wandb, "run", FailingRun())
+        monkeypatch.setattr(wandb, "run", UnreachableRun() if bound == "setup" else FailingRun())
         trainer.add_callback(SharpnessCallback(**options))
     with pytest.warns(SinkWarning, match="the logging service is down"):
         trainer.train()

@@ -16,7 +16,7 @@ from types import SimpleNamespace
 import psutil
 import pytest
 import torch.distributed as dist
-from conftest import causal_lm_loss, tiny_gpt2, token_batch
+from conftest import causal_lm_loss, float64_gpt2, token_batch
 from ranks import run_on_ranks
 
 import sharpmeter as sm
@@ -69,7 +69,7 @@ def measure_while_the_other_rank_sleeps(seconds: float) -> dict:
     """Rank 1 stops taking part (alive, its sockets open, as a stopped rank) once both ranks
     hold a meter; rank 0 measures, then asks whether the next measurement is due."""
     meter = sm.SharpnessMeter(
-        tiny_gpt2(),
+        float64_gpt2(),
         local_shard(token_batch(batch_size=4)),
         causal_lm_loss,
         measures=("critical",),

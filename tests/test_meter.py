@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from conftest import assert_same, snapshot, tiny_gpt2, token_batch
+from conftest import assert_same, float64_gpt2, snapshot, token_batch
 
 import sharpmeter as sm
 import sharpmeter.measure.distributed as distributed_module
@@ -36,7 +36,7 @@ def trained(model, optimizer, batch, steps: int = 2):
 def test_a_measured_subset_is_clipped_by_the_global_norm():
     """The Trainer clips every gradient by their joint norm; a subset's own norm is smaller
     and would clip the measured update too little."""
-    model = tiny_gpt2().float().eval()
+    model = float64_gpt2().float().eval()
     batch = token_batch(4)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     trained(model, optimizer, batch)
@@ -69,7 +69,7 @@ class LockedAdam(torch.optim.Adam):
 
 
 def test_no_direction_is_a_status_and_the_rest_is_measured():
-    model = tiny_gpt2().eval()
+    model = float64_gpt2().eval()
     batch = token_batch(3)
     optimizer = LockedAdam(model.parameters(), lr=1e-3)
     trained(model, optimizer, batch)
@@ -134,7 +134,7 @@ def test_question_answering_heads_measure_with_their_own_loss_keys():
 
 
 def test_the_preconditioned_measure_refuses_a_non_adam_optimizer_once():
-    model = tiny_gpt2().eval()
+    model = float64_gpt2().eval()
     batch = token_batch(2)
     meter = sm.SharpnessMeter(model, batch, measures=("critical", "preconditioned"))
     with pytest.raises(ValueError, match="Adam-type"):
@@ -147,7 +147,7 @@ def test_the_preconditioned_measure_refuses_a_non_adam_optimizer_once():
 
 def test_every_rng_stream_is_left_alone():
     """A loss that draws from Python's and NumPy's generators (user code does) changes none."""
-    model = tiny_gpt2(dropout=0.1).train()
+    model = float64_gpt2(dropout=0.1).train()
     batch = token_batch(2)
 
     def noisy_loss(model, batch):
@@ -190,7 +190,7 @@ def test_checking_options_builds_nothing_and_draws_nothing():
 def test_a_nan_estimate_is_never_ok_and_never_a_warm_start(monkeypatch):
     """An HVP that overflowed gives NaN: the row says nonfinite, and Lanczos keeps its last
     finite start vector."""
-    model = tiny_gpt2().eval()
+    model = float64_gpt2().eval()
     batch = token_batch(2)
     meter = sm.SharpnessMeter(model, batch, measures=("trace", "spectral"))
     meter.measure(1)
@@ -218,7 +218,7 @@ def test_the_global_gradient_norm_is_taken_only_for_a_measure_that_follows_the_o
     """Clipping a measured subset by the global norm costs a backward over every parameter (a
     collective under sharding): only the measures that follow the optimizer's update need it,
     and only when there is an optimizer to follow."""
-    model = tiny_gpt2().eval()
+    model = float64_gpt2().eval()
     batch = token_batch(2)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     trained(model, optimizer, batch)
@@ -249,7 +249,7 @@ def test_a_first_group_without_a_learning_rate_leaves_the_other_measures_standin
     """The direction is the update per unit of the first group's rate: with that rate 0 and
     another group's not, it has no unit. The direction measures say so; trace and Lanczos,
     which do not need it, are measured as usual."""
-    model = tiny_gpt2().eval()
+    model = float64_gpt2().eval()
     batch = token_batch(3)
     frozen = [p for p in model.parameters() if p.dim() < 2]
     trained_fast = [p for p in model.parameters() if p.dim() >= 2]
@@ -278,7 +278,7 @@ def test_a_first_group_without_a_learning_rate_leaves_the_other_measures_standin
 
 def _rows_of_every_kind(monkeypatch) -> dict[str, dict]:
     """One meter measuring everything, and rows where it went well and where it did not."""
-    model = tiny_gpt2().eval()
+    model = float64_gpt2().eval()
     batch = token_batch(2)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     trained(model, optimizer, batch)
@@ -339,7 +339,7 @@ def test_under_data_parallelism_an_estimator_that_raises_on_one_rank_ends_the_ru
     """One process: a raising estimator is a status. Several ranks that all failed there: a
     status too (they are still in step). Only some ranks: their collectives are out of step
     with the others', so the run ends with a CollectiveError naming the rank."""
-    model = tiny_gpt2().eval()
+    model = float64_gpt2().eval()
     meter = sm.SharpnessMeter(model, token_batch(2), measures=("trace", "spectral"))
 
     def out_of_memory(*args, **kwargs):
@@ -386,7 +386,7 @@ def test_a_probe_with_fewer_examples_than_ranks_is_refused_on_every_rank(monkeyp
 def test_the_deflated_trace_shares_one_krylov_run_with_the_spectral_measure():
     """trace_method="deflated": the top eigenvalue is the one Lanczos finds alone, the trace
     agrees with Hutchinson's within their errors, and no HVP is spent twice."""
-    model = tiny_gpt2().eval()
+    model = float64_gpt2().eval()
     batch = token_batch(3)
     options = {"measures": ("trace", "spectral"), "trace_num_matvecs": 16}
     separate = sm.SharpnessMeter(model, batch, **options).measure(1)

@@ -1,10 +1,10 @@
-"""HessianOperator against the dense Hessian of a real (tiny) GPT-2, in every mode."""
+"""HessianOperator against the dense Hessian of a real (~1K-parameter) GPT-2, in every mode."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from conftest import causal_lm_loss, dense_hessian, tiny_gpt2, token_batch
+from conftest import causal_lm_loss, dense_hessian, float64_gpt2, token_batch
 
 import sharpmeter as sm
 from sharpmeter.measure.context import attention_guard
@@ -68,17 +68,22 @@ def test_matrix_of_columns(gpt2_reference):
     assert op.num_matvecs == 3
 
 
-def test_hf_default_loss_and_default_attention_work():
+def test_hf_default_loss_and_default_attention_work(gpt2_reference):
     """model(**batch).loss with default (fused SDPA) attention in eval mode, where the fused CPU
-    kernel has no double backward: the operator must switch to the math backend itself."""
-    model = tiny_gpt2().float().eval()
+    kernel has no double backward: the operator must switch to the math backend itself, and
+    its float32 product is the exact Hessian's (float64, the same weights) to float32 rounding."""
+    reference_model, batch, hessian = gpt2_reference
+    model = float64_gpt2().float().eval()  # float32 weights: float64_gpt2's, exactly
     assert model.config._attn_implementation == "sdpa"
     op = sm.HessianOperator(model, None, token_batch())
     v = torch.randn(op.dim, generator=torch.Generator().manual_seed(0))
     hv = op @ v
     assert hv.dtype == torch.float32 and op.loss.dtype == torch.float32
+    assert relative_error(hv.double(), hessian @ v.double()) <= 1e-5  # measured 2e-7
+    exact_loss = causal_lm_loss(reference_model, batch).item()
+    assert float(op.loss) == pytest.approx(exact_loss, rel=1e-6)
     # The same product through eager attention, which has a double backward of its own.
-    eager = tiny_gpt2().float().eval()
+    eager = float64_gpt2().float().eval()
     eager.config._attn_implementation = "eager"
     reference = sm.HessianOperator(eager, None, token_batch())
     torch.testing.assert_close(op.loss, reference.loss)
@@ -142,7 +147,7 @@ def test_multi_batch_probe_is_the_token_weighted_mean(gpt2_reference):
 
 def test_modes_agree_with_dropout_on():
     """In train mode every forward gets the same dropout masks, so the modes agree."""
-    model = tiny_gpt2(dropout=0.2).train()
+    model = float64_gpt2(dropout=0.2).train()
     batch = token_batch()
     v = torch.randn(
         sum(p.numel() for p in model.parameters()),
@@ -180,7 +185,7 @@ def test_loss_linear_in_some_parameters_has_zero_hessian_rows():
 
 
 def test_flash_attention_config_is_switched_for_the_measurement_and_back():
-    model = tiny_gpt2()
+    model = float64_gpt2()
     model.config._attn_implementation = "flash_attention_2"
     with attention_guard(model):
         assert model.config._attn_implementation == "sdpa"
@@ -209,7 +214,7 @@ def test_bad_input_raises_clear_errors(gpt2_reference):
 
 
 def test_operator_follows_parameters_written_in_place():
-    model = tiny_gpt2().eval()
+    model = float64_gpt2().eval()
     batch = token_batch()
     op = sm.HessianOperator(model, causal_lm_loss, batch)
     v = torch.randn(op.dim, generator=torch.Generator().manual_seed(6), dtype=torch.float64)

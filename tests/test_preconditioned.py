@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import causal_lm_loss, tiny_gpt2, token_batch
+from conftest import causal_lm_loss, float64_gpt2, token_batch
 
 import sharpmeter as sm
 
@@ -15,7 +15,7 @@ import sharpmeter as sm
 def test_adam_preconditioner_is_what_the_next_step_divides_by(amsgrad, weight_decay, warm_steps):
     """With beta1 = 0 the next Adam step is exactly -lr * (g + wd theta) / P, P taken before it
     from the state and the gradient of that step (no state at all before the first step)."""
-    model = tiny_gpt2().eval()
+    model = float64_gpt2().eval()
     params = list(model.parameters())
     optimizer = torch.optim.Adam(
         params, lr=1e-3, betas=(0.0, 0.99), eps=1e-6, amsgrad=amsgrad, weight_decay=weight_decay
@@ -37,7 +37,7 @@ def test_adam_preconditioner_is_what_the_next_step_divides_by(amsgrad, weight_de
 
 def test_preconditioner_follows_the_clipped_probe_gradient():
     """Given gradients and clipping enter P as they enter the measured step."""
-    model = tiny_gpt2().eval()
+    model = float64_gpt2().eval()
     params = list(model.parameters())
     optimizer = torch.optim.AdamW(params, lr=1e-3)
     causal_lm_loss(model, token_batch(seed=0)).backward()
@@ -102,7 +102,7 @@ def test_adam_preconditioner_is_the_second_moment_of_the_real_step(
     """P = sqrt(v / (1 - beta2^(t+1))) + eps with v the exp_avg_sq the real step t + 1 leaves:
     ``maximize`` negates g before Adam's coupled decay adds wd theta to it (AdamW's decay is
     decoupled and never enters v)."""
-    model = tiny_gpt2().eval()
+    model = float64_gpt2().eval()
     params = list(model.parameters())
     betas, eps = (0.9, 0.99), 1e-6
     optimizer = optimizer_type(

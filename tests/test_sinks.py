@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from sharpmeter.measure import files, sinks
-from sharpmeter.measure.sinks import JsonlSink, SinkWarning
+from sharpmeter.measure.sinks import JsonlSink, Sink, SinkWarning, WandbSink
 
 META = {"run": "r1", "n_params": 7, "seed": 0}
 STARTED = {**META, "finished": False}  # the metadata a sink writes until the run ends normally
@@ -242,3 +242,10 @@ def test_rows_pending_when_a_sink_is_dropped_unclosed_are_reported_lost(tmp_path
     del sink  # training raised: no one closes it
     with pytest.warns(SinkWarning, match="2 rows could not be written .* lost"):
         gc.collect()
+
+
+def test_both_sinks_follow_the_sink_protocol():
+    """write(row) and close(): the meter's users (the HF callback, the accelerate helper) hold
+    either sink, or both, as one kind of thing."""
+    assert issubclass(JsonlSink, Sink) and issubclass(WandbSink, Sink)
+    assert not issubclass(SinkWarning, Sink)

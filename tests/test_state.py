@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import assert_same, causal_lm_loss, snapshot, tiny_gpt2, token_batch
+from conftest import assert_same, causal_lm_loss, float64_gpt2, snapshot, token_batch
 
 import sharpmeter as sm
 from sharpmeter.measure.estimators import trace_and_top
@@ -14,7 +14,7 @@ from sharpmeter.measure.estimators import trace_and_top
 def start_training() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
     """A GPT-2 with dropout in train mode after two Adam steps, gradients of a third pending."""
     torch.manual_seed(0)
-    model = tiny_gpt2(dropout=0.1).train()
+    model = float64_gpt2(dropout=0.1).train()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     for seed in range(3):
         optimizer.zero_grad()

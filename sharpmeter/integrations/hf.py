@@ -10,7 +10,9 @@ taken along the update the *next* step would make. Rows go
 * through ``Trainer.log`` under ``sharpness/...`` when the callback is bound to the trainer
   (:meth:`SharpnessCallback.attach`), so they reach every ``report_to`` integration (W&B shows
   them as ``train/sharpness/...`` on the Trainer's own step axis) and ``state.log_history``;
-* otherwise into ``state.log_history`` and, when a W&B run is active, straight into it.
+* otherwise into ``state.log_history`` and, when a W&B run is active, into it through a
+  :class:`~sharpmeter.measure.sinks.WandbSink` (set up at the first row, under the same
+  ``train/sharpness/...`` keys and ``train/global_step`` axis).
 
 The console gets one short line per measurement (none with ``disable_tqdm``); the full row is
 in the JSONL file and the loggers. A logger that fails (a service down, a full disk) is a
@@ -72,7 +74,13 @@ from sharpmeter.measure.meter import SharpnessMeter
 from sharpmeter.measure.options import MeterOptions, resolve_options
 from sharpmeter.measure.rng import fork_rng
 from sharpmeter.measure.schema import RUN_FILE
-from sharpmeter.measure.sinks import JsonlSink, SinkWarning, numeric_items, run_metadata
+from sharpmeter.measure.sinks import (
+    JsonlSink,
+    SinkWarning,
+    WandbSink,
+    numeric_items,
+    run_metadata,
+)
 
 PREFIX = "sharpness/"
 # The meter's warm start and schedule position, kept in TrainerState.stateful_callbacks so that
@@ -151,6 +159,7 @@ class SharpnessCallback(TrainerCallback):
         self.meter: SharpnessMeter | None = None
         self.sink: JsonlSink | None = None
         self.trainer: Trainer | None = None
+        self._wandb: WandbSink | None = None  # set up on the first row that finds a W&B run
         self._logging_fails = False
 
     @classmethod
@@ -287,7 +296,7 @@ class SharpnessCallback(TrainerCallback):
             row = self.meter.measure(state.global_step, optimizer=optimizer)
             if self.sink is not None:
                 self.sink.write(row)
-            self._log(numeric_items(row, PREFIX), state, control)
+            self._log(row, state, control)
             if state.is_world_process_zero and not args.disable_tqdm:
                 tqdm.write(summary_line(row))
         # Before the Trainer saves a checkpoint of this step, which follows on_step_end.
@@ -300,17 +309,21 @@ class SharpnessCallback(TrainerCallback):
         if self.sink is not None:
             self.sink.mark_finished()
             self.sink.close()
+        if self._wandb is not None:
+            self._wandb.close()  # the run is the user's: closing it never finishes it
+            self._wandb = None
         return control
 
     def _publish_state(self, state: TrainerState) -> None:
         state.stateful_callbacks[STATE_KEY] = self.meter.state_dict()
 
-    def _log(self, logs: dict[str, float], state: TrainerState, control: TrainerControl) -> None:
-        """Send a row to the loggers. A logger that raises (a service down, a full disk) must
-        not stop training: it is a :class:`SinkWarning` when logging starts failing and when it
-        works again, once each; the JSONL sink keeps every row meanwhile."""
+    def _log(self, row: dict[str, Any], state: TrainerState, control: TrainerControl) -> None:
+        """Send a row's numbers to the loggers. A logger that raises (a service down, a full
+        disk, a W&B run that cannot be set up) must not stop training: it is a
+        :class:`SinkWarning` when logging starts failing and when it works again, once each; the
+        JSONL sink keeps every row meanwhile. Never raises."""
         try:
-            self._send_to_loggers(logs, state, control)
+            self._send_to_loggers(row, state, control)
         except Exception as error:
             if not self._logging_fails:
                 warnings.warn(
@@ -331,19 +344,40 @@ class SharpnessCallback(TrainerCallback):
         self._logging_fails = False
 
     def _send_to_loggers(
-        self, logs: dict[str, float], state: TrainerState, control: TrainerControl
+        self, row: dict[str, Any], state: TrainerState, control: TrainerControl
     ) -> None:
+        """Bound: ``Trainer.log``. Unbound: ``state.log_history`` and, on the main process with
+        a W&B run active, a :class:`WandbSink` writing into that run."""
+        logs = numeric_items(row, PREFIX)
         if self.trainer is not None:
             self._log_through_trainer(logs, control)
             return
         state.log_history.append({**logs, "step": state.global_step})
+        if not state.is_world_process_zero:
+            return
+        sink = self._wandb_sink()
+        if sink is not None:
+            # Under the keys the Trainer's WandbCallback gives (train/sharpness/..., on its
+            # train/global_step axis); non-finite values are left out.
+            finite = {k: v for k, v in numeric_items(row).items() if math.isfinite(v)}
+            sink.write({**finite, "step": state.global_step})
+
+    def _wandb_sink(self) -> WandbSink | None:
+        """The :class:`WandbSink` of the active W&B run, set up on the first row that finds one
+        (as transformers' ``WandbCallback`` does: nothing in ``__init__``); ``None`` without
+        wandb or an active run. The callback never starts a run of its own, and follows the
+        active one when it changes. A setup that raises is tried again at the next row."""
         try:
             import wandb
         except ImportError:
-            return
-        if wandb.run is not None and state.is_world_process_zero:
-            train_logs = {f"train/{k}": v for k, v in logs.items() if math.isfinite(v)}
-            wandb.run.log({**train_logs, "train/global_step": state.global_step})
+            return None
+        if wandb.run is None:
+            self._wandb = None
+            return None
+        if self._wandb is None or self._wandb.run is not wandb.run:
+            self._wandb = None
+            self._wandb = WandbSink(prefix=f"train/{PREFIX}", step_key="train/global_step")
+        return self._wandb
 
     def _log_through_trainer(self, logs: dict[str, float], control: TrainerControl) -> None:
         """``Trainer.log`` (history, every ``report_to`` logger) without the console printers,

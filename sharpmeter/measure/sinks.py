@@ -20,7 +20,7 @@ import weakref
 from collections.abc import Mapping
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -67,6 +67,18 @@ def _optional_versions(*names: str) -> dict[str, str]:
         except PackageNotFoundError:
             continue
     return found
+
+
+@runtime_checkable
+class Sink(Protocol):
+    """Where rows go: :class:`JsonlSink`, :class:`WandbSink`, or anything with these two.
+
+    ``write`` takes one meter row (its ``step`` included); ``close`` ends the sink's own
+    resources (never a W&B run it did not start)."""
+
+    def write(self, row: Mapping[str, Any]) -> None: ...
+
+    def close(self) -> None: ...
 
 
 class SinkWarning(RuntimeWarning):
