@@ -10,6 +10,8 @@ import pytest
 from sharpmeter.harness import config as config_module
 from sharpmeter.harness.config import RUN_ARGUMENTS, STUDY_ARGUMENTS, parse_config
 from sharpmeter.harness.gpt import build_gpt
+from sharpmeter.measure.measures import HVP_MEASURES, MEASURES
+from sharpmeter.measure.schedule import Schedule
 
 CONFIGS = Path(__file__).parent.parent / "configs"
 
@@ -144,7 +146,18 @@ def test_the_sharpness_defaults_are_the_meters(tmp_path):
     from sharpmeter.measure.options import MeterOptions
 
     _, _, sharpness, _ = parse_config([write(tmp_path, "size: tiny\n")])
-    assert sharpness.meter_options() == MeterOptions()
+    options, defaults = sharpness.meter_options(), MeterOptions()
+    assert options.replace(schedule=None, schedules={}) == defaults
+    for measure in MEASURES:  # the config names the schedules the meter defaults to
+        assert options.schedule_of(measure) == defaults.schedule_of(measure)
+
+
+def test_the_hvp_measures_take_their_schedule_from_the_hvp_keys(tmp_path):
+    text = "size: tiny\nevery: 5\nhvp_per_decade: 4\nhvp_max_fraction: null\n"
+    options = parse_config([write(tmp_path, text)])[2].meter_options()
+    assert options.schedule_of("critical") == Schedule(every=5, max_fraction=0.02)
+    hvp = Schedule(every=50, per_decade=4, max_fraction=None)
+    assert all(options.schedule_of(name) == hvp for name in HVP_MEASURES)
 
 
 def test_null_turns_the_time_budget_off_unless_the_command_line_sets_it(tmp_path):
@@ -161,7 +174,8 @@ def test_shipped_configs_measure_every_step_of_their_grid(name, monkeypatch):
     cpu = ["--use_cpu", "true"] if "gpu" in name else []
     parsed = parse_config([str(CONFIGS / f"{name}.yaml"), *cpu], types, required=())
     sharpness = next(p for p in parsed if type(p).__name__ == "SharpnessArguments")
-    assert sharpness.schedule().max_fraction is None
+    for measure in sharpness.measures:
+        assert sharpness.schedule_of(measure).max_fraction is None, measure
 
 
 def test_the_claims_config_has_the_sizes_seeds_and_measures_its_claims_need():
@@ -174,6 +188,12 @@ def test_the_claims_config_has_the_sizes_seeds_and_measures_its_claims_need():
     assert set(sharpness.measures) == {"critical", "trace", "spectral"}
     assert study.schedule_variants == ["cosine", "linear", "cosine_with_restarts"]
     assert study.schedule_size in study.sizes
+    # critical sharpness on a dense grid, the HVP measures on a sparse one, on shared steps
+    final = range(int(0.8 * training.max_steps) + 1, training.max_steps + 1)
+    dense, sparse = sharpness.schedule_of("critical"), sharpness.schedule_of("trace")
+    assert sharpness.schedule_of("spectral") == sparse
+    assert sum(map(dense.is_due, final)) >= 50 and sum(map(sparse.is_due, final)) >= 10
+    assert sparse.every > dense.every and sparse.every % dense.every == 0
 
 
 def n_params(size: str) -> int:

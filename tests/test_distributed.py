@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as dist
-from conftest import causal_lm_loss, tiny_gpt2, token_batch
+from conftest import causal_lm_loss, float64_gpt2, token_batch
 from ranks import run_on_ranks
 from torch import nn
 
@@ -14,7 +14,7 @@ from sharpmeter.measure.distributed import local_shard
 
 
 def measure(batch) -> dict[str, float]:
-    model = tiny_gpt2(n_layer=2).eval()
+    model = float64_gpt2(n_layer=2).eval()
     op = sm.HessianOperator(model, causal_lm_loss, batch)
     top = sm.lanczos(op, k=1, max_iter=60, tol=1e-10)
     trace = sm.hutchinson(op, num_matvecs=8, seed=3)
@@ -105,3 +105,32 @@ def test_sharded_shadow_step_failures_reach_every_rank():
     assert "rank 0 cannot step" in failed_0
     assert failed_1.startswith("DirectionUnavailable: another rank failed")
     assert ok_0 == ok_1 == "ok"
+
+
+def budget_decisions() -> list[tuple[bool, str, str]]:
+    """Two schedules with budgets, each over budget on one rank only (wall clocks differ
+    between ranks): every rank must take what rank 0 decides, or the ranks' HVP collectives
+    would fall out of step."""
+    rank = dist.get_rank()
+    meter = sm.SharpnessMeter(
+        float64_gpt2().eval(),
+        local_shard(token_batch(batch_size=4)),
+        causal_lm_loss,
+        measures=("critical", "trace"),
+        schedule=sm.Schedule(every=1, max_fraction=0.05),
+        schedules={"trace": sm.Schedule(every=1, max_fraction=0.04)},
+    )
+    critical, trace = meter.ledgers
+    (trace if rank == 0 else critical).measuring_seconds = 10.0  # 10% of training time
+    meter._started -= 110.0  # 100 s of training and those 10 s of measuring
+    decisions = []
+    for step in (1, 2):
+        due = meter.is_due(step)
+        row = meter.measure(step) if due else {}
+        decisions.append((due, row.get("critical_status"), row.get("trace_status")))
+    return decisions
+
+
+def test_rank_0_decides_which_schedules_are_within_budget():
+    first, second = run_on_ranks(budget_decisions)
+    assert first == second == [(True, "ok", "not_due")] * 2

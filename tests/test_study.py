@@ -89,7 +89,7 @@ def test_bad_input_fails_before_training(tmp_path):
     assert done.returncode != 0 and "unknown model size" in done.stderr
     assert not list(tmp_path.glob("tiny"))
     done = run_study(tmp_path, "--max_steps", "20", "--every", "5")
-    assert done.returncode != 0 and "leaves 4 measurements on the schedule" in done.stderr
+    assert done.returncode != 0 and "leaves 4 critical measurements on its schedule" in done.stderr
     done = run_study(tmp_path, "--quantity", "lambda_max")
     assert done.returncode != 0 and "needs the 'spectral' measure" in done.stderr
     done = run_study(tmp_path, "--size", "tiny")
@@ -237,7 +237,7 @@ def test_the_claims_study_shrunk_reports_its_seeds_and_trains_its_schedules(tmp_
     for folder in ladder:
         run = folder.relative_to(out).as_posix()
         assert f"| `{run}` | {run[-1]} |" in report, run
-    assert "schedules/" not in report  # one size, outside the scaling fits
+    assert "4 runs (4 fitted)" in report  # the schedules: one size, outside the scaling fits
 
     # Restarts raise the learning rate again halfway; linear and cosine decay throughout.
     lr = {p.name: [row["lr"] for row in read_records(p / "sharpness.jsonl")] for p in schedules}
@@ -249,7 +249,10 @@ def test_the_claims_study_shrunk_reports_its_seeds_and_trains_its_schedules(tmp_
     assert restarted != sorted(restarted, reverse=True)
     runs = {p.name: load_runs([p / "sharpness.jsonl"])[0] for p in schedules}
     curves = {name: run.curve("critical_sharpness") for name, run in runs.items()}
-    assert schedule_verdict(curves).holds is not None  # the three runs are what it compares
+    verdict = schedule_verdict(curves)
+    assert verdict.holds is not None  # the three runs are what it compares
+    section = report[report.index("## Schedule sensitivity") :]  # and the report shows it
+    assert verdict.line() in section and "](schedules.png)" in section
 
     again = run_study(out, *CLAIMS_SHRUNK, config=CLAIMS)
     assert again.returncode == 0 and again.stdout.count("already trained") == 7

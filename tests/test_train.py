@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -12,7 +13,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 from conftest import RUN_HOLDER
+from transformers import GPT2LMHeadModel, default_data_collator
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+import sharpmeter as sm
 from sharpmeter.harness import train
 from sharpmeter.harness.config import parse_config
 from sharpmeter.harness.data import lm_dataset
@@ -25,7 +29,8 @@ from sharpmeter.paper.records import read_records
 ROOT = Path(__file__).parent.parent
 RECIPE = ROOT / "recipes" / "train_gpt.py"
 CONFIG = ROOT / "configs" / "tiny.yaml"
-QUICK = ["--size", "tiny", "--max_steps", "20", "--every", "5", "--logging_steps", "5"]
+QUICK = ["--size", "tiny", "--max_steps", "20", "--every", "5", "--hvp_every", "5"]
+QUICK += ["--logging_steps", "5"]
 NEEDS_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
@@ -47,15 +52,38 @@ def rows_of(out: Path) -> list[dict]:
 
 
 def test_one_process_run_logs_every_measure(tmp_path):
+    """Every measure on the grid; the last row against its own reference, computed here from
+    the step-20 checkpoint on the probe the callback draws (``probe_size`` blocks picked by a
+    generator seeded with ``probe_seed``): the probe loss, lambda_max by a tight Lanczos, the
+    trace by a Hutchinson of 64 probes, critical sharpness as 2 / eta_c inside its bracket."""
     out = tmp_path / "run"
-    done = launch([sys.executable], out, *QUICK)
+    save = ["--save_strategy", "steps", "--save_steps", "20"]
+    done = launch([sys.executable], out, *QUICK, *save)
     assert done.returncode == 0, done.stderr[-3000:]
     rows = rows_of(out)
     assert [r["step"] for r in rows] == [5, 10, 15, 20]
     assert all(r["status"] == "ok" for r in rows), rows
     for key in ("critical_sharpness", "hessian_trace", "lambda_max", "loss"):
         assert all(isinstance(r[key], float) for r in rows), key
+    for row in rows:
+        assert row["critical_sharpness"] == pytest.approx(2 / row["critical_eta"], rel=1e-12)
+        assert row["critical_eta_lo"] <= row["critical_eta"] <= row["critical_eta_hi"]
     config = json.loads((out / "sharpmeter_run.json").read_text())
+    last = rows[-1]
+    model = GPT2LMHeadModel.from_pretrained(out / f"{PREFIX_CHECKPOINT_DIR}-20").eval()
+    assert last["n_params"] == sum(p.numel() for p in model.parameters())
+    data = lm_dataset(config["corpus"], config["block_size"], tokenizer=config["tokenizer"])
+    generator = torch.Generator().manual_seed(config["probe_seed"])
+    picked = torch.randperm(len(data), generator=generator)[: config["probe_size"]].tolist()
+    probe = default_data_collator([data[i] for i in picked])
+    operator = sm.HessianOperator(model, None, probe)
+    assert float(operator.loss) == pytest.approx(last["loss"], rel=1e-5)
+    top = sm.lanczos(operator, max_iter=80, tol=1e-8)
+    assert top.converged and last["lambda_max_converged"]
+    assert last["lambda_max"] == pytest.approx(top.value, rel=1e-4)  # tol 1e-3 on the residual
+    trace = sm.hutchinson(operator, num_matvecs=64, seed=1)
+    spread = math.hypot(last["hessian_trace_stderr"], trace.stderr)
+    assert abs(last["hessian_trace"] - trace.value) <= 4 * spread
     assert config["size"] == "tiny" and config["max_steps"] == 20
     assert is_finished(out, config) and not is_finished(tmp_path / "elsewhere", config)
     with pytest.raises(ValueError, match="other settings \\(max_steps\\)"):

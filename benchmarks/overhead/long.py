@@ -76,13 +76,22 @@ def long_worker(args: argparse.Namespace) -> None:
         "rows": rows,
         "minor_faults": faults,
         "n_params": num_params(trainer.model),
-        "schedule": repr(meter.schedule) if meter else None,
+        "ledgers": [ledger_record(ledger) for ledger in meter.ledgers] if meter else None,
         "meter_measuring_seconds": meter.measuring_seconds if meter else None,
         "meter_training_seconds": meter.training_seconds if meter else None,
     }
     (workdir / f"{arm}.json").write_text(json.dumps(result))
     print(f"[{arm}] done: {seconds:.1f} s", flush=True)
     keep_busy(trainer, workdir)
+
+
+def ledger_record(ledger) -> dict:
+    """A schedule's account at the end of the run, with the schedule it keeps."""
+    return {
+        **ledger.state_dict(),
+        "schedule": repr(ledger.schedule),
+        "max_fraction": ledger.schedule.max_fraction,
+    }
 
 
 def keep_busy(trainer, workdir: Path) -> None:
@@ -127,7 +136,7 @@ def main_long(args: argparse.Namespace, out: Path | None) -> None:
     started = time.perf_counter()
     print(f"long run: {args.long} steps, both arms at once", flush=True)
     without, with_, identical = run_arms(args)
-    size = SIZES[args.size]
+    size, ledgers = SIZES[args.size], with_["ledgers"]
     extra = [
         f"model: GPT-2 {args.size}, {with_['n_params']:,} parameters (n_embd {size.n_embd}, "
         f"n_layer {size.n_layer}, n_head {size.n_head}, vocab {size.vocab_size}), float32, "
@@ -136,8 +145,9 @@ def main_long(args: argparse.Namespace, out: Path | None) -> None:
         f"{size.n_positions}; AdamW lr {args.lr:g} constant, max_grad_norm 1, seed {args.seed}; "
         "`Trainer(use_cpu=True, report_to=[], save_strategy='no', disable_tqdm=True)`",
         "callback: `SharpnessCallback.attach(trainer)`, no schedule argument: the default "
-        f"`MeterOptions().schedule` = `{with_['schedule']}`; measures "
-        f"{', '.join(MeterOptions().measures)}, "
+        "schedules, "
+        + "; ".join(f"{', '.join(book['measures'])}: `{book['schedule']}`" for book in ledgers)
+        + f"; measures {', '.join(MeterOptions().measures)}, "
         "probe of 8 training examples, trace 8 HVPs, Lanczos <= 20 steps",
         "both arms at the same time, two child processes of "
         f"{args.threads} torch thread(s) each, released together after building data, model "

@@ -41,7 +41,7 @@ from sharpmeter.harness.data import TOKENIZERS, check_block_size, check_corpus, 
 from sharpmeter.harness.gpt import check_positions, check_size, probe_memory_bytes
 from sharpmeter.measure.distributed import NO_FSDP_HVP
 from sharpmeter.measure.measures import HVP_MEASURES, MEASURES
-from sharpmeter.measure.options import MeterOptions
+from sharpmeter.measure.options import FORWARD_SCHEDULE, HVP_SCHEDULE, MeterOptions
 from sharpmeter.measure.schedule import Schedule
 
 # The meter's defaults: a config that wants others says so in its YAML file.
@@ -94,13 +94,28 @@ class SharpnessArguments:
     measures: list[str] = field(
         default_factory=lambda: list(DEFAULTS.measures), metadata={"help": f"any of {MEASURES}"}
     )
-    every: int = field(default=DEFAULTS.schedule.every, metadata={"help": "measure every n steps"})
+    every: int = field(
+        default=FORWARD_SCHEDULE.every,
+        metadata={"help": "measure critical sharpness every n steps (HVP measures: hvp_every)"},
+    )
     per_decade: int | None = field(
-        default=DEFAULTS.schedule.per_decade, metadata={"help": "log-spaced steps instead"}
+        default=FORWARD_SCHEDULE.per_decade, metadata={"help": "log-spaced steps instead"}
     )
     max_fraction: float | None = field(
-        default=DEFAULTS.schedule.max_fraction,
-        metadata={"help": "most share of wall time measuring may take (YAML null: no budget)"},
+        default=FORWARD_SCHEDULE.max_fraction,
+        metadata={"help": "most share of wall time critical sharpness may take (null: no budget)"},
+    )
+    hvp_every: int = field(
+        default=HVP_SCHEDULE.every,
+        metadata={"help": f"measure the HVP measures {HVP_MEASURES} every n steps"},
+    )
+    hvp_per_decade: int | None = field(
+        default=HVP_SCHEDULE.per_decade,
+        metadata={"help": "log-spaced steps for the HVP measures instead"},
+    )
+    hvp_max_fraction: float | None = field(
+        default=HVP_SCHEDULE.max_fraction,
+        metadata={"help": "most share of wall time the HVP measures may take (null: no budget)"},
     )
     probe_size: int = field(
         default=DEFAULTS.probe_size, metadata={"help": "examples in the probe batch"}
@@ -113,12 +128,21 @@ class SharpnessArguments:
         self.meter_options()  # every check of the options, the schedule's included
 
     def schedule(self) -> Schedule:
+        """The schedule of critical sharpness (and any measure without HVPs)."""
         return Schedule(self.every, self.per_decade, self.max_fraction)
+
+    def hvp_schedule(self) -> Schedule:
+        """The schedule the HVP measures share."""
+        return Schedule(self.hvp_every, self.hvp_per_decade, self.hvp_max_fraction)
+
+    def schedule_of(self, measure: str) -> Schedule:
+        return self.meter_options().schedule_of(measure)
 
     def meter_options(self) -> MeterOptions:
         return MeterOptions(
             measures=tuple(self.measures),
             schedule=self.schedule(),
+            schedules=dict.fromkeys(HVP_MEASURES, self.hvp_schedule()),
             probe_size=self.probe_size,
             probe_seed=self.probe_seed,
         )

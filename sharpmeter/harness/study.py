@@ -16,7 +16,8 @@ ladder trains seed by seed, so a study stopped early holds whole ladders.
 
 With ``schedule_variants`` one size of the ladder (``schedule_size``) trains once more per
 learning-rate schedule, into ``<output_dir>/schedules/<schedule>``, on the first seed; these
-runs stay out of the ladder's fits and report (one size cannot make a scaling law).
+runs stay out of the ladder's fits (one size cannot make a scaling law), and the report decides
+schedule sensitivity on them in a section of its own.
 
 Example::
 
@@ -140,12 +141,14 @@ def parse_study(argv: Sequence[str]) -> StudyConfig:
         raise ValueError(
             f"quantity {quantity!r} needs the {needed!r} measure; measures: {measures}"
         )
-    schedule, steps = config.sharpness.schedule(), config.training.max_steps
+    # The reported quantity's curve is the one that must be long enough (default: critical).
+    measure = needed or measures[0]
+    schedule, steps = config.sharpness.schedule_of(measure), config.training.max_steps
     count = sum(schedule.is_due(step) for step in range(1, steps + 1))
     if count < MIN_MEASUREMENTS:
         raise ValueError(
-            f"max_steps = {steps} leaves {count} measurements on the schedule; a curve needs "
-            f"at least {MIN_MEASUREMENTS}"
+            f"max_steps = {steps} leaves {count} {measure} measurements on its schedule; a "
+            f"curve needs at least {MIN_MEASUREMENTS}"
         )
     for arguments in config.runs():
         arguments.finished()
@@ -154,7 +157,8 @@ def parse_study(argv: Sequence[str]) -> StudyConfig:
 
 def run_study(config: StudyConfig) -> ReportFiles | None:
     """Train the runs of a parsed study config that are not finished, then write the report
-    of its ladder into its ``output_dir``. Returns None on ranks other than 0.
+    of its ladder and its schedule runs into its ``output_dir``. Returns None on ranks other
+    than 0.
 
     The study owns its ``output_dir`` from start to end (:mod:`sharpmeter.harness.runlock`): a
     second study (or run) started on it meanwhile raises
@@ -184,4 +188,5 @@ def _run_owned_study(config: StudyConfig) -> ReportFiles | None:
         out=config.training.output_dir,
         quantity=config.study.quantity,
         final_fraction=config.study.final_fraction,
+        schedules=[arguments.training.output_dir for arguments in config.schedule_runs()],
     )

@@ -60,10 +60,12 @@ class WarmStart:
 @dataclass(frozen=True)
 class RowContext:
     """What the measures of one row read: the meter (model, probe, parameters, options, warm
-    starts) and this row's operator, probe loss and gradient, learning rate, optimizer and its
-    update direction (or why there is none), and the norm the optimizer clips by."""
+    starts), the measures this row takes, and this row's operator, probe loss and gradient,
+    learning rate, optimizer and its update direction (or why there is none), and the norm
+    the optimizer clips by."""
 
     meter: SharpnessMeter
+    measures: tuple[Measure, ...]
     operator: HessianOperator | None
     loss: float
     gradient: torch.Tensor
@@ -189,7 +191,7 @@ def _shared_krylov(row: RowContext) -> TraceAndTopResult:
 
 
 def _chosen(row: RowContext, name: str) -> bool:
-    return any(measure.name == name for measure in row.meter.chosen)
+    return any(measure.name == name for measure in row.measures)
 
 
 def _preconditioned(row: RowContext) -> Outcome:

@@ -26,19 +26,27 @@ same keys, a failed one NaN where it has no value):
                                preconditioner of the measured Adam step; ``_residual``,
                                ``_converged``
 ``*_num_matvecs``              HVPs spent per estimator; ``wall_seconds`` in total
-``skipped_for_budget``         steps on the grid left out since the previous measurement
-                               because measuring was over its time budget
+``skipped_for_budget``         grid steps left out since the previous row because a
+                               schedule's measures were over its time budget (one per
+                               schedule and step)
 ``*_status``                   ``ok``, or why the measure has no trustworthy value
                                (``no_increase``, ``not_converged``, ``nonfinite``,
                                ``no_direction: ...``, ``error: ...``; the value is then NaN
-                               or, for Lanczos, unconverged)
-``status``                     ``ok`` only when every measure is; else ``error: <measures>``
+                               or, for Lanczos, unconverged), or ``not_due``: its schedule
+                               did not call for it at this step (NaN)
+``status``                     ``ok`` only when every measure taken is; else ``error: <measures>``
                                (an estimator raised) or ``incomplete: <measures>``; a row
                                that failed as a whole, before its measures: a bare
                                ``nonfinite`` (the probe loss) or ``error``, each measure's
                                status saying the same
 ``error``                      why a whole row failed (``None`` otherwise)
 =============================  ==========================================================
+
+Schedules: each measure follows its own (``MeterOptions.schedules``, else ``schedule``, else
+the default of its kind), so critical sharpness can be dense while the Hessian-vector-product
+measures are sparse; a row holds the measures due at its step. Each schedule's budget is
+charged what its measures took, and the row's shared work (the probe gradient, the Hessian
+operator) in proportion.
 
 Warm starts: each measurement starts the line search at the previous ``ok`` :math:`\eta_c`
 and Lanczos at the previous finite top eigenvector; a failed row seeds nothing.
@@ -94,8 +102,8 @@ from sharpmeter.measure.measures import (
 from sharpmeter.measure.operators import HessianOperator, NonFiniteLossError
 from sharpmeter.measure.options import MeterOptions, resolve_options
 from sharpmeter.measure.params import all_finite, norm, resolve_params, unflatten
-from sharpmeter.measure.schedule import Schedule
-from sharpmeter.measure.schema import NONFINITE
+from sharpmeter.measure.schedule import Ledger, ledgers
+from sharpmeter.measure.schema import NONFINITE, NOT_DUE
 
 PROGRESS_DELAY = 2.0  # seconds before a measurement shows its bar: short ones stay quiet
 # What every row has besides its measures' columns, NaN where the row failed before them.
@@ -150,10 +158,11 @@ class SharpnessMeter:
         )
         self._check_probe_loss()
         self.warm = WarmStart()
+        self.ledgers = ledgers({m.name: self.options.schedule_of(m.name) for m in self.chosen})
         self.last_step: int | None = None
-        self.measuring_seconds = 0.0
-        self.last_cost = 0.0
         self.skipped_for_budget = 0
+        # The ledgers is_due found due at a step, for measure() at that step.
+        self._due: tuple[int, tuple[Ledger, ...]] | None = None
         self._started = time.perf_counter()
 
     @property
@@ -161,8 +170,9 @@ class SharpnessMeter:
         return self.options.measures
 
     @property
-    def schedule(self) -> Schedule:
-        return self.options.schedule
+    def measuring_seconds(self) -> float:
+        """Wall time every measurement so far took, in total."""
+        return sum(ledger.measuring_seconds for ledger in self.ledgers)
 
     def _probe(self) -> ProbeLoss:
         return ProbeLoss(self.model, self.options.loss_fn, self.probe_batch, seed=self.options.seed)
@@ -180,24 +190,25 @@ class SharpnessMeter:
             check_adam_type(optimizer)
 
     def is_due(self, step: int) -> bool:
-        """Whether ``step`` is on the schedule, not yet measured, and within the time budget."""
+        """Whether some measure's schedule has ``step`` on its grid, not yet measured, within
+        its time budget; :meth:`measure` at ``step`` then takes those measures."""
+        self._due = None
         if self.last_step is not None and step <= self.last_step:
             return False
-        if not self.schedule.is_due(step):
+        on_grid = [ledger for ledger in self.ledgers if ledger.on_grid(step)]
+        if not on_grid:  # the grid is the same on every rank: no collective needed
             return False
-        if self.schedule.max_fraction is None:
-            return True
-        due = self.schedule.within_budget(
-            self.measuring_seconds, self.training_seconds, next_cost=self.last_cost
-        )
-        if is_distributed():
+        affordable = [ledger.affordable(self.training_seconds) for ledger in on_grid]
+        if is_distributed() and any(ledger.schedule.max_fraction for ledger in on_grid):
             # Wall clocks differ between ranks; a measurement is collective, so rank 0 decides.
-            decision = torch.tensor(int(due), device=self.params[0].device)
+            decision = torch.tensor(affordable, dtype=torch.int64, device=self.params[0].device)
             with collective("the broadcast of whether a measurement is due"):
                 torch.distributed.broadcast(decision, src=0)
-            due = bool(decision)
-        self.skipped_for_budget += not due
-        return due
+            affordable = [bool(flag) for flag in decision.tolist()]
+        taken = tuple(ledger for ledger, ok in zip(on_grid, affordable, strict=True) if ok)
+        self.skipped_for_budget += len(on_grid) - len(taken)
+        self._due = (int(step), taken)
+        return bool(taken)
 
     def measure(self, step: int, optimizer: torch.optim.Optimizer | None = None) -> dict:
         """One measurement at the current parameters; never changes training, and raises only
@@ -206,28 +217,36 @@ class SharpnessMeter:
 
         With ``optimizer``, critical and directional sharpness follow the update it would
         apply to the probe gradient (:func:`sharpmeter.update_direction`); without, the
-        gradient itself (``lr`` is then NaN). Every row has the same keys, in the same order,
-        whatever failed.
+        gradient itself (``lr`` is then NaN). After :meth:`is_due` said yes for ``step``, the
+        measures whose schedules are due; otherwise every chosen measure. Every row has the
+        same keys, in the same order, whatever failed or was not due.
         """
         started = time.perf_counter()
+        taken_ledgers = self._due[1] if self._due and self._due[0] == step else self.ledgers
+        self._due = None
+        names = {name for ledger in taken_ledgers for name in ledger.measures}
+        taken = tuple(measure for measure in self.chosen if measure.name in names)
         row = self._blank_row(step)
+        seconds: dict[str, float] = {}
         try:
             with measurement(self.model, self.options.dropout):
-                self._measure_into(row, optimizer)
-            row["status"] = _overall_status(row, self.chosen)
+                self._measure_into(row, optimizer, taken, seconds)
+            row["status"] = _overall_status(row, taken)
         except CollectiveError:  # the process group is gone: the run must end, saying why
             raise
         except NonFiniteLossError as error:
-            _fail(row, self.chosen, NONFINITE, str(error))
+            _fail(row, taken, NONFINITE, str(error))
         except Exception as error:  # a measurement must never stop training
             agree_on_failure(error, "a measurement", local(self.params[0]).device)
-            _fail(row, self.chosen, "error", f"{type(error).__name__}: {error}")
+            _fail(row, taken, "error", f"{type(error).__name__}: {error}")
+        for measure in self.chosen:
+            if measure not in taken:
+                row[measure.status_column] = NOT_DUE
         elapsed = time.perf_counter() - started
         row["wall_seconds"] = elapsed
         row["skipped_for_budget"] = self.skipped_for_budget
         self.skipped_for_budget = 0
-        self.measuring_seconds += elapsed
-        self.last_cost = elapsed
+        _charge(taken_ledgers, step, elapsed, seconds)
         self.last_step = int(step)
         return row
 
@@ -246,15 +265,22 @@ class SharpnessMeter:
         """Wall time since the meter started (or the run, after a resume), less measuring."""
         return time.perf_counter() - self._started - self.measuring_seconds
 
-    def _measure_into(self, row: dict, optimizer: torch.optim.Optimizer | None) -> None:
-        context = self._row_context(optimizer)
+    def _measure_into(
+        self,
+        row: dict,
+        optimizer: torch.optim.Optimizer | None,
+        taken: tuple[Measure, ...],
+        seconds: dict[str, float],
+    ) -> None:
+        """Take the measures ``taken`` into ``row``, each one's wall seconds into ``seconds``."""
+        context = self._row_context(optimizer, taken)
         row["lr"] = context.lr
         row["loss"] = context.loss
         row["grad_norm"] = float(norm(context.gradient, self.params))
         row["loss_noise_floor"] = torch.finfo(self.params[0].dtype).eps * abs(context.loss)
         # HVP measures first: the line search writes the parameters (and restores them), which
         # would make the operator rebuild its graph.
-        ordered = sorted(self.chosen, key=lambda measure: not measure.needs_hvp)
+        ordered = sorted(taken, key=lambda measure: not measure.needs_hvp)
         bar = tqdm(
             ordered,
             desc="measuring",
@@ -265,15 +291,19 @@ class SharpnessMeter:
         for measure in bar:
             hvps = context.operator.num_matvecs if context.operator is not None else 0
             bar.set_postfix_str(f"{measure.name}, {hvps} HVPs so far", refresh=False)
+            started = time.perf_counter()
             outcome = _take(measure, context)
+            seconds[measure.name] = time.perf_counter() - started
             row.update(outcome.values)
             row[measure.status_column] = outcome.status
 
-    def _row_context(self, optimizer: torch.optim.Optimizer | None) -> RowContext:
-        """The probe loss and gradient (with the Hessian operator when a measure needs HVPs),
-        the learning rate and the update direction of this row."""
+    def _row_context(
+        self, optimizer: torch.optim.Optimizer | None, taken: tuple[Measure, ...]
+    ) -> RowContext:
+        """The probe loss and gradient (with the Hessian operator when a measure taken needs
+        HVPs), the learning rate and the update direction of this row."""
         operator = None
-        if any(measure.needs_hvp for measure in self.chosen):
+        if any(measure.needs_hvp for measure in taken):
             operator = HessianOperator(
                 self.model,
                 self.options.loss_fn,
@@ -287,10 +317,12 @@ class SharpnessMeter:
             loss, gradient = probe_loss_and_gradient(self._probe(), self.params)
             if not (torch.isfinite(loss) and all_finite(gradient, self.params)):
                 raise NonFiniteLossError(f"the probe loss is not finite ({float(loss)})")
-        clip_norm = self._total_gradient_norm() if self._clips_by_global_norm(optimizer) else None
-        lr, direction = self._direction(optimizer, gradient, clip_norm)
+        clips = self._clips_by_global_norm(optimizer, taken)
+        clip_norm = self._total_gradient_norm() if clips else None
+        lr, direction = self._direction(optimizer, gradient, clip_norm, taken)
         return RowContext(
             meter=self,
+            measures=taken,
             operator=operator,
             loss=float(loss),
             gradient=gradient,
@@ -300,14 +332,16 @@ class SharpnessMeter:
             clip_norm=clip_norm,
         )
 
-    def _clips_by_global_norm(self, optimizer: torch.optim.Optimizer | None) -> bool:
+    def _clips_by_global_norm(
+        self, optimizer: torch.optim.Optimizer | None, taken: tuple[Measure, ...]
+    ) -> bool:
         """Whether this row needs :meth:`_total_gradient_norm`: a clipped subset is measured and
-        a chosen measure follows the optimizer's update. Otherwise the extra backward (and,
+        a measure taken follows the optimizer's update. Otherwise the extra backward (and,
         under sharding, its collective) would be spent on a number nothing reads."""
         return (
             self.clips_a_subset
             and optimizer is not None
-            and any(measure.follows_update for measure in self.chosen)
+            and any(measure.follows_update for measure in taken)
         )
 
     def _total_gradient_norm(self) -> torch.Tensor:
@@ -321,6 +355,7 @@ class SharpnessMeter:
         optimizer: torch.optim.Optimizer | None,
         gradient: torch.Tensor,
         clip_norm: torch.Tensor | None,
+        taken: tuple[Measure, ...],
     ) -> tuple[float, torch.Tensor | DirectionUnavailable | None]:
         """The learning rate and the update direction, or why the direction is unavailable
         (the HVP measures that do not need it still run).
@@ -329,12 +364,12 @@ class SharpnessMeter:
         per unit rate (the first group's rate 0 while another's is not, none of the measured
         parameters optimized): like an optimizer that cannot be followed, that is a status of
         the direction measures, not a failure of the whole row. No direction is computed when
-        no chosen measure reads it (a shadow step copies the optimizer's state).
+        no measure taken reads it (a shadow step copies the optimizer's state).
         """
         if optimizer is None:
             return math.nan, gradient
         lr = learning_rate(optimizer)
-        if not any(measure.needs_direction for measure in self.chosen):
+        if not any(measure.needs_direction for measure in taken):
             return lr, None
         try:
             direction = update_direction(
@@ -355,18 +390,24 @@ class SharpnessMeter:
         return {
             "eta_c": self.warm.eta_c,
             "last_step": self.last_step,
-            "measuring_seconds": self.measuring_seconds,
             "training_seconds": self.training_seconds,
-            "last_cost": self.last_cost,
             "skipped_for_budget": self.skipped_for_budget,
+            "ledgers": [ledger.state_dict() for ledger in self.ledgers],
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Resume from :meth:`state_dict`. A schedule's ledger resumes from the saved one of the
+        same measures; a state saved before meters kept one per schedule (a single account of
+        every measure: ``measuring_seconds``, ``last_cost``) resumes every ledger from it."""
         self.warm.eta_c = state.get("eta_c")
         self.last_step = state.get("last_step")
-        self.measuring_seconds = float(state.get("measuring_seconds", 0.0))
-        self.last_cost = float(state.get("last_cost", 0.0))
         self.skipped_for_budget = int(state.get("skipped_for_budget", 0))
+        saved = {tuple(book["measures"]): book for book in state.get("ledgers", [])}
+        single = {key: state[key] for key in ("measuring_seconds", "last_cost") if key in state}
+        for ledger in self.ledgers:
+            ledger.load_state_dict(
+                saved.get(ledger.measures, {**single, "last_step": self.last_step})
+            )
         # The budget compares totals over the whole run, so the clock resumes where it stopped.
         elapsed = self.measuring_seconds + float(state.get("training_seconds", 0.0))
         self._started = time.perf_counter() - elapsed
@@ -388,6 +429,20 @@ def _take(measure: Measure, context: RowContext) -> Outcome:
         # An HVP that overflowed gives a NaN trace or eigenvalue: never an ok NaN.
         return Outcome(NONFINITE, outcome.values)
     return outcome
+
+
+def _charge(
+    ledgers_taken: Sequence[Ledger], step: int, elapsed: float, seconds: Mapping[str, float]
+) -> None:
+    """Book a row's ``elapsed`` seconds to the ledgers whose measures it took: each its
+    measures' own ``seconds``, and the row's shared work (probe gradient, Hessian operator)
+    in proportion to them (evenly when no measure ran: the row failed before them)."""
+    own = [sum(seconds.get(name, 0.0) for name in ledger.measures) for ledger in ledgers_taken]
+    total = sum(own)
+    shared = max(elapsed - total, 0.0)
+    for ledger, mine in zip(ledgers_taken, own, strict=True):
+        share = mine / total if total > 0 else 1 / len(ledgers_taken)
+        ledger.charge(step, mine + shared * share)
 
 
 def _fail(row: dict[str, Any], measures: Sequence[Measure], status: str, error: str) -> None:

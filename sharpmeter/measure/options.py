@@ -9,6 +9,8 @@ override its fields, or both; a config that wants another value says so in its Y
 Example::
 
     options = MeterOptions(measures=("critical",), schedule=Schedule(every=25))
+    sparse = Schedule(per_decade=4)
+    options = MeterOptions(schedules={"trace": sparse, "spectral": sparse})
     meter = SharpnessMeter(model, probe, options=options)
     meter = SharpnessMeter(model, probe, measures=("critical",), lanczos_max_iter=60)
 """
@@ -17,8 +19,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -27,9 +29,18 @@ from torch import nn
 from sharpmeter.measure.checks import check_choice, check_positive_int, is_finite_number
 from sharpmeter.measure.context import DROPOUT_POLICIES
 from sharpmeter.measure.loss import LossFn
-from sharpmeter.measure.measures import MEASURES, TRACE_METHOD_NAMES
+from sharpmeter.measure.measures import HVP_MEASURES, MEASURES, TRACE_METHOD_NAMES
 from sharpmeter.measure.operators import MODES
 from sharpmeter.measure.schedule import Schedule
+
+# Critical sharpness costs a few forwards (about 3.6 training steps with its probe gradient,
+# benchmarks/results/overhead.md): a dense grid, every 10 steps, while it has taken at most 2% of
+# the wall time.
+FORWARD_SCHEDULE = Schedule(every=10, max_fraction=0.02)
+# An HVP costs about two training steps whatever the model size, and the trace and the top
+# eigenvalue take 15-20 of them: a sparser grid, every 50 steps (on critical sharpness' steps),
+# one 3% budget for all (one Hessian operator serves them in a row). Both budgets: at most 5%.
+HVP_SCHEDULE = Schedule(every=50, max_fraction=0.03)
 
 
 @dataclass(frozen=True)
@@ -39,7 +50,14 @@ class MeterOptions:
     Args:
         measures: any of ``critical``, ``directional``, ``trace``, ``spectral``,
             ``preconditioned`` (repeats are dropped).
-        schedule: which steps are measured, and the share of wall time measuring may take.
+        schedule: the steps every measure not named in ``schedules`` is taken at, and the
+            share of wall time those measures may take; ``None``: each measure follows the
+            default of its kind, :data:`FORWARD_SCHEDULE` (critical sharpness) or
+            :data:`HVP_SCHEDULE` (the measures that take Hessian-vector products).
+        schedules: ``{measure: Schedule}``, a grid and a budget of its own for each measure
+            named (measures with equal schedules share one budget; names of measures not
+            chosen are ignored). A row holds the measures due at its step, the others
+            ``not_due``.
         loss_fn: ``(model, batch) -> scalar``; ``None`` for the output's ``.loss`` (a Hugging
             Face model given ``labels``, or ``start_positions``/``end_positions``, ...).
         params: the parameters to measure (``None``: every trainable one).
@@ -71,10 +89,11 @@ class MeterOptions:
     # Critical sharpness (forward passes only), the trace and the top eigenvalue: the three
     # curves the report compares. Directional and preconditioned sharpness when asked for.
     measures: tuple[str, ...] = ("critical", "trace", "spectral")
-    # An HVP costs about two training steps whatever the model size, so a fixed grid alone would
-    # multiply training time (benchmarks/results/overhead.md): every 10 steps while measuring
-    # has taken at most 5% of the wall time.
-    schedule: Schedule = Schedule(every=10, max_fraction=0.05)
+    # Each measure on the default of its kind (FORWARD_SCHEDULE, HVP_SCHEDULE): a schedule given
+    # here is the one grid of every measure, as asked.
+    schedule: Schedule | None = None
+    # No measure on a grid of its own unless named.
+    schedules: Mapping[str, Schedule] = field(default_factory=dict)
     # The output's .loss: what a Hugging Face model computes when the batch has labels.
     loss_fn: LossFn | None = None
     # Every trainable parameter: the curvature of the model that is trained.
@@ -120,8 +139,11 @@ class MeterOptions:
         """Every check that needs no model: names and values only, nothing is built and no
         random number is drawn (a callback made after the Trainer seeded must not move it)."""
         _check_measures(self.measures)
-        if not isinstance(self.schedule, Schedule):
-            raise ValueError(f"schedule must be a sharpmeter.Schedule, got {self.schedule!r}")
+        if self.schedule is not None and not isinstance(self.schedule, Schedule):
+            raise ValueError(
+                f"schedule must be a sharpmeter.Schedule or None, got {self.schedule!r}"
+            )
+        _check_schedules(self.schedules)
         if self.loss_fn is not None and not callable(self.loss_fn):
             raise ValueError(
                 f"loss_fn must be a callable (model, batch) -> loss, got {self.loss_fn!r}"
@@ -149,6 +171,21 @@ class MeterOptions:
             )
         if self.progress is not None and not isinstance(self.progress, bool):
             raise ValueError(f"progress must be True, False or None, got {self.progress!r}")
+
+    def schedule_of(self, measure: str) -> Schedule:
+        """The schedule ``measure`` follows: its own in ``schedules``, else ``schedule``, else
+        the default of its kind.
+
+        >>> MeterOptions().schedule_of("trace") == HVP_SCHEDULE
+        True
+        >>> MeterOptions(schedule=Schedule(every=1)).schedule_of("trace")
+        Schedule(every=1, per_decade=None, max_fraction=None)
+        """
+        if measure in self.schedules:
+            return self.schedules[measure]
+        if self.schedule is not None:
+            return self.schedule
+        return HVP_SCHEDULE if measure in HVP_MEASURES else FORWARD_SCHEDULE
 
     def replace(self, **changes: Any) -> MeterOptions:
         """These options with ``changes``, checked; a misspelled name is refused with the
@@ -179,3 +216,16 @@ def _check_measures(measures: Any) -> None:
     unknown = [m for m in measures if m not in MEASURES]
     if unknown or not measures:
         raise ValueError(f"measures must be a non-empty subset of {MEASURES}, got {measures}")
+
+
+def _check_schedules(schedules: Any) -> None:
+    if not isinstance(schedules, Mapping):
+        raise ValueError(
+            f"schedules must be a dict such as {{'trace': Schedule(every=50)}}, got {schedules!r}"
+        )
+    unknown = [name for name in schedules if name not in MEASURES]
+    if unknown:
+        raise ValueError(f"schedules names unknown measures {unknown}; measures: {MEASURES}")
+    for name, schedule in schedules.items():
+        if not isinstance(schedule, Schedule):
+            raise ValueError(f"schedules[{name!r}] must be a sharpmeter.Schedule, got {schedule!r}")

@@ -25,6 +25,8 @@ FINISHED_KEY = "finished"
 DONE_FILE = "sharpmeter_run.json"
 # The ``status`` of a row (and of each of its measures) whose probe loss was not finite.
 NONFINITE = "nonfinite"
+# The status of a measure its schedule did not call for at a row's step (its values NaN).
+NOT_DUE = "not_due"
 
 
 def _eigen_columns(prefix: str) -> tuple[str, ...]:
