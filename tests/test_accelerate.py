@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import SEQ, VOCAB, float64_gpt2
+from conftest import SEQ, VOCAB, causal_lm_loss, float64_gpt2, token_batch
 
+import sharpmeter as sm
 from sharpmeter.integrations.accelerate import AcceleratedMeter
 
 EXAMPLES = Path(__file__).parent.parent / "examples"
@@ -91,3 +92,32 @@ def test_fsdp_loop_on_two_ranks_measures_what_one_rank_measures(tmp_path):
     # no dropout and one global batch per step: the two trajectories differ by rounding only
     for key in ("loss", "grad_norm", "critical_sharpness"):
         assert runs[2][0][key] == pytest.approx(runs[1][0][key], rel=1e-4), key
+
+
+def test_a_hand_loop_measures_each_step_on_its_own_batch_before_the_update(tmp_path):
+    model = float64_gpt2()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    meter = AcceleratedMeter(
+        OneProcess(),
+        model,
+        jsonl_path=tmp_path / "run" / "sharpness.jsonl",
+        probe="train",
+        loss_fn=causal_lm_loss,
+        measures=("critical",),
+        schedule=sm.Schedule(every=2),
+    )
+    for step in range(4):
+        batch = token_batch(batch_size=4, seed=step)
+        optimizer.zero_grad()
+        causal_lm_loss(model, batch).backward()
+        with torch.no_grad():
+            loss = float(causal_lm_loss(model, batch))
+        row = meter.step(step, optimizer, batch=batch)
+        assert (row is None) == (step % 2 == 1)
+        if row is not None:
+            assert row["probe"] == "train" and row["critical_status"] == "ok"
+            assert row["loss"] == pytest.approx(loss, rel=1e-12)
+        optimizer.step()
+    meter.close()
+    with pytest.raises(ValueError, match="give no probe_batch"):
+        AcceleratedMeter(OneProcess(), model, token_batch(), probe="train")

@@ -375,6 +375,27 @@ def test_the_console_gets_one_short_line_per_measurement(tmp_path, capsys, disab
     assert [h["step"] for h in logged] == [2, 4]  # the loggers still get every value
 
 
+def test_loggers_get_each_measure_at_the_steps_its_schedule_took_it(tmp_path):
+    """Critical sharpness every 2 steps, the trace every 4: the JSONL file keeps one schema
+    (the trace not_due between), the loggers get no NaN for a trace that was not due."""
+    trainer = make_trainer(tmp_path, max_steps=8, dropout=0.0)
+    SharpnessCallback.attach(
+        trainer,
+        measures=("critical", "trace"),
+        schedule=sm.Schedule(every=2),
+        schedules={"trace": sm.Schedule(every=4)},
+    )
+    trainer.train()
+    logged = [h for h in trainer.state.log_history if "sharpness/loss" in h]
+    assert [h["step"] for h in logged] == [2, 4, 6, 8]
+    assert [h["step"] for h in logged if "sharpness/hessian_trace" in h] == [4, 8]
+    assert not any("sharpness/hessian_trace_stderr" in h for h in logged if h["step"] in (2, 6))
+    assert all(math.isfinite(v) for h in logged for v in h.values())
+    rows = read_rows(tmp_path / "out" / "sharpness.jsonl")
+    assert [r["trace_status"] for r in rows] == ["not_due", "ok", "not_due", "ok"]
+    assert {tuple(r) for r in rows} == {tuple(rows[0])}
+
+
 def test_a_jsonl_that_cannot_be_written_does_not_stop_training(tmp_path):
     blocker = tmp_path / "blocker"
     blocker.write_text("a file where the folder should be")

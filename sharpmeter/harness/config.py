@@ -117,6 +117,10 @@ class SharpnessArguments:
         default=HVP_SCHEDULE.max_fraction,
         metadata={"help": "most share of wall time the HVP measures may take (null: no budget)"},
     )
+    probe: str = field(
+        default=DEFAULTS.probe,
+        metadata={"help": "fixed: one probe batch drawn for the run; train: each step's batch"},
+    )
     probe_size: int = field(
         default=DEFAULTS.probe_size, metadata={"help": "examples in the probe batch"}
     )
@@ -143,6 +147,7 @@ class SharpnessArguments:
             measures=tuple(self.measures),
             schedule=self.schedule(),
             schedules=dict.fromkeys(HVP_MEASURES, self.hvp_schedule()),
+            probe=self.probe,
             probe_size=self.probe_size,
             probe_seed=self.probe_seed,
         )

@@ -17,6 +17,18 @@ Example (``accelerate launch --multi_gpu --num_processes 2 train.py``)::
         optimizer.zero_grad()
         meter.step(step, optimizer)     # measures when the schedule says so
     meter.close()                       # the metadata then says the run finished
+
+With ``probe="train"`` there is no probe batch: each row is measured on the step's own batch
+(this rank's; under gradient accumulation the list of its micro-batches) along the update the
+optimizer is about to make from the step's gradient, so ``step`` goes between the backward
+(and clipping) and ``optimizer.step()``::
+
+    meter = AcceleratedMeter(accelerator, model, probe="train", jsonl_path="runs/a/sharpness.jsonl")
+    for step, batch in enumerate(loader):
+        accelerator.backward(model(**batch).loss)
+        meter.step(step, optimizer, batch=batch)    # before the update
+        optimizer.step()
+        optimizer.zero_grad()
 """
 
 from __future__ import annotations
@@ -30,7 +42,7 @@ from accelerate import Accelerator
 from sharpmeter.measure.distributed import local_shard
 from sharpmeter.measure.loss import move_to
 from sharpmeter.measure.meter import SharpnessMeter
-from sharpmeter.measure.options import MeterOptions
+from sharpmeter.measure.options import TRAIN_PROBE, MeterOptions, resolve_options
 from sharpmeter.measure.schema import RUN_FILE
 from sharpmeter.measure.sinks import JsonlSink, WandbSink, run_metadata
 
@@ -41,7 +53,8 @@ class AcceleratedMeter:
     Args:
         accelerator: the loop's ``Accelerator``.
         model: the prepared (possibly DDP-wrapped) model; the meter measures the unwrapped one.
-        probe_batch: the global probe batch, identical on every rank.
+        probe_batch: the global probe batch, identical on every rank (none under
+            ``probe="train"``).
         jsonl_path: the JSONL file the main process writes.
         wandb: also log to W&B (the active run, or one started offline without credentials).
         run_name: the ``run`` field of every row.
@@ -59,7 +72,7 @@ class AcceleratedMeter:
         self,
         accelerator: Accelerator,
         model: torch.nn.Module,
-        probe_batch: Any,
+        probe_batch: Any = None,
         *,
         jsonl_path: str | os.PathLike = RUN_FILE,
         wandb: bool = False,
@@ -73,8 +86,12 @@ class AcceleratedMeter:
             raise ValueError(f"max_steps must be a positive integer, got {max_steps!r}")
         self.accelerator = accelerator
         unwrapped = accelerator.unwrap_model(model)
-        batch = local_shard(move_to(probe_batch, accelerator.device))
-        self.meter = SharpnessMeter(unwrapped, batch, options=options, **changes)
+        options = resolve_options(options, changes)
+        if options.probe == TRAIN_PROBE or probe_batch is None:
+            batch = probe_batch  # the meter refuses what does not match the probe option
+        else:
+            batch = local_shard(move_to(probe_batch, accelerator.device))
+        self.meter = SharpnessMeter(unwrapped, batch, options=options)
         if optimizer is not None:
             self.meter.check_optimizer(optimizer)
         self.sinks: list = []
@@ -91,8 +108,9 @@ class AcceleratedMeter:
             if wandb:
                 self.sinks.append(WandbSink(name=run_name))
 
-    def step(self, step: int, optimizer: torch.optim.Optimizer) -> dict | None:
-        """Measure if ``step`` is due (after ``optimizer.step()``); returns the row or None.
+    def step(self, step: int, optimizer: torch.optim.Optimizer, batch: Any = None) -> dict | None:
+        """Measure if ``step`` is due; returns the row or None. With a fixed probe after
+        ``optimizer.step()``; under ``probe="train"`` before it, given the step's ``batch``.
 
         Raises :class:`~sharpmeter.measure.distributed.CollectiveError` when another rank is
         stopped, hung or dead (after the process group's timeout:
@@ -100,7 +118,7 @@ class AcceleratedMeter:
         """
         if not self.meter.is_due(step):
             return None
-        row = self.meter.measure(step, optimizer=optimizer)
+        row = self.meter.measure(step, optimizer=optimizer, batch=batch)
         for sink in self.sinks:
             sink.write(row)
         return row

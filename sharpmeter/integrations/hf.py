@@ -44,10 +44,22 @@ reads its state itself (see :data:`STATE_KEY`). Checkpoints of sharpmeter versio
 ``sharpmeter_state.json`` into the checkpoint folder are not read: the warm start then starts
 cold, which costs a few forwards, never a wrong number.
 
+With ``probe="train"`` there is no probe: each row is measured on its step's own training
+batch, every micro-batch of the step under gradient accumulation (recorded by a forward
+pre-hook on the model while it trains, ``num_items_in_batch`` left out so that each
+micro-batch's loss is its mean), at ``on_pre_optimizer_step``: after the backward and the
+Trainer's clipping, before ``optimizer.step()``. Critical sharpness then follows the update the
+step is about to make from the gradient it computed, and spends no backward (Kalra et al.'s
+definition). The row of the update that starts from step ``k``'s parameters has ``step`` k, as
+a fixed-probe row at ``on_step_end`` of step ``k`` does. Under data parallelism each rank
+measures its own micro-batches and the losses are summed over ranks. A ``compute_loss`` that
+takes the labels out of the batch (label smoothing, a custom loss) needs ``loss_fn=``.
+
 Example::
 
     trainer = Trainer(model=model, args=args, train_dataset=train)
     SharpnessCallback.attach(trainer, schedule=Schedule(every=25))
+    SharpnessCallback.attach(trainer, probe="train")  # on each step's own batch
     trainer.train()
 """
 
@@ -71,7 +83,7 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from sharpmeter.measure.distributed import collective, honour_timeout, is_distributed, local_shard
 from sharpmeter.measure.loss import move_to, split_probe
 from sharpmeter.measure.meter import SharpnessMeter
-from sharpmeter.measure.options import MeterOptions, resolve_options
+from sharpmeter.measure.options import TRAIN_PROBE, MeterOptions, resolve_options
 from sharpmeter.measure.rng import fork_rng
 from sharpmeter.measure.schema import RUN_FILE
 from sharpmeter.measure.sinks import (
@@ -152,6 +164,8 @@ class SharpnessCallback(TrainerCallback):
         # Checked without a model: building one would draw from the RNG the Trainer just seeded.
         self.options = resolve_options(options, changes)
         if probe_batch is not None:
+            if self.options.probe == TRAIN_PROBE:
+                raise ValueError("probe='train' measures on each step's batch: give no probe_batch")
             split_probe(probe_batch)
         self.probe_batch = probe_batch
         self.jsonl_path = jsonl_path
@@ -161,6 +175,9 @@ class SharpnessCallback(TrainerCallback):
         self.trainer: Trainer | None = None
         self._wandb: WandbSink | None = None  # set up on the first row that finds a W&B run
         self._logging_fails = False
+        # probe="train": the micro-batches of the current step, and the hook recording them.
+        self._step_batches: list[Any] = []
+        self._recorder: torch.utils.hooks.RemovableHandle | None = None
 
     @classmethod
     def attach(cls, trainer: Trainer, probe_batch: Any = None, **arguments: Any):
@@ -186,12 +203,17 @@ class SharpnessCallback(TrainerCallback):
         timeout = ddp_timeout(args)
         if timeout is not None:
             honour_timeout(timeout)
-        batch = self.probe_batch
-        if batch is None:
-            batch = self._draw_probe(train_dataloader, list(model.parameters()))
-        # Every rank holds the same global probe; each measures its shard (sums over ranks).
-        batch = local_shard(move_to(batch, next(model.parameters()).device))
-        self.meter = SharpnessMeter(model, batch, options=self._options_under(args, state))
+        options = self._options_under(args, state)
+        if options.probe == TRAIN_PROBE:
+            self.meter = SharpnessMeter(model, options=options)
+            self._record_training_batches(model)
+        else:
+            batch = self.probe_batch
+            if batch is None:
+                batch = self._draw_probe(train_dataloader, list(model.parameters()))
+            # Every rank holds the same global probe; each measures its shard (sums over ranks).
+            batch = local_shard(move_to(batch, next(model.parameters()).device))
+            self.meter = SharpnessMeter(model, batch, options=options)
         if optimizer is not None:
             self.meter.check_optimizer(optimizer)
         saved = state.stateful_callbacks.get(STATE_KEY)
@@ -282,6 +304,45 @@ class SharpnessCallback(TrainerCallback):
         indices = torch.randperm(len(dataset), generator=generator)[:count].tolist()
         return [dataset[i] for i in indices]
 
+    def _record_training_batches(self, model: torch.nn.Module) -> None:
+        """Keep every batch the model is trained on (a forward in train mode with gradients;
+        not evaluation, not our own measuring forwards) until the step's optimizer step."""
+
+        def record(module, args, kwargs):
+            if module.training and torch.is_grad_enabled():
+                self._step_batches.append(_as_batch(args, kwargs))
+
+        self._remove_recorder()
+        self._recorder = model.register_forward_pre_hook(record, with_kwargs=True)
+
+    def _remove_recorder(self) -> None:
+        if self._recorder is not None:
+            self._recorder.remove()
+            self._recorder = None
+        self._step_batches = []
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._step_batches = []
+        return control
+
+    def on_pre_optimizer_step(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        optimizer=None,
+        **kwargs,
+    ):
+        """``probe="train"``: the step's gradient is complete and clipped, the optimizer has
+        not stepped: the row of the parameters of ``state.global_step``, on this step's
+        batches."""
+        if self._recorder is None or self.meter is None:
+            return control
+        batches, self._step_batches = self._step_batches, []
+        if batches and self.meter.is_due(state.global_step):
+            self._take_row(args, state, control, optimizer, batches)
+        return control
+
     def on_step_end(
         self,
         args: TrainingArguments,
@@ -292,20 +353,32 @@ class SharpnessCallback(TrainerCallback):
     ):
         if self.meter is None:
             return control
-        if self.meter.is_due(state.global_step):
-            row = self.meter.measure(state.global_step, optimizer=optimizer)
-            if self.sink is not None:
-                self.sink.write(row)
-            self._log(row, state, control)
-            if state.is_world_process_zero and not args.disable_tqdm:
-                tqdm.write(summary_line(row))
+        if self._recorder is None and self.meter.is_due(state.global_step):
+            self._take_row(args, state, control, optimizer)
         # Before the Trainer saves a checkpoint of this step, which follows on_step_end.
         self._publish_state(state)
         return control
 
+    def _take_row(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        optimizer: Any,
+        batches: list[Any] | None = None,
+    ) -> None:
+        """Measure (on ``batches`` under ``probe="train"``), write and log the row."""
+        row = self.meter.measure(state.global_step, optimizer=optimizer, batch=batches)
+        if self.sink is not None:
+            self.sink.write(row)
+        self._log(row, state, control)
+        if state.is_world_process_zero and not args.disable_tqdm:
+            tqdm.write(summary_line(row))
+
     def on_train_end(self, args, state, control, **kwargs):
         # Only a normal end comes here: a run that raised keeps "finished": false, and its
         # sink reports rows it could not write when it is collected (JsonlSink).
+        self._remove_recorder()
         if self.sink is not None:
             self.sink.mark_finished()
             self.sink.close()
@@ -424,3 +497,12 @@ def summary_line(row: dict[str, Any]) -> str:
         + (", ".join(parts) or "no value")
         + f" [{row.get('status')}, {seconds:.1f} s]"
     )
+
+
+def _as_batch(args: tuple, kwargs: dict[str, Any]) -> Any:
+    """A training forward's inputs as a batch the meter calls the model with. The Trainer's
+    ``num_items_in_batch`` (the step's loss-token count, which makes a micro-batch's loss a
+    share of the step's) is left out: the meter weighs each micro-batch's mean loss itself."""
+    if kwargs:
+        return {key: value for key, value in kwargs.items() if key != "num_items_in_batch"}
+    return args[0] if len(args) == 1 else tuple(args)

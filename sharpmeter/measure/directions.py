@@ -118,7 +118,7 @@ def update_direction(
     optimizer: Any,
     params: Iterable[nn.Parameter] | None = None,
     *,
-    gradients: Sequence[torch.Tensor] | None = None,
+    gradients: Sequence[torch.Tensor | None] | None = None,
     max_grad_norm: float | None = None,
     total_grad_norm: float | torch.Tensor | None = None,
 ) -> ParameterVector:
@@ -131,8 +131,9 @@ def update_direction(
             the optimizer, group by group, in each group's order). A parameter the optimizer
             does not hold is not stepped, so its entries are 0.
         gradients: the gradients to step with, one per entry of ``params`` (default: the
-            ``.grad`` of each parameter). A measurement passes the probe gradient here: the
-            update the optimizer would make on the probe batch, from its current state.
+            ``.grad`` of each parameter; ``None`` for one the step leaves alone). A measurement
+            passes the probe gradient here: the update the optimizer would make on the probe
+            batch, from its current state.
         max_grad_norm: clip the gradients' total L2 norm to this before the update, as the
             Trainer's ``max_grad_norm`` does; ``None`` or 0 (the Trainer's "off") do not clip.
         total_grad_norm: the norm clipping divides by, over every gradient the training loop
@@ -278,17 +279,18 @@ def check_adam_type(optimizer: Any) -> None:
 def _gradients_by_parameter(
     owned: Sequence[nn.Parameter],
     selected: Sequence[nn.Parameter],
-    gradients: Sequence[torch.Tensor] | None,
+    gradients: Sequence[torch.Tensor | None] | None,
 ) -> dict[int, torch.Tensor]:
-    """The gradient each parameter steps with: given ones, else ``.grad`` (absent: no step)."""
+    """The gradient each parameter steps with: given ones, else ``.grad`` (absent or ``None``:
+    no step, as the optimizer skips a parameter whose ``.grad`` is ``None``)."""
     if gradients is None:
         return {id(p): p.grad for p in owned if p.grad is not None}
     gradients = list(gradients)
     if len(gradients) != len(selected) or any(
-        g.shape != p.shape for g, p in zip(gradients, selected, strict=True)
+        g is not None and g.shape != p.shape for g, p in zip(gradients, selected, strict=True)
     ):
         raise ValueError("gradients must hold one tensor per parameter, shaped like it")
-    return {id(p): g for p, g in zip(selected, gradients, strict=True)}
+    return {id(p): g for p, g in zip(selected, gradients, strict=True) if g is not None}
 
 
 def _clip_coefficient(

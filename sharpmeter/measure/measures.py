@@ -60,12 +60,14 @@ class WarmStart:
 @dataclass(frozen=True)
 class RowContext:
     """What the measures of one row read: the meter (model, probe, parameters, options, warm
-    starts), the measures this row takes, and this row's operator, probe loss and gradient,
+    starts), the measures this row takes, and this row's batch (the fixed probe or the step's
+    training batch), operator, probe loss and gradient,
     learning rate, optimizer and its update direction (or why there is none), and the norm
     the optimizer clips by."""
 
     meter: SharpnessMeter
     measures: tuple[Measure, ...]
+    batch: Any
     operator: HessianOperator | None
     loss: float
     gradient: torch.Tensor
@@ -118,7 +120,7 @@ def _critical(row: RowContext) -> Outcome:
     result = critical_sharpness(
         meter.model,
         row.options.loss_fn,
-        meter.probe_batch,
+        row.batch,
         row.direction,
         params=meter.params,
         eta0=row.warm.eta_c or (lr if lr > 0 else COLD_ETA0),

@@ -13,6 +13,8 @@ same keys, a failed one NaN where it has no value):
 
 =============================  ==========================================================
 ``step``, ``lr``               training step; learning rate of the next update (first group)
+``probe``                      ``fixed`` (the probe batch of the run) or ``train`` (the step's
+                               training batch and gradient, ``MeterOptions.probe``)
 ``loss``, ``grad_norm``        probe loss :math:`L(\theta)` and :math:`\lVert g\rVert`
 ``loss_noise_floor``           :math:`\epsilon_{\rm dtype}|L|`: loss changes below it are rounding
 ``critical_sharpness``         :math:`\lambda_c = 2/\eta_c` along the optimizer's update direction
@@ -91,7 +93,7 @@ from sharpmeter.measure.distributed import (
     is_sharded,
     local,
 )
-from sharpmeter.measure.loss import LossFn, ProbeLoss, probe_loss_and_gradient
+from sharpmeter.measure.loss import LossFn, ProbeLoss, probe_loss_and_gradient, split_probe
 from sharpmeter.measure.measures import (
     MEASURE_BY_NAME,
     Measure,
@@ -100,8 +102,16 @@ from sharpmeter.measure.measures import (
     WarmStart,
 )
 from sharpmeter.measure.operators import HessianOperator, NonFiniteLossError
-from sharpmeter.measure.options import MeterOptions, resolve_options
-from sharpmeter.measure.params import all_finite, norm, resolve_params, unflatten
+from sharpmeter.measure.options import TRAIN_PROBE, MeterOptions, resolve_options
+from sharpmeter.measure.params import (
+    all_finite,
+    flatten,
+    norm,
+    resolve_params,
+    unflatten,
+    vector_dtype,
+    zeros_for_unused,
+)
 from sharpmeter.measure.schedule import Ledger, ledgers
 from sharpmeter.measure.schema import NONFINITE, NOT_DUE
 
@@ -133,7 +143,7 @@ class SharpnessMeter:
     def __init__(
         self,
         model: nn.Module,
-        probe_batch: Any,
+        probe_batch: Any = None,
         loss_fn: LossFn | None = None,
         *,
         options: MeterOptions | None = None,
@@ -156,7 +166,7 @@ class SharpnessMeter:
         self.clips_a_subset = bool(self.options.max_grad_norm) and any(
             id(p) not in measured for p in resolve_params(model)
         )
-        self._check_probe_loss()
+        self._check_probe_batch()
         self.warm = WarmStart()
         self.ledgers = ledgers({m.name: self.options.schedule_of(m.name) for m in self.chosen})
         self.last_step: int | None = None
@@ -174,12 +184,26 @@ class SharpnessMeter:
         """Wall time every measurement so far took, in total."""
         return sum(ledger.measuring_seconds for ledger in self.ledgers)
 
-    def _probe(self) -> ProbeLoss:
-        return ProbeLoss(self.model, self.options.loss_fn, self.probe_batch, seed=self.options.seed)
+    @property
+    def on_training_batches(self) -> bool:
+        """Whether each row is measured on its step's training batch (``probe="train"``)."""
+        return self.options.probe == TRAIN_PROBE
 
-    def _check_probe_loss(self) -> None:
-        """One probe forward now, so that a model without a loss (no ``.loss`` and no
-        ``loss_fn``) or a loss that is not a scalar is refused here, not once per row."""
+    def _probe(self, batch: Any = None) -> ProbeLoss:
+        batch = self.probe_batch if batch is None else batch
+        return ProbeLoss(self.model, self.options.loss_fn, batch, seed=self.options.seed)
+
+    def _check_probe_batch(self) -> None:
+        """A fixed probe is given, and one forward of it now gives a scalar loss, so that a
+        model without a loss (no ``.loss`` and no ``loss_fn``) is refused here, not once per
+        row. Under ``probe="train"`` each row brings its batch, and no probe is given."""
+        if self.on_training_batches:
+            if self.probe_batch is not None:
+                raise ValueError(
+                    "probe='train' measures on each step's training batch: give no probe_batch "
+                    "and pass the step's batch to measure(step, optimizer, batch=...)"
+                )
+            return
         with measurement(self.model, self.options.dropout), torch.no_grad():
             self._probe()()
 
@@ -210,10 +234,25 @@ class SharpnessMeter:
         self._due = (int(step), taken)
         return bool(taken)
 
-    def measure(self, step: int, optimizer: torch.optim.Optimizer | None = None) -> dict:
+    def measure(
+        self,
+        step: int,
+        optimizer: torch.optim.Optimizer | None = None,
+        *,
+        batch: Any = None,
+        gradients: Sequence[torch.Tensor | None] | None = None,
+    ) -> dict:
         """One measurement at the current parameters; never changes training, and raises only
         a :class:`~sharpmeter.measure.distributed.CollectiveError` (a failed collective under data
-        parallelism: the process group is unusable, so training cannot go on either).
+        parallelism: the process group is unusable, so training cannot go on either), or a
+        ``ValueError`` for arguments that do not match the probe option.
+
+        Under ``probe="train"``, ``batch`` is the step's training batch (a list of its
+        micro-batches under gradient accumulation; under data parallelism this rank's) and
+        ``gradients`` the gradient the optimizer is about to step with, one per measured
+        parameter (default: their ``.grad``): call it after the backward (and clipping) and
+        before ``optimizer.step()``. Critical sharpness then follows the step's own update and
+        spends no backward.
 
         With ``optimizer``, critical and directional sharpness follow the update it would
         apply to the probe gradient (:func:`sharpmeter.update_direction`); without, the
@@ -221,6 +260,7 @@ class SharpnessMeter:
         measures whose schedules are due; otherwise every chosen measure. Every row has the
         same keys, in the same order, whatever failed or was not due.
         """
+        batch, step_gradients = self._row_inputs(batch, gradients)
         started = time.perf_counter()
         taken_ledgers = self._due[1] if self._due and self._due[0] == step else self.ledgers
         self._due = None
@@ -230,7 +270,8 @@ class SharpnessMeter:
         seconds: dict[str, float] = {}
         try:
             with measurement(self.model, self.options.dropout):
-                self._measure_into(row, optimizer, taken, seconds)
+                context = self._row_context(optimizer, taken, batch, step_gradients)
+                self._measure_into(row, context, seconds)
             row["status"] = _overall_status(row, taken)
         except CollectiveError:  # the process group is gone: the run must end, saying why
             raise
@@ -250,9 +291,33 @@ class SharpnessMeter:
         self.last_step = int(step)
         return row
 
+    def _row_inputs(
+        self, batch: Any, gradients: Sequence[torch.Tensor | None] | None
+    ) -> tuple[Any, list[torch.Tensor | None] | None]:
+        """The row's batch and, under ``probe="train"``, the step's gradient per parameter."""
+        if not self.on_training_batches:
+            if batch is not None or gradients is not None:
+                raise ValueError(
+                    "batch= and gradients= are for probe='train'; this meter measures its "
+                    "fixed probe"
+                )
+            return self.probe_batch, None
+        if batch is None:
+            raise ValueError(
+                "probe='train' measures on the step's training batch: pass "
+                "measure(step, optimizer, batch=...)"
+            )
+        split_probe(batch)
+        gradients = [p.grad for p in self.params] if gradients is None else list(gradients)
+        if len(gradients) != len(self.params):
+            raise ValueError(
+                f"got {len(gradients)} gradients for {len(self.params)} measured parameters"
+            )
+        return batch, gradients
+
     def _blank_row(self, step: int) -> dict[str, Any]:
         """A row before measuring: NaN values, no status and no error yet."""
-        row: dict[str, Any] = {"step": int(step)}
+        row: dict[str, Any] = {"step": int(step), "probe": self.options.probe}
         row.update(dict.fromkeys(ROW_COLUMNS, math.nan))
         for measure in self.chosen:
             row.update(dict.fromkeys(measure.columns, math.nan))
@@ -265,22 +330,16 @@ class SharpnessMeter:
         """Wall time since the meter started (or the run, after a resume), less measuring."""
         return time.perf_counter() - self._started - self.measuring_seconds
 
-    def _measure_into(
-        self,
-        row: dict,
-        optimizer: torch.optim.Optimizer | None,
-        taken: tuple[Measure, ...],
-        seconds: dict[str, float],
-    ) -> None:
-        """Take the measures ``taken`` into ``row``, each one's wall seconds into ``seconds``."""
-        context = self._row_context(optimizer, taken)
+    def _measure_into(self, row: dict, context: RowContext, seconds: dict[str, float]) -> None:
+        """Take the measures of ``context`` into ``row``, each one's wall seconds into
+        ``seconds``."""
         row["lr"] = context.lr
         row["loss"] = context.loss
         row["grad_norm"] = float(norm(context.gradient, self.params))
         row["loss_noise_floor"] = torch.finfo(self.params[0].dtype).eps * abs(context.loss)
         # HVP measures first: the line search writes the parameters (and restores them), which
         # would make the operator rebuild its graph.
-        ordered = sorted(taken, key=lambda measure: not measure.needs_hvp)
+        ordered = sorted(context.measures, key=lambda measure: not measure.needs_hvp)
         bar = tqdm(
             ordered,
             desc="measuring",
@@ -298,31 +357,56 @@ class SharpnessMeter:
             row[measure.status_column] = outcome.status
 
     def _row_context(
-        self, optimizer: torch.optim.Optimizer | None, taken: tuple[Measure, ...]
+        self,
+        optimizer: torch.optim.Optimizer | None,
+        taken: tuple[Measure, ...],
+        batch: Any,
+        step_gradients: list[torch.Tensor | None] | None,
     ) -> RowContext:
-        """The probe loss and gradient (with the Hessian operator when a measure taken needs
-        HVPs), the learning rate and the update direction of this row."""
+        """The row's loss and gradient on ``batch`` (with the Hessian operator when a measure
+        taken needs HVPs), the learning rate and the update direction.
+
+        Under ``probe="train"`` the gradient is the step's own (no backward unless an HVP
+        measure builds its operator), already clipped as the optimizer will use it."""
         operator = None
         if any(measure.needs_hvp for measure in taken):
             operator = HessianOperator(
                 self.model,
                 self.options.loss_fn,
-                self.probe_batch,
+                batch,
                 params=self.params,
                 mode=self.options.hvp_mode,
                 seed=self.options.seed,
             )
             loss, gradient = operator.loss, operator.gradient
+        elif step_gradients is None:
+            loss, gradient = probe_loss_and_gradient(self._probe(batch), self.params)
         else:
-            loss, gradient = probe_loss_and_gradient(self._probe(), self.params)
-            if not (torch.isfinite(loss) and all_finite(gradient, self.params)):
-                raise NonFiniteLossError(f"the probe loss is not finite ({float(loss)})")
-        clips = self._clips_by_global_norm(optimizer, taken)
-        clip_norm = self._total_gradient_norm() if clips else None
-        lr, direction = self._direction(optimizer, gradient, clip_norm, taken)
+            probe = self._probe(batch)
+            with torch.no_grad():
+                loss = probe.reduce(probe().detach())
+        if step_gradients is not None:
+            grads = zeros_for_unused([_detached(g) for g in step_gradients], self.params)
+            gradient = flatten(grads, vector_dtype(self.params))
+        if not (torch.isfinite(loss) and all_finite(gradient, self.params)):
+            raise NonFiniteLossError(f"the probe loss or gradient is not finite ({float(loss)})")
+        if step_gradients is None:
+            clips = self._clips_by_global_norm(optimizer, taken)
+            clip_norm = self._total_gradient_norm() if clips else None
+            max_grad_norm = self.options.max_grad_norm
+        else:  # the step's gradient is the clipped one the optimizer will step with
+            clip_norm, max_grad_norm = None, None
+        if step_gradients is None:
+            gradients = unflatten(gradient, self.params)
+        else:  # a parameter without a gradient is one the optimizer skips: not zeros
+            gradients = [_detached(g) for g in step_gradients]
+        lr, direction = self._direction(
+            optimizer, gradient, gradients, clip_norm, max_grad_norm, taken
+        )
         return RowContext(
             meter=self,
             measures=taken,
+            batch=batch,
             operator=operator,
             loss=float(loss),
             gradient=gradient,
@@ -354,7 +438,9 @@ class SharpnessMeter:
         self,
         optimizer: torch.optim.Optimizer | None,
         gradient: torch.Tensor,
+        gradients: list[torch.Tensor | None],
         clip_norm: torch.Tensor | None,
+        max_grad_norm: float | None,
         taken: tuple[Measure, ...],
     ) -> tuple[float, torch.Tensor | DirectionUnavailable | None]:
         """The learning rate and the update direction, or why the direction is unavailable
@@ -375,8 +461,8 @@ class SharpnessMeter:
             direction = update_direction(
                 optimizer,
                 self.params,
-                gradients=unflatten(gradient, self.params),
-                max_grad_norm=self.options.max_grad_norm,
+                gradients=gradients,
+                max_grad_norm=max_grad_norm,
                 total_grad_norm=clip_norm,
             )
         except DirectionUnavailable as error:
@@ -429,6 +515,10 @@ def _take(measure: Measure, context: RowContext) -> Outcome:
         # An HVP that overflowed gives a NaN trace or eigenvalue: never an ok NaN.
         return Outcome(NONFINITE, outcome.values)
     return outcome
+
+
+def _detached(gradient: torch.Tensor | None) -> torch.Tensor | None:
+    return None if gradient is None else gradient.detach()
 
 
 def _charge(

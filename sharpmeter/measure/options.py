@@ -33,6 +33,11 @@ from sharpmeter.measure.measures import HVP_MEASURES, MEASURES, TRACE_METHOD_NAM
 from sharpmeter.measure.operators import MODES
 from sharpmeter.measure.schedule import Schedule
 
+# Where a row is measured: a probe batch kept for the whole run, or the step's own training
+# batch along the step's own update (Kalra et al.'s definition).
+FIXED_PROBE, TRAIN_PROBE = "fixed", "train"
+PROBES = (FIXED_PROBE, TRAIN_PROBE)
+
 # Critical sharpness costs a few forwards (about 3.6 training steps with its probe gradient,
 # benchmarks/results/overhead.md): a dense grid, every 10 steps, while it has taken at most 2% of
 # the wall time.
@@ -78,6 +83,11 @@ class MeterOptions:
         progress: a progress bar (measure, HVPs so far) for measurements longer than two
             seconds; ``None``: none, except under the Trainer callback, which shows it where
             the Trainer shows its own.
+        probe: ``"fixed"``, one probe batch for every row; or ``"train"``, each row on its
+            step's training batch (every micro-batch of the step) along the update the
+            optimizer is about to make from the step's own gradient, which critical sharpness
+            then reuses (no backward): the definition of Kalra et al. The row's ``probe``
+            column says which.
         probe_size, probe_seed: the examples of a probe drawn from the training set, and the
             seed that picks them (where no probe batch is given: the Trainer callback, a run
             config).
@@ -122,6 +132,8 @@ class MeterOptions:
     seed: int = 0
     # Quiet unless asked: the callback follows the Trainer's own progress bars.
     progress: bool | None = None
+    # One batch for the whole run: rows compare point by point, whatever batch a step drew.
+    probe: str = FIXED_PROBE
     # 8 examples: an HVP costs about two training steps of a batch of the probe's size.
     probe_size: int = 8
     # A fixed seed: the same probe examples in every run of a study.
@@ -153,6 +165,7 @@ class MeterOptions:
         ):
             raise ValueError("params must be a list of parameters (e.g. list(layer.parameters()))")
         check_choice("dropout", self.dropout, DROPOUT_POLICIES)
+        check_choice("probe", self.probe, PROBES)
         check_choice("trace_method", self.trace_method, TRACE_METHOD_NAMES)
         check_choice("hvp_mode", self.hvp_mode, MODES)
         check_positive_int("trace_num_matvecs", self.trace_num_matvecs, minimum=4)

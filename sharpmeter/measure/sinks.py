@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from sharpmeter.measure.files import atomic_write_text, write_all
-from sharpmeter.measure.schema import FINISHED_KEY, META_SUFFIX
+from sharpmeter.measure.schema import FINISHED_KEY, MEASURE_COLUMNS, META_SUFFIX, NOT_DUE
 
 SCALAR_TYPES = (int, float, bool)
 
@@ -292,11 +292,26 @@ def _json_safe(row: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def numeric_items(row: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
-    """The scalar entries of a row (no statuses), keys prefixed: what metric loggers accept."""
+    """The scalar entries of a row (no statuses), keys prefixed: what metric loggers accept.
+    The columns of a measure its schedule did not call for at this step are left out: a logger
+    would plot their NaN as a point that was measured and failed.
+
+    >>> numeric_items({"step": 5, "loss": 2.0, "hessian_trace": None, "trace_status": "ok"})
+    {'loss': 2.0}
+    >>> row = {"step": 5, "loss": 2.0, "hessian_trace_stderr": float("nan")}
+    >>> numeric_items({**row, "trace_status": "not_due"}, prefix="s/")
+    {'s/loss': 2.0}
+    """
+    not_due = {
+        column
+        for measure, columns in MEASURE_COLUMNS.items()
+        if row.get(f"{measure}_status") == NOT_DUE
+        for column in columns
+    }
     return {
         f"{prefix}{key}": float(value)
         for key, value in row.items()
-        if isinstance(value, SCALAR_TYPES) and key != "step"
+        if isinstance(value, SCALAR_TYPES) and key != "step" and key not in not_due
     }
 
 
