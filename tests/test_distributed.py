@@ -11,6 +11,7 @@ from torch import nn
 
 import sharpmeter as sm
 from sharpmeter.measure.distributed import local_shard
+from sharpmeter.measure.loss import ProbeLoss
 
 
 def measure(batch) -> dict[str, float]:
@@ -134,3 +135,35 @@ def budget_decisions() -> list[tuple[bool, str, str]]:
 def test_rank_0_decides_which_schedules_are_within_budget():
     first, second = run_on_ranks(budget_decisions)
     assert first == second == [(True, "ok", "not_due")] * 2
+
+
+def train_probe_row(batches: list[dict], rank_batch: bool) -> dict:
+    """A probe="train" row after a step over ``batches``: one process holds them all, or each
+    rank holds its own, with the gradient averaged over ranks as DDP leaves it."""
+    model = float64_gpt2().eval()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    mine = [batches[dist.get_rank()]] if rank_batch else batches
+    ProbeLoss(model, causal_lm_loss, mine, seed=None, distributed=False)().backward()
+    if rank_batch:
+        for p in model.parameters():
+            dist.all_reduce(p.grad)
+            p.grad /= dist.get_world_size()
+    meter = sm.SharpnessMeter(
+        model,
+        None,
+        causal_lm_loss,
+        probe="train",
+        measures=("critical",),
+        critical_precision_bits=8,
+    )
+    row = meter.measure(0, optimizer, batch=mine)
+    return {key: row[key] for key in ("loss", "grad_norm", "critical_eta_lo", "critical_eta_hi")}
+
+
+def test_on_training_batches_each_rank_measures_its_own_and_they_add_up():
+    batches = [token_batch(batch_size=2, seed=21), token_batch(batch_size=2, seed=22)]
+    single = train_probe_row(batches, rank_batch=False)
+    first, second = run_on_ranks(train_probe_row, batches, True)
+    assert first == second
+    for key, value in single.items():
+        assert first[key] == pytest.approx(value, rel=1e-9), key
