@@ -1,10 +1,13 @@
 """Shared fixtures: a ~1K-parameter float64 GPT-2 with an exact loss, dense references, a
-quadratic."""
+quadratic, and the cases of :func:`hessian_case` (GPT-2, Llama, MLP, BatchNorm) with theirs."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import pytest
 import torch
@@ -71,6 +74,124 @@ def gpt2_reference():
     model = float64_gpt2().eval()
     batch = token_batch()
     return model, batch, dense_hessian(model, causal_lm_loss, batch)
+
+
+class ExactRMSNorm(transformers.models.llama.modeling_llama.LlamaRMSNorm):
+    """Llama's RMSNorm in the input's dtype: Hugging Face's computes it in float32 even in a
+    float64 model, which leaves the loss float32-exact (dense Hessian asymmetric to 1e-7)."""
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        variance = hidden_states.pow(2).mean(-1, keepdim=True)
+        return self.weight * hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+
+
+def float64_llama(seed: int = 0) -> nn.Module:
+    """A 664-parameter Llama in float64 (RMSNorm, rotary embeddings, grouped-query attention,
+    SwiGLU, untied head), nothing downloaded. Default (SDPA) attention, which the operators run
+    on the math backend: eager attention takes its softmax in float32, as the RMSNorm does
+    (replaced by :class:`ExactRMSNorm`), so only then is the float64 loss exact."""
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=8,
+        intermediate_size=8,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=SEQ,
+        tie_word_embeddings=False,
+        initializer_range=0.2,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+    model = transformers.LlamaForCausalLM(config).double()
+    for module in model.modules():
+        if isinstance(module, transformers.models.llama.modeling_llama.LlamaRMSNorm):
+            module.__class__ = ExactRMSNorm
+    return model
+
+
+def squared_error(model: nn.Module, batch) -> torch.Tensor:
+    """Mean squared error of ``model(x)`` against ``y``, written out: ``F.mse_loss`` has no
+    forward-over-reverse derivative (pytorch issue 123996), so ``mode="fwd"`` fails on it."""
+    inputs, targets = batch
+    return (model(inputs) - targets).pow(2).mean()
+
+
+def classification_loss(model: nn.Module, batch) -> torch.Tensor:
+    inputs, labels = batch
+    return nn.functional.cross_entropy(model(inputs), labels)
+
+
+def tanh_mlp(seed: int = 0) -> nn.Module:
+    """5 -> 16 -> 16 -> 3 with tanh, 419 parameters in float64."""
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 3)
+    ).double()
+
+
+def batchnorm_net(seed: int = 0) -> nn.Module:
+    """Conv 3x3 -> BatchNorm -> tanh -> linear on 1x6x6 images, 243 parameters in float64, in
+    eval mode (as measurements run) with running statistics far from their initial 0 and 1,
+    accumulated over a few train-mode forwards of shifted, scaled data."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3),
+        nn.BatchNorm2d(4, momentum=None),  # running statistics: the plain average
+        nn.Tanh(),
+        nn.Flatten(),
+        nn.Linear(4 * 4 * 4, 3),
+    ).double()
+    generator = torch.Generator().manual_seed(seed + 100)
+    with torch.no_grad():
+        for _ in range(3):
+            model(1.5 + 3 * torch.randn(16, 1, 6, 6, generator=generator, dtype=torch.float64))
+    return model.eval()
+
+
+@dataclass
+class HessianCase:
+    """A float64 model in eval mode, its probe batch and loss, and its exact (dense) Hessian
+    over all parameters, flattened in ``model.parameters()`` order."""
+
+    name: str
+    model: nn.Module
+    loss_fn: Callable[[nn.Module, Any], torch.Tensor]
+    batch: Any
+    hessian: torch.Tensor
+
+
+def case_inputs(name: str) -> tuple[nn.Module, Callable[[nn.Module, Any], torch.Tensor], Any]:
+    """(model, loss_fn, batch) of one of :data:`CASES`."""
+    generator = torch.Generator().manual_seed(2)
+    if name == "gpt2":
+        return float64_gpt2().eval(), causal_lm_loss, token_batch()
+    if name == "llama":
+        return float64_llama().eval(), causal_lm_loss, token_batch()
+    if name == "mlp":
+        inputs = torch.randn(8, 5, generator=generator, dtype=torch.float64)
+        targets = torch.randn(8, 3, generator=generator, dtype=torch.float64)
+        return tanh_mlp().eval(), squared_error, (inputs, targets)
+    if name == "batchnorm":
+        images = torch.randn(6, 1, 6, 6, generator=generator, dtype=torch.float64)
+        labels = torch.randint(0, 3, (6,), generator=generator)
+        return batchnorm_net(), classification_loss, (images, labels)
+    raise ValueError(f"no case {name!r}")
+
+
+CASES = ("gpt2", "llama", "mlp", "batchnorm")
+
+
+@pytest.fixture(scope="session", params=CASES)
+def hessian_case(request) -> HessianCase:
+    """Each of :data:`CASES` with its dense Hessian (built once per session): the shared
+    fixture of the operator-against-dense-reference tests (``tests/test_cases.py``)."""
+    if request.param == "gpt2":
+        model, batch, hessian = request.getfixturevalue("gpt2_reference")
+        return HessianCase("gpt2", model, causal_lm_loss, batch, hessian)
+    model, loss_fn, batch = case_inputs(request.param)
+    return HessianCase(request.param, model, loss_fn, batch, dense_hessian(model, loss_fn, batch))
 
 
 class Quadratic(nn.Module):
