@@ -12,7 +12,9 @@ probe loss (see :mod:`sharpmeter.measure.loss`) over the selected parameters, fl
 ``mode="fwd"``
     Forward-over-reverse, ``torch.func.jvp`` of ``torch.func.grad``. (Never ``jacrev`` under
     ``jvp``/``vmap``: that composition is 5-18% wrong on LayerNorm with learnable affine
-    parameters, pytorch issue 196700.)
+    parameters, pytorch issue 196700.) A loss through ``F.mse_loss`` with its mean reduction
+    raises "ZeroTensors are immutable" in this mode (pytorch issue 123996, torch 2.13): write
+    the squared error out, or use another mode (``tests/test_cases.py`` pins it).
 ``mode="fd"``
     Central differences of the gradient,
     :math:`Hv \approx (g(\theta + h v) - g(\theta - h v)) / 2h` with
