@@ -96,7 +96,7 @@ def trained(size, data, steps: int):
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     return model, optimizer, statistics.mean(losses[-10:])
 
 
@@ -162,6 +162,7 @@ def report(args, size, model, loss, rows, total) -> list[str]:
         "sharpness along the AdamW update of each probe's gradient, every search warm-started "
         f"at one eta_c; {args.threads} torch thread(s); whole benchmark {total / 60:.1f} min",
     ]
+    first, last = rows[0], rows[-1]
     return (
         header(
             "Spread of critical sharpness against probe size, per unit of cost",
@@ -170,6 +171,15 @@ def report(args, size, model, loss, rows, total) -> list[str]:
         )
         + markdown_table(columns, table)
         + [
+            f"The mean moves with the probe's size: {fmt(first['mean'], 4)} on {first['n']} "
+            f"examples, {fmt(last['mean'], 4)} on {last['n']} "
+            f"({last['mean'] / first['mean']:.2g}x). Critical sharpness follows the update of the "
+            "probe's own gradient, and a small probe's gradient is larger (its few examples' "
+            "noise adds to it), so the step descends the probe's loss further before it rises: "
+            "the probe's size is part of what is measured, and values taken with different "
+            "probe sizes do not compare. The variance x seconds column compares spreads relative "
+            "to each size's own mean.",
+            "",
             "variance x seconds: what one unit of spread costs with probes of that size, "
             "relative to probes of 8 (below 1: one larger probe beats averaging probes of 8 "
             "to the same spread). The spread of "
