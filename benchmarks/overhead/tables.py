@@ -17,7 +17,12 @@ LONG_TITLE = "Long run at the default schedule (budget 5%)"
 
 def hvps(row: dict) -> int:
     """HVPs of a row: the estimators' ``*_num_matvecs``, and 1 for directional sharpness."""
-    count = sum(v for k, v in row.items() if k.endswith("_num_matvecs") and v == v)
+    # A measure not due (or failed) has null (JSONL) or NaN there.
+    count = sum(
+        v
+        for k, v in row.items()
+        if k.endswith("_num_matvecs") and isinstance(v, (int, float)) and v == v
+    )
     return int(count + (row.get("directional_status") == "ok"))
 
 
@@ -74,13 +79,13 @@ def runs_table(pairs: list[tuple[dict, dict]], steps: int) -> list[str]:
     return ["## Runs (in the order taken: without, then with)", ""] + markdown_table(columns, rows)
 
 
-def timing_cells(row: dict, position: int, step_seconds: float) -> list[str]:
-    """Start (a run's first measurement is cold), seconds, training steps' worth, forwards."""
+def timing_cells(row: dict, cold: bool, step_seconds: float) -> list[str]:
+    """Start (cold: a schedule's first measurement), seconds, training steps' worth, forwards."""
     return [
-        "cold" if position == 0 else "warm",
+        "cold" if cold else "warm",
         fmt(row["wall_seconds"], 3),
         fmt(row["wall_seconds"] / step_seconds, 3),
-        str(row.get("critical_num_forward")),
+        fmt(row.get("critical_num_forward")),
     ]
 
 
@@ -102,7 +107,7 @@ def measurements_table(pairs: list[tuple[dict, dict]], step_seconds: float) -> l
             rows.append(
                 [
                     f"{index} / {row['step']}",
-                    *timing_cells(row, position, step_seconds),
+                    *timing_cells(row, position == 0, step_seconds),
                     str(row.get("hessian_trace_num_matvecs")),
                     str(row.get("lambda_max_num_matvecs")),
                     *value_cells(row),
@@ -313,11 +318,15 @@ def long_section(
                 f"{without['minor_faults'] / steps:.0f} / {with_['minor_faults'] / steps:.0f}",
             ]
         )
-    measured = []
-    for position, row in enumerate(rows):
-        measured.append(
-            [str(row["step"]), *timing_cells(row, position, step_seconds), *value_cells(row)]
-        )
+    firsts_rows = [next((r for r in rows if taken(r, book)), None) for book in ledgers]
+    measured = [
+        [
+            str(row["step"]),
+            *timing_cells(row, any(row is first for first in firsts_rows), step_seconds),
+            *value_cells(row),
+        ]
+        for row in rows
+    ]
     columns = ["step", "start", "seconds", "x training step", "critical forwards", "HVPs"]
     columns += ["critical_sharpness", "lambda_max", "hessian_trace", "status"]
     return (
