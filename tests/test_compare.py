@@ -104,3 +104,21 @@ def test_sharper_but_lower_loss_says_no_to_flatter_is_better():
     inverted = {n: (t, 10 - loss) for n, (t, loss) in losses.items()}
     verdict = analyse_curves(curves, final_fraction=0.1, losses=inverted).verdicts[4]
     assert verdict.claim.startswith("Flatter is better") and verdict.holds is False
+
+
+def test_flatter_is_better_takes_the_held_out_loss_where_every_size_has_one():
+    curves, losses = simulated_study()
+    # The probe loss agrees with sharpness (simulated), the held-out loss falls as it rises.
+    finals = {n: float(np.mean(s[-10:])) for n, (_, s) in curves.items()}
+    against = {n: {None: 10 - finals[n]} for n in curves}
+    probe_only = analyse_curves(curves, final_fraction=0.1, losses=losses).verdicts[4]
+    heldout = analyse_curves(
+        curves, final_fraction=0.1, losses=losses, heldout_losses=against
+    ).verdicts[4]
+    assert "probe loss" in probe_only.evidence and "held-out loss" in heldout.evidence
+    assert heldout.holds is False and probe_only.holds is not False
+    missing_one = dict(list(against.items())[:2])  # too few sizes: the probe loss decides
+    fallback = analyse_curves(
+        curves, final_fraction=0.1, losses=losses, heldout_losses=missing_one
+    ).verdicts[4]
+    assert fallback.evidence == probe_only.evidence

@@ -254,3 +254,15 @@ def test_token_blocks_from_ids():
     assert len(blocks) == 2 and blocks.vocab_size == 10
     assert blocks.blocks.dtype == torch.int64
     assert blocks[1]["input_ids"].tolist() == [4, 5, 6, 7]
+
+
+def test_a_held_out_tail_is_the_last_blocks_and_training_keeps_the_rest():
+    blocks = TokenBlocks(torch.arange(40), block_size=4)
+    train, heldout = blocks.split_tail(3)
+    assert (len(train), len(heldout)) == (7, 3)
+    assert torch.equal(heldout[0]["input_ids"], torch.arange(28, 32))
+    assert torch.equal(torch.cat([train.blocks, heldout.blocks]), blocks.blocks)
+    assert len(blocks) == 10  # the corpus itself is left whole
+    for count in (0, 10, -1):
+        with pytest.raises(ValueError, match="hold out"):
+            blocks.split_tail(count)

@@ -243,3 +243,21 @@ def test_a_schedule_run_that_cannot_be_compared_says_why(tmp_path):
     assert "spike where cosine and linear decay smoothly: **undecided** (needs a" in markdown
     assert f"| {RESTARTS} | unknown | 0 | n/a | n/a |" in markdown
     assert "| empty file |" in markdown
+
+
+def test_a_held_out_loss_beside_every_run_decides_flatter_is_better(tmp_path):
+    root = write_runs(tmp_path / "study")
+    for i, name in enumerate(SIZES):
+        heldout = {"loss": 3.0 - 0.5 * i, "blocks": 8, "tokens": 504}
+        (root / name / "heldout.json").write_text(json.dumps(heldout))
+    runs = load_runs(sorted(root.glob("*/sharpness.jsonl")))
+    assert [run.heldout_loss for run in runs] == [3.0, 2.5, 2.0, 1.5]
+    text = Path(write_report([root], out=root).markdown).read_text()
+    line = next(line for line in text.splitlines() if "Flatter is better" in line)
+    assert "with the final held-out loss" in line
+    (root / "b" / "heldout.json").unlink()  # one run without: the probe loss, for every size
+    text = Path(write_report([root], out=root).markdown).read_text()
+    assert "final probe loss (a training batch)" in text
+    (root / "c" / "heldout.json").write_text("{}")
+    with pytest.raises(ValueError, match="heldout.json: cannot read the held-out loss"):
+        load_runs(sorted(root.glob("*/sharpness.jsonl")))

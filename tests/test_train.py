@@ -22,7 +22,7 @@ from sharpmeter.harness.config import parse_config
 from sharpmeter.harness.data import lm_dataset
 from sharpmeter.harness.gpt import build_gpt
 from sharpmeter.harness.runlock import LOCK_NAME, RunLockedError
-from sharpmeter.harness.train import is_finished
+from sharpmeter.harness.train import heldout_loss, is_finished
 from sharpmeter.measure import sinks
 from sharpmeter.paper.records import read_records
 
@@ -57,7 +57,7 @@ def test_one_process_run_logs_every_measure(tmp_path):
     generator seeded with ``probe_seed``): the probe loss, lambda_max by a tight Lanczos, the
     trace by a Hutchinson of 64 probes, critical sharpness as 2 / eta_c inside its bracket."""
     out = tmp_path / "run"
-    save = ["--save_strategy", "steps", "--save_steps", "20"]
+    save = ["--save_strategy", "steps", "--save_steps", "20", "--heldout_blocks", "8"]
     done = launch([sys.executable], out, *QUICK, *save)
     assert done.returncode == 0, done.stderr[-3000:]
     rows = rows_of(out)
@@ -73,6 +73,11 @@ def test_one_process_run_logs_every_measure(tmp_path):
     model = GPT2LMHeadModel.from_pretrained(out / f"{PREFIX_CHECKPOINT_DIR}-20").eval()
     assert last["n_params"] == sum(p.numel() for p in model.parameters())
     data = lm_dataset(config["corpus"], config["block_size"], tokenizer=config["tokenizer"])
+    # The last 8 blocks never trained; their loss at the end is the run's held-out loss.
+    data, tail = data.split_tail(config["heldout_blocks"])
+    heldout = json.loads((out / "heldout.json").read_text())
+    assert heldout["blocks"] == 8 and heldout["tokens"] == 8 * (config["block_size"] - 1)
+    assert heldout["loss"] == pytest.approx(heldout_loss(model, tail), rel=1e-6)
     generator = torch.Generator().manual_seed(config["probe_seed"])
     picked = torch.randperm(len(data), generator=generator)[: config["probe_size"]].tolist()
     probe = default_data_collator([data[i] for i in picked])

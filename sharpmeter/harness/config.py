@@ -39,6 +39,7 @@ from transformers import HfArgumentParser, TrainingArguments
 
 from sharpmeter.harness.data import TOKENIZERS, check_block_size, check_corpus, checked_vocab_size
 from sharpmeter.harness.gpt import check_positions, check_size, probe_memory_bytes
+from sharpmeter.measure.checks import check_positive_int
 from sharpmeter.measure.distributed import NO_FSDP_HVP
 from sharpmeter.measure.measures import HVP_MEASURES, MEASURES
 from sharpmeter.measure.options import FORWARD_SCHEDULE, HVP_SCHEDULE, MeterOptions
@@ -80,8 +81,16 @@ class DataArguments:
     vocab_size: int | None = field(default=None, metadata={"help": "BPE vocabulary size"})
     text_column: str = field(default="text", metadata={"help": "text column of a dataset"})
     cache_dir: str | None = field(default=None, metadata={"help": "tokenizer and token cache"})
+    heldout_blocks: int = field(
+        default=0,
+        metadata={
+            "help": "blocks at the corpus' end kept out of training; their loss at the end is "
+            "the run's held-out loss (0: none)"
+        },
+    )
 
     def __post_init__(self) -> None:
+        check_positive_int("heldout_blocks", self.heldout_blocks, minimum=0)
         check_corpus(self.corpus)
         checked_vocab_size(self.tokenizer, self.vocab_size)
 

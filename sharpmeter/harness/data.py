@@ -19,6 +19,7 @@ Example::
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import itertools
 import os
@@ -389,6 +390,21 @@ class TokenBlocks(torch.utils.data.Dataset):
 
     def __len__(self) -> int:
         return len(self.blocks)
+
+    def split_tail(self, count: int) -> tuple[TokenBlocks, TokenBlocks]:
+        """(every block but the last ``count``, the last ``count``): a held-out tail of the
+        corpus, contiguous, so that no held-out block shares text with a trained one.
+
+        Raises:
+            ValueError: ``count`` is not between 1 and the number of blocks less one.
+        """
+        if not 0 < count < len(self):
+            raise ValueError(
+                f"cannot hold out {count} of {len(self)} blocks: keep at least one to train on"
+            )
+        head, tail = copy.copy(self), copy.copy(self)
+        head.blocks, tail.blocks = self.blocks[:-count], self.blocks[-count:]
+        return head, tail
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         return {"input_ids": self.blocks[index], "labels": self.blocks[index]}

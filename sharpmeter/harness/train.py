@@ -18,6 +18,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import torch
 from transformers import Trainer, TrainingArguments, set_seed
 
 from sharpmeter.harness.config import DataArguments, ModelArguments, SharpnessArguments
@@ -26,7 +27,7 @@ from sharpmeter.harness.gpt import build_gpt
 from sharpmeter.harness.runlock import rank_zero_lock
 from sharpmeter.integrations.hf import SharpnessCallback
 from sharpmeter.measure.files import atomic_write_text
-from sharpmeter.measure.schema import DONE_FILE, RUN_FILE
+from sharpmeter.measure.schema import DONE_FILE, HELDOUT_FILE, RUN_FILE
 from sharpmeter.measure.sinks import wandb_mode
 
 # TrainingArguments that cannot change a run's numbers (its weights, its measurements): a
@@ -123,10 +124,15 @@ def _train_in_owned_folder(
 ) -> Path:
     """:func:`train_gpt` once its output folder is this run's alone."""
     if training_args.process_index == 0:
-        # Before the callback truncates the JSONL: the old run's marker must not outlive it.
-        (Path(training_args.output_dir) / DONE_FILE).unlink(missing_ok=True)
+        # Before the callback truncates the JSONL: the old run's marker (and held-out loss)
+        # must not outlive it.
+        for name in (DONE_FILE, HELDOUT_FILE):
+            (Path(training_args.output_dir) / name).unlink(missing_ok=True)
     if dataset is None:
         dataset = load_data(data_args, model_args.block_size, training_args)
+    heldout = None
+    if data_args.heldout_blocks:
+        dataset, heldout = dataset.split_tail(data_args.heldout_blocks)
     # The Trainer seeds only when it is built, after the model: seed here so that `seed` sets
     # the initial weights too, whatever ran before (a study's earlier sizes, a resume).
     set_seed(training_args.seed)
@@ -148,8 +154,44 @@ def _train_in_owned_folder(
         _finish_wandb()
     jsonl = Path(training_args.output_dir) / RUN_FILE
     if training_args.process_index == 0:
+        # Before the done marker: a finished run always has its held-out loss.
+        if heldout is not None:
+            write_heldout_loss(training_args.output_dir, trainer.model, heldout)
         _mark_done(training_args.output_dir, config, jsonl)
     return jsonl
+
+
+# Blocks per forward when the held-out loss is taken: a few MB of activations at these sizes.
+HELDOUT_BATCH = 16
+
+
+@torch.no_grad()
+def heldout_loss(model: torch.nn.Module, blocks: TokenBlocks) -> float:
+    """The mean next-token loss per token of ``blocks`` under ``model`` in eval mode (every
+    block has the same number of loss tokens, so the mean of the batches' means, weighted by
+    their block counts)."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    total = 0.0
+    try:
+        for start in range(0, len(blocks), HELDOUT_BATCH):
+            ids = blocks.blocks[start : start + HELDOUT_BATCH].to(device)
+            total += float(model(input_ids=ids, labels=ids).loss) * len(ids)
+    finally:
+        model.train(was_training)
+    return total / len(blocks)
+
+
+def write_heldout_loss(output_dir: str | Path, model: torch.nn.Module, blocks: TokenBlocks) -> Path:
+    """:data:`~sharpmeter.measure.schema.HELDOUT_FILE` in ``output_dir``: the loss of the
+    held-out ``blocks`` at the end of training, what the paper side's flatter-is-better claim
+    reads as generalization."""
+    path = Path(output_dir) / HELDOUT_FILE
+    tokens = len(blocks) * (blocks.blocks.shape[1] - 1)
+    record = {"loss": heldout_loss(model, blocks), "blocks": len(blocks), "tokens": tokens}
+    atomic_write_text(path, json.dumps(record, indent=1))
+    return path
 
 
 class DoneMarkerError(OSError):

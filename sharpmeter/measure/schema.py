@@ -23,6 +23,9 @@ META_SUFFIX = ".meta.json"
 FINISHED_KEY = "finished"
 # Written into the run folder by the GPT harness once training has ended: the run is finished.
 DONE_FILE = "sharpmeter_run.json"
+# Written beside it first when the run held blocks out of training: their loss at the end,
+# ``{"loss": mean loss per token, "blocks": count, "tokens": count}`` (generalization).
+HELDOUT_FILE = "heldout.json"
 # The ``status`` of a row (and of each of its measures) whose probe loss was not finite.
 NONFINITE = "nonfinite"
 # The status of a measure its schedule did not call for at a row's step (its values NaN).

@@ -64,6 +64,7 @@ import math
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from scipy import stats
@@ -267,13 +268,16 @@ def analyse_curves(
     learning_rates: Curves | Replicates | None = None,
     other_measures: Mapping[str, Curves | Replicates] | None = None,
     quantity: str = "sharpness",
+    heldout_losses: Mapping[float, Mapping[Any, float]] | None = None,
 ) -> StudyAnalysis:
     """Fits, simulator comparison and verdicts for one curve per size, or per size its seeds'
     curves ``{n_params: {seed: (t, values)}}`` (``losses``: the probe loss curves of the same
     runs, for the flatter-is-better claim; ``runs``: every run found, fitted or not, to be
     listed beside the results; ``learning_rates``: the runs' ``lr``, for the edge of
     stability; ``other_measures``: the curves of other measures of the same runs by name, for
-    the same story across measures, where ``quantity`` names the one in ``curves``).
+    the same story across measures, where ``quantity`` names the one in ``curves``;
+    ``heldout_losses``: ``{n_params: {seed: loss}}`` of blocks held out of training, which
+    flatter-is-better then takes instead of the probe loss, a training batch).
 
     With several seeds per size, the seeds count where they carry information:
 
@@ -305,7 +309,7 @@ def analyse_curves(
         _three_phases_verdict(phase_fits, replicates),
         *_scaling_verdicts(fitted if scaling is None else scaling),
         _peak_verdict(comparisons),
-        _loss_verdict(final_means, _replicates_or_none(losses), final_fraction),
+        _loss_verdict(final_means, _replicates_or_none(losses), final_fraction, heldout_losses),
         _early_verdict(replicates, final_fraction),
         _stability_verdict(
             replicates, _replicates_or_none(learning_rates), final_fraction, quantity
@@ -462,25 +466,39 @@ def exact_spearman_p(n: int, rho: float) -> float:
 
 
 def _loss_verdict(
-    finals: Mapping[float, SeedMean], losses: Replicates | None, final_fraction: float
+    finals: Mapping[float, SeedMean],
+    losses: Replicates | None,
+    final_fraction: float,
+    heldout: Mapping[float, Mapping[Any, float]] | None = None,
 ) -> Verdict:
+    """Final sharpness against the final loss, size means over seeds: the held-out loss where
+    every size has one (generalization), else the probe loss over the final fraction."""
     claim = "Flatter is better: final sharpness rises with final loss across sizes"
-    sizes = [n for n in finals if losses is not None and n in losses]
-    if len(sizes) < MIN_SIZES_FOR_CORRELATION:
-        return Verdict(
-            claim, None, f"needs the probe loss of at least {MIN_SIZES_FOR_CORRELATION} sizes"
-        )
-    final_loss = [
-        SeedMean(tuple(final_value(*curve, final_fraction) for curve in losses[n].values())).mean
-        for n in sizes
-    ]
+    if heldout is not None and sum(n in heldout for n in finals) >= MIN_SIZES_FOR_CORRELATION:
+        sizes = [n for n in finals if n in heldout]
+        final_loss = [SeedMean(tuple(heldout[n].values())).mean for n in sizes]
+        which, several = "held-out loss", any(len(heldout[n]) > 1 for n in sizes)
+    else:
+        sizes = [n for n in finals if losses is not None and n in losses]
+        if len(sizes) < MIN_SIZES_FOR_CORRELATION:
+            return Verdict(
+                claim, None, f"needs the probe loss of at least {MIN_SIZES_FOR_CORRELATION} sizes"
+            )
+        final_loss = [
+            SeedMean(
+                tuple(final_value(*curve, final_fraction) for curve in losses[n].values())
+            ).mean
+            for n in sizes
+        ]
+        which, several = "probe loss (a training batch)", has_replicates(losses)
     r = pearson([finals[n].mean for n in sizes], final_loss)
     decided = r.ci[0] > 0 or r.ci[1] < 0
-    means = " of the size means over seeds" if has_replicates(losses) else ""
+    means = " of the size means over seeds" if several else ""
     return Verdict(
         claim,
         (r.r > 0) if decided else None,
-        f"Pearson r {r.r:.3f}{means}, {r.level:.0%} interval [{r.ci[0]:.3f}, {r.ci[1]:.3f}]",
+        f"Pearson r {r.r:.3f}{means} with the final {which}, {r.level:.0%} interval "
+        f"[{r.ci[0]:.3f}, {r.ci[1]:.3f}]",
         r.p_value,
     )
 

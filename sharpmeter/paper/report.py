@@ -161,6 +161,7 @@ def load_analysis(
         learning_rates=_logged_curves(selection, "lr"),
         other_measures={name: curves for name, curves in others.items() if curves is not None},
         quantity=quantity,
+        heldout_losses=selection.heldout_losses(),
     )
     return files, selection.rows(), analysis
 

@@ -41,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-from sharpmeter.measure.schema import DONE_FILE, FINISHED_KEY, META_SUFFIX, NONFINITE
+from sharpmeter.measure.schema import DONE_FILE, FINISHED_KEY, HELDOUT_FILE, META_SUFFIX, NONFINITE
 from sharpmeter.paper.analysis.curves import (
     finite_number,
     is_long,
@@ -68,7 +68,9 @@ class Run:
     written before it was recorded, and for simulated curves, which carry their own fraction);
     ``finished`` is the metadata's record of a normal end (None for files written before it
     was recorded); ``finished_marker`` says that ``sharpmeter train`` saw the training end;
-    ``seed`` is the rows' ``seed``, else the metadata's (None when neither has one).
+    ``seed`` is the rows' ``seed``, else the metadata's (None when neither has one);
+    ``heldout_loss`` the loss of the blocks the harness held out of training, at its end
+    (:data:`~sharpmeter.measure.schema.HELDOUT_FILE`; None without one).
     """
 
     source: Path
@@ -79,6 +81,7 @@ class Run:
     finished_marker: bool = False
     seed: int | None = None
     finished: bool | None = None
+    heldout_loss: float | None = None
 
     @property
     def label(self) -> str:
@@ -182,6 +185,7 @@ def _runs_in_file(path: Path) -> list[Run]:
     seed = _metadata_seed(metadata, path)
     finished = _finished(metadata, path)
     marker = (path.parent / DONE_FILE).is_file()
+    heldout = _heldout_loss(path.parent / HELDOUT_FILE)
     grouped: dict[Any, list[tuple[int, Record]]] = defaultdict(list)
     for line, row in read_numbered_records(path):
         problem = row_problem(row)
@@ -191,7 +195,7 @@ def _runs_in_file(path: Path) -> list[Run]:
     if not grouped:
         name = str(metadata.get("run") or path.parent.name)
         n_params = finite_number(metadata.get("n_params"))
-        return [Run(path, name, n_params, (), planned, marker, seed, finished)]
+        return [Run(path, name, n_params, (), planned, marker, seed, finished, heldout)]
     return [
         Run(
             source=path,
@@ -202,9 +206,21 @@ def _runs_in_file(path: Path) -> list[Run]:
             finished_marker=marker,
             seed=seed if row_seed is None else row_seed,
             finished=finished,
+            heldout_loss=heldout,
         )
         for (n_params, run, row_seed), numbered in grouped.items()
     ]
+
+
+def _heldout_loss(path: Path) -> float | None:
+    """The held-out loss a run folder records, None without one; a file that cannot be read
+    raises naming it."""
+    if not path.is_file():
+        return None
+    try:
+        return finite_number(json.loads(path.read_text())["loss"])
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ValueError(f"{path}: cannot read the held-out loss ({error})") from error
 
 
 def read_metadata(path: str | Path) -> dict[str, Any]:
@@ -329,6 +345,16 @@ class RunSelection:
             [(run.n_params, run.seed, run.label, run.curve(quantity)) for run in self.fitted],
             quantity,
         )
+
+    def heldout_losses(self) -> dict[float, dict[int | None, float]] | None:
+        """The fitted runs' held-out losses by size and seed; None unless every fitted run
+        records one (a mix would compare sizes on different losses)."""
+        losses: dict[float, dict[int | None, float]] = defaultdict(dict)
+        for run in self.fitted:
+            if run.heldout_loss is None:
+                return None
+            losses[run.n_params][run.seed] = run.heldout_loss
+        return dict(losses)
 
     def rows(self) -> list[Record]:
         """The rows of the fitted runs, each measurement once."""
