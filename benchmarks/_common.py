@@ -70,6 +70,15 @@ def gpt2(size: GPT2Size, dtype: torch.dtype = torch.float32, seed: int = 0) -> n
     return transformers.GPT2LMHeadModel(config).to(dtype).eval()
 
 
+def describe_gpt2(size: GPT2Size, n_params: int) -> str:
+    """The results files' model line: name, parameters and shape of a float32 GPT-2 without
+    dropout."""
+    return (
+        f"model: GPT-2 {size.name}, {n_params:,} parameters (n_embd {size.n_embd}, n_layer "
+        f"{size.n_layer}, n_head {size.n_head}, vocab {size.vocab_size}), float32, dropout 0"
+    )
+
+
 def token_batch(
     vocab_size: int, batch_size: int, seq_len: int, seed: int = 1
 ) -> dict[str, torch.Tensor]:

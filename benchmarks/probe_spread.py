@@ -28,6 +28,7 @@ import sharpmeter as sm
 from benchmarks._common import (
     RESULTS,
     command_line,
+    describe_gpt2,
     fmt,
     gpt2,
     header,
@@ -154,10 +155,9 @@ def report(args, size, model, loss, rows, total) -> list[str]:
     columns = ["probe examples", "ok", "mean critical sharpness", "spread (std / mean)"]
     columns += ["s per measurement (median)", "forwards", f"variance x seconds (vs {base['n']})"]
     extra = [
-        f"model: GPT-2 {args.size}, {num_params(model):,} parameters (n_embd {size.n_embd}, "
-        f"n_layer {size.n_layer}, n_head {size.n_head}, vocab {size.vocab_size}), float32, "
-        f"dropout 0, after {args.train_steps} AdamW steps (lr 1e-3, batch 8 x "
-        f"{size.n_positions}, clipped to 1; training loss of the last 10 steps {loss:.3f})",
+        f"{describe_gpt2(size, num_params(model))}, after {args.train_steps} AdamW steps (lr "
+        f"1e-3, batch 8 x {size.n_positions}, clipped to 1; training loss of the last 10 steps "
+        f"{loss:.3f})",
         f"{args.probes} disjoint random probes per size, batches of {MICRO_BATCH}; critical "
         "sharpness along the AdamW update of each probe's gradient, every search warm-started "
         f"at one eta_c; {args.threads} torch thread(s); whole benchmark {total / 60:.1f} min",

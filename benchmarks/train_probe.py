@@ -24,6 +24,7 @@ import sharpmeter as sm
 from benchmarks._common import (
     RESULTS,
     command_line,
+    describe_gpt2,
     fmt,
     gpt2,
     header,
@@ -125,9 +126,7 @@ def _report(args, size, model, step_seconds, rows, total) -> list[str]:
     met_forwards = float(train[4].split()[0]) <= TARGET_FORWARDS and train[5] == "0"
     met_steps = float(train[3]) <= TARGET_STEPS
     extra = [
-        f"model: GPT-2 {args.size}, {num_params(model):,} parameters (n_embd {size.n_embd}, "
-        f"n_layer {size.n_layer}, n_head {size.n_head}, vocab {size.vocab_size}), float32, "
-        "dropout 0",
+        describe_gpt2(size, num_params(model)),
         f"data: KJV bytes, batch {args.batch_size} x {size.n_positions}; AdamW lr 1e-3, gradient "
         f"clipped to 1; {args.steps} steps, both meters every {args.every} steps on the same "
         f"parameters; {args.threads} torch thread(s); whole benchmark {total / 60:.1f} min",

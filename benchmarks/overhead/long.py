@@ -14,7 +14,15 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
-from benchmarks._common import REPO, command_line, header, num_params, python_module, save_markdown
+from benchmarks._common import (
+    REPO,
+    command_line,
+    describe_gpt2,
+    header,
+    num_params,
+    python_module,
+    save_markdown,
+)
 from benchmarks.overhead.tables import LONG_TITLE, long_section
 from benchmarks.overhead.training import SIZES, continue_training, make_trainer
 from sharpmeter.harness.data import lm_dataset
@@ -138,9 +146,7 @@ def main_long(args: argparse.Namespace, out: Path | None) -> None:
     without, with_, identical = run_arms(args)
     size, ledgers = SIZES[args.size], with_["ledgers"]
     extra = [
-        f"model: GPT-2 {args.size}, {with_['n_params']:,} parameters (n_embd {size.n_embd}, "
-        f"n_layer {size.n_layer}, n_head {size.n_head}, vocab {size.vocab_size}), float32, "
-        "dropout 0, random init",
+        f"{describe_gpt2(size, with_['n_params'])}, random init",
         f"data: KJV bytes (`sharpmeter.harness.data.lm_dataset`), batch {args.batch_size} x "
         f"{size.n_positions}; AdamW lr {args.lr:g} constant, max_grad_norm 1, seed {args.seed}; "
         "`Trainer(use_cpu=True, report_to=[], save_strategy='no', disable_tqdm=True)`",

@@ -13,7 +13,14 @@ from pathlib import Path
 import torch
 
 import sharpmeter as sm
-from benchmarks._common import command_line, header, median, num_params, save_markdown
+from benchmarks._common import (
+    command_line,
+    describe_gpt2,
+    header,
+    median,
+    num_params,
+    save_markdown,
+)
 from benchmarks.overhead.tables import (
     measurements_table,
     runs_table,
@@ -130,9 +137,7 @@ def preamble(args: argparse.Namespace, pairs: list[tuple[dict, dict]], started: 
     model = reference["trainer"].model
     size = SIZES[args.size]
     return [
-        f"model: GPT-2 {args.size}, {num_params(model):,} parameters (n_embd {size.n_embd}, "
-        f"n_layer {size.n_layer}, n_head {size.n_head}, vocab {size.vocab_size}), float32, "
-        "dropout 0, random init",
+        f"{describe_gpt2(size, num_params(model))}, random init",
         f"data: KJV bytes (`sharpmeter.harness.data.lm_dataset`), batch {args.batch_size} x "
         f"{size.n_positions}; AdamW lr {args.lr:g} constant, max_grad_norm 1, seed {args.seed}; "
         "`Trainer(use_cpu=True, report_to=[], save_strategy='no', disable_tqdm=True)`",
