@@ -294,7 +294,8 @@ class SharpnessMeter:
     def _row_inputs(
         self, batch: Any, gradients: Sequence[torch.Tensor | None] | None
     ) -> tuple[Any, list[torch.Tensor | None] | None]:
-        """The row's batch and, under ``probe="train"``, the step's gradient per parameter."""
+        """The row's batch and, under ``probe="train"``, the step's gradient per parameter
+        (detached; ``None`` where a parameter has none)."""
         if not self.on_training_batches:
             if batch is not None or gradients is not None:
                 raise ValueError(
@@ -313,7 +314,7 @@ class SharpnessMeter:
             raise ValueError(
                 f"got {len(gradients)} gradients for {len(self.params)} measured parameters"
             )
-        return batch, gradients
+        return batch, [None if g is None else g.detach() for g in gradients]
 
     def _blank_row(self, step: int) -> dict[str, Any]:
         """A row before measuring: NaN values, no status and no error yet."""
@@ -386,7 +387,7 @@ class SharpnessMeter:
             with torch.no_grad():
                 loss = probe.reduce(probe().detach())
         if step_gradients is not None:
-            grads = zeros_for_unused([_detached(g) for g in step_gradients], self.params)
+            grads = zeros_for_unused(step_gradients, self.params)
             gradient = flatten(grads, vector_dtype(self.params))
         if not (torch.isfinite(loss) and all_finite(gradient, self.params)):
             raise NonFiniteLossError(f"the probe loss or gradient is not finite ({float(loss)})")
@@ -394,12 +395,12 @@ class SharpnessMeter:
             clips = self._clips_by_global_norm(optimizer, taken)
             clip_norm = self._total_gradient_norm() if clips else None
             max_grad_norm = self.options.max_grad_norm
-        else:  # the step's gradient is the clipped one the optimizer will step with
-            clip_norm, max_grad_norm = None, None
-        if step_gradients is None:
             gradients = unflatten(gradient, self.params)
-        else:  # a parameter without a gradient is one the optimizer skips: not zeros
-            gradients = [_detached(g) for g in step_gradients]
+        else:
+            # The step's gradient is the clipped one the optimizer will step with, and a
+            # parameter without one is a parameter the optimizer skips: None, not zeros.
+            clip_norm, max_grad_norm = None, None
+            gradients = step_gradients
         lr, direction = self._direction(
             optimizer, gradient, gradients, clip_norm, max_grad_norm, taken
         )
@@ -515,10 +516,6 @@ def _take(measure: Measure, context: RowContext) -> Outcome:
         # An HVP that overflowed gives a NaN trace or eigenvalue: never an ok NaN.
         return Outcome(NONFINITE, outcome.values)
     return outcome
-
-
-def _detached(gradient: torch.Tensor | None) -> torch.Tensor | None:
-    return None if gradient is None else gradient.detach()
 
 
 def _charge(
