@@ -156,7 +156,7 @@ def write_schedules(study, restarts_spike: bool):
         t = steps / SCHEDULE_STEPS
         if name == RESTARTS and restarts_spike:
             for restart in (0.25, 0.5, 0.75):
-                curve[np.searchsorted(t, restart, side="right")] *= 1.5
+                curve[np.searchsorted(t, restart, side="right")] *= 3.0
         folder = study / "schedules" / name
         folder.mkdir(parents=True)
         rows = [
@@ -177,11 +177,11 @@ def write_schedules(study, restarts_spike: bool):
 
 def file_verdict(schedules):
     """The verdict computed straight from the schedule runs' files."""
-    curves = {
-        folder.name: load_runs([folder / "sharpness.jsonl"])[0].curve("critical_sharpness")
-        for folder in sorted(schedules.iterdir())
+    runs = {
+        folder.name: load_runs([folder / "sharpness.jsonl"])[0] for folder in schedules.iterdir()
     }
-    return schedule_verdict(curves)
+    curves = {name: run.curve("critical_sharpness") for name, run in runs.items()}
+    return schedule_verdict(curves, runs[RESTARTS].curve("lr"))
 
 
 @pytest.mark.parametrize("restarts_spike, answer", [(True, "yes"), (False, "no")])
@@ -194,10 +194,12 @@ def test_a_study_with_schedule_runs_reports_their_verdict(tmp_path, restarts_spi
     markdown = files.markdown.read_text()
     section = markdown[markdown.index("## Schedule sensitivity") : markdown.index("## Files")]
     claim = "Cosine with restarts makes sharpness spike where cosine and linear decay smoothly"
-    assert f"- {claim}: **{answer}** (largest |Δ ln S|" in section
+    assert f"- {claim}: **{answer}** (restarts at t = 0.25, 0.50, 0.75;" in section
     assert verdict.line() in section
-    # the claim is one more decided on the study: counted, no p-value for Holm to rank
+    # the claim is one more tested on the study: counted, and with a p-value for Holm to rank
     assert "of 9 verdicts decided" in markdown
+    holm = markdown[markdown.index("Holm's correction") :].split("\n")[0]
+    assert ("Cosine with restarts" in holm) is (answer == "yes"), holm
     assert "includes the schedule-sensitivity verdict below" in markdown
     for name in ("cosine", "linear", RESTARTS):  # each run listed, compared, its ratio shown
         assert re.search(rf"\| {name} \| 50,000,000 \| 60 \| [^|]+ \| [^|]+ \[", section), name

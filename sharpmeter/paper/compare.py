@@ -41,8 +41,9 @@ Several claims tested on one study decide some by chance: :func:`multiplicity_no
 many to expect and which decisions with a p-value survive Holm's correction.
 
 One claim is about one size under several learning-rate schedules, runs outside the ladder:
-:func:`schedule_verdict` asks whether cosine with restarts brings spikes that cosine and
-linear do not.
+:func:`schedule_verdict` asks whether cosine with restarts brings spikes at its restarts (read
+from the logged learning rate) beyond the curve's own noise and the other schedules at the same
+time.
 
 With several seeds per size (replicates, :mod:`sharpmeter.paper.analysis.replicates`) each claim
 takes them where they matter; :func:`analyse_curves` says how.
@@ -92,6 +93,13 @@ from sharpmeter.paper.analysis.replicates import (
     seed_means,
     seed_text,
 )
+from sharpmeter.paper.analysis.restarts import (
+    RESTART_WINDOW,
+    START,
+    RestartResponse,
+    restart_response,
+    restart_times,
+)
 from sharpmeter.paper.analysis.robust import RobustFinal
 from sharpmeter.paper.analysis.runs import RunEntry, RunSelection
 from sharpmeter.paper.analysis.scaling import ScalingFit
@@ -108,9 +116,8 @@ SIGNIFICANCE = 0.05
 MAX_EXACT_SIZES = 8  # 8! orderings enumerate in a blink; beyond, the t approximation is fine
 EARLY_FRACTION = 0.1  # the paper predicts the final value from the first 10% of training
 RESTARTS = "cosine_with_restarts"  # transformers' name of the schedule
-SPIKE_FROM = 0.2  # past the rise: the paper's decay and plateau phases (its checkpoints 40-200)
-SPIKE_RATIO = 2.0  # a "massive" spike: twice the largest jump a schedule without restarts makes
-MIN_JUMPS = 5
+SPIKE_FROM = START  # past the rise: the paper's decay and plateau phases (its checkpoints 40-200)
+SPIKE_RATIO = 2.0  # a "massive" spike: sharpness doubles beyond its noise and the other schedules
 
 ANSWERS = {True: "yes", False: "no", None: "undecided"}
 THREE_PHASES = "Three phases (rise, decay, plateau) in every run"
@@ -631,51 +638,66 @@ def _measures_verdict(stories: Mapping[str, Mapping[str, bool | None]]) -> Verdi
     return Verdict(claim, True, f"agree on {', '.join(twice)}; {told}")
 
 
-def schedule_verdict(curves_by_schedule: Mapping[str, Curve]) -> Verdict:
+def schedule_verdict(curves_by_schedule: Mapping[str, Curve], restarts_lr: Curve | None) -> Verdict:
     """Schedule sensitivity: one size trained under several learning-rate schedules (transformers'
-    names, on one measurement grid), and whether cosine with restarts makes sharpness spike
-    where the others only decay.
+    names), and whether cosine with restarts makes sharpness spike at its restarts where the
+    others decay smoothly.
 
-    A curve's largest jump is the largest ``|Δ ln S|`` between consecutive measurements at
-    ``t >= SPIKE_FROM``, past the rise (a spike up and a collapse down both break a smooth
-    decay). Yes when the restarts curve's largest jump is at least ``SPIKE_RATIO`` times the
-    largest of every other schedule's (their measurement noise sets the scale), no when it is
-    smaller; undecided without a restarts curve and another, or with fewer than
-    ``MIN_JUMPS`` jumps past ``SPIKE_FROM`` in one of them.
+    The restarts are read from ``restarts_lr``, the restarts run's logged learning rate
+    (:func:`~sharpmeter.paper.analysis.restarts.restart_times`); each restart's rise of
+    ``ln S`` within ``RESTART_WINDOW`` measurements is ranked among the same curves' rises away
+    from the restarts past ``SPIKE_FROM`` (p-values combined by Fisher's method) and, as an
+    excess, set beside the noise's median rise and the other schedules' rise at the same time
+    (:func:`~sharpmeter.paper.analysis.restarts.restart_response`). Yes when the combined
+    p-value is below ``SIGNIFICANCE`` and the restarts' median excess is at least ``SPIKE_RATIO``
+    times (its p-value is the verdict's); no when the excess is smaller (a spike between
+    restarts is noise here, not a yes); undecided for a large excess that noise could make,
+    and without a restarts curve, another schedule's, a learning rate that rises again, or
+    enough measurements. The evidence says how sharpness fell at the restarts, too.
 
     Example::
 
-        verdict = schedule_verdict({"cosine": (t, s1), "linear": (t, s2), RESTARTS: (t, s3)})
+        curves = {"cosine": (t, s1), "linear": (t, s2), RESTARTS: (t, s3)}
+        verdict = schedule_verdict(curves, restarts_lr=(t, lr3))
         verdict.line()  # "Cosine with restarts makes sharpness spike ...: **yes** (...)"
     """
     claim = "Cosine with restarts makes sharpness spike where cosine and linear decay smoothly"
-    jumps = {name: _largest_jump(*curve) for name, curve in curves_by_schedule.items()}
-    if RESTARTS not in jumps or len(jumps) < 2:
-        given = ", ".join(sorted(jumps)) or "none"
+    if RESTARTS not in curves_by_schedule or len(curves_by_schedule) < 2:
+        given = ", ".join(sorted(curves_by_schedule)) or "none"
         return Verdict(claim, None, f"needs a {RESTARTS} curve and another schedule's; got {given}")
-    short = sorted(name for name, jump in jumps.items() if jump is None)
-    if short:
-        where = f"past t = {SPIKE_FROM:g}"
-        return Verdict(claim, None, f"fewer than {MIN_JUMPS} jumps {where} in {', '.join(short)}")
-    restarts = jumps.pop(RESTARTS)
-    smooth = max(jumps.values())
-    ratio = restarts / smooth if smooth > 0 else math.inf
-    listed = ", ".join(f"{name} {jump:.3g}" for name, jump in {RESTARTS: restarts, **jumps}.items())
-    evidence = (
-        f"largest |Δ ln S| between measurements at t >= {SPIKE_FROM:g}: {listed}; restarts "
-        f"{ratio:.3g} times the largest other, a spike from {SPIKE_RATIO:g} times"
+    if restarts_lr is None:
+        return Verdict(claim, None, f"{RESTARTS} logs no learning rate: its restarts are unknown")
+    times = restart_times(*restarts_lr)
+    if times.size == 0:
+        return Verdict(claim, None, f"the learning rate of {RESTARTS} never rises again")
+    try:
+        response = restart_response(curves_by_schedule, RESTARTS, times)
+    except ValueError as error:
+        return Verdict(claim, None, str(error))
+    if response.spike_factor < SPIKE_RATIO:  # decided by the size of the rise, not a test
+        return Verdict(claim, False, _restarts_evidence(response))
+    holds = True if response.p_rise < SIGNIFICANCE else None
+    return Verdict(claim, holds, _restarts_evidence(response), response.p_rise)
+
+
+def _restarts_evidence(response: RestartResponse) -> str:
+    at = ", ".join(f"{shift.t:.2f}" for shift in response.shifts)
+    rises = ", ".join(_factors(shift.rise, shift.control_rise) for shift in response.shifts)
+    falls = ", ".join(_factors(-shift.fall, -shift.control_fall) for shift in response.shifts)
+    return (
+        f"restarts at t = {at}; within {RESTART_WINDOW} measurements S rose x{rises} and fell "
+        f"to x{falls} (other schedules at the same time in brackets); away from the restarts "
+        f"past t = {SPIKE_FROM:g} the median rise is x{math.exp(response.null_rise):.3g} and fall "
+        f"x{math.exp(-response.null_fall):.3g} ({response.null_size} positions); beyond both the "
+        f"restarts raise S x{response.spike_factor:.3g} (p = {response.p_rise:.2g}; a spike from "
+        f"x{SPIKE_RATIO:g}) and lower it to x{response.collapse_factor:.3g} "
+        f"(p = {response.p_fall:.2g})"
     )
-    return Verdict(claim, ratio >= SPIKE_RATIO, evidence)
 
 
-def _largest_jump(t: np.ndarray, s: np.ndarray) -> float | None:
-    """The largest ``|Δ ln S|`` between consecutive positive values at ``t >= SPIKE_FROM``
-    (None: fewer than ``MIN_JUMPS`` of them)."""
-    t, s = np.asarray(t, dtype=float), np.asarray(s, dtype=float)
-    kept = s[(t >= SPIKE_FROM) & np.isfinite(s) & (s > 0)]
-    if kept.size < MIN_JUMPS + 1:
-        return None
-    return float(np.max(np.abs(np.diff(np.log(kept)))))
+def _factors(log_shift: float, log_control: float) -> str:
+    control = f" ({math.exp(log_control):.3g})" if math.isfinite(log_control) else ""
+    return f"{math.exp(log_shift):.3g}{control}"
 
 
 def multiplicity_note(verdicts: Sequence[Verdict], level: float = SIGNIFICANCE) -> str:

@@ -36,7 +36,7 @@ import base64
 import html
 import math
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,6 +47,7 @@ from sharpmeter.paper.analysis import RobustFinal, final_stderr, final_value, ro
 from sharpmeter.paper.analysis.phases import PARAMETERS, ThreePhaseFit
 from sharpmeter.paper.analysis.plotting import plot_scaling_fit
 from sharpmeter.paper.analysis.replicates import Curve, Replicates, Seed, SeedMean
+from sharpmeter.paper.analysis.restarts import RESTART_WINDOW, restart_times
 from sharpmeter.paper.analysis.runs import (
     Run,
     RunEntry,
@@ -58,6 +59,7 @@ from sharpmeter.paper.analysis.runs import (
 from sharpmeter.paper.analysis.scaling import FitComparison
 from sharpmeter.paper.analysis.stability import final_stability
 from sharpmeter.paper.compare import (
+    RESTARTS,
     SPIKE_FROM,
     CurveComparison,
     StudyAnalysis,
@@ -191,6 +193,12 @@ class ScheduleAnalysis:
         """The runs the verdict compares, by schedule."""
         return {name: entry.run for name, entry in self.entries.items() if entry.left_out is None}
 
+    @property
+    def restarts(self) -> np.ndarray:
+        """The times of the restarts run's restarts (empty without that run or its rates)."""
+        lr = _restarts_lr(self.entries)
+        return restart_times(*lr) if lr is not None else np.empty(0)
+
 
 def load_schedules(
     files: Sequence[RunFiles],
@@ -217,7 +225,17 @@ def load_schedules(
     compared = {
         name: entry.run.curve(quantity) for name, entry in entries.items() if entry.left_out is None
     }
-    return ScheduleAnalysis(tuple(files), entries, quantity, schedule_verdict(compared))
+    verdict = schedule_verdict(compared, _restarts_lr(entries))
+    return ScheduleAnalysis(tuple(files), entries, quantity, verdict)
+
+
+def _restarts_lr(entries: Mapping[str, RunEntry]) -> Curve | None:
+    """The learning rate the restarts run logged, None without that run or a logged rate."""
+    entry = entries.get(RESTARTS)
+    if entry is None:
+        return None
+    t, lr = entry.run.curve("lr")
+    return (t, lr) if t.size else None
 
 
 class ReportError(ValueError):
@@ -630,8 +648,11 @@ def schedule_blocks(
         "## Schedule sensitivity",
         "One size trained once more under each learning-rate schedule (each run named by its "
         "folder, outside the ladder's fits): does cosine with restarts make sharpness spike "
-        "where cosine and linear decay smoothly? A curve's largest jump is its largest "
-        f"|Δ ln S| between consecutive measurements at t >= {SPIKE_FROM:g}, past the rise.",
+        "where cosine and linear decay smoothly? At each restart (where the logged learning "
+        f"rate jumps up) the largest rise and fall of ln S within {RESTART_WINDOW} measurements, "
+        "from the median of the measurements before, set against the same statistics away "
+        f"from the restarts past t = {SPIKE_FROM:g} (the rise of training left out) and "
+        "against the other schedules at the same time.",
         [schedules.verdict.line()],
         _schedule_table(schedules, final_fraction),
     ]
@@ -642,7 +663,8 @@ def schedule_blocks(
             Figure(
                 figure,
                 f"Measured {schedules.quantity} of each schedule's run{lr} against the fraction "
-                f"of training; shaded: t < {SPIKE_FROM:g}, the rise, where jumps are not compared.",
+                f"of training; dotted: the restarts; shaded: t < {SPIKE_FROM:g}, the rise, "
+                "left out of the noise's distribution.",
             )
         )
     return blocks
@@ -788,6 +810,10 @@ def plot_schedules(schedules: ScheduleAnalysis, path: Path) -> Path:
                 axes.plot(*line, color=colour, linestyle="--", linewidth=1)
         axes.plot([], [], color="grey", linestyle="--", linewidth=1, label="2 / lr")
         axes.set_ylim(low, 3 * high)  # 2 / lr runs off as a schedule decays: keep S in view
+    for restart in schedules.restarts:
+        axes.axvline(restart, color="0.5", linestyle=":", linewidth=1)
+    if schedules.restarts.size:
+        axes.plot([], [], color="0.5", linestyle=":", linewidth=1, label="restart")
     axes.legend(title="schedule", fontsize=8)
     _plain_log_labels(axes)
     figure.savefig(path, dpi=120)

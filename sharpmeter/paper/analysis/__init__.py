@@ -11,6 +11,8 @@
 * ``robust``: a final value one spike cannot move (median, trimmed mean) with a moving-block
   bootstrap interval that widens for correlated measurements;
 * ``stability``: the edge of stability, sharpness against ``2 / lr``;
+* ``restarts``: learning-rate restarts read from the logged rate, and how sharpness rises and
+  falls at them against the same curves away from them and the other schedules;
 * ``inference``: a sign-test interval for few paired differences, Holm's correction;
 * ``runs``: record files -> every run in them, each step once (the last write kept), on its
   planned training axis, and which runs a fit uses (with why the others are left out);
