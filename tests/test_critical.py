@@ -10,6 +10,7 @@ import torch
 from conftest import Quadratic, causal_lm_loss, float64_gpt2, quadratic_loss, token_batch
 
 import sharpmeter as sm
+from sharpmeter.measure.linesearch import PREDICTIONS
 
 K = 4
 TOLERANCE = 2.0**-K
@@ -109,17 +110,25 @@ def test_lambda_c_scales_with_the_direction(quadratic, scale):
 
 @pytest.mark.parametrize("factor", [0.55, 0.9, 1.1, 1.9])
 def test_forward_count_with_a_good_warm_start(quadratic, factor):
+    """The quadratic model's prediction is exact here: base, warm start, the two steps either
+    side of the prediction and the checks; by doubling/halving and bisection, b more - 1."""
     d = descent_direction(quadratic, 1)
     eta_c = 2 / exact_critical(quadratic, d)
-    result = sm.critical_sharpness(
-        quadratic, quadratic_loss, None, d, eta0=factor * eta_c, precision_bits=K
-    )
-    assert result.num_forward == 1 + 2 + K + CHECK_BELOW
-    cold = sm.critical_sharpness(
-        quadratic, quadratic_loss, None, d, eta0=1e-6 * eta_c, precision_bits=K
-    )
-    assert cold.num_forward > result.num_forward
-    assert cold.value == pytest.approx(result.value, rel=2 * TOLERANCE)
+
+    def search(eta0: float, predictions: int = PREDICTIONS):
+        return sm.critical_sharpness(
+            quadratic, quadratic_loss, None, d, eta0=eta0, precision_bits=K, predictions=predictions
+        )
+
+    predicted, plain = search(factor * eta_c), search(factor * eta_c, predictions=0)
+    assert predicted.num_forward == 1 + 1 + 2 + CHECK_BELOW
+    assert plain.num_forward == 1 + 2 + K + CHECK_BELOW
+    for result in (predicted, plain):
+        assert result.status == "ok" and result.lo < eta_c <= result.hi
+        assert 1 - result.lo / result.hi <= TOLERANCE
+    cold, cold_plain = search(1e-6 * eta_c), search(1e-6 * eta_c, predictions=0)
+    assert plain.num_forward < cold.num_forward < cold_plain.num_forward
+    assert cold.value == pytest.approx(predicted.value, rel=2 * TOLERANCE)
 
 
 def test_nondescent_direction_stops_after_one_forward(quadratic):
@@ -208,14 +217,28 @@ def test_a_loss_that_never_rises_is_never_ok(edge, max_forward, status):
 def test_a_budget_too_small_to_converge_is_not_converged(quadratic):
     d = descent_direction(quadratic, 1)
     eta_c = 2 / exact_critical(quadratic, d)
-    # 1 + 1 + 20 forwards bracket eta_c from 1e-6 eta_c; two are left for the bisection.
+    # Without predictions 1 + 1 + 20 forwards bracket eta_c from 1e-6 eta_c; two are left for
+    # the bisection. With them, the base and the warm start above eta_c leave one step of the
+    # straddle, which finds the lower end.
     result = sm.critical_sharpness(
-        quadratic, quadratic_loss, None, d, eta0=1e-6 * eta_c, precision_bits=K, max_forward=24
+        quadratic,
+        quadratic_loss,
+        None,
+        d,
+        eta0=1e-6 * eta_c,
+        precision_bits=K,
+        max_forward=24,
+        predictions=0,
     )
     assert result.status == "not_converged" and result.num_forward == 24
     assert math.isnan(result.value) and math.isnan(result.eta_c)
     assert math.isfinite(result.lo) and math.isfinite(result.hi)
     assert result.lo < eta_c <= result.hi and 1 - result.lo / result.hi > TOLERANCE
+    predicted = sm.critical_sharpness(
+        quadratic, quadratic_loss, None, d, eta0=1.5 * eta_c, precision_bits=K, max_forward=3
+    )
+    assert predicted.status == "not_converged" and predicted.num_forward == 3
+    assert predicted.lo < eta_c <= predicted.hi == 1.5 * eta_c
 
 
 def test_an_unchecked_bracket_is_not_converged(quadratic):
@@ -223,7 +246,7 @@ def test_an_unchecked_bracket_is_not_converged(quadratic):
     d = descent_direction(quadratic, 1)
     eta0 = 1.1 * 2 / exact_critical(quadratic, d)
     short = sm.critical_sharpness(
-        quadratic, quadratic_loss, None, d, eta0=eta0, precision_bits=K, max_forward=1 + 2 + K
+        quadratic, quadratic_loss, None, d, eta0=eta0, precision_bits=K, max_forward=1 + 1 + 2
     )
     assert short.status == "not_converged" and math.isnan(short.value)
     assert 1 - short.lo / short.hi <= TOLERANCE
@@ -234,7 +257,7 @@ def test_an_unchecked_bracket_is_not_converged(quadratic):
         d,
         eta0=eta0,
         precision_bits=K,
-        max_forward=1 + 2 + K + CHECK_BELOW,
+        max_forward=1 + 1 + 2 + CHECK_BELOW,
     )
     assert enough.status == "ok" and (enough.lo, enough.hi) == (short.lo, short.hi)
 
@@ -256,10 +279,17 @@ def test_a_warm_start_past_the_first_crossing_finds_it(eta0):
 
 
 def test_no_budget_left_after_a_check_rose_is_not_converged():
-    """1 + 4 forwards bracket 5 from 1, K bisect it, and the check at 1/4 rises: none is left
-    to search below 1/4."""
+    """Without predictions 1 + 4 forwards bracket 5 from 1, K bisect it, and the check at 1/4
+    rises: none is left to search below 1/4."""
     result = sm.critical_sharpness(
-        Wiggle(), quadratic_loss, None, ALONG, eta0=1.0, precision_bits=K, max_forward=1 + 4 + K + 1
+        Wiggle(),
+        quadratic_loss,
+        None,
+        ALONG,
+        eta0=1.0,
+        precision_bits=K,
+        max_forward=1 + 4 + K + 1,
+        predictions=0,
     )
     assert result.status == "not_converged" and math.isnan(result.value)
     assert math.isnan(result.lo) and result.hi == 0.25
@@ -293,6 +323,10 @@ def test_bad_input(quadratic):
     for bad in (-1, 1.5, True):
         with pytest.raises(ValueError, match="check_below"):
             sm.critical_sharpness(quadratic, quadratic_loss, None, d, check_below=bad)
+        with pytest.raises(ValueError, match="predictions"):
+            sm.critical_sharpness(quadratic, quadratic_loss, None, d, predictions=bad)
+        with pytest.raises(ValueError, match="critical_predictions"):
+            sm.MeterOptions(critical_predictions=bad)
     with pytest.raises(ValueError, match="gradient="):
         sm.directional_sharpness(torch.eye(12, dtype=torch.float64), d)
 
@@ -312,7 +346,7 @@ def test_known_loss_and_gradient_save_the_base_forward(quadratic):
         gradient=quadratic.gradient(),
         loss=loss,
     )
-    assert result.num_forward == 2 + K + CHECK_BELOW
+    assert result.num_forward == 1 + 2 + CHECK_BELOW  # the warm start, the straddle, the checks
     assert result.value == pytest.approx(exact_critical(quadratic, d), rel=TOLERANCE)
 
 
@@ -337,3 +371,44 @@ def test_a_parameter_vector_direction_is_read_by_parameter():
         sm.critical_sharpness(model, causal_lm_loss, batch, d, params=decay)
     restricted = sm.critical_sharpness(model, causal_lm_loss, batch, d.over(decay), params=decay)
     assert restricted.num_forward > 0
+
+
+class Shaped(Line):
+    """A loss with one crossing and no quadratic in sight: ``-eta + c eta^k`` (crossing at
+    ``c^(1 / (1 - k))``) or ``-eta + c (exp(eta) - 1 - eta)``."""
+
+    def __init__(self, c: float, k: float | None) -> None:
+        super().__init__()
+        self.c, self.k = c, k
+
+    def along(self, eta):
+        if self.k is None:
+            return -eta + self.c * (torch.expm1(eta) - eta)
+        return -eta + self.c * eta.abs() ** self.k
+
+    def crossing(self) -> float:
+        if self.k is not None:
+            return self.c ** (1 / (1 - self.k))
+        lo, hi = 1e-9, 100.0  # r rises through 0 once: bisect it to float precision
+        for _ in range(200):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if -mid + self.c * (math.expm1(mid) - mid) <= 0 else (lo, mid)
+        return hi
+
+
+@pytest.mark.parametrize("shape", [(0.3, 3), (2.0, 1.5), (5.0, 6), (0.5, None), (40.0, None)])
+@pytest.mark.parametrize("warm", [0.3, 0.95, 1.7, 1e-4])
+def test_predictions_choose_the_steps_never_the_answer(shape, warm):
+    """Far from quadratic the predictions miss, and the bracket is still one of seen losses
+    around the one crossing, to the precision asked, as the plain search's is."""
+    model = Shaped(*shape)
+    eta_c = model.crossing()
+    results = [
+        sm.critical_sharpness(
+            model, quadratic_loss, None, ALONG, eta0=warm * eta_c, precision_bits=K, predictions=n
+        )
+        for n in (PREDICTIONS, 0)
+    ]
+    for result in results:
+        assert result.status == "ok", result
+        assert result.lo < eta_c <= result.hi and 1 - result.lo / result.hi <= TOLERANCE

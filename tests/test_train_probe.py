@@ -108,8 +108,11 @@ def backward_count(model, action) -> int:
 
 def test_the_training_batch_mode_spends_no_backward_on_critical_sharpness():
     model, optimizer = trained_model()
-    train = train_meter(model)
-    fixed = sm.SharpnessMeter(model, MICRO_BATCHES, causal_lm_loss, measures=("critical",))
+    # The plain search: its steps depend on the losses alone, not on the gradient's slope.
+    train = train_meter(model, critical_predictions=0)
+    fixed = sm.SharpnessMeter(
+        model, MICRO_BATCHES, causal_lm_loss, measures=("critical",), critical_predictions=0
+    )
     assert backward_count(model, lambda: train.measure(1, optimizer, batch=MICRO_BATCHES)) == 0
     assert backward_count(model, lambda: fixed.measure(1, optimizer)) == 1
     # On the same batch and with the same gradient the two modes agree: the fixed probe's own

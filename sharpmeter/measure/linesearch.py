@@ -54,6 +54,9 @@ from sharpmeter.measure.params import (
 from sharpmeter.measure.schema import NONFINITE
 
 STATUSES = ("ok", "nondescent", "no_increase", NONFINITE, "not_converged")
+PREDICTIONS = 4  # steps at the model's crossing per search, before doubling or bisecting
+ACROSS = 0.9  # of the bracket width asked: a step across a predicted crossing near an end
+MIN_CURVATURE = 0.1  # of s * p: curvature seen at a single step p that a prediction needs
 
 
 @dataclass(frozen=True)
@@ -110,6 +113,7 @@ def critical_sharpness(
     precision_bits: int = 4,
     max_forward: int = 64,
     check_below: int = 2,
+    predictions: int = PREDICTIONS,
     gradient: torch.Tensor | Sequence[torch.Tensor] | None = None,
     loss: float | None = None,
     check_descent: bool = True,
@@ -126,6 +130,18 @@ def critical_sharpness(
     3. Geometric bisection :math:`\sqrt{lo\cdot hi}` until :math:`1 - lo/hi \le 2^{-b}`,
        which takes exactly :math:`b` = ``precision_bits`` steps from a factor-2 bracket
        (:math:`b \ge 2`).
+
+    2'. Before each doubling, halving or bisection, while ``predictions`` are left, the rises
+       :math:`r(\eta) = L(\theta - \eta d) - L(\theta)` already seen predict the crossing:
+       from one step :math:`p` and the slope :math:`s = d^\top g`, the quadratic
+       :math:`r = -s\eta + c\eta^2` through it crosses at :math:`s p^2 / (r(p) + s p)`; from
+       both ends of a bracket, the cubic :math:`-s\eta + c\eta^2 + k\eta^3` through them
+       (else a quadratic, else the secant). The step a quarter of the precision asked below
+       the prediction is tried, or, for a prediction within half the precision of an end, the
+       step 0.9 of the precision across it from that end. On
+       a quadratic a warm start then costs :math:`1 + 1 + 2 + m` forwards instead of
+       :math:`1 + 2 + b + m`. The prediction only chooses where to look: every answer is a
+       bracket of seen losses, as in steps 2 and 3.
     4. Check below: a warm start past the first crossing of a loss that is not monotone along
        :math:`d` brackets a later one. So the :math:`m` = ``check_below`` steps
        :math:`s/4, s/16, \dots, s/4^m` below the smallest step :math:`s` that did not raise
@@ -139,10 +155,10 @@ def critical_sharpness(
        a cheap guard, not a proof. On a loss that falls all the way to :math:`\eta_c` (a
        quadratic) no check step rises.
 
-    When ``eta0`` is within a factor 2 of :math:`\eta_c` (and no check step rises) the search
-    costs :math:`1 + 2 + b + m` forwards. A non-finite loss counts as an increase while
-    searching (training would not survive the step), but only a finite rise at the final
-    ``hi`` is ``ok``: a loss that goes from below :math:`L(\theta)` straight to NaN/inf gives
+    Without predictions, when ``eta0`` is within a factor 2 of :math:`\eta_c` (and no check
+    step rises) the search costs :math:`1 + 2 + b + m` forwards. A non-finite loss counts as an
+    increase while searching (training would not survive the step), but only a finite rise at the
+    final ``hi`` is ``ok``: a loss that goes from below :math:`L(\theta)` straight to NaN/inf gives
     ``nonfinite``, and a bracket not verified within ``max_forward`` gives ``not_converged``
     (see :class:`CriticalSharpnessResult`). Every branch compares losses reduced over ranks at
     steps that are fixed functions of the ones already tried, so every rank takes the same
@@ -164,6 +180,8 @@ def critical_sharpness(
         precision_bits: bisection precision :math:`b`, relative bracket width :math:`2^{-b}`.
         max_forward: budget of forwards, the base one included.
         check_below: steps tried below the bracket for an earlier crossing (0: none).
+        predictions: steps at the model's crossing per search (0: plain doubling, halving
+            and bisection, step 2' off).
         gradient: :math:`g` if already known (e.g. the training gradient); saves a backward.
         loss: :math:`L(\theta)` if already known (with ``gradient``); saves the base forward,
             which is then not counted.
@@ -178,6 +196,7 @@ def critical_sharpness(
     check_positive_int("precision_bits", precision_bits)
     check_positive_int("max_forward", max_forward, minimum=3)
     check_positive_int("check_below", check_below, minimum=0)
+    check_positive_int("predictions", predictions, minimum=0)
     chosen = resolve_params(model, params)
     d = as_flat_vector(direction, chosen, "direction")
     if not all_finite(d, chosen):
@@ -196,7 +215,9 @@ def critical_sharpness(
         elif slope <= 0:
             status, lo, hi = "nondescent", math.nan, math.nan
         else:
-            status, lo, hi = search.bracket(loss, eta0, precision_bits, max_forward, check_below)
+            status, lo, hi = search.bracket(
+                loss, eta0, precision_bits, max_forward, check_below, slope, predictions
+            )
     finally:
         search.restore()
     eta_c = math.sqrt(lo * hi) if status == "ok" else math.nan
@@ -229,9 +250,11 @@ def _base_loss(
 class _LineSearch:
     """Evaluates :math:`L(\\theta_0 - \\eta d)` by copy and brackets the first increase.
 
-    Every step tried raises the loss or not; a non-finite loss raises it. ``smallest_flat`` is
-    the smallest step that did not, the anchor of the check below; ``nonfinite`` holds the steps
-    whose loss was not finite, to tell a finite rise at ``hi`` from a blow-up.
+    Every step tried raises the loss or not; a non-finite loss raises it. ``rise`` holds
+    :math:`L(\\theta_0 - \\eta d) - L(\\theta_0)` by step (inf where not finite), what the
+    quadratic model is fitted to; ``smallest_flat`` is the smallest step that did not raise the
+    loss, the anchor of the check below; ``nonfinite`` holds the steps whose loss was not finite,
+    to tell a finite rise at ``hi`` from a blow-up.
     """
 
     def __init__(self, probe: ProbeLoss, params: list[nn.Parameter], d: torch.Tensor) -> None:
@@ -242,6 +265,10 @@ class _LineSearch:
         self.num_forward = 0
         self.base = math.nan
         self.max_forward = 0
+        self.tolerance = math.nan
+        self.slope = math.nan
+        self.predictions = 0
+        self.rise: dict[float, float] = {}
         self.smallest_flat = math.inf
         self.nonfinite: set[float] = set()
 
@@ -253,7 +280,9 @@ class _LineSearch:
         self.num_forward += 1
         if not math.isfinite(loss):
             self.nonfinite.add(eta)
+            self.rise[eta] = math.inf
             return True
+        self.rise[eta] = loss - self.base
         if loss > self.base:
             return True
         self.smallest_flat = min(self.smallest_flat, eta)
@@ -263,30 +292,33 @@ class _LineSearch:
         return self.num_forward < self.max_forward
 
     def bracket(
-        self, base: float, eta0: float, precision_bits: int, max_forward: int, check_below: int
+        self,
+        base: float,
+        eta0: float,
+        precision_bits: int,
+        max_forward: int,
+        check_below: int,
+        slope: float,
+        predictions: int,
     ) -> tuple[str, float, float]:
         """Status and bracket ``(lo, hi]`` of the first step that raises the loss."""
-        self.base, self.max_forward = base, max_forward
-        if self.raises_loss(eta0):
-            lo, hi = self.halve(eta0)
-            if math.isnan(lo):
-                return "nondescent", lo, hi
-        else:
-            lo, hi = self.double(eta0)
-            if math.isnan(hi):
-                return "no_increase", lo, hi
-        while True:
-            lo, hi = self.bisect(lo, hi, precision_bits)
-            if 1 - lo / hi > 2.0**-precision_bits:
-                return self.status(hi, verified=False), lo, hi
+        self.base, self.max_forward, self.slope = base, max_forward, slope
+        self.tolerance = 2.0**-precision_bits
+        self.predictions = predictions
+        lo, hi = self.refine(*self.step(eta0, math.nan, math.nan))
+        if math.isnan(hi):
+            return "no_increase", lo, hi
+        if math.isnan(lo):
+            return "nondescent", lo, hi
+        while self.narrow(lo, hi):
             rise = self.rise_below(check_below)
             if rise is None:
                 return self.status(hi, verified=True), lo, hi
             if math.isnan(rise):
-                return self.status(hi, verified=False), lo, hi
-            lo, hi = self.halve(rise)
-            if math.isnan(lo):
-                return self.status(hi, verified=False), lo, hi
+                break
+            self.predictions = predictions
+            lo, hi = self.refine(math.nan, rise)
+        return self.status(hi, verified=False), lo, hi
 
     def status(self, hi: float, verified: bool) -> str:
         # A blow-up at the top says more than a short budget: no finite rise was seen at all.
@@ -294,39 +326,64 @@ class _LineSearch:
             return NONFINITE
         return "ok" if verified else "not_converged"
 
-    def halve(self, hi: float) -> tuple[float, float]:
-        """From a step that raised the loss, halve until one does not: ``(hi/2, hi]``, or
-        ``lo`` NaN when the budget runs out first."""
-        lo = math.nan
-        while math.isnan(lo) and self.budget_left():
-            eta = hi / 2
-            if self.raises_loss(eta):
-                hi = eta
+    def narrow(self, lo: float, hi: float) -> bool:
+        """Whether ``(lo, hi]`` is a bracket of the precision asked (False while an end is NaN)."""
+        return 1 - lo / hi <= self.tolerance
+
+    def step(self, eta: float, lo: float, hi: float) -> tuple[float, float]:
+        """The bracket once ``eta`` is tried: its new ``hi`` if it raises the loss, else ``lo``."""
+        return (lo, eta) if self.raises_loss(eta) else (eta, hi)
+
+    def refine(self, lo: float, hi: float) -> tuple[float, float]:
+        """Narrow ``(lo, hi]`` (an end NaN: not found yet) to the precision asked or until the
+        budget runs out: at the model's crossing while predictions are left and the model has
+        one, else doubling ``lo``, halving ``hi`` or geometric bisection."""
+        while self.budget_left() and not self.narrow(lo, hi):
+            predicted = self.prediction(lo, hi) if self.predictions > 0 else None
+            if predicted is not None:
+                self.predictions -= 1
+                eta = self.across(predicted, lo, hi)
+            elif math.isnan(hi):
+                eta = 2 * lo
+            elif math.isnan(lo):
+                eta = hi / 2
             else:
-                lo = eta
+                eta = math.sqrt(lo * hi)
+            lo, hi = self.step(eta, lo, hi)
         return lo, hi
 
-    def double(self, lo: float) -> tuple[float, float]:
-        """From a step that did not raise the loss, double until one does: ``(lo, 2 lo]``, or
-        ``hi`` NaN when the budget runs out first."""
-        hi = math.nan
-        while math.isnan(hi) and self.budget_left():
-            eta = 2 * lo
-            if self.raises_loss(eta):
-                hi = eta
-            else:
-                lo = eta
-        return lo, hi
+    def across(self, predicted: float, lo: float, hi: float) -> float:
+        """The step to try for a predicted crossing: a quarter of the precision asked below the
+        prediction (not on it: an exact prediction would meet a loss equal to the base), or,
+        when the prediction lies within half the precision of an end, the step ``ACROSS`` of
+        the precision past it from that end (one step then brackets it to the precision)."""
+        width = -math.log1p(-self.tolerance)
+        if math.log(predicted / lo) < width / 2:  # False while lo is NaN
+            return lo * math.exp(ACROSS * width)
+        if math.log(hi / predicted) < width / 2:
+            return hi * math.exp(-ACROSS * width)
+        return predicted * math.exp(-width / 4)
 
-    def bisect(self, lo: float, hi: float, precision_bits: int) -> tuple[float, float]:
-        """Geometric bisection until :math:`1 - lo/hi \\le 2^{-b}` or the budget runs out."""
-        while 1 - lo / hi > 2.0**-precision_bits and self.budget_left():
-            mid = math.sqrt(lo * hi)
-            if self.raises_loss(mid):
-                hi = mid
-            else:
-                lo = mid
-        return lo, hi
+    def prediction(self, lo: float, hi: float) -> float | None:
+        """Where the model of the rise :math:`r(\\eta)` crosses 0 inside ``(lo, hi)``, or None.
+
+        With one end :math:`p` and the slope :math:`s = d^\\top g`: the quadratic
+        :math:`-s\\eta + c\\eta^2` through it crosses at :math:`s p^2 / (r(p) + s p)`, taken
+        within a factor 8 of :math:`p`; None when :math:`r(p) + s p`, the curvature seen at
+        :math:`p`, is under ``MIN_CURVATURE`` of :math:`s p` (a step too small to extrapolate
+        from, or a slope that is not the probe's). With both ends (:func:`_crossing`): the
+        cubic :math:`-s\\eta + c\\eta^2 + k\\eta^3` through them, else the quadratic
+        :math:`a\\eta + c\\eta^2`, else their secant.
+        """
+        if not math.isnan(lo) and not math.isnan(hi):
+            return _crossing(lo, self.rise[lo], hi, self.rise[hi], self.slope)
+        point = hi if math.isnan(lo) else lo
+        seen = self.rise[point] + self.slope * point
+        if not (
+            math.isfinite(seen) and self.slope > 0 and seen > MIN_CURVATURE * self.slope * point
+        ):
+            return None
+        return min(max(self.slope * point**2 / seen, point / 8), 8 * point)
 
     def rise_below(self, count: int) -> float | None:
         """The first of :math:`s/4, s/16, \\dots` (``count`` steps, :math:`s` the smallest step
@@ -348,3 +405,31 @@ class _LineSearch:
         restored = zip(self.params, self.theta0, strict=True)
         if not all(torch.equal(local(p), local(t)) for p, t in restored):
             raise RuntimeError("parameters were not restored bit-identically")
+
+
+def _crossing(lo: float, rise_lo: float, hi: float, rise_hi: float, slope: float) -> float | None:
+    """The zero in ``(lo, hi)`` of the first of these through ``(lo, rise_lo)`` and
+    ``(hi, rise_hi)`` that has one there: :math:`-s\\eta + c\\eta^2 + k\\eta^3` (exact on a
+    cubic, needs the slope), :math:`a\\eta + c\\eta^2` (exact on a quadratic), the secant
+    (always); None for a non-finite rise."""
+    if not math.isfinite(rise_hi):
+        return None
+    roots = []
+    if math.isfinite(slope):
+        # c eta^2 + k eta^3 = r + s eta at both ends; the crossing solves k eta^2 + c eta = s.
+        y_lo, y_hi = (rise_lo + slope * lo) / lo**2, (rise_hi + slope * hi) / hi**2
+        k = (y_hi - y_lo) / (hi - lo)
+        c = y_lo - k * lo
+        if k != 0:
+            disc = c * c + 4 * k * slope
+            if disc >= 0:
+                roots += [(-c + sign * math.sqrt(disc)) / (2 * k) for sign in (1, -1)]
+        elif c > 0:
+            roots.append(slope / c)
+    width = lo * hi * (hi - lo)
+    a = (rise_lo * hi**2 - rise_hi * lo**2) / width
+    c = (rise_hi * lo - rise_lo * hi) / width
+    if c > 0:
+        roots.append(-a / c)
+    roots.append(lo + (hi - lo) * -rise_lo / (rise_hi - rise_lo))
+    return next((root for root in roots if lo < root < hi), None)

@@ -125,6 +125,7 @@ def _critical(row: RowContext) -> Outcome:
         params=meter.params,
         eta0=row.warm.eta_c or (lr if lr > 0 else COLD_ETA0),
         precision_bits=row.options.critical_precision_bits,
+        predictions=row.options.critical_predictions,
         gradient=row.gradient,
         loss=row.loss,
         seed=row.options.seed,

@@ -28,6 +28,7 @@ from torch import nn
 
 from sharpmeter.measure.checks import check_choice, check_positive_int, is_finite_number
 from sharpmeter.measure.context import DROPOUT_POLICIES
+from sharpmeter.measure.linesearch import PREDICTIONS
 from sharpmeter.measure.loss import LossFn
 from sharpmeter.measure.measures import HVP_MEASURES, MEASURES, TRACE_METHOD_NAMES
 from sharpmeter.measure.operators import MODES
@@ -75,6 +76,10 @@ class MeterOptions:
             ``not_converged`` (the row ``incomplete: spectral``).
         critical_precision_bits: the line search brackets :math:`\\eta_c` to a relative width
             :math:`2^{-b}`.
+        critical_predictions: steps the line search takes where a model of the loss along the
+            update predicts the crossing (``predictions`` of
+            :func:`~sharpmeter.measure.linesearch.critical_sharpness`); 0: plain doubling and
+            bisection, whose steps depend on the losses alone.
         max_grad_norm: the gradient clipping of the optimizer's update (as the Trainer's
             ``max_grad_norm``); ``None`` or 0: none. Under the Trainer callback ``None`` means
             the Trainer's own.
@@ -123,6 +128,8 @@ class MeterOptions:
     lanczos_tol: float = 1e-3
     # eta_c to 6% (2^-4), four bisection forwards once it is bracketed.
     critical_precision_bits: int = 4
+    # About 7 forwards instead of 9-10 once warm (benchmarks/results/train_probe.md).
+    critical_predictions: int = PREDICTIONS
     # The meter cannot see whether the loop clips, so none unless told; the Trainer callback
     # reads the Trainer's.
     max_grad_norm: float | None = None
@@ -171,6 +178,7 @@ class MeterOptions:
         check_positive_int("trace_num_matvecs", self.trace_num_matvecs, minimum=4)
         check_positive_int("lanczos_max_iter", self.lanczos_max_iter)
         check_positive_int("critical_precision_bits", self.critical_precision_bits)
+        check_positive_int("critical_predictions", self.critical_predictions, minimum=0)
         check_positive_int("seed", self.seed, minimum=0)
         check_positive_int("probe_size", self.probe_size)
         check_positive_int("probe_seed", self.probe_seed, minimum=0)
