@@ -3,10 +3,12 @@ on the byte-level GPT-2 of ``benchmarks.overhead`` (issue 15's target: warm, <= 
 backward, <= 2.5 training steps on the 10.8M GPT-2).
 
 A plain AdamW loop (batch 8 x block, gradient clipped to 1). Every ``--every`` steps, between the
-backward and ``optimizer.step()``, both meters measure the same parameters side by side: the
-training-batch meter on the step's batch with the step's gradient, the fixed-probe meter on 8
-training examples drawn once (its own forward and backward for the probe gradient). Backward
-passes are counted by a hook on the first parameter, which fires once per differentiation.
+backward and ``optimizer.step()``, four meters measure the same parameters side by side: on the
+step's batch with the step's gradient (training-batch mode) or on 8 training examples drawn once
+(its own forward and backward for the probe gradient), each with the line search's predicted
+steps (the default) and without them (``critical_predictions=0``: doubling and bisection).
+Backward passes are counted by a hook on the first parameter, which fires once per
+differentiation.
 
     python -m benchmarks.train_probe                  # 10M, writes results/train_probe.md
     python -m benchmarks.train_probe --size 1M --steps 12 --every 3
@@ -35,9 +37,11 @@ from benchmarks._common import (
 )
 from benchmarks.overhead.training import SIZES
 from sharpmeter.harness.data import lm_dataset
+from sharpmeter.measure.linesearch import PREDICTIONS
 from sharpmeter.measure.loss import causal_lm_loss
 
 MODES = ("train", "fixed")
+SEARCHES = {"predicted": PREDICTIONS, "plain": 0}  # critical_predictions of each meter
 # Issue 15's target for the training-batch mode, warm.
 TARGET_FORWARDS, TARGET_STEPS = 6, 2.5
 
@@ -63,10 +67,13 @@ def main() -> None:
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     options = {"measures": ("critical",), "loss_fn": causal_lm_loss}
     meters = {
-        "train": sm.SharpnessMeter(model, probe="train", **options),
-        "fixed": sm.SharpnessMeter(model, probe, **options),
+        (mode, search): sm.SharpnessMeter(
+            model, None if mode == "train" else probe, probe=mode, critical_predictions=n, **options
+        )
+        for mode in MODES
+        for search, n in SEARCHES.items()
     }
-    step_seconds, rows = [], {mode: [] for mode in MODES}
+    step_seconds, rows = [], {key: [] for key in meters}
     for step, batch in zip(range(args.steps), _forever(batches), strict=False):
         start = time.perf_counter()
         optimizer.zero_grad()
@@ -74,10 +81,10 @@ def main() -> None:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         step_seconds.append(time.perf_counter() - start)
         if step % args.every == 0:
-            for mode, meter in meters.items():
+            for (mode, search), meter in meters.items():
                 given = {"batch": batch} if mode == "train" else {}
                 row, backwards = _measure(model, meter, step, optimizer, given)
-                rows[mode].append({**row, "backwards": backwards})
+                rows[mode, search].append({**row, "backwards": backwards})
         start = time.perf_counter()
         optimizer.step()
         step_seconds[-1] += time.perf_counter() - start
@@ -105,15 +112,16 @@ def _report(args, size, model, step_seconds, rows, total) -> list[str]:
     # The first steps warm the allocator; the median of the rest is the training step.
     training = median(step_seconds[2:])
     table = []
-    for mode in MODES:
-        warm = rows[mode][1:]  # the first measurement starts cold, from the learning rate
+    for (mode, search), measured in rows.items():
+        warm = measured[1:]  # the first measurement starts cold, from the learning rate
         seconds = median([r["wall_seconds"] for r in warm])
         forwards = [r["critical_num_forward"] for r in warm]
         backwards = max(r["backwards"] for r in warm)
-        statuses = ", ".join(sorted({r["critical_status"] for r in rows[mode]}))
+        statuses = ", ".join(sorted({r["critical_status"] for r in measured}))
         table.append(
             [
                 mode,
+                search,
                 str(len(warm)),
                 fmt(seconds),
                 fmt(seconds / training),
@@ -122,24 +130,28 @@ def _report(args, size, model, step_seconds, rows, total) -> list[str]:
                 statuses,
             ]
         )
-    train = table[0]
-    met_forwards = float(train[4].split()[0]) <= TARGET_FORWARDS and train[5] == "0"
-    met_steps = float(train[3]) <= TARGET_STEPS
+    train = table[0]  # training-batch mode, predicted steps: the default the targets are for
+    met_forwards = float(train[5].split()[0]) <= TARGET_FORWARDS and train[6] == "0"
+    met_steps = float(train[4]) <= TARGET_STEPS
     extra = [
         describe_gpt2(size, num_params(model)),
         f"data: KJV bytes, batch {args.batch_size} x {size.n_positions}; AdamW lr 1e-3, gradient "
-        f"clipped to 1; {args.steps} steps, both meters every {args.every} steps on the same "
+        f"clipped to 1; {args.steps} steps, the four meters every {args.every} steps on the same "
         f"parameters; {args.threads} torch thread(s); whole benchmark {total / 60:.1f} min",
         f"median training step (forward, backward, clipping, AdamW): {fmt(training)} s",
     ]
-    columns = ["probe", "warm rows", "s (median)", "x training step", "forwards: median (max)"]
-    columns += ["backwards (max)", "statuses"]
+    columns = ["probe", "search", "warm rows", "s (median)", "x training step"]
+    columns += ["forwards: median (max)", "backwards (max)", "statuses"]
     verdicts = [
         f"- training-batch mode, warm: <= {TARGET_FORWARDS} forwards and 0 backward: "
-        f"{train[4]} forwards (median, max), {train[5]} backward "
+        f"{train[5]} forwards (median, max), {train[6]} backward "
         f"({'met' if met_forwards else 'NOT met'})",
-        f"- training-batch mode, warm: <= {TARGET_STEPS} training steps: {train[3]} "
+        f"- training-batch mode, warm: <= {TARGET_STEPS} training steps: {train[4]} "
         f"({'met' if met_steps else 'NOT met'})",
+        *(
+            f"- {mode} probe, warm forwards in all, predicted / plain: {_ratio(rows, mode)}"
+            for mode in MODES
+        ),
         "",
     ]
     return (
@@ -148,7 +160,25 @@ def _report(args, size, model, step_seconds, rows, total) -> list[str]:
         + verdicts
         + ["## Warm measurements", ""]
         + markdown_table(columns, table)
+        + ["", "## Each measurement: forwards and critical sharpness", ""]
+        + _rows_table(rows)
     )
+
+
+def _ratio(rows, mode: str) -> str:
+    predicted, plain = (sum(r["critical_num_forward"] for r in rows[mode, s][1:]) for s in SEARCHES)
+    return f"{predicted} / {plain} = {predicted / plain:.2f}"
+
+
+def _rows_table(rows) -> list[str]:
+    keys = list(rows)
+    columns = ["step"] + [f"{mode} {search}" for mode, search in keys]
+    table = [
+        [str(measured[0]["step"])]
+        + [f"{r['critical_num_forward']}: {fmt(r['critical_sharpness'])}" for r in measured]
+        for measured in zip(*(rows[key] for key in keys), strict=True)
+    ]
+    return markdown_table(columns, table)
 
 
 if __name__ == "__main__":

@@ -412,3 +412,19 @@ def test_predictions_choose_the_steps_never_the_answer(shape, warm):
     for result in results:
         assert result.status == "ok", result
         assert result.lo < eta_c <= result.hi and 1 - result.lo / result.hi <= TOLERANCE
+
+
+class BumpOnTheWay(Line):
+    """-eta + 0.15 eta^2 (crossing at 6.67) with a bump above the start on [1.9, 2.1]: the
+    first crossing is 1.9, which a jump from 1 straight to the quadratic's crossing steps over."""
+
+    def along(self, eta):
+        return -eta + 0.15 * eta**2 + 10 * ((eta >= 1.9) & (eta <= 2.1))
+
+
+def test_a_prediction_never_steps_over_more_than_doubling_would():
+    for predictions in (PREDICTIONS, 0):
+        result = sm.critical_sharpness(
+            BumpOnTheWay(), quadratic_loss, None, ALONG, eta0=1.0, predictions=predictions
+        )
+        assert result.status == "ok" and result.lo < 1.9 <= result.hi, (predictions, result)

@@ -56,6 +56,7 @@ from sharpmeter.measure.schema import NONFINITE
 STATUSES = ("ok", "nondescent", "no_increase", NONFINITE, "not_converged")
 PREDICTIONS = 4  # steps at the model's crossing per search, before doubling or bisecting
 ACROSS = 0.9  # of the bracket width asked: a step across a predicted crossing near an end
+EXTRAPOLATIONS = 2  # predictions from one end per search: the prediction, then across it
 MIN_CURVATURE = 0.1  # of s * p: curvature seen at a single step p that a prediction needs
 
 
@@ -337,11 +338,17 @@ class _LineSearch:
     def refine(self, lo: float, hi: float) -> tuple[float, float]:
         """Narrow ``(lo, hi]`` (an end NaN: not found yet) to the precision asked or until the
         budget runs out: at the model's crossing while predictions are left and the model has
-        one, else doubling ``lo``, halving ``hi`` or geometric bisection."""
+        one, else doubling ``lo``, halving ``hi`` or geometric bisection. At most
+        ``EXTRAPOLATIONS`` predictions from one end, none after one from ``hi`` rose again."""
+        extrapolations = EXTRAPOLATIONS
         while self.budget_left() and not self.narrow(lo, hi):
-            predicted = self.prediction(lo, hi) if self.predictions > 0 else None
+            one_sided = math.isnan(lo) or math.isnan(hi)
+            predicted = None
+            if self.predictions > 0 and (extrapolations > 0 or not one_sided):
+                predicted = self.prediction(lo, hi)
             if predicted is not None:
                 self.predictions -= 1
+                extrapolations -= one_sided
                 eta = self.across(predicted, lo, hi)
             elif math.isnan(hi):
                 eta = 2 * lo
@@ -350,6 +357,9 @@ class _LineSearch:
             else:
                 eta = math.sqrt(lo * hi)
             lo, hi = self.step(eta, lo, hi)
+            if predicted is not None and one_sided and math.isnan(lo):
+                # Aimed below the crossing from above and rose again: the quadratic overshoots.
+                extrapolations = 0
         return lo, hi
 
     def across(self, predicted: float, lo: float, hi: float) -> float:
@@ -369,9 +379,11 @@ class _LineSearch:
 
         With one end :math:`p` and the slope :math:`s = d^\\top g`: the quadratic
         :math:`-s\\eta + c\\eta^2` through it crosses at :math:`s p^2 / (r(p) + s p)`, taken
-        within a factor 8 of :math:`p`; None when :math:`r(p) + s p`, the curvature seen at
-        :math:`p`, is under ``MIN_CURVATURE`` of :math:`s p` (a step too small to extrapolate
-        from, or a slope that is not the probe's). With both ends (:func:`_crossing`): the
+        within a factor 2 of :math:`p` (no farther than doubling or halving: a prediction never
+        steps over more of the line than they would, where a bump may hide); None when
+        :math:`r(p) + s p`, the curvature seen at :math:`p`, is under ``MIN_CURVATURE`` of
+        :math:`s p` (a step too small to extrapolate from, or a slope that is not the probe's).
+        With both ends (:func:`_crossing`): the
         cubic :math:`-s\\eta + c\\eta^2 + k\\eta^3` through them, else the quadratic
         :math:`a\\eta + c\\eta^2`, else their secant.
         """
@@ -383,7 +395,7 @@ class _LineSearch:
             math.isfinite(seen) and self.slope > 0 and seen > MIN_CURVATURE * self.slope * point
         ):
             return None
-        return min(max(self.slope * point**2 / seen, point / 8), 8 * point)
+        return min(max(self.slope * point**2 / seen, point / 2), 2 * point)
 
     def rise_below(self, count: int) -> float | None:
         """The first of :math:`s/4, s/16, \\dots` (``count`` steps, :math:`s` the smallest step
