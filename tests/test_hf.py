@@ -162,12 +162,23 @@ def test_failed_measurements_are_recorded_and_training_finishes(tmp_path, monkey
 
     monkeypatch.setattr("sharpmeter.measure.measures.lanczos", broken_lanczos)
     trainer = make_trainer(tmp_path / "second", max_steps=3)
-    SharpnessCallback.attach(trainer, schedule=sm.Schedule(every=3))
+    # Hutchinson's trace shares nothing with Lanczos (the default deflates it by Lanczos' basis)
+    SharpnessCallback.attach(trainer, schedule=sm.Schedule(every=3), trace_method="hutchinson")
     trainer.train()
     (row,) = read_rows(tmp_path / "second" / "out" / "sharpness.jsonl")
     assert row["spectral_status"] == "error: RuntimeError: boom"
     assert row["status"] == "error: spectral"
     assert math.isfinite(row["critical_sharpness"]) and math.isfinite(row["hessian_trace"])
+
+    # The default's one Krylov run failing fails both measures it serves, and only them.
+    monkeypatch.setattr("sharpmeter.measure.measures.trace_and_top", broken_lanczos)
+    trainer = make_trainer(tmp_path / "third", max_steps=3)
+    SharpnessCallback.attach(trainer, schedule=sm.Schedule(every=3))
+    trainer.train()
+    (row,) = read_rows(tmp_path / "third" / "out" / "sharpness.jsonl")
+    assert row["trace_status"] == row["spectral_status"] == "error: RuntimeError: boom"
+    assert row["status"] == "error: trace,spectral"
+    assert math.isfinite(row["critical_sharpness"])
 
 
 def test_resume_continues_the_curve_without_duplicates(tmp_path):

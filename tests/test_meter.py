@@ -19,6 +19,7 @@ import sharpmeter.measure.measures as measures_module
 import sharpmeter.measure.meter as meter_module
 from sharpmeter.integrations.hf import SharpnessCallback
 from sharpmeter.measure import schema
+from sharpmeter.measure.estimators.krylov import TraceAndTopResult
 from sharpmeter.measure.loss import ProbeLoss, probe_loss_and_gradient
 from sharpmeter.measure.measures import MEASURE_TABLE, MEASURES
 from sharpmeter.measure.operators import NonFiniteLossError
@@ -187,12 +188,15 @@ def test_checking_options_builds_nothing_and_draws_nothing():
             sm.MeterOptions(**{name: True})
 
 
-def test_a_nan_estimate_is_never_ok_and_never_a_warm_start(monkeypatch):
+@pytest.mark.parametrize("trace_method", ["hutchinson", "auto"])
+def test_a_nan_estimate_is_never_ok_and_never_a_warm_start(monkeypatch, trace_method):
     """An HVP that overflowed gives NaN: the row says nonfinite, and Lanczos keeps its last
-    finite start vector."""
+    finite start vector (separate estimators, or the default's one Krylov run)."""
     model = float64_gpt2().eval()
     batch = token_batch(2)
-    meter = sm.SharpnessMeter(model, batch, measures=("trace", "spectral"))
+    meter = sm.SharpnessMeter(
+        model, batch, measures=("trace", "spectral"), trace_method=trace_method
+    )
     meter.measure(1)
     start = meter.warm.top_vector.clone()
 
@@ -204,8 +208,13 @@ def test_a_nan_estimate_is_never_ok_and_never_a_warm_start(monkeypatch):
         vectors = torch.full((operator.dim, 1), float("nan"), dtype=torch.float64)
         return sm.LanczosResult(values, vectors, values, 1, 1, True)
 
+    def nan_krylov(operator, num_matvecs, seed, **kwargs):
+        top = nan_lanczos(operator)
+        return TraceAndTopResult(top, nan_trace(operator, num_matvecs, seed), math.nan, 1, 1)
+
     monkeypatch.setitem(measures_module.TRACE_METHODS, "hutchinson", nan_trace)
     monkeypatch.setattr(measures_module, "lanczos", nan_lanczos)
+    monkeypatch.setattr(measures_module, "trace_and_top", nan_krylov)
     row = meter.measure(2)
     assert row["trace_status"] == "nonfinite" and row["spectral_status"] == "nonfinite"
     assert row["status"] == "incomplete: trace,spectral"
@@ -282,7 +291,9 @@ def _rows_of_every_kind(monkeypatch) -> dict[str, dict]:
     batch = token_batch(2)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     trained(model, optimizer, batch)
-    meter = sm.SharpnessMeter(model, batch, measures=MEASURES, lanczos_max_iter=80)
+    meter = sm.SharpnessMeter(
+        model, batch, measures=MEASURES, lanczos_max_iter=80, trace_method="hutchinson"
+    )
     rows = {"ok": meter.measure(1, optimizer=optimizer)}
     rows["no_direction"] = meter.measure(2, optimizer=LockedAdam(model.parameters(), lr=1e-3))
     with monkeypatch.context() as patch:
@@ -340,7 +351,9 @@ def test_under_data_parallelism_an_estimator_that_raises_on_one_rank_ends_the_ru
     status too (they are still in step). Only some ranks: their collectives are out of step
     with the others', so the run ends with a CollectiveError naming the rank."""
     model = float64_gpt2().eval()
-    meter = sm.SharpnessMeter(model, token_batch(2), measures=("trace", "spectral"))
+    meter = sm.SharpnessMeter(
+        model, token_batch(2), measures=("trace", "spectral"), trace_method="hutchinson"
+    )
 
     def out_of_memory(*args, **kwargs):
         raise RuntimeError("out of memory on this rank's larger shard")
@@ -389,7 +402,7 @@ def test_the_deflated_trace_shares_one_krylov_run_with_the_spectral_measure():
     model = float64_gpt2().eval()
     batch = token_batch(3)
     options = {"measures": ("trace", "spectral"), "trace_num_matvecs": 16}
-    separate = sm.SharpnessMeter(model, batch, **options).measure(1)
+    separate = sm.SharpnessMeter(model, batch, trace_method="hutchinson", **options).measure(1)
     meter = sm.SharpnessMeter(model, batch, trace_method="deflated", **options)
     spent = []
     real_matmul = sm.HessianOperator.__matmul__
@@ -408,5 +421,23 @@ def test_the_deflated_trace_shares_one_krylov_run_with_the_spectral_measure():
     assert shared["hessian_trace_num_matvecs"] == 16
     assert len(spent) == 16 + shared["lambda_max_num_matvecs"]
     assert meter.warm.top_vector is not None
+    # Lanczos' basis takes the top of the spectrum out of the probes' variance (19 against 33)
+    assert shared["hessian_trace_stderr"] < 0.7 * separate["hessian_trace_stderr"]
     with pytest.raises(ValueError, match="trace_method"):
         sm.MeterOptions(trace_method="deflate")
+
+
+@pytest.mark.parametrize(
+    "measures, method", [(("trace", "spectral"), "deflated"), (("trace",), "hutchinson")]
+)
+def test_the_default_trace_is_deflated_beside_the_spectral_measure_and_hutchinson_alone(
+    measures, method
+):
+    model = float64_gpt2().eval()
+    batch = token_batch(3)
+    default = sm.SharpnessMeter(model, batch, measures=measures).measure(1)
+    chosen = sm.SharpnessMeter(model, batch, measures=measures, trace_method=method).measure(1)
+    assert sm.MeterOptions().trace_method == "auto"
+    assert default["status"] == "ok"
+    for column in ("hessian_trace", "hessian_trace_stderr", "hessian_trace_num_matvecs"):
+        assert default[column] == chosen[column], column

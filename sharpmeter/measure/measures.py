@@ -40,7 +40,10 @@ TRACE_METHODS = {"hutchinson": hutchinson, "hutchpp": hutchpp}
 # Hutchinson deflated by the Lanczos basis of the spectral measure: when both are chosen, one
 # Krylov run serves both (estimators/krylov.py, benchmarks/results/krylov.md).
 DEFLATED = "deflated"
-TRACE_METHOD_NAMES = (*TRACE_METHODS, DEFLATED)
+# Deflated in a row that takes the spectral measure too (its Lanczos steps are spent anyway:
+# the same HVPs, a lower stderr), else Hutchinson.
+AUTO = "auto"
+TRACE_METHOD_NAMES = (AUTO, *TRACE_METHODS, DEFLATED)
 # The first line search starts at the learning rate, or here where there is none to read (no
 # optimizer, a rate of 0): the search doubles or halves from it, a few forwards either way.
 COLD_ETA0 = 1e-3
@@ -150,13 +153,13 @@ def _directional(row: RowContext) -> Outcome:
 
 def _trace(row: RowContext) -> Outcome:
     options = row.options
-    if options.trace_method == DEFLATED:
+    if _deflates(row):
         shared = _shared_krylov(row)
         result = shared.trace
         # The Lanczos steps count here only when no spectral measure reports them.
         spent = result.num_matvecs if _chosen(row, "spectral") else shared.num_matvecs
     else:
-        estimate = TRACE_METHODS[options.trace_method]
+        estimate = TRACE_METHODS.get(options.trace_method, hutchinson)
         result = estimate(row.operator, num_matvecs=options.trace_num_matvecs, seed=options.seed)
         spent = result.num_matvecs
     values = {
@@ -168,7 +171,7 @@ def _trace(row: RowContext) -> Outcome:
 
 
 def _spectral(row: RowContext) -> Outcome:
-    if row.options.trace_method == DEFLATED and _chosen(row, "trace"):
+    if _deflates(row) and _chosen(row, "trace"):
         return _eigen_outcome("lambda_max", _shared_krylov(row).top)
     result = _top_eigenpair(row, row.operator, row.warm.top_vector)
     row.warm.top_vector = _warm_vector(result.vector, row.warm.top_vector)
@@ -191,6 +194,12 @@ def _shared_krylov(row: RowContext) -> TraceAndTopResult:
         row.warm.top_vector = _warm_vector(result.top.vector, row.warm.top_vector)
         row.shared["krylov"] = result
     return row.shared["krylov"]
+
+
+def _deflates(row: RowContext) -> bool:
+    """Whether the row's trace is Hutchinson deflated by the Lanczos basis (see ``AUTO``)."""
+    method = row.options.trace_method
+    return method == DEFLATED or (method == AUTO and _chosen(row, "spectral"))
 
 
 def _chosen(row: RowContext, name: str) -> bool:
