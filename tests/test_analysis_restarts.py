@@ -94,3 +94,28 @@ def test_too_few_positions_for_the_null_is_a_value_error():
     t = np.linspace(0, 1, 21)
     with pytest.raises(ValueError, match="fewer than 20"):
         restart_response({"r": (t, np.ones_like(t))}, "r", [0.5])
+
+
+def test_a_rise_over_two_measurements_is_one_restart_and_time_need_not_be_sorted():
+    t = np.linspace(0, 1, 11)
+    lr = np.array([1.0, 0.8, 0.6, 0.4, 0.1, 0.6, 1.0, 0.8, 0.6, 0.4, 0.2])  # 0.1 -> 0.6 -> 1.0
+    order = np.random.default_rng(1).permutation(t.size)
+    t_logged, lr_logged = np.append(t[order], np.nan), np.append(lr[order], 1.0)
+    assert restart_times(t_logged, lr_logged, jump=0.4).tolist() == [0.5]
+
+
+def test_restarts_whose_windows_overlap_count_once_and_fisher_combines_the_others():
+    """Doublings at t = 0.3 and 0.7 (indices 12 and 28 of 41) and a restart at 0.35 (index 14,
+    windows overlapping the first: left out). Two rank p-values p = 1 / (1 + n) combine by
+    Fisher's method into X = -4 ln p, chi^2 with 4 degrees of freedom: e^(-X/2) (1 + X/2)."""
+    t = np.linspace(0, 1, 41)
+    flat = np.ones_like(t)
+    restarted = flat.copy()
+    restarted[[12, 28]] = 2.0
+    curves = {"flat": (t, flat), "r": (t, restarted)}
+    response = restart_response(curves, "r", [0.3, 0.35, 0.7], start=0.0)
+    assert [shift.t for shift in response.shifts] == [0.3, 0.7]
+    p = 1 / (1 + response.null_size)
+    assert [shift.p_rise for shift in response.shifts] == pytest.approx([p, p])
+    x = -4 * math.log(p)
+    assert response.p_rise == pytest.approx(math.exp(-x / 2) * (1 + x / 2))

@@ -10,7 +10,7 @@ import torch
 from conftest import Quadratic, causal_lm_loss, float64_gpt2, quadratic_loss, token_batch
 
 import sharpmeter as sm
-from sharpmeter.measure.linesearch import PREDICTIONS
+from sharpmeter.measure.linesearch import PREDICTIONS, _crossing
 
 K = 4
 TOLERANCE = 2.0**-K
@@ -318,8 +318,9 @@ def test_bad_input(quadratic):
         sm.critical_sharpness(quadratic, quadratic_loss, None, torch.ones(3, dtype=torch.float64))
     with pytest.raises(ValueError, match="non-finite"):
         sm.critical_sharpness(quadratic, quadratic_loss, None, d * float("inf"))
-    with pytest.raises(ValueError, match="precision_bits"):
-        sm.critical_sharpness(quadratic, quadratic_loss, None, d, precision_bits=0)
+    for bits in (0, 53):
+        with pytest.raises(ValueError, match="precision_bits"):
+            sm.critical_sharpness(quadratic, quadratic_loss, None, d, precision_bits=bits)
     for bad in (-1, 1.5, True):
         with pytest.raises(ValueError, match="check_below"):
             sm.critical_sharpness(quadratic, quadratic_loss, None, d, check_below=bad)
@@ -422,9 +423,19 @@ class BumpOnTheWay(Line):
         return -eta + 0.15 * eta**2 + 10 * ((eta >= 1.9) & (eta <= 2.1))
 
 
-def test_a_prediction_never_steps_over_more_than_doubling_would():
+def test_a_prediction_steps_no_farther_than_doubling_would():
     for predictions in (PREDICTIONS, 0):
         result = sm.critical_sharpness(
             BumpOnTheWay(), quadratic_loss, None, ALONG, eta0=1.0, predictions=predictions
         )
         assert result.status == "ok" and result.lo < 1.9 <= result.hi, (predictions, result)
+
+
+@pytest.mark.parametrize(
+    "ends", [(1e-170, -1e-300, 2e-170, 1e-300), (1e160, -1.0, 3e160, 1.0), (1.0, -1.0, 2.0, 1.0)]
+)
+def test_a_model_crossing_at_the_ends_of_the_float_range_is_none_or_inside(ends):
+    """Squares that underflow or overflow give no prediction (the search bisects), not an error."""
+    lo, _, hi, _ = ends
+    root = _crossing(*ends, slope=1.0)
+    assert root is None or lo < root < hi

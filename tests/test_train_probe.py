@@ -123,6 +123,17 @@ def test_the_training_batch_mode_spends_no_backward_on_critical_sharpness():
     for column in ("critical_eta_lo", "critical_eta_hi", "loss"):
         assert by_train[column] == pytest.approx(by_fixed[column], rel=1e-9), column
     assert (by_train["probe"], by_fixed["probe"]) == ("train", "fixed")
+    # With predicted steps (the default) the steps taken depend on the slope, which the two
+    # modes compute apart; both brackets hold the one first crossing, so they overlap.
+    predicted = [
+        train_meter(model).measure(3, optimizer, batch=MICRO_BATCHES),
+        sm.SharpnessMeter(model, MICRO_BATCHES, causal_lm_loss, measures=("critical",)).measure(
+            3, optimizer
+        ),
+    ]
+    assert all(row["critical_status"] == "ok" for row in predicted)
+    lo = max(row["critical_eta_lo"] for row in predicted)
+    assert lo < min(row["critical_eta_hi"] for row in predicted)
 
 
 def test_hvp_measures_run_on_the_step_batch_too():

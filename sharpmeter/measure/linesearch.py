@@ -54,9 +54,12 @@ from sharpmeter.measure.params import (
 from sharpmeter.measure.schema import NONFINITE
 
 STATUSES = ("ok", "nondescent", "no_increase", NONFINITE, "not_converged")
-PREDICTIONS = 4  # steps at the model's crossing per search, before doubling or bisecting
+# Steps at the model's crossing per bracketing (again after a check below rises), before
+# doubling, halving or bisecting.
+PREDICTIONS = 4
 ACROSS = 0.9  # of the bracket width asked: a step across a predicted crossing near an end
-EXTRAPOLATIONS = 2  # predictions from one end per search: the prediction, then across it
+EXTRAPOLATIONS = 2  # predictions from one end per bracketing: the prediction, then across it
+MAX_PRECISION_BITS = 52  # 1 - lo/hi <= 2^-b beyond this needs steps a double cannot tell apart
 MIN_CURVATURE = 0.1  # of s * p: curvature seen at a single step p that a prediction needs
 
 
@@ -132,17 +135,18 @@ def critical_sharpness(
        which takes exactly :math:`b` = ``precision_bits`` steps from a factor-2 bracket
        (:math:`b \ge 2`).
 
-    2'. Before each doubling, halving or bisection, while ``predictions`` are left, the rises
+    3'. Before each doubling, halving or bisection, while ``predictions`` are left, the rises
        :math:`r(\eta) = L(\theta - \eta d) - L(\theta)` already seen predict the crossing:
        from one step :math:`p` and the slope :math:`s = d^\top g`, the quadratic
        :math:`r = -s\eta + c\eta^2` through it crosses at :math:`s p^2 / (r(p) + s p)`; from
        both ends of a bracket, the cubic :math:`-s\eta + c\eta^2 + k\eta^3` through them
        (else a quadratic, else the secant). The step a quarter of the precision asked below
        the prediction is tried, or, for a prediction within half the precision of an end, the
-       step 0.9 of the precision across it from that end. On
-       a quadratic a warm start then costs :math:`1 + 1 + 2 + m` forwards instead of
-       :math:`1 + 2 + b + m`. The prediction only chooses where to look: every answer is a
-       bracket of seen losses, as in steps 2 and 3.
+       step 0.9 of the precision across it from that end. On a quadratic a warm start then
+       costs :math:`1 + 1 + 2 + m` forwards instead of :math:`1 + 2 + b + m`. The prediction
+       only chooses where to look: every answer is a bracket of seen losses, as in steps 2
+       and 3. A step goes no farther than doubling or halving would (within a quarter of the
+       precision; a bump may hide beyond), though not onto their grid.
     4. Check below: a warm start past the first crossing of a loss that is not monotone along
        :math:`d` brackets a later one. So the :math:`m` = ``check_below`` steps
        :math:`s/4, s/16, \dots, s/4^m` below the smallest step :math:`s` that did not raise
@@ -182,7 +186,7 @@ def critical_sharpness(
         max_forward: budget of forwards, the base one included.
         check_below: steps tried below the bracket for an earlier crossing (0: none).
         predictions: steps at the model's crossing per search (0: plain doubling, halving
-            and bisection, step 2' off).
+            and bisection, step 3' off).
         gradient: :math:`g` if already known (e.g. the training gradient); saves a backward.
         loss: :math:`L(\theta)` if already known (with ``gradient``); saves the base forward,
             which is then not counted.
@@ -195,6 +199,11 @@ def critical_sharpness(
     if not (eta0 > 0 and math.isfinite(eta0)):
         raise ValueError(f"eta0 must be positive and finite, got {eta0}")
     check_positive_int("precision_bits", precision_bits)
+    if precision_bits > MAX_PRECISION_BITS:
+        raise ValueError(
+            f"precision_bits must be at most {MAX_PRECISION_BITS} (a double's mantissa), "
+            f"got {precision_bits}"
+        )
     check_positive_int("max_forward", max_forward, minimum=3)
     check_positive_int("check_below", check_below, minimum=0)
     check_positive_int("predictions", predictions, minimum=0)
@@ -379,8 +388,8 @@ class _LineSearch:
 
         With one end :math:`p` and the slope :math:`s = d^\\top g`: the quadratic
         :math:`-s\\eta + c\\eta^2` through it crosses at :math:`s p^2 / (r(p) + s p)`, taken
-        within a factor 2 of :math:`p` (no farther than doubling or halving: a prediction never
-        steps over more of the line than they would, where a bump may hide); None when
+        within a factor 2 of :math:`p` (no farther than doubling or halving would step, where a
+        bump may hide); None when
         :math:`r(p) + s p`, the curvature seen at :math:`p`, is under ``MIN_CURVATURE`` of
         :math:`s p` (a step too small to extrapolate from, or a slope that is not the probe's).
         With both ends (:func:`_crossing`): the
@@ -390,12 +399,11 @@ class _LineSearch:
         if not math.isnan(lo) and not math.isnan(hi):
             return _crossing(lo, self.rise[lo], hi, self.rise[hi], self.slope)
         point = hi if math.isnan(lo) else lo
-        seen = self.rise[point] + self.slope * point
-        if not (
-            math.isfinite(seen) and self.slope > 0 and seen > MIN_CURVATURE * self.slope * point
-        ):
+        seen = self.rise[point] + self.slope * point  # NaN without a slope
+        if not (math.isfinite(seen) and seen > MIN_CURVATURE * self.slope * point):
             return None
-        return min(max(self.slope * point**2 / seen, point / 2), 2 * point)
+        # s p^2 / seen written as p / ratio: no square to overflow
+        return min(max(point / (seen / (self.slope * point)), point / 2), 2 * point)
 
     def rise_below(self, count: int) -> float | None:
         """The first of :math:`s/4, s/16, \\dots` (``count`` steps, :math:`s` the smallest step
@@ -426,10 +434,20 @@ def _crossing(lo: float, rise_lo: float, hi: float, rise_hi: float, slope: float
     (always); None for a non-finite rise."""
     if not math.isfinite(rise_hi):
         return None
+    try:
+        roots = _candidate_roots(lo, rise_lo, hi, rise_hi, slope)
+    except (ZeroDivisionError, OverflowError):  # steps at the ends of the float range
+        return None
+    return next((root for root in roots if lo < root < hi), None)
+
+
+def _candidate_roots(
+    lo: float, rise_lo: float, hi: float, rise_hi: float, slope: float
+) -> list[float]:
     roots = []
     if math.isfinite(slope):
         # c eta^2 + k eta^3 = r + s eta at both ends; the crossing solves k eta^2 + c eta = s.
-        y_lo, y_hi = (rise_lo + slope * lo) / lo**2, (rise_hi + slope * hi) / hi**2
+        y_lo, y_hi = (rise_lo + slope * lo) / (lo * lo), (rise_hi + slope * hi) / (hi * hi)
         k = (y_hi - y_lo) / (hi - lo)
         c = y_lo - k * lo
         if k != 0:
@@ -439,9 +457,9 @@ def _crossing(lo: float, rise_lo: float, hi: float, rise_hi: float, slope: float
         elif c > 0:
             roots.append(slope / c)
     width = lo * hi * (hi - lo)
-    a = (rise_lo * hi**2 - rise_hi * lo**2) / width
+    a = (rise_lo * hi * hi - rise_hi * lo * lo) / width
     c = (rise_hi * lo - rise_lo * hi) / width
     if c > 0:
         roots.append(-a / c)
     roots.append(lo + (hi - lo) * -rise_lo / (rise_hi - rise_lo))
-    return next((root for root in roots if lo < root < hi), None)
+    return roots

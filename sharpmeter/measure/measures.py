@@ -159,7 +159,8 @@ def _trace(row: RowContext) -> Outcome:
         # The Lanczos steps count here only when no spectral measure reports them.
         spent = result.num_matvecs if _chosen(row, "spectral") else shared.num_matvecs
     else:
-        estimate = TRACE_METHODS.get(options.trace_method, hutchinson)
+        method = "hutchinson" if options.trace_method == AUTO else options.trace_method
+        estimate = TRACE_METHODS[method]
         result = estimate(row.operator, num_matvecs=options.trace_num_matvecs, seed=options.seed)
         spent = result.num_matvecs
     values = {

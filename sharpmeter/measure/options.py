@@ -71,8 +71,9 @@ class MeterOptions:
         trace_method: ``"hutchinson"``, ``"hutchpp"``, ``"deflated"`` (Hutchinson deflated
             by the spectral measure's Lanczos basis: one Krylov run for both, lower variance
             at the same HVPs) or ``"auto"``: deflated in a row that takes the spectral measure
-            too (its Lanczos steps are spent anyway), else Hutchinson; ``trace_num_matvecs``
-            its HVP budget (probes).
+            too (its Lanczos steps are spent anyway), else Hutchinson: decided per row, so give
+            both one schedule (as by default) to keep one estimator along the curve;
+            ``trace_num_matvecs`` its HVP budget (probes).
         lanczos_max_iter, lanczos_tol: Krylov size (HVPs) and relative residual target of a
             top eigenvalue; missing the target within ``lanczos_max_iter`` is
             ``not_converged`` (the row ``incomplete: spectral``).
@@ -81,7 +82,9 @@ class MeterOptions:
         critical_predictions: steps the line search takes where a model of the loss along the
             update predicts the crossing (``predictions`` of
             :func:`~sharpmeter.measure.linesearch.critical_sharpness`); 0: plain doubling and
-            bisection, whose steps depend on the losses alone.
+            bisection, whose steps depend on the losses alone. The predictions use the slope
+            along the update; with a clipped training gradient (``probe="train"``) it is not
+            the probe's, and they miss more often (the answer stays a bracket of seen losses).
         max_grad_norm: the gradient clipping of the optimizer's update (as the Trainer's
             ``max_grad_norm``); ``None`` or 0: none. Under the Trainer callback ``None`` means
             the Trainer's own.

@@ -195,8 +195,9 @@ class ScheduleAnalysis:
 
     @property
     def restarts(self) -> np.ndarray:
-        """The times of the restarts run's restarts (empty without that run or its rates)."""
-        lr = _restarts_lr(self.entries)
+        """The times of the restarts run's restarts (empty unless that run is compared and
+        logs its rates)."""
+        lr = _restarts_lr(self.entries) if RESTARTS in self.compared else None
         return restart_times(*lr) if lr is not None else np.empty(0)
 
 

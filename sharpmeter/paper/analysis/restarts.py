@@ -19,7 +19,9 @@ Noise makes rises and falls too, so each restart is compared with two references
 * the **null**: the same statistics at every position of every curve past ``start`` (the rise
   of training left out) whose windows stay clear of the restarts' windows. A restart's rank
   p-value is :math:`(1 + \#\{\text{null} \ge r\}) / (1 + n)`, and the restarts' p-values are
-  combined by Fisher's method (restarts lie far apart: their windows share no measurement);
+  combined by Fisher's method (a restart whose windows overlap an earlier one's is left out;
+  ranked against one null, the p-values still depend on each other a little, so the combined
+  one is slightly optimistic);
 * the **controls**: the same statistics of the other schedules at the restart's time (one data
   order for all schedules: a hard batch there lifts every curve, not only the restarted one).
 
@@ -99,7 +101,8 @@ def _excess(shift: float, control: float, null: float) -> float:
 
 def restart_times(t: ArrayLike, lr: ArrayLike, jump: float = RESTART_JUMP) -> np.ndarray:
     """The times of the first measurement after each restart: where the learning rate rose by
-    at least ``jump`` times its peak since the measurement before.
+    at least ``jump`` times its peak (over the whole run: restarts to a decaying peak are
+    missed) since the measurement before; a rise over consecutive measurements counts once.
 
     Raises ``ValueError`` for arrays of different lengths or a ``jump`` outside (0, 1]."""
     t, lr = np.asarray(t, dtype=float), np.asarray(lr, dtype=float)
@@ -107,11 +110,15 @@ def restart_times(t: ArrayLike, lr: ArrayLike, jump: float = RESTART_JUMP) -> np
         raise ValueError(f"t and lr must be 1-d of one length, got {t.shape} and {lr.shape}")
     if not 0 < jump <= 1:
         raise ValueError(f"jump must be in (0, 1], got {jump}")
-    finite = np.isfinite(lr)
-    t, lr = t[finite], lr[finite]
+    finite = np.isfinite(t) & np.isfinite(lr)
+    order = np.argsort(t[finite], kind="stable")
+    t, lr = t[finite][order], lr[finite][order]
     if lr.size < 2 or np.max(lr) <= 0:
         return np.empty(0)
-    return t[1:][np.diff(lr) >= jump * np.max(lr)]
+    rises = np.flatnonzero(np.diff(lr) >= jump * np.max(lr)) + 1
+    # a rise logged over two measurements is one restart, at its first
+    firsts = rises[np.diff(rises, prepend=-1) > 1]
+    return t[firsts]
 
 
 def restart_response(
@@ -132,7 +139,9 @@ def restart_response(
     logs = {name: _log_curve(*curve) for name, curve in curves.items()}
     times = np.asarray(restarts, dtype=float)
     t, log_s = logs[restarted]
-    usable = [r for r in times if _window_fits(t, _first_after(t, r), window, start)]
+    usable = _apart(
+        [r for r in times if _window_fits(t, _first_after(t, r), window, start)], t, window
+    )
     if not usable:
         raise ValueError(
             f"no restart with {window} measurements on each side past t = {start:g} in {restarted}"
@@ -158,6 +167,16 @@ def restart_response(
         p_rise=_fisher([s.p_rise for s in shifts]),
         p_fall=_fisher([s.p_fall for s in shifts]),
     )
+
+
+def _apart(times: list[float], t: np.ndarray, window: int) -> list[float]:
+    """The restarts whose windows share no measurement with an earlier kept one's (Fisher's
+    method combines independent p-values)."""
+    kept: list[float] = []
+    for time in sorted(times):
+        if not kept or _first_after(t, time) - _first_after(t, kept[-1]) >= 2 * window:
+            kept.append(time)
+    return kept
 
 
 def _log_curve(t: ArrayLike, s: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
