@@ -321,6 +321,8 @@ def test_bad_input(quadratic):
     for bits in (0, 53):
         with pytest.raises(ValueError, match="precision_bits"):
             sm.critical_sharpness(quadratic, quadratic_loss, None, d, precision_bits=bits)
+        with pytest.raises(ValueError, match="critical_precision_bits"):
+            sm.MeterOptions(critical_precision_bits=bits)
     for bad in (-1, 1.5, True):
         with pytest.raises(ValueError, match="check_below"):
             sm.critical_sharpness(quadratic, quadratic_loss, None, d, check_below=bad)

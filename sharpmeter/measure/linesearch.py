@@ -198,12 +198,7 @@ def critical_sharpness(
     """
     if not (eta0 > 0 and math.isfinite(eta0)):
         raise ValueError(f"eta0 must be positive and finite, got {eta0}")
-    check_positive_int("precision_bits", precision_bits)
-    if precision_bits > MAX_PRECISION_BITS:
-        raise ValueError(
-            f"precision_bits must be at most {MAX_PRECISION_BITS} (a double's mantissa), "
-            f"got {precision_bits}"
-        )
+    check_precision_bits("precision_bits", precision_bits)
     check_positive_int("max_forward", max_forward, minimum=3)
     check_positive_int("check_below", check_below, minimum=0)
     check_positive_int("predictions", predictions, minimum=0)
@@ -241,6 +236,15 @@ def critical_sharpness(
         loss=loss,
         slope=slope,
     )
+
+
+def check_precision_bits(name: str, value: Any) -> None:
+    """A ValueError unless ``value`` is an integer in ``[1, MAX_PRECISION_BITS]``."""
+    check_positive_int(name, value)
+    if value > MAX_PRECISION_BITS:
+        raise ValueError(
+            f"{name} must be at most {MAX_PRECISION_BITS} (a double's mantissa), got {value}"
+        )
 
 
 def _base_loss(
@@ -326,7 +330,6 @@ class _LineSearch:
                 return self.status(hi, verified=True), lo, hi
             if math.isnan(rise):
                 break
-            self.predictions = predictions
             lo, hi = self.refine(math.nan, rise)
         return self.status(hi, verified=False), lo, hi
 
@@ -348,15 +351,16 @@ class _LineSearch:
         """Narrow ``(lo, hi]`` (an end NaN: not found yet) to the precision asked or until the
         budget runs out: at the model's crossing while predictions are left and the model has
         one, else doubling ``lo``, halving ``hi`` or geometric bisection. At most
-        ``EXTRAPOLATIONS`` predictions from one end, none after one from ``hi`` rose again."""
-        extrapolations = EXTRAPOLATIONS
+        ``self.predictions`` predictions, ``EXTRAPOLATIONS`` of them from one end, none after
+        one from ``hi`` rose again."""
+        predictions, extrapolations = self.predictions, EXTRAPOLATIONS
         while self.budget_left() and not self.narrow(lo, hi):
             one_sided = math.isnan(lo) or math.isnan(hi)
             predicted = None
-            if self.predictions > 0 and (extrapolations > 0 or not one_sided):
+            if predictions > 0 and (extrapolations > 0 or not one_sided):
                 predicted = self.prediction(lo, hi)
             if predicted is not None:
-                self.predictions -= 1
+                predictions -= 1
                 extrapolations -= one_sided
                 eta = self.across(predicted, lo, hi)
             elif math.isnan(hi):
@@ -389,11 +393,10 @@ class _LineSearch:
         With one end :math:`p` and the slope :math:`s = d^\\top g`: the quadratic
         :math:`-s\\eta + c\\eta^2` through it crosses at :math:`s p^2 / (r(p) + s p)`, taken
         within a factor 2 of :math:`p` (no farther than doubling or halving would step, where a
-        bump may hide); None when
-        :math:`r(p) + s p`, the curvature seen at :math:`p`, is under ``MIN_CURVATURE`` of
-        :math:`s p` (a step too small to extrapolate from, or a slope that is not the probe's).
-        With both ends (:func:`_crossing`): the
-        cubic :math:`-s\\eta + c\\eta^2 + k\\eta^3` through them, else the quadratic
+        bump may hide); None when :math:`r(p) + s p`, the curvature seen at :math:`p`, is under
+        ``MIN_CURVATURE`` of :math:`s p` (a step too small to extrapolate from, or a slope that
+        is not the probe's). With both ends (:func:`_crossing`): the cubic
+        :math:`-s\\eta + c\\eta^2 + k\\eta^3` through them, else the quadratic
         :math:`a\\eta + c\\eta^2`, else their secant.
         """
         if not math.isnan(lo) and not math.isnan(hi):

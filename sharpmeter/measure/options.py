@@ -28,7 +28,7 @@ from torch import nn
 
 from sharpmeter.measure.checks import check_choice, check_positive_int, is_finite_number
 from sharpmeter.measure.context import DROPOUT_POLICIES
-from sharpmeter.measure.linesearch import PREDICTIONS
+from sharpmeter.measure.linesearch import PREDICTIONS, check_precision_bits
 from sharpmeter.measure.loss import LossFn
 from sharpmeter.measure.measures import HVP_MEASURES, MEASURES, TRACE_METHOD_NAMES
 from sharpmeter.measure.operators import MODES
@@ -183,7 +183,7 @@ class MeterOptions:
         check_choice("hvp_mode", self.hvp_mode, MODES)
         check_positive_int("trace_num_matvecs", self.trace_num_matvecs, minimum=4)
         check_positive_int("lanczos_max_iter", self.lanczos_max_iter)
-        check_positive_int("critical_precision_bits", self.critical_precision_bits)
+        check_precision_bits("critical_precision_bits", self.critical_precision_bits)
         check_positive_int("critical_predictions", self.critical_predictions, minimum=0)
         check_positive_int("seed", self.seed, minimum=0)
         check_positive_int("probe_size", self.probe_size)

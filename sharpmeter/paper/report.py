@@ -811,9 +811,10 @@ def plot_schedules(schedules: ScheduleAnalysis, path: Path) -> Path:
                 axes.plot(*line, color=colour, linestyle="--", linewidth=1)
         axes.plot([], [], color="grey", linestyle="--", linewidth=1, label="2 / lr")
         axes.set_ylim(low, 3 * high)  # 2 / lr runs off as a schedule decays: keep S in view
-    for restart in schedules.restarts:
+    restarts = schedules.restarts
+    for restart in restarts:
         axes.axvline(restart, color="0.5", linestyle=":", linewidth=1)
-    if schedules.restarts.size:
+    if restarts.size:
         axes.plot([], [], color="0.5", linestyle=":", linewidth=1, label="restart")
     axes.legend(title="schedule", fontsize=8)
     _plain_log_labels(axes)

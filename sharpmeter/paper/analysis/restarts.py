@@ -110,9 +110,7 @@ def restart_times(t: ArrayLike, lr: ArrayLike, jump: float = RESTART_JUMP) -> np
         raise ValueError(f"t and lr must be 1-d of one length, got {t.shape} and {lr.shape}")
     if not 0 < jump <= 1:
         raise ValueError(f"jump must be in (0, 1], got {jump}")
-    finite = np.isfinite(t) & np.isfinite(lr)
-    order = np.argsort(t[finite], kind="stable")
-    t, lr = t[finite][order], lr[finite][order]
+    t, lr = _time_ordered(t, lr)
     if lr.size < 2 or np.max(lr) <= 0:
         return np.empty(0)
     rises = np.flatnonzero(np.diff(lr) >= jump * np.max(lr)) + 1
@@ -181,10 +179,19 @@ def _apart(times: list[float], t: np.ndarray, window: int) -> list[float]:
 
 def _log_curve(t: ArrayLike, s: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
     """``(t, ln S)`` at the positive finite values, in time order."""
-    t, s = np.asarray(t, dtype=float), np.asarray(s, dtype=float)
-    kept = np.isfinite(t) & np.isfinite(s) & (s > 0)
+    s = np.asarray(s, dtype=float)
+    t, s = _time_ordered(t, s, kept=s > 0)
+    return t, np.log(s)
+
+
+def _time_ordered(
+    t: ArrayLike, values: ArrayLike, kept: np.ndarray | bool = True
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(t, values)`` where ``kept`` holds and both are finite, sorted by ``t``."""
+    t, values = np.asarray(t, dtype=float), np.asarray(values, dtype=float)
+    kept = kept & np.isfinite(t) & np.isfinite(values)
     order = np.argsort(t[kept], kind="stable")
-    return t[kept][order], np.log(s[kept][order])
+    return t[kept][order], values[kept][order]
 
 
 def _first_after(t: np.ndarray, time: float) -> int:
@@ -207,6 +214,15 @@ def _shifts(log_s: np.ndarray, i: int, window: int) -> tuple[float, float]:
     return float(np.max(after)) - level, level - float(np.min(after))
 
 
+def _shifts_at(
+    t: np.ndarray, log_s: np.ndarray, time: float, window: int, start: float
+) -> tuple[float, float] | None:
+    """``(rise, fall)`` at the first measurement at or after ``time``, None where its windows
+    do not fit past ``start``."""
+    i = _first_after(t, time)
+    return _shifts(log_s, i, window) if _window_fits(t, i, window, start) else None
+
+
 def _shift(
     logs: Mapping[str, tuple[np.ndarray, np.ndarray]],
     restarted: str,
@@ -215,11 +231,11 @@ def _shift(
     start: float,
     null: np.ndarray,
 ) -> Shift:
-    rise, fall = _shifts(logs[restarted][1], _first_after(logs[restarted][0], time), window)
+    rise, fall = _shifts_at(*logs[restarted], time, window, start)
     controls = [
-        _shifts(log_s, _first_after(t, time), window)
+        shifts
         for name, (t, log_s) in logs.items()
-        if name != restarted and _window_fits(t, _first_after(t, time), window, start)
+        if name != restarted and (shifts := _shifts_at(t, log_s, time, window, start))
     ]
     control_rise, control_fall = np.median(controls, axis=0) if controls else (math.nan, math.nan)
     return Shift(
