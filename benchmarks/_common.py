@@ -140,7 +140,7 @@ def run_worker(module: str, spec: dict, python: str | None = None, timeout: floa
 
 
 def machine_description() -> str:
-    """CPU model, logical cores, RAM, Python and torch."""
+    """CPU model, logical cores, RAM, the GPU, Python and torch."""
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
@@ -149,8 +149,9 @@ def machine_description() -> str:
     except OSError:
         pass
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     return (
-        f"{cpu}, {os.cpu_count()} logical cores (shared), {ram:.0f} GiB RAM, no GPU; "
+        f"{cpu}, {os.cpu_count()} logical cores (shared), {ram:.0f} GiB RAM, {gpu}; "
         f"Python {platform.python_version()}, torch {torch.__version__}"
     )
 

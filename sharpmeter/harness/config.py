@@ -126,6 +126,10 @@ class SharpnessArguments:
         default=HVP_SCHEDULE.max_fraction,
         metadata={"help": "most share of wall time the HVP measures may take (null: no budget)"},
     )
+    hvp_products_per_call: int = field(
+        default=DEFAULTS.hvp_products_per_call,
+        metadata={"help": "HVPs per batched backward (the trace's probes); >1 pays on a GPU"},
+    )
     probe: str = field(
         default=DEFAULTS.probe,
         metadata={"help": "fixed: one probe batch drawn for the run; train: each step's batch"},
@@ -156,6 +160,7 @@ class SharpnessArguments:
             measures=tuple(self.measures),
             schedule=self.schedule(),
             schedules=dict.fromkeys(HVP_MEASURES, self.hvp_schedule()),
+            hvp_products_per_call=self.hvp_products_per_call,
             probe=self.probe,
             probe_size=self.probe_size,
             probe_seed=self.probe_seed,

@@ -378,6 +378,7 @@ class SharpnessMeter:
                 params=self.params,
                 mode=self.options.hvp_mode,
                 seed=self.options.seed,
+                products_per_call=self.options.hvp_products_per_call,
             )
             loss, gradient = operator.loss, operator.gradient
         elif step_gradients is None:

@@ -23,6 +23,14 @@ probe loss (see :mod:`sharpmeter.measure.loss`) over the selected parameters, fl
     :math:`O(\epsilon/h)` from rounding. Parameters are set by copy from a saved snapshot and
     restored the same way, never by add-then-subtract.
 
+A matrix ``op @ V`` multiplies its columns one at a time, or, with ``products_per_call=k > 1``
+(``double_backward`` only), ``k`` at a time in one backward through the same graph,
+``torch.autograd.grad(..., is_grads_batched=True)`` (vmap over the columns): the same products
+to rounding, at about ``k`` times one product's backward memory. It pays where one product
+leaves the device idle (a GPU and a small probe); on a CPU it is slower (0.58x on the 1M GPT-2,
+``benchmarks/results/hvp.md``). Independent products (Hutchinson's probes, Hutch++'s sketch)
+reach it as matrices; Lanczos' are sequential and stay single.
+
 Attention runs through :func:`sharpmeter.measure.context.attention_guard` (SDPA math backend), so a
 Hugging Face model with default (fused SDPA) attention works in every mode.
 
@@ -35,12 +43,14 @@ Example::
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
+from sharpmeter.measure.checks import check_positive_int
 from sharpmeter.measure.context import attention_guard
 from sharpmeter.measure.distributed import NO_FSDP_HVP, is_sharded
 from sharpmeter.measure.loss import LossFn, ProbeLoss, loss_and_gradient
@@ -78,6 +88,11 @@ class HessianOperator:
         fd_eps: relative step of ``mode="fd"`` (default: cube root of the dtype's epsilon).
         distributed: ``batch`` is this rank's shard of the probe; losses, gradients and
             products are summed over ranks (default: inside a process group of >1 rank).
+        products_per_call: columns of a matrix ``op @ V`` multiplied in one batched backward
+            (``double_backward`` only; 1: one at a time). Where a batched call fails (an
+            operation vmap cannot batch, out of memory) the operator warns and goes on one
+            column at a time; under ``distributed`` it raises instead, since the ranks would
+            then disagree on the number of all-reduces.
 
     Attributes:
         dim: number of scalar parameters; ``shape == (dim, dim)``.
@@ -92,6 +107,11 @@ class HessianOperator:
         ValueError: empty parameter list, unknown mode, bad weights, a model output without
             ``.loss`` and no ``loss_fn``, parameters sharded by FSDP.
         NonFiniteLossError: the probe loss or gradient is not finite.
+
+    Example::
+
+        op = sm.HessianOperator(model, None, batch, products_per_call=8)
+        r = sm.hutchinson(op, num_matvecs=16)   # two batched backward calls of 8 products
     """
 
     def __init__(
@@ -106,9 +126,15 @@ class HessianOperator:
         reuse_graph: bool = True,
         fd_eps: float | None = None,
         distributed: bool | None = None,
+        products_per_call: int = 1,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        check_positive_int("products_per_call", products_per_call)
+        if products_per_call > 1 and mode != "double_backward":
+            raise ValueError(
+                f"products_per_call > 1 batches double backward: mode {mode!r} takes 1"
+            )
         if fd_eps is not None and not fd_eps > 0:
             raise ValueError(f"fd_eps must be positive, got {fd_eps}")
         self.model = model
@@ -126,6 +152,7 @@ class HessianOperator:
         self.num_matvecs = 0
         self.fd_eps = fd_eps if fd_eps is not None else torch.finfo(self.dtype).eps ** (1 / 3)
         self.reuse_graph = mode == "double_backward" and reuse_graph
+        self.products_per_call = products_per_call
         self._build()
 
     def _build(self) -> None:
@@ -148,8 +175,36 @@ class HessianOperator:
         if v.dim() == 2:
             if v.shape[0] != self.dim:
                 raise ValueError(f"expected a ({self.dim}, k) matrix, got {tuple(v.shape)}")
-            return torch.stack([self.matvec(column) for column in v.T], dim=1)
+            # Block by block at the current size, which a failed batched call sets to 1.
+            columns, start = [], 0
+            while start < v.shape[1]:
+                block = v[:, start : start + self.products_per_call]
+                columns.append(self._matmat(block))
+                start += block.shape[1]
+            return torch.cat(columns, dim=1)
         return self.matvec(v)
+
+    def _matmat(self, block: torch.Tensor) -> torch.Tensor:
+        """:math:`HV` for ``(n, k)`` ``V``, in one batched backward where ``k > 1``."""
+        if block.shape[1] == 1:
+            return self.matvec(block[:, 0])[:, None]
+        block = block.to(device=self.device, dtype=self.dtype)
+        try:
+            with attention_guard(self.model):
+                hv = self._hvp_double_backward(block)
+        except RuntimeError as error:  # torch.OutOfMemoryError is one
+            if self.probe.distributed:
+                raise
+            warnings.warn(
+                f"batched Hessian-vector products failed ({str(error).splitlines()[0]}); "
+                "multiplying one vector at a time from now on",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            self.products_per_call = 1
+            return torch.stack([self.matvec(column) for column in block.T], dim=1)
+        self.num_matvecs += block.shape[1]
+        return self.probe.reduce(hv)
 
     def matvec(self, v: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
         """:math:`Hv` for a flat vector (or a per-parameter list), returned flat."""
@@ -165,6 +220,8 @@ class HessianOperator:
         return self.probe.reduce(hv)
 
     def _hvp_double_backward(self, v: torch.Tensor) -> torch.Tensor:
+        """:math:`Hv` for a flat ``v``; for an ``(n, k)`` matrix, its ``k`` products in one
+        backward, vmapped over the columns."""
         if self.reuse_graph and self._param_versions() != self._versions:
             # Parameters were written in place (an optimizer step, a line search restoring them):
             # the saved graph is stale, so the operator follows the parameters, as fwd/fd do.
@@ -172,20 +229,25 @@ class HessianOperator:
         grads = self._graph_grads
         if grads is None:
             grads = loss_and_gradient(self.probe, self.params, create_graph=True)[1]
+        batched = v.dim() == 2
+        parts = _columns_per_parameter(v, self.params) if batched else unflatten(v, self.params)
         # Gradient entries that do not depend on the parameters (a loss linear in them) have no
         # graph; their Hessian rows are zero, and autograd refuses them as outputs.
-        pairs = [
-            (g, part)
-            for g, part in zip(grads, unflatten(v, self.params), strict=True)
-            if g.requires_grad
-        ]
+        pairs = [(g, part) for g, part in zip(grads, parts, strict=True) if g.requires_grad]
         if not pairs:
-            return torch.zeros(self.dim, dtype=self.dtype, device=self.device)
+            return torch.zeros(v.shape, dtype=self.dtype, device=self.device)
         outputs, tangents = zip(*pairs, strict=True)
         with torch.enable_grad():
             hv = torch.autograd.grad(
-                outputs, self.params, grad_outputs=tangents, retain_graph=True, allow_unused=True
+                outputs,
+                self.params,
+                grad_outputs=tangents,
+                retain_graph=True,
+                allow_unused=True,
+                is_grads_batched=batched,
             )
+        if batched:
+            return _flat_columns(hv, self.params, v.shape[1], self.dtype)
         return flatten(zeros_for_unused(hv, self.params), self.dtype)
 
     def _hvp_forward_over_reverse(self, v: torch.Tensor) -> torch.Tensor:
@@ -261,6 +323,10 @@ class PreconditionedOperator:
     def num_matvecs(self) -> int:
         return self.operator.num_matvecs
 
+    @property
+    def products_per_call(self) -> int:
+        return self.operator.products_per_call
+
     def __matmul__(self, v: torch.Tensor) -> torch.Tensor:
         scale = self.inv_sqrt if v.dim() == 1 else self.inv_sqrt[:, None]
         return scale * (self.operator @ (scale * v))
@@ -276,6 +342,35 @@ class _LossModule(nn.Module):
 
     def forward(self) -> torch.Tensor:
         return self.probe(self.model)
+
+
+def _columns_per_parameter(
+    matrix: torch.Tensor, params: Sequence[nn.Parameter]
+) -> list[torch.Tensor]:
+    """An ``(n, k)`` matrix as one ``(k, *p.shape)`` tensor per parameter: the batched
+    ``grad_outputs`` of ``is_grads_batched``."""
+    rows = matrix.T
+    parts, offset = [], 0
+    for p in params:
+        parts.append(rows[:, offset : offset + p.numel()].reshape(-1, *p.shape).to(p.dtype))
+        offset += p.numel()
+    return parts
+
+
+def _flat_columns(
+    per_parameter: Sequence[torch.Tensor | None],
+    params: Sequence[nn.Parameter],
+    columns: int,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """The inverse of :func:`_columns_per_parameter`, with zeros where autograd gave ``None``."""
+    rows = [
+        torch.zeros(columns, p.numel(), dtype=dtype, device=p.device)
+        if part is None
+        else part.reshape(columns, -1).to(dtype)
+        for part, p in zip(per_parameter, params, strict=True)
+    ]
+    return torch.cat(rows, dim=1).T
 
 
 def _parameter_names(model: nn.Module, params: Sequence[nn.Parameter]) -> list[str]:

@@ -89,6 +89,11 @@ class MeterOptions:
             ``max_grad_norm``); ``None`` or 0: none. Under the Trainer callback ``None`` means
             the Trainer's own.
         hvp_mode: ``"double_backward"``, ``"fwd"`` or ``"fd"``.
+        hvp_products_per_call: independent Hessian-vector products (the trace's probes) taken
+            in one batched backward (``products_per_call`` of
+            :class:`~sharpmeter.measure.operators.HessianOperator`; ``double_backward`` only):
+            the same numbers to rounding, about that many times an HVP's backward memory.
+            Where it pays: a GPU with a small probe; on a CPU 1 is faster.
         seed: seed of the trace probes, the Lanczos start and the dropout masks.
         progress: a progress bar (measure, HVPs so far) for measurements longer than two
             seconds; ``None``: none, except under the Trainer callback, which shows it where
@@ -141,6 +146,9 @@ class MeterOptions:
     max_grad_norm: float | None = None
     # Exact, one extra backward per HVP with the gradient's graph reused, any module.
     hvp_mode: str = "double_backward"
+    # One product per backward: on a CPU batching is slower (benchmarks/results/hvp.md), and
+    # its memory grows with the batch.
+    hvp_products_per_call: int = 1
     # The same probes, start vector and masks in every run: rows of two runs compare.
     seed: int = 0
     # Quiet unless asked: the callback follows the Trainer's own progress bars.
@@ -181,6 +189,12 @@ class MeterOptions:
         check_choice("probe", self.probe, PROBES)
         check_choice("trace_method", self.trace_method, TRACE_METHOD_NAMES)
         check_choice("hvp_mode", self.hvp_mode, MODES)
+        check_positive_int("hvp_products_per_call", self.hvp_products_per_call)
+        if self.hvp_products_per_call > 1 and self.hvp_mode != "double_backward":
+            raise ValueError(
+                "hvp_products_per_call > 1 batches double backward: hvp_mode "
+                f"{self.hvp_mode!r} takes 1"
+            )
         check_positive_int("trace_num_matvecs", self.trace_num_matvecs, minimum=4)
         check_positive_int("lanczos_max_iter", self.lanczos_max_iter)
         check_precision_bits("critical_precision_bits", self.critical_precision_bits)

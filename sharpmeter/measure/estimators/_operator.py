@@ -41,6 +41,21 @@ class CountingOperator:
         self.num_matvecs += 1 if v.dim() == 1 else v.shape[1]
         return (self.operator @ v.to(self.operator.dtype)).to(self.dtype)
 
+    @property
+    def products_per_call(self) -> int:
+        """Independent products the operator takes in one call (its ``products_per_call``,
+        e.g. a batched :class:`~sharpmeter.measure.operators.HessianOperator`; else 1)."""
+        return getattr(self.operator, "products_per_call", 1)
+
+    def blocks(self, count: int) -> list[int]:
+        """``count`` independent products as the sizes of the calls that take them."""
+        size = self.products_per_call
+        return [min(size, count - start) for start in range(0, count, size)]
+
+    def times_columns(self, z: torch.Tensor) -> torch.Tensor:
+        """:math:`HZ` in one call, as a matrix-vector product where ``Z`` has one column."""
+        return self @ z if z.shape[1] > 1 else (self @ z[:, 0])[:, None]
+
     def start_vector(self, v0: torch.Tensor | None, seed: int) -> torch.Tensor:
         """A unit start vector: ``v0`` (warm start) or Gaussian from a private generator.
 

@@ -83,7 +83,7 @@ import torch
 from sharpmeter.measure.checks import check_positive_int
 from sharpmeter.measure.estimators._operator import CountingOperator, LinearOperator
 from sharpmeter.measure.estimators.eigen import LanczosResult, _Lanczos, _orthogonalise
-from sharpmeter.measure.estimators.trace import TraceResult, _rademacher, _result
+from sharpmeter.measure.estimators.trace import TraceResult, _probes, _result, quadratic_forms
 
 # The probes' generator is seeded apart from the Lanczos start (seed) and restarts (seed + 1), so
 # that they are independent of the basis they are projected against.
@@ -200,12 +200,14 @@ class _DeflatedProbes:
 
     def draw(self, count: int, keep: bool = False) -> None:
         basis = self.krylov.basis[: self.krylov.size]
-        for _ in range(count):
-            z = _orthogonalise(_rademacher(self.op, 1, self.generator)[:, 0], basis)
-            hz = self.op @ z
-            self.samples.append(float(z @ hz))
+        for size in self.op.blocks(count):
+            z = torch.stack(
+                [_orthogonalise(z, basis) for z in _probes(self.op, size, self.generator).T], dim=1
+            )
+            hz = self.op.times_columns(z)
+            self.samples += quadratic_forms(z, hz)
             if keep:
-                self._kept.append((z, hz))
+                self._kept += list(zip(z.T, hz.T, strict=True))
 
     def deflate(self, krylov: _Lanczos) -> None:
         """Project the kept probes out of the newest basis vector q as well: with

@@ -3,7 +3,9 @@ r"""Stochastic trace estimation: Hutchinson and Hutch++, each with a standard er
 Both use Rademacher probes :math:`z \in \{\pm 1\}^n` (:math:`\mathbb E[zz^\top] = I`, so
 :math:`\mathbb E[z^\top H z] = \mathrm{tr}\,H`) drawn from a private CPU generator: the same
 probes on every device and rank, and the global RNG untouched. The budget is fixed in advance;
-stopping on the running mean would bias the estimate.
+stopping on the running mean would bias the estimate. An operator that multiplies several
+vectors per call (``products_per_call``) gets the probes in blocks of that size: the same
+probes and, to rounding, the same estimate.
 
 Example::
 
@@ -56,11 +58,11 @@ def hutchinson(
     check_positive_int("num_matvecs", num_matvecs, minimum=2)
     op = CountingOperator(operator)
     generator = torch.Generator().manual_seed(seed)
-    samples = torch.empty(num_matvecs, dtype=torch.float64)
-    for i in range(num_matvecs):
-        z = _rademacher(op, 1, generator)[:, 0]
-        samples[i] = float(z @ (op @ z))
-    return _result(0.0, samples, op.num_matvecs)
+    samples = []
+    for size in op.blocks(num_matvecs):
+        z = _probes(op, size, generator)
+        samples += quadratic_forms(z, op.times_columns(z))
+    return _result(0.0, torch.tensor(samples, dtype=torch.float64), op.num_matvecs)
 
 
 def hutchpp(
@@ -91,12 +93,22 @@ def hutchpp(
     sketch_size = num_matvecs // 3
     q, _ = torch.linalg.qr(op @ _rademacher(op, sketch_size, generator))
     low_rank = float(torch.sum(q * (op @ q)))
-    remainder = torch.empty(num_matvecs - 2 * sketch_size, dtype=torch.float64)
-    for i in range(remainder.numel()):
-        g = _rademacher(op, 1, generator)[:, 0]
-        g = g - q @ (q.T @ g)
-        remainder[i] = float(g @ (op @ g))
-    return _result(low_rank, remainder, op.num_matvecs)
+    remainder = []
+    for size in op.blocks(num_matvecs - 2 * sketch_size):
+        g = torch.stack([g - q @ (q.T @ g) for g in _probes(op, size, generator).T], dim=1)
+        remainder += quadratic_forms(g, op.times_columns(g))
+    return _result(low_rank, torch.tensor(remainder, dtype=torch.float64), op.num_matvecs)
+
+
+def quadratic_forms(z: torch.Tensor, hz: torch.Tensor) -> list[float]:
+    """:math:`z_i^\\top H z_i` for the columns of ``z`` and ``hz = HZ``."""
+    return [float(a @ b) for a, b in zip(z.T, hz.T, strict=True)]
+
+
+def _probes(op: CountingOperator, count: int, generator: torch.Generator) -> torch.Tensor:
+    """``count`` Rademacher probes as columns, each drawn as a vector of its own: the same
+    probes whatever the block sizes."""
+    return torch.cat([_rademacher(op, 1, generator) for _ in range(count)], dim=1)
 
 
 def _rademacher(op: CountingOperator, columns: int, generator: torch.Generator) -> torch.Tensor:
