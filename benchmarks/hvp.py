@@ -15,6 +15,7 @@ import argparse
 import copy
 import json
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -92,6 +93,7 @@ def make_call(method: str, model: torch.nn.Module, batch: dict) -> Callable[[], 
         op = sm.HessianOperator(model, causal_lm_loss, batch, products_per_call=BATCH)
         block = torch.randn(op.dim, BATCH, generator=torch.Generator().manual_seed(0))
         block[:, 0] = probe_vector(op.dim)  # the others' v, for the comparison
+        block = block.to(op.device)
         return lambda: op @ block
     mode, reuse = HVP_MODES[method]
     if mode == "fd":
@@ -99,7 +101,7 @@ def make_call(method: str, model: torch.nn.Module, batch: dict) -> Callable[[], 
         # versions and make the graph-reusing operator rebuild its graph at every product.
         model = copy.deepcopy(model)
     op = sm.HessianOperator(model, causal_lm_loss, batch, mode=mode, reuse_graph=reuse)
-    v = probe_vector(op.dim)
+    v = probe_vector(op.dim).to(op.device)
     return lambda: op @ v
 
 
@@ -147,20 +149,34 @@ def time_round_robin(spec: dict) -> dict:
     calls = {method: finished(make_call(method, model, batch), spec["device"]) for method in TIMED}
     seconds: dict[str, list[float]] = {method: [] for method in TIMED}
     outputs = {}
-    for round_index in range(spec["repeats"] + 1):  # round 0 warms up
-        for method, call in calls.items():
-            start = time.perf_counter()
-            outputs[method] = call()
-            elapsed = time.perf_counter() - start
-            if round_index:
-                seconds[method].append(elapsed / PRODUCTS.get(method, 1))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for round_index in range(spec["repeats"] + 1):  # round 0 warms up
+            for method, call in calls.items():
+                start = time.perf_counter()
+                outputs[method] = call()
+                elapsed = time.perf_counter() - start
+                if round_index:
+                    seconds[method].append(elapsed / PRODUCTS.get(method, 1))
     reference = outputs["db_reuse"]
     outputs["db_batched"] = outputs["db_batched"][:, 0]
     difference = {
         method: float(torch.linalg.vector_norm(outputs[method] - reference) / reference.norm())
         for method in COMPARED
     }
-    return {"params": num_params(model), "seconds": seconds, "difference": difference}
+    return {
+        "params": num_params(model),
+        "seconds": seconds,
+        "difference": difference,
+        "fallback": fallback(caught),
+    }
+
+
+def fallback(caught: list[warnings.WarningMessage]) -> str | None:
+    """The operator's warning that its batched products fell back to single ones: the batched
+    row then timed single products, and must say so."""
+    messages = [str(w.message) for w in caught if "batched Hessian-vector" in str(w.message)]
+    return messages[0] if messages else None
 
 
 def peak_memory(spec: dict) -> dict:
@@ -168,8 +184,12 @@ def peak_memory(spec: dict) -> dict:
     the process's RSS on a CPU, CUDA's allocated memory on a GPU."""
     model, batch = setup(spec)
     call = finished(make_call(spec["method"], model, batch), spec["device"])
-    for _ in range(3):
-        call()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            call()
+    if fallback(caught):
+        return {"error": fallback(caught)}
     if spec["device"] == "cuda":
         return {"peak_mib": torch.cuda.max_memory_allocated() / 2**20}
     return {"peak_mib": peak_rss_mib()}
@@ -277,6 +297,9 @@ def batched_table(results: dict[str, dict]) -> list[str]:
     """Issue 15 item 5: seconds and memory per HVP, batched in one backward against single."""
     rows = []
     for size, result in results.items():
+        if result["fallback"]:
+            rows.append([f"GPT-2 {size}", f"fell back: {result['fallback']}", *["–"] * 5])
+            continue
         single = median(result["seconds"]["db_reuse"])
         batched = median(result["seconds"]["db_batched"])
         baseline = rss(result, "baseline")

@@ -33,6 +33,7 @@ def test_batched_products_match_the_dense_hessian(hessian_case):
     block = torch.randn(batched.dim, 5, generator=torch.Generator().manual_seed(0)).double()
     product = batched @ block
     assert product.shape == block.shape and batched.num_matvecs == 5
+    assert (batched @ block[:, :3]).is_contiguous()  # NCCL all-reduces only contiguous tensors
     for column, expected, alone in zip(product.T, (hessian @ block).T, (single @ block).T):
         assert relative_error(column, expected) < EXACT
         assert relative_error(column, alone) < ROUNDING
@@ -87,6 +88,43 @@ def test_the_shared_krylov_run_deflates_batched_probes_alike(gpt2_reference):
     torch.testing.assert_close(batched.trace.samples, single.trace.samples, rtol=1e-9, atol=1e-9)
 
 
+class _Awkward(torch.nn.Module):
+    """A bfloat16 parameter, a frozen one, one the loss never uses, one it is linear in."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        generator = torch.Generator().manual_seed(0)
+        self.low = torch.nn.Parameter(torch.randn(3, 4, generator=generator).bfloat16())
+        self.frozen = torch.nn.Parameter(torch.randn(4), requires_grad=False)
+        self.unused = torch.nn.Parameter(torch.randn(2))
+        self.linear = torch.nn.Parameter(torch.randn(3, generator=generator))
+        self.w = torch.nn.Parameter(torch.randn(4, 3, generator=generator))
+
+    def forward(self, x):
+        hidden = torch.tanh(x @ self.w.T + self.frozen) @ self.low.float().T
+        return hidden.pow(2).sum() + (self.linear * x).sum()
+
+
+def test_awkward_parameters_and_a_parameter_write_give_the_single_products():
+    """Batched equals single products to float32 rounding (exact zeros for the unused parameter
+    and the one the gradient does not depend on, bfloat16 tangents cast alike), also after the
+    parameters were written in place, when both rebuild the gradient's graph."""
+    model, x = _Awkward(), torch.randn(5, 3, generator=torch.Generator().manual_seed(1))
+    operators = [
+        HessianOperator(model, lambda m, batch: m(batch), x, products_per_call=k) for k in (1, 4)
+    ]
+    block = torch.randn(operators[0].dim, 6, generator=torch.Generator().manual_seed(2))
+    for _ in range(2):
+        single, batched = (op @ block for op in operators)
+        scale = float(single.abs().max())
+        torch.testing.assert_close(batched, single, rtol=1e-5, atol=1e-6 * scale)
+        # Rows of `unused` and `linear` (after the 12 of `low`; `frozen` is not measured).
+        assert not batched[12:17].any() and batched[:12].any() and batched[17:].any()
+        with torch.no_grad():
+            model.w.mul_(1.5)
+    assert [op.num_matvecs for op in operators] == [12, 12]
+
+
 class _SquareNeedingAValue(torch.autograd.Function):
     """x**2 whose backward branches on a value: vmap cannot batch it (aten::is_nonzero)."""
 
@@ -130,6 +168,21 @@ def test_a_failing_batched_call_warns_once_and_goes_on_one_vector_at_a_time():
     torch.testing.assert_close(product, hessian, rtol=1e-12, atol=0)
     assert op.num_matvecs == 5 + 6  # the failed call counts nothing
     assert again.value == pytest.approx(sm.hutchinson(hessian, 6, seed=0).value, rel=1e-12)
+
+
+def test_the_meter_keeps_to_single_products_after_a_batched_call_failed():
+    """Each row builds its operator anew: the second row must not try (and fail) again."""
+    model, b = _Quartic(), torch.arange(1.0, 6.0, dtype=torch.float64)
+    meter = sm.SharpnessMeter(
+        model, b, loss_fn=lambda m, batch: m(batch), measures=("trace",), hvp_products_per_call=3
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        rows = [meter.measure(step) for step in (1, 2)]
+    assert len([w for w in caught if w.category is RuntimeWarning]) == 1
+    assert meter.hvp_products_per_call == 1
+    assert [row["status"] for row in rows] == ["ok", "ok"]
+    assert rows[0]["hessian_trace"] == rows[1]["hessian_trace"]
 
 
 def test_under_data_parallelism_a_failing_batched_call_raises(monkeypatch):

@@ -1,6 +1,7 @@
-"""On a CUDA GPU: the estimators through the math-kernel fallback of fused attention, and FSDP2
-through accelerate (bf16 training is ``test_train``'s ``[cuda]`` case). Skipped without a GPU
-(CI has none); where one is lent: ``python -m pytest -q tests -k cuda``.
+"""On a CUDA GPU: the estimators through the math-kernel fallback of fused attention, batched
+Hessian-vector products, and FSDP2 through accelerate (bf16 training is ``test_train``'s
+``[cuda]`` case). Skipped without a GPU (CI has none); where one is lent:
+``python -m pytest -q tests -k cuda``, or all device checks at once: ``benchmarks/gpu_checks.sh``.
 """
 
 from __future__ import annotations
@@ -38,6 +39,21 @@ def estimates(device: str) -> list[float]:
 
 def test_estimators_on_cuda_give_the_cpu_numbers():
     assert estimates("cuda") == pytest.approx(estimates("cpu"), rel=1e-3)
+
+
+def test_batched_products_on_cuda_equal_single_ones():
+    """8 products in one batched backward through fused attention's math fallback: the single
+    products to float32 rounding, and Hutchinson's samples with them."""
+    model = float64_gpt2(n_layer=2).float().cuda()
+    batch = move_to(token_batch(batch_size=8, seed=3), torch.device("cuda"))
+    single = sm.HessianOperator(model, causal_lm_loss, batch)
+    batched = sm.HessianOperator(model, causal_lm_loss, batch, products_per_call=8)
+    block = torch.randn(single.dim, 8, generator=torch.Generator().manual_seed(0)).cuda()
+    many, one = batched @ block, single @ block
+    assert float(torch.linalg.matrix_norm(many - one) / torch.linalg.matrix_norm(one)) < 1e-5
+    one, many = (sm.hutchinson(op, 16, seed=0).samples for op in (single, batched))
+    assert float(torch.linalg.vector_norm(many - one) / torch.linalg.vector_norm(one)) < 1e-5
+    assert batched.products_per_call == 8  # no fallback
 
 
 def gpt_gpu_without_budget(folder: Path) -> Path:

@@ -19,6 +19,9 @@ def measure(batch) -> dict[str, float]:
     op = sm.HessianOperator(model, causal_lm_loss, batch)
     top = sm.lanczos(op, k=1, max_iter=60, tol=1e-10)
     trace = sm.hutchinson(op, num_matvecs=8, seed=3)
+    # The same probes in blocks of 3, each block one batched backward and one all-reduce.
+    batched = sm.HessianOperator(model, causal_lm_loss, batch, products_per_call=3)
+    batched_trace = sm.hutchinson(batched, num_matvecs=8, seed=3)
     critical = sm.critical_sharpness(
         model, causal_lm_loss, batch, op.gradient, eta0=0.3, precision_bits=12
     )
@@ -26,6 +29,7 @@ def measure(batch) -> dict[str, float]:
         "loss": float(op.loss),
         "lambda_max": top.value,
         "trace": trace.value,
+        "batched_trace": batched_trace.value,
         "critical": critical.value,
         "forwards": critical.num_forward,
     }
@@ -40,10 +44,11 @@ def test_two_ranks_match_one_process():
     batch["labels"] = batch["labels"].clone()
     batch["labels"][0, 5:] = -100  # unequal loss tokens per shard: weights must be global
     single = measure(batch)
+    assert single["batched_trace"] == pytest.approx(single["trace"], rel=1e-12)
     results = run_on_ranks(measure_shard, batch)
     for ranked in results:
         assert ranked["forwards"] == single["forwards"]
-        for key in ("loss", "lambda_max", "trace", "critical"):
+        for key in ("loss", "lambda_max", "trace", "batched_trace", "critical"):
             assert ranked[key] == pytest.approx(single[key], rel=1e-5), key
     assert results[0] == results[1]
 

@@ -171,6 +171,9 @@ class SharpnessMeter:
         self.ledgers = ledgers({m.name: self.options.schedule_of(m.name) for m in self.chosen})
         self.last_step: int | None = None
         self.skipped_for_budget = 0
+        # Lowered to 1 for good once a batched call falls back (out of memory, say): later rows
+        # would fail it again, each at the cost of a batched backward.
+        self.hvp_products_per_call = self.options.hvp_products_per_call
         # The ledgers is_due found due at a step, for measure() at that step.
         self._due: tuple[int, tuple[Ledger, ...]] | None = None
         self._started = time.perf_counter()
@@ -356,6 +359,8 @@ class SharpnessMeter:
             seconds[measure.name] = time.perf_counter() - started
             row.update(outcome.values)
             row[measure.status_column] = outcome.status
+        if context.operator is not None:
+            self.hvp_products_per_call = context.operator.products_per_call
 
     def _row_context(
         self,
@@ -378,7 +383,7 @@ class SharpnessMeter:
                 params=self.params,
                 mode=self.options.hvp_mode,
                 seed=self.options.seed,
-                products_per_call=self.options.hvp_products_per_call,
+                products_per_call=self.hvp_products_per_call,
             )
             loss, gradient = operator.loss, operator.gradient
         elif step_gradients is None:

@@ -181,7 +181,7 @@ class HessianOperator:
                 block = v[:, start : start + self.products_per_call]
                 columns.append(self._matmat(block))
                 start += block.shape[1]
-            return torch.cat(columns, dim=1)
+            return columns[0] if len(columns) == 1 else torch.cat(columns, dim=1)
         return self.matvec(v)
 
     def _matmat(self, block: torch.Tensor) -> torch.Tensor:
@@ -195,16 +195,19 @@ class HessianOperator:
         except RuntimeError as error:  # torch.OutOfMemoryError is one
             if self.probe.distributed:
                 raise
-            warnings.warn(
-                f"batched Hessian-vector products failed ({str(error).splitlines()[0]}); "
-                "multiplying one vector at a time from now on",
-                RuntimeWarning,
-                stacklevel=3,
-            )
             self.products_per_call = 1
-            return torch.stack([self.matvec(column) for column in block.T], dim=1)
-        self.num_matvecs += block.shape[1]
-        return self.probe.reduce(hv)
+            failure = str(error).splitlines()[0]
+        else:
+            self.num_matvecs += block.shape[1]
+            return self.probe.reduce(hv)
+        # Out of the except block, whose traceback would keep the failed call's tangents alive.
+        warnings.warn(
+            f"batched Hessian-vector products failed ({failure}); multiplying one vector at a "
+            "time from now on",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return torch.stack([self.matvec(column) for column in block.T], dim=1)
 
     def matvec(self, v: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
         """:math:`Hv` for a flat vector (or a per-parameter list), returned flat."""
@@ -370,7 +373,8 @@ def _flat_columns(
         else part.reshape(columns, -1).to(dtype)
         for part, p in zip(per_parameter, params, strict=True)
     ]
-    return torch.cat(rows, dim=1).T
+    # Contiguous: NCCL all-reduces only contiguous tensors.
+    return torch.cat(rows, dim=1).T.contiguous()
 
 
 def _parameter_names(model: nn.Module, params: Sequence[nn.Parameter]) -> list[str]:
