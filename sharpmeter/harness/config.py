@@ -128,7 +128,7 @@ class SharpnessArguments:
     )
     hvp_products_per_call: int = field(
         default=DEFAULTS.hvp_products_per_call,
-        metadata={"help": "HVPs per batched backward (the trace's probes); >1 pays on a GPU"},
+        metadata={"help": "HVPs per batched backward (the trace's probes); >1 is slower on a CPU"},
     )
     probe: str = field(
         default=DEFAULTS.probe,

@@ -26,10 +26,12 @@ probe loss (see :mod:`sharpmeter.measure.loss`) over the selected parameters, fl
 A matrix ``op @ V`` multiplies its columns one at a time, or, with ``products_per_call=k > 1``
 (``double_backward`` only), ``k`` at a time in one backward through the same graph,
 ``torch.autograd.grad(..., is_grads_batched=True)`` (vmap over the columns): the same products
-to rounding, at about ``k`` times one product's backward memory. It pays where one product
-leaves the device idle (a GPU and a small probe); on a CPU it is slower (0.58x on the 1M GPT-2,
-``benchmarks/results/hvp.md``). Independent products (Hutchinson's probes, Hutch++'s sketch)
-reach it as matrices; Lanczos' are sequential and stay single.
+to rounding, at up to ``k`` times one product's backward memory. It can pay where one product
+leaves the hardware idle (a GPU and a small probe, to be measured: ``benchmarks/gpu_checks.sh``).
+On a CPU it does only on tiny models: ``k = 8`` takes 0.60x the speed per product on the 1M
+GPT-2 and 0.46x on the 10M, at 4x and 3.6x the memory over the process's own, and is 3x faster
+on a 1K one (``benchmarks/results/hvp.md``). Independent products (Hutchinson's probes,
+Hutch++'s sketch) reach it as matrices; Lanczos' are sequential and stay single.
 
 Attention runs through :func:`sharpmeter.measure.context.attention_guard` (SDPA math backend), so a
 Hugging Face model with default (fused SDPA) attention works in every mode.

@@ -92,8 +92,9 @@ class MeterOptions:
         hvp_products_per_call: independent Hessian-vector products (the trace's probes) taken
             in one batched backward (``products_per_call`` of
             :class:`~sharpmeter.measure.operators.HessianOperator`; ``double_backward`` only):
-            the same numbers to rounding, about that many times an HVP's backward memory.
-            Where it pays: a GPU with a small probe; on a CPU 1 is faster.
+            the same numbers to rounding, at up to that many times an HVP's backward memory.
+            On a CPU 1 is faster except for tiny models (8: 0.46-0.60x the speed on the 1M
+            and 10M GPT-2s); on a GPU measure it (``benchmarks/gpu_checks.sh``).
         seed: seed of the trace probes, the Lanczos start and the dropout masks.
         progress: a progress bar (measure, HVPs so far) for measurements longer than two
             seconds; ``None``: none, except under the Trainer callback, which shows it where

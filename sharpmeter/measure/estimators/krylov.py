@@ -148,7 +148,9 @@ def trace_and_top(
 
     Memory: the basis holds up to ``lanczos_max_iter`` vectors of the operator's size (as
     :func:`~sharpmeter.measure.estimators.eigen.lanczos`); ``rel_stderr`` keeps the pilot's
-    probes and products besides, ``2 * num_matvecs`` more.
+    probes and products besides, ``2 * num_matvecs`` more. An operator that takes
+    ``products_per_call = k`` probes at a time holds a few blocks of ``k`` such vectors while
+    it multiplies them.
     """
     check_positive_int("lanczos_max_iter", lanczos_max_iter)
     check_positive_int("min_rank", min_rank)
