@@ -83,7 +83,7 @@ import torch
 from sharpmeter.measure.checks import check_positive_int
 from sharpmeter.measure.estimators._operator import CountingOperator, LinearOperator
 from sharpmeter.measure.estimators.eigen import LanczosResult, _Lanczos, _orthogonalise
-from sharpmeter.measure.estimators.trace import TraceResult, _probes, _result, quadratic_forms
+from sharpmeter.measure.estimators.trace import TraceResult, _probes, _quadratic_forms, _result
 
 # The probes' generator is seeded apart from the Lanczos start (seed) and restarts (seed + 1), so
 # that they are independent of the basis they are projected against.
@@ -207,7 +207,7 @@ class _DeflatedProbes:
                 [_orthogonalise(z, basis) for z in _probes(self.op, size, self.generator).T], dim=1
             )
             hz = self.op.times_columns(z)
-            self.samples += quadratic_forms(z, hz)
+            self.samples += _quadratic_forms(z, hz)
             if keep:
                 self._kept += list(zip(z.T, hz.T, strict=True))
 

@@ -61,7 +61,7 @@ def hutchinson(
     samples = []
     for size in op.blocks(num_matvecs):
         z = _probes(op, size, generator)
-        samples += quadratic_forms(z, op.times_columns(z))
+        samples += _quadratic_forms(z, op.times_columns(z))
     return _result(0.0, torch.tensor(samples, dtype=torch.float64), op.num_matvecs)
 
 
@@ -96,11 +96,11 @@ def hutchpp(
     remainder = []
     for size in op.blocks(num_matvecs - 2 * sketch_size):
         g = torch.stack([g - q @ (q.T @ g) for g in _probes(op, size, generator).T], dim=1)
-        remainder += quadratic_forms(g, op.times_columns(g))
+        remainder += _quadratic_forms(g, op.times_columns(g))
     return _result(low_rank, torch.tensor(remainder, dtype=torch.float64), op.num_matvecs)
 
 
-def quadratic_forms(z: torch.Tensor, hz: torch.Tensor) -> list[float]:
+def _quadratic_forms(z: torch.Tensor, hz: torch.Tensor) -> list[float]:
     """:math:`z_i^\\top H z_i` for the columns of ``z`` and ``hz = HZ``."""
     return [float(a @ b) for a, b in zip(z.T, hz.T, strict=True)]
 
