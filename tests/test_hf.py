@@ -722,3 +722,32 @@ def test_the_drawn_probe_forks_the_random_streams_of_the_models_devices(tmp_path
     [tensors] = forked
     parameters = list(trainer.model.parameters())
     assert len(tensors) == len(parameters) and all(map(torch.Tensor.is_set_to, tensors, parameters))
+
+
+def test_batched_hvps_on_the_training_batch_give_the_rows_of_single_ones(tmp_path):
+    """probe="train" with accumulated micro-batches (one operator over both), the trace's probes
+    four to a backward: the same rows as one at a time, and the same training."""
+    options = {"max_steps": 4, "gradient_accumulation_steps": 2}
+    runs = {}
+    for per_call in (1, 4):
+        trainer = make_trainer(tmp_path / str(per_call), **options)
+        SharpnessCallback.attach(
+            trainer,
+            schedule=sm.Schedule(every=2),
+            measures=("trace", "spectral"),
+            probe="train",
+            hvp_products_per_call=per_call,
+        )
+        trainer.train()
+        runs[per_call] = (read_rows(tmp_path / str(per_call) / "out" / "sharpness.jsonl"), trainer)
+    (single, single_trainer), (batched, batched_trainer) = runs[1], runs[4]
+    # On the training batch a row is taken before its step's update: steps 0 and 2 of 0-3.
+    assert [r["step"] for r in batched] == [r["step"] for r in single] == [0, 2]
+    assert all(r["status"] == "ok" for r in batched)
+    for row, reference in zip(batched, single, strict=True):
+        for column in ("hessian_trace", "hessian_trace_stderr", "lambda_max"):
+            assert row[column] == pytest.approx(reference[column], rel=1e-4), column
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(final_params(batched_trainer), final_params(single_trainer), strict=True)
+    )
