@@ -170,6 +170,25 @@ def test_a_failing_batched_call_warns_once_and_goes_on_one_vector_at_a_time():
     assert again.value == pytest.approx(sm.hutchinson(hessian, 6, seed=0).value, rel=1e-12)
 
 
+def test_out_of_memory_in_a_batched_call_falls_back_too(gpt2_reference, monkeypatch):
+    """What a GPU raises when k products' backward does not fit (torch.OutOfMemoryError)."""
+    model, batch, hessian = gpt2_reference
+    op = HessianOperator(model, causal_lm_loss, batch, products_per_call=4)
+    real_grad = torch.autograd.grad
+
+    def short_of_memory(*args, **kwargs):
+        if kwargs.get("is_grads_batched"):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB")
+        return real_grad(*args, **kwargs)
+
+    monkeypatch.setattr(torch.autograd, "grad", short_of_memory)
+    block = torch.randn(op.dim, 4, generator=torch.Generator().manual_seed(0)).double()
+    with pytest.warns(RuntimeWarning, match="out of memory"):
+        product = op @ block
+    assert op.products_per_call == 1 and op.num_matvecs == 4
+    assert relative_error(product, hessian @ block) < EXACT
+
+
 def test_the_meter_keeps_to_single_products_after_a_batched_call_failed():
     """Each row builds its operator anew: the second row must not try (and fail) again."""
     model, b = _Quartic(), torch.arange(1.0, 6.0, dtype=torch.float64)
