@@ -188,8 +188,9 @@ def peak_memory(spec: dict) -> dict:
         warnings.simplefilter("always")
         for _ in range(3):
             call()
-    if fallback(caught):
-        return {"error": fallback(caught)}
+    failure = fallback(caught)
+    if failure:
+        return {"error": failure}
     if spec["device"] == "cuda":
         return {"peak_mib": torch.cuda.max_memory_allocated() / 2**20}
     return {"peak_mib": peak_rss_mib()}

@@ -21,6 +21,11 @@ from sharpmeter.measure.loss import causal_lm_loss  # noqa: F401  (the tests imp
 VOCAB, SEQ = 16, 8
 
 
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a - b|| / ||b||: how far ``a`` is from the reference ``b``."""
+    return float(torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(b))
+
+
 def float64_gpt2(dropout: float = 0.0, seed: int = 0, n_layer: int = 1) -> nn.Module:
     """A ~1K-parameter GPT-2 in float64 (LayerNorm, attention, tied embeddings), default
     attention: small enough for a dense Hessian. Not the harness's ``tiny`` size

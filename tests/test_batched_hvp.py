@@ -9,7 +9,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import causal_lm_loss, float64_gpt2, token_batch
+from conftest import causal_lm_loss, float64_gpt2, relative_error, token_batch
 
 import sharpmeter as sm
 from sharpmeter.harness.config import SharpnessArguments
@@ -18,10 +18,6 @@ from sharpmeter.measure.operators import HessianOperator
 
 EXACT = 1e-10
 ROUNDING = 1e-12
-
-
-def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float(torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(b))
 
 
 def test_batched_products_match_the_dense_hessian(hessian_case):

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import HessianCase, case_inputs
+from conftest import HessianCase, case_inputs, relative_error
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import sharpmeter as sm
@@ -15,10 +15,6 @@ import sharpmeter as sm
 EXACT = 1e-10  # double_backward and fwd: measured <= 2e-15
 FD = 1e-6  # central differences: measured <= 7e-9 (GPT-2), 6e-10 (Llama), 3e-11 (MLP, BN)
 PRECISION_BITS = 10
-
-
-def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float(torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(b))
 
 
 def random_matrix(n: int, columns: int, seed: int = 0) -> torch.Tensor:

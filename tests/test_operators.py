@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import causal_lm_loss, dense_hessian, float64_gpt2, token_batch
+from conftest import causal_lm_loss, dense_hessian, float64_gpt2, relative_error, token_batch
 
 import sharpmeter as sm
 from sharpmeter.measure.context import attention_guard
@@ -12,10 +12,6 @@ from sharpmeter.measure.loss import loss_token_count
 
 EXACT = 1e-8
 FD = 1e-6
-
-
-def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float(torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(b))
 
 
 @pytest.mark.parametrize(

@@ -70,6 +70,14 @@ from sharpmeter.measure.params import (
 MODES = ("double_backward", "fwd", "fd")
 
 
+def check_products_per_call(name: str, value: Any, mode_name: str, mode: str) -> None:
+    """A ValueError unless ``value`` is a positive integer, and 1 unless ``mode`` is
+    ``double_backward``, the one mode a batched product exists for."""
+    check_positive_int(name, value)
+    if value > 1 and mode != "double_backward":
+        raise ValueError(f"{name} > 1 batches double backward: {mode_name} {mode!r} takes 1")
+
+
 class NonFiniteLossError(ValueError):
     """The probe loss (or its gradient) is NaN or infinite, so no curvature can be measured."""
 
@@ -132,11 +140,7 @@ class HessianOperator:
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        check_positive_int("products_per_call", products_per_call)
-        if products_per_call > 1 and mode != "double_backward":
-            raise ValueError(
-                f"products_per_call > 1 batches double backward: mode {mode!r} takes 1"
-            )
+        check_products_per_call("products_per_call", products_per_call, "mode", mode)
         if fd_eps is not None and not fd_eps > 0:
             raise ValueError(f"fd_eps must be positive, got {fd_eps}")
         self.model = model

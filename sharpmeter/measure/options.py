@@ -31,7 +31,7 @@ from sharpmeter.measure.context import DROPOUT_POLICIES
 from sharpmeter.measure.linesearch import PREDICTIONS, check_precision_bits
 from sharpmeter.measure.loss import LossFn
 from sharpmeter.measure.measures import HVP_MEASURES, MEASURES, TRACE_METHOD_NAMES
-from sharpmeter.measure.operators import MODES
+from sharpmeter.measure.operators import MODES, check_products_per_call
 from sharpmeter.measure.schedule import Schedule
 
 # Where a row is measured: a probe batch kept for the whole run, or the step's own training
@@ -190,12 +190,9 @@ class MeterOptions:
         check_choice("probe", self.probe, PROBES)
         check_choice("trace_method", self.trace_method, TRACE_METHOD_NAMES)
         check_choice("hvp_mode", self.hvp_mode, MODES)
-        check_positive_int("hvp_products_per_call", self.hvp_products_per_call)
-        if self.hvp_products_per_call > 1 and self.hvp_mode != "double_backward":
-            raise ValueError(
-                "hvp_products_per_call > 1 batches double backward: hvp_mode "
-                f"{self.hvp_mode!r} takes 1"
-            )
+        check_products_per_call(
+            "hvp_products_per_call", self.hvp_products_per_call, "hvp_mode", self.hvp_mode
+        )
         check_positive_int("trace_num_matvecs", self.trace_num_matvecs, minimum=4)
         check_positive_int("lanczos_max_iter", self.lanczos_max_iter)
         check_precision_bits("critical_precision_bits", self.critical_precision_bits)

@@ -74,6 +74,7 @@ True
 
 from __future__ import annotations
 
+import functools
 import math
 import statistics
 from dataclasses import dataclass
@@ -83,7 +84,7 @@ import torch
 from sharpmeter.measure.checks import check_positive_int
 from sharpmeter.measure.estimators._operator import CountingOperator, LinearOperator
 from sharpmeter.measure.estimators.eigen import LanczosResult, _Lanczos, _orthogonalise
-from sharpmeter.measure.estimators.trace import TraceResult, _probes, _quadratic_forms, _result
+from sharpmeter.measure.estimators.trace import TraceResult, _forms, _probe_blocks, _result
 
 # The probes' generator is seeded apart from the Lanczos start (seed) and restarts (seed + 1), so
 # that they are independent of the basis they are projected against.
@@ -202,12 +203,9 @@ class _DeflatedProbes:
 
     def draw(self, count: int, keep: bool = False) -> None:
         basis = self.krylov.basis[: self.krylov.size]
-        for size in self.op.blocks(count):
-            z = torch.stack(
-                [_orthogonalise(z, basis) for z in _probes(self.op, size, self.generator).T], dim=1
-            )
-            hz = self.op.times_columns(z)
-            self.samples += _quadratic_forms(z, hz)
+        project = functools.partial(_orthogonalise, basis=basis)
+        for z, hz in _probe_blocks(self.op, count, self.generator, project):
+            self.samples += _forms(z, hz)
             if keep:
                 self._kept += list(zip(z.T, hz.T, strict=True))
 

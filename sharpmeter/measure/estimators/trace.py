@@ -16,6 +16,7 @@ Example::
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -58,10 +59,9 @@ def hutchinson(
     check_positive_int("num_matvecs", num_matvecs, minimum=2)
     op = CountingOperator(operator)
     generator = torch.Generator().manual_seed(seed)
-    samples = []
-    for size in op.blocks(num_matvecs):
-        z = _probes(op, size, generator)
-        samples += _quadratic_forms(z, op.times_columns(z))
+    samples = [
+        form for z, hz in _probe_blocks(op, num_matvecs, generator) for form in _forms(z, hz)
+    ]
     return _result(0.0, torch.tensor(samples, dtype=torch.float64), op.num_matvecs)
 
 
@@ -93,22 +93,32 @@ def hutchpp(
     sketch_size = num_matvecs // 3
     q, _ = torch.linalg.qr(op @ _rademacher(op, sketch_size, generator))
     low_rank = float(torch.sum(q * (op @ q)))
-    remainder = []
-    for size in op.blocks(num_matvecs - 2 * sketch_size):
-        g = torch.stack([g - q @ (q.T @ g) for g in _probes(op, size, generator).T], dim=1)
-        remainder += _quadratic_forms(g, op.times_columns(g))
+    blocks = _probe_blocks(
+        op, num_matvecs - 2 * sketch_size, generator, project=lambda g: g - q @ (q.T @ g)
+    )
+    remainder = [form for g, hg in blocks for form in _forms(g, hg)]
     return _result(low_rank, torch.tensor(remainder, dtype=torch.float64), op.num_matvecs)
 
 
-def _quadratic_forms(z: torch.Tensor, hz: torch.Tensor) -> list[float]:
+def _probe_blocks(
+    op: CountingOperator,
+    count: int,
+    generator: torch.Generator,
+    project: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """``(Z, HZ)`` for ``count`` Rademacher probes (each ``project``-ed), in blocks of the
+    operator's ``products_per_call``, one call each. Each probe is drawn as a vector of its
+    own, so the probes are the same whatever the block sizes."""
+    for size in op.blocks(count):
+        z = torch.cat([_rademacher(op, 1, generator) for _ in range(size)], dim=1)
+        if project is not None:
+            z = torch.stack([project(column) for column in z.T], dim=1)
+        yield z, op.times_columns(z)
+
+
+def _forms(z: torch.Tensor, hz: torch.Tensor) -> list[float]:
     """:math:`z_i^\\top H z_i` for the columns of ``z`` and ``hz = HZ``."""
     return [float(a @ b) for a, b in zip(z.T, hz.T, strict=True)]
-
-
-def _probes(op: CountingOperator, count: int, generator: torch.Generator) -> torch.Tensor:
-    """``count`` Rademacher probes as columns, each drawn as a vector of its own: the same
-    probes whatever the block sizes."""
-    return torch.cat([_rademacher(op, 1, generator) for _ in range(count)], dim=1)
 
 
 def _rademacher(op: CountingOperator, columns: int, generator: torch.Generator) -> torch.Tensor:
