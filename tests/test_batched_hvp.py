@@ -228,11 +228,12 @@ def test_the_meter_with_batched_products_gives_the_same_row_and_leaves_training_
 ):
     """Dropout on (fixed-seed masks), trace beside spectral and alone: the batched meter's row
     equals the single-product meter's to rounding, its probes went in blocks of 4, and the
-    parameters, their gradients and the train mode are as they were."""
+    parameters, their gradients, the global RNG and the train mode are as they were."""
     model = float64_gpt2(dropout=0.1).train()
     batch = token_batch(3)
     causal_lm_loss(model, batch).backward()
     before = [(p.detach().clone(), p.grad.clone()) for p in model.parameters()]
+    rng = torch.get_rng_state()
     widths = []
     real_matmat = HessianOperator._matmat
 
@@ -254,6 +255,6 @@ def test_the_meter_with_batched_products_gives_the_same_row_and_leaves_training_
             if column in single:
                 assert batched[column] == pytest.approx(single[column], rel=1e-9), column
         assert batched["hessian_trace_num_matvecs"] == 8
-    assert model.training
+    assert model.training and torch.equal(torch.get_rng_state(), rng)
     for p, (value, grad) in zip(model.parameters(), before, strict=True):
         assert torch.equal(p, value) and torch.equal(p.grad, grad)
