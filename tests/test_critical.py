@@ -3,6 +3,7 @@ losses that blow up, never rise, or cross the start more than once."""
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -11,6 +12,7 @@ from conftest import Quadratic, causal_lm_loss, float64_gpt2, quadratic_loss, to
 
 import sharpmeter as sm
 from sharpmeter.measure.linesearch import PREDICTIONS, _crossing
+from sharpmeter.measure.loss import ProbeLoss
 
 K = 4
 TOLERANCE = 2.0**-K
@@ -293,6 +295,177 @@ def test_no_budget_left_after_a_check_rose_is_not_converged():
     )
     assert result.status == "not_converged" and math.isnan(result.value)
     assert math.isnan(result.lo) and result.hi == 0.25
+
+
+class ShallowDip(torch.nn.Module):
+    """1 - s eta + eta^2 in float32 along theta = eta: a dip 1e-19 deep (s = 1e-9) at
+    eta_c = s, far below float32's rounding of the loss (1.2e-7). Its float32 loss rises from
+    eta ~ 3e-4 on, where rounding has swallowed the -s eta."""
+
+    def __init__(self, slope: float = 1e-9) -> None:
+        super().__init__()
+        self.theta = torch.nn.Parameter(torch.zeros(1))
+        self.slope = slope
+
+    def forward(self, _batch) -> torch.Tensor:
+        return (1 - self.slope * self.theta + self.theta**2).sum()
+
+
+@pytest.mark.parametrize("eta0", [1e-6, 1e-3, 1.0])
+def test_a_dip_shallower_than_rounding_is_nondescent_not_a_crossing(eta0):
+    """Rounding's rise at 3e-4 once made this ok with lambda_c ~ 7e3 (the truth is 2e9)."""
+    result = sm.critical_sharpness(
+        ShallowDip(), quadratic_loss, None, -torch.ones(1), eta0=eta0, precision_bits=K
+    )
+    assert result.slope == pytest.approx(1e-9)
+    assert result.status == "nondescent" and math.isnan(result.value)
+
+
+def test_a_resolvable_dip_in_float32_is_found_from_any_warm_start():
+    """A dip deep enough to resolve (s = 1e-2) is found from warm starts far below rounding."""
+    for eta0 in (1e-12, 1e-8, 1e-4):
+        result = sm.critical_sharpness(
+            ShallowDip(slope=1e-2), quadratic_loss, None, -torch.ones(1), eta0=eta0
+        )
+        assert result.status == "ok" and result.value == pytest.approx(2 / 1e-2, rel=TOLERANCE)
+
+
+class CoarseBf16(torch.nn.Module):
+    """bf16 parameters a = 256, stored in steps of 1 below it, and b = 0, stored finely; the
+    float32 loss 1 + (a - 256) - 0.1 b + 0.45 |theta - theta0|^2. Along d = (1, 1), d'g = 0.9
+    and d'Hd = 1.8: eta_c = 1, lambda_c = 2. Below eta = 0.5 only b moves as stored, and alone
+    it raises the loss."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.theta = torch.nn.Parameter(torch.tensor([256.0, 0.0], dtype=torch.bfloat16))
+
+    def forward(self, _batch) -> torch.Tensor:
+        moved = self.theta.float() - torch.tensor([256.0, 0.0])
+        return 1 + moved @ torch.tensor([1.0, -0.1]) + 0.45 * moved @ moved
+
+
+@pytest.mark.parametrize("eta0", [1e-3, 0.1, 1.0, 3.0])
+def test_steps_the_parameters_cannot_store_decide_nothing(eta0):
+    """Before, every warm start gave lambda_c ~ 3.4e6 from steps of ~6e-7 that moved b alone."""
+    result = sm.critical_sharpness(CoarseBf16(), quadratic_loss, None, torch.ones(2), eta0=eta0)
+    assert result.status == "ok" and result.value == pytest.approx(2, rel=0.1)
+
+
+def float32_loss(model: torch.nn.Module, batch: dict) -> torch.Tensor:
+    """Next-token cross-entropy from logits cast to float32, as Hugging Face's ``labels=``."""
+    logits = model(input_ids=batch["input_ids"]).logits.float()
+    return torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]), batch["labels"][:, 1:].reshape(-1)
+    )
+
+
+def lora_gpt2(
+    dtype: torch.dtype, loss_fn, probe: dict
+) -> tuple[torch.nn.Module, list[torch.Tensor], torch.Tensor]:
+    """A GPT-2 in ``dtype`` with peft's LoRA on its attention (dropout on, train mode) after
+    five AdamW steps at the Trainer's default learning rate; its trainable parameters and the
+    update it would make next on ``probe``."""
+    import peft
+
+    torch.manual_seed(0)
+    config = peft.LoraConfig(r=2, target_modules=["c_attn"], lora_dropout=0.1, fan_in_fan_out=True)
+    model = peft.get_peft_model(float64_gpt2(dropout=0.1, n_layer=2), config).to(dtype)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=5e-5)
+    for seed in range(10, 15):
+        loss_fn(model, token_batch(batch_size=8, seed=seed)).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    loss_fn(model, probe).backward()
+    direction = sm.update_direction(optimizer).over(trainable)
+    optimizer.zero_grad()
+    return model, trainable, direction
+
+
+def test_rounding_never_fakes_a_crossing_on_a_lora_model():
+    """LoRA trains few parameters with small gradients: d'g is small, so steps far below eta_c
+    change the float32 loss by less than its rounding. Before, a check below a warm start
+    then saw a rounding rise of 1-2 ulps and returned it as ok (lambda_c ~ 7e5 against ~1,
+    at 22 of 60 warm starts). Every ok bracket's top must rise in float64 arithmetic at the
+    same parameters."""
+    batch = token_batch(batch_size=8, seed=3)
+    model64, trainable64, direction = lora_gpt2(torch.float64, causal_lm_loss, batch)
+    model32 = copy.deepcopy(model64).float()
+    trainable32 = [p for p in model32.parameters() if p.requires_grad]
+    exact = ProbeLoss(model64, causal_lm_loss, batch)
+    base = float(exact())
+    steps = [p.detach().clone() for p in trainable64]
+    tops = []
+    for k in range(0, 60, 2):
+        result = sm.critical_sharpness(
+            model32,
+            causal_lm_loss,
+            batch,
+            direction.float(),
+            params=trainable32,
+            eta0=3.0 * 10 ** (-k / 6),
+        )
+        assert result.status in ("ok", "not_converged"), result
+        if result.status == "ok":
+            tops.append(result.hi)
+    assert len(tops) >= 25
+    with torch.no_grad():
+        for hi in tops:
+            offset = 0
+            for p, theta0 in zip(trainable64, steps):
+                n = p.numel()
+                p.copy_(theta0 - hi * direction[offset : offset + n].view_as(p))
+                offset += n
+            assert float(exact()) > base, hi
+        for p, theta0 in zip(trainable64, steps):
+            p.copy_(theta0)
+
+
+def test_a_bf16_models_activation_rounding_fakes_no_crossing():
+    """A bf16 LoRA model with a float32 loss on a probe of two sequences (16 tokens): the
+    rounding of its bf16 activations moves the loss by more than float32's rounding at steps
+    the parameters store faithfully. Before, 15 of 20 warm starts gave lambda_c of 7e3 to 4e5,
+    and without ``ACTIVATIONS`` 14 were nondescent; float32's is 2.7."""
+    probe = token_batch(batch_size=2, seed=3)
+    values = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        model, trainable, direction = lora_gpt2(dtype, float32_loss, probe)
+        results = [
+            sm.critical_sharpness(
+                model, float32_loss, probe, direction, params=trainable, eta0=3 * 10 ** (-k / 6)
+            )
+            for k in range(0, 60, 3)
+        ]
+        assert all(r.status == "ok" for r in results), [r.status for r in results]
+        values[dtype] = sorted(r.value for r in results)
+    full = values[torch.float32][len(values[torch.float32]) // 2]
+    assert all(v == pytest.approx(full, rel=0.15) for v in values[torch.bfloat16])
+
+
+def test_a_bf16_loss_rounding_in_steps_of_its_ulp_fakes_no_crossing():
+    """conftest's loss of a bf16 model is a bf16 number: it moves in ulps of 0.016 at 2.7.
+    Before, warm starts of 2e-8 to 5e-4 met a rise of 2 ulps at 8e-4 and returned lambda_c ~
+    2.6e3 (the float32 model's is 7.9, the bf16 one's ~7)."""
+    base = float64_gpt2(n_layer=2)
+    batch = token_batch(batch_size=8, seed=3)
+    values = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        model = copy.deepcopy(base).to(dtype)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        causal_lm_loss(model, batch).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        causal_lm_loss(model, batch).backward()
+        direction = sm.update_direction(optimizer)
+        results = [
+            sm.critical_sharpness(model, causal_lm_loss, batch, direction, eta0=10 ** (-k / 6))
+            for k in range(0, 60, 3)
+        ]
+        assert all(r.status == "ok" for r in results)
+        values[dtype] = [r.value for r in results]
+    full = sorted(values[torch.float32])[len(values[torch.float32]) // 2]
+    assert all(v == pytest.approx(full, rel=0.15) for v in values[torch.bfloat16])
 
 
 def test_parameters_restored_bit_identically_and_rng_untouched():

@@ -751,3 +751,54 @@ def test_batched_hvps_on_the_training_batch_give_the_rows_of_single_ones(tmp_pat
         torch.equal(a, b)
         for a, b in zip(final_params(batched_trainer), final_params(single_trainer), strict=True)
     )
+
+
+def lora_trainer(tmp_path) -> Trainer:
+    """A GPT-2 with peft's LoRA on its attention (64 trainable parameters of 1144, small
+    gradients) at the Trainer's default learning rate, accumulated micro-batches, clipping,
+    dropout."""
+    import peft
+
+    config = peft.LoraConfig(r=2, target_modules=["c_attn"], lora_dropout=0.1, fan_in_fan_out=True)
+    model = peft.get_peft_model(float64_gpt2(dropout=0.1).float().train(), config)
+    arguments = TrainingArguments(
+        output_dir=str(tmp_path / "out"),
+        max_steps=6,
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=2,
+        max_grad_norm=0.5,
+        logging_steps=1,
+        report_to="none",
+        use_cpu=True,
+        seed=0,
+        save_strategy="no",
+        disable_tqdm=True,
+    )
+    return Trainer(model=model, args=arguments, train_dataset=TokenDataset())
+
+
+@pytest.mark.parametrize("probe", ["fixed", "train"])
+def test_a_lora_model_trains_bit_identically_and_rounding_fakes_no_crossing(tmp_path, probe):
+    """Only the adapters train and are measured, and training is as without measuring. Before,
+    a rounding rise of 1 ulp far below eta_c gave the training-batch row at step 2 lambda_c =
+    7e5 with status ok, where the curvature along the update (directional sharpness) is 6."""
+    reference = lora_trainer(tmp_path / "a")
+    reference.train()
+    measured = lora_trainer(tmp_path / "b")
+    SharpnessCallback.attach(
+        measured,
+        schedule=sm.Schedule(every=2),
+        measures=("critical", "directional", "trace", "spectral"),
+        probe=probe,
+    )
+    measured.train()
+    params, losses = training_record(measured)
+    reference_params, reference_losses = training_record(reference)
+    assert len(losses) == 6 and losses == reference_losses
+    assert all(torch.equal(a, b) for a, b in zip(params, reference_params))
+    rows = read_rows(tmp_path / "b" / "out" / "sharpness.jsonl")
+    assert len(rows) == 3 and all(r["trace_status"] == "ok" for r in rows)
+    if probe == "train":
+        assert [r["critical_status"] for r in rows] == ["no_increase", "ok", "ok"]
+        for row in rows[1:]:
+            assert 0.5 < row["critical_sharpness"] / row["directional_sharpness"] < 2, row

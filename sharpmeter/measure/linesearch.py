@@ -33,7 +33,7 @@ Example::
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from sharpmeter.measure.checks import check_positive_int
-from sharpmeter.measure.distributed import local
+from sharpmeter.measure.distributed import all_reduce_sum, is_sharded, local
 from sharpmeter.measure.loss import LossFn, ProbeLoss, probe_loss_and_gradient
 from sharpmeter.measure.params import (
     ParameterVector,
@@ -50,6 +50,7 @@ from sharpmeter.measure.params import (
     dot,
     resolve_params,
     unflatten,
+    vector_dtype,
 )
 from sharpmeter.measure.schema import NONFINITE
 
@@ -61,6 +62,17 @@ ACROSS = 0.9  # of the bracket width asked: a step across a predicted crossing n
 EXTRAPOLATIONS = 2  # predictions from one end per bracketing: the prediction, then across it
 MAX_PRECISION_BITS = 52  # 1 - lo/hi <= 2^-b beyond this needs steps a double cannot tell apart
 MIN_CURVATURE = 0.1  # of s * p: curvature seen at a single step p that a prediction needs
+# A step resolves a change of the loss only if its first-order change s * eta is at least
+# ROUNDING epsilons of the loss's dtype times |L| (rounding alone moved a float32 GPT-2's loss by
+# up to 1.5 eps |L| at steps too small to change it, enough to fake a rise) and ACTIVATIONS
+# epsilons of the parameters' dtype times |L| (a bf16 model's activations moved its float32 loss
+# by up to 0.03 eps_bf16 |L| from float32 arithmetic at the same parameters on 64 tokens; 1/8
+# keeps every warm start of a bf16 LoRA model on 16 tokens ok, 0 left 14 of 20 nondescent) ...
+ROUNDING = 8
+ACTIVATIONS = 1 / 8
+# ... and the parameters as stored, theta0 - eta d rounded to their dtype, move by eta d to
+# within this fraction (L2): below it a bf16 step moves a few entries by whole ulps.
+FAITHFUL = 0.5
 
 
 @dataclass(frozen=True)
@@ -80,7 +92,8 @@ class CriticalSharpnessResult:
               :math:`L(\\theta)`, and none of the ``check_below`` steps below the smallest step
               that did not raise the loss raised it.
             - ``nondescent``: :math:`d^\\top g \\le 0`, or every step down to the smallest tried
-              raised the loss.
+              (or the smallest that resolves the loss, see :func:`critical_sharpness`) raised
+              the loss.
             - ``no_increase``: no step up to the largest tried raised the loss, so
               :math:`\\lambda_c < 2/lo` (``hi`` NaN).
             - ``nonfinite``: the base loss is not finite, or the loss at the final ``hi`` is not
@@ -159,6 +172,15 @@ def critical_sharpness(
        narrower rises. No finite number of forwards excludes every earlier crossing: this is
        a cheap guard, not a proof. On a loss that falls all the way to :math:`\eta_c` (a
        quadratic) no check step rises.
+    5. Resolution: a step is tried only if the loss can tell its rise from rounding: its
+       first-order change :math:`s\eta` is at least ``ROUNDING`` (8) epsilons of the loss's
+       dtype and ``ACTIVATIONS`` (1/8) of the parameters' times :math:`|L(\theta)|`, and the
+       parameters as stored, :math:`\mathrm{fl}(\theta_0 - \eta d)`, move by :math:`\eta d`
+       to within half its norm. A warm start below that doubles (no forward), the downward
+       search stops there (``nondescent``: the loss rose at every step it resolves) and so
+       does the check below (no rise below could be told from rounding). Otherwise one or two
+       ulps of rounding at a step far below :math:`\eta_c` (a LoRA model's small
+       :math:`d^\top g`, a bf16 model's steps of whole ulps) fake a crossing.
 
     Without predictions, when ``eta0`` is within a factor 2 of :math:`\eta_c` (and no check
     step rises) the search costs :math:`1 + 2 + b + m` forwards. A non-finite loss counts as an
@@ -285,6 +307,8 @@ class _LineSearch:
         self.rise: dict[float, float] = {}
         self.smallest_flat = math.inf
         self.nonfinite: set[float] = set()
+        self.param_eps = max(torch.finfo(p.dtype).eps for p in params)
+        self.faithful_from = math.inf
 
     def raises_loss(self, eta: float) -> bool:
         with torch.no_grad():
@@ -319,6 +343,9 @@ class _LineSearch:
         self.base, self.max_forward, self.slope = base, max_forward, slope
         self.tolerance = 2.0**-precision_bits
         self.predictions = predictions
+        self.faithful_from = self.surely_faithful()
+        while math.isfinite(eta0) and not self.resolves(eta0):
+            eta0 *= 2
         lo, hi = self.refine(*self.step(eta0, math.nan, math.nan))
         if math.isnan(hi):
             return "no_increase", lo, hi
@@ -331,6 +358,8 @@ class _LineSearch:
             if math.isnan(rise):
                 break
             lo, hi = self.refine(math.nan, rise)
+            if math.isnan(lo) and self.budget_left():
+                return "nondescent", lo, hi
         return self.status(hi, verified=False), lo, hi
 
     def status(self, hi: float, verified: bool) -> str:
@@ -369,6 +398,8 @@ class _LineSearch:
                 eta = hi / 2
             else:
                 eta = math.sqrt(lo * hi)
+            if math.isnan(lo) and not self.resolves(eta):
+                break  # every step down to what the loss resolves raised it: nondescent
             lo, hi = self.step(eta, lo, hi)
             if predicted is not None and one_sided and math.isnan(lo):
                 # Aimed below the crossing from above and rose again: the quadratic overshoots.
@@ -417,9 +448,68 @@ class _LineSearch:
             if not self.budget_left():
                 return math.nan
             eta /= 4
+            if not self.resolves(eta):
+                return None  # no rise below it could be told from rounding
             if self.raises_loss(eta):
                 return eta
         return None
+
+    def resolves(self, eta: float) -> bool:
+        r"""Whether a rise at step ``eta`` would be the loss's and not rounding's: its
+        first-order change :math:`s\eta` is at least ``self.rounding`` (not asked without a
+        slope), and the parameters as stored move by :math:`\eta d` to within ``FAITHFUL``
+        (granted from ``self.faithful_from`` up: rounding shrinks as the step grows)."""
+        if self.slope * eta < self.rounding():  # False while the slope is NaN
+            return False
+        if eta >= self.faithful_from:
+            return True
+        if not self.stores_faithfully(eta):
+            return False
+        self.faithful_from = eta
+        return True
+
+    def rounding(self) -> float:
+        """The change of the loss that rounding alone can make (see ``ROUNDING``): by the
+        losses evaluated so far (a float64 model's Hugging Face ``labels=`` loss is float32),
+        else by the parameters' float32-or-wider dtype."""
+        loss_eps = self.probe.loss_eps or torch.finfo(vector_dtype(self.params)).eps
+        return max(ROUNDING * loss_eps, ACTIVATIONS * self.param_eps) * abs(self.base)
+
+    def stores_faithfully(self, eta: float) -> bool:
+        r"""Whether the step as :meth:`raises_loss` stores it,
+        :math:`\mathrm{fl}(\theta_0 - \mathrm{fl}(\eta d)) - \theta_0`, is :math:`-\eta d` to
+        within ``FAITHFUL`` of :math:`\lVert\eta d\rVert`."""
+        error, size = self._sums(
+            lambda t, d: (_wide(t - eta * d) - _wide(t) + eta * _wide(d)).square().sum(),
+            lambda t, d: (eta * _wide(d)).square().sum(),
+        )
+        return error <= FAITHFUL**2 * size
+
+    def surely_faithful(self) -> float:
+        r"""The step from which rounding to nearest stores every step faithfully:
+        :math:`\lVert\mathrm{err}\rVert \le \tfrac{\epsilon}{2}\lVert\theta_0\rVert +
+        1.01\,\epsilon\,\eta\lVert d\rVert` (normal numbers), so that only smaller steps pay for
+        :meth:`stores_faithfully`'s pass over the parameters."""
+        rounding, size = self._sums(
+            lambda t, d: (torch.finfo(t.dtype).eps / 2 * _norm(t)) ** 2,
+            lambda t, d: _norm(d) ** 2,
+        )
+        if size == 0:
+            return 0.0
+        return math.sqrt(rounding / size) / (FAITHFUL - 1.01 * self.param_eps)
+
+    def _sums(self, *terms: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> list[float]:
+        """Each term of :math:`(\\theta_0, d)` per parameter summed over the parameters (this
+        rank's shards, then over ranks when sharded), in float64."""
+        sums = torch.zeros(len(terms), dtype=torch.float64, device=self.theta0[0].device)
+        with torch.no_grad():
+            for t, d in zip(self.theta0, self.direction, strict=True):
+                t, d = local(t), local(d)
+                for i, term in enumerate(terms):
+                    sums[i] += term(t, d)
+        if is_sharded(self.params):
+            sums = all_reduce_sum(sums)
+        return sums.tolist()
 
     def restore(self) -> None:
         with torch.no_grad():
@@ -428,6 +518,15 @@ class _LineSearch:
         restored = zip(self.params, self.theta0, strict=True)
         if not all(torch.equal(local(p), local(t)) for p, t in restored):
             raise RuntimeError("parameters were not restored bit-identically")
+
+
+def _wide(tensor: torch.Tensor) -> torch.Tensor:
+    """In float32 or wider, where a bf16 or float32 parameter's rounding error is exact enough."""
+    return tensor.to(torch.promote_types(tensor.dtype, torch.float32))
+
+
+def _norm(tensor: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.vector_norm(tensor, dtype=torch.promote_types(tensor.dtype, torch.float32))
 
 
 def _crossing(lo: float, rise_lo: float, hi: float, rise_hi: float, slope: float) -> float | None:

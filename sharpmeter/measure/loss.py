@@ -155,6 +155,8 @@ class ProbeLoss:
         self.weights = _normalised_weights(self.batches, weights, self.distributed)
         self.seed = seed
         self.fsdp_modules = fsdp_modules(model)
+        # The largest epsilon of the losses loss_fn returned, before widening: their rounding.
+        self.loss_eps = 0.0
 
     def reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum this rank's share over ranks (identity for a probe held whole)."""
@@ -165,10 +167,14 @@ class ProbeLoss:
         target = self.model if model is None else model
         batch = self.batches[index]
         if self.seed is None:
-            return wide_loss(self.loss_fn(target, batch))
+            return self._widened(self.loss_fn(target, batch))
         with torch.random.fork_rng(devices=cuda_device_indices(self.model.parameters())):
             torch.manual_seed(self.seed)
-            return wide_loss(self.loss_fn(target, batch))
+            return self._widened(self.loss_fn(target, batch))
+
+    def _widened(self, loss: torch.Tensor) -> torch.Tensor:
+        self.loss_eps = max(self.loss_eps, torch.finfo(loss.dtype).eps)
+        return wide_loss(loss)
 
     def __call__(self, model: nn.Module | None = None) -> torch.Tensor:
         """The weighted probe loss :math:`\\sum_b w_b L_b` (keeps the autograd graph if enabled).
