@@ -146,7 +146,9 @@ def test_critical_sharpness_on_sharded_ranks_keeps_grads():
 
 def test_bf16_compute_measures_and_leaves_training_alone():
     """bf16 compute of float32 shards (training and measuring) gives the float64 one-process
-    numbers to bf16's precision: 2% on critical sharpness (measured 0.07%), 1% on the loss."""
+    numbers to bf16's precision: 1% on the loss, and on critical sharpness the bracket's
+    precision (2^-4) and 1%: bf16's coarser rounding moves the first step its search may take
+    (measured 3.7%; 0.07% when both searches took the same steps)."""
     reference = measure(sharded=False)
     results = run_on_ranks(measure, True, True)
     assert results[0] == results[1]
@@ -154,7 +156,9 @@ def test_bf16_compute_measures_and_leaves_training_alone():
     assert bf16["status"] == reference["status"] == "ok"
     assert bf16["lr"] == reference["lr"]
     assert bf16["loss"] == pytest.approx(reference["loss"], rel=1e-2)
-    assert bf16["critical_sharpness"] == pytest.approx(reference["critical_sharpness"], rel=2e-2)
+    assert bf16["critical_sharpness"] == pytest.approx(
+        reference["critical_sharpness"], rel=2**-4 + 1e-2
+    )
     assert bf16["critical_sharpness"] == pytest.approx(2 / bf16["critical_eta"], rel=1e-12)
     ratio = bf16["lr"] * bf16["critical_sharpness"] / 2
     assert bf16["stability_ratio"] == pytest.approx(ratio, rel=1e-12)

@@ -47,6 +47,7 @@ from sharpmeter.measure.params import (
     ParameterVector,
     all_finite,
     as_flat_vector,
+    copy_into,
     dot,
     resolve_params,
     unflatten,
@@ -65,14 +66,16 @@ MIN_CURVATURE = 0.1  # of s * p: curvature seen at a single step p that a predic
 # A step resolves a change of the loss only if its first-order change s * eta is at least
 # ROUNDING epsilons of the loss's dtype times |L| (rounding alone moved a float32 GPT-2's loss by
 # up to 1.5 eps |L| at steps too small to change it, enough to fake a rise) and ACTIVATIONS
-# epsilons of the parameters' dtype times |L| (a bf16 model's activations moved its float32 loss
-# by up to 0.03 eps_bf16 |L| from float32 arithmetic at the same parameters on 64 tokens; 1/8
-# keeps every warm start of a bf16 LoRA model on 16 tokens ok, 0 left 14 of 20 nondescent) ...
+# epsilons of the dtype the network computes in (a bf16 model's activations moved its float32
+# loss by up to 0.03 eps_bf16 |L| from float32 arithmetic at the same parameters on 64 tokens;
+# 1/8 keeps every warm start of a bf16 LoRA model on 16 tokens ok, 0 left 14 of 20 nondescent)
 ROUNDING = 8
 ACTIVATIONS = 1 / 8
-# ... and the parameters as stored, theta0 - eta d rounded to their dtype, move by eta d to
-# within this fraction (L2): below it a bf16 step moves a few entries by whole ulps.
+# ... and if the parameters as stored, theta0 - eta d rounded to their dtype, move by eta d to
+# within this fraction, in norm and in first-order change: below it a bf16 step moves a few
+# entries by whole ulps and leaves the others where they are.
 FAITHFUL = 0.5
+CHUNK = 2**22  # entries a pass over the parameters takes at a time (16 MiB in float32)
 
 
 @dataclass(frozen=True)
@@ -172,15 +175,20 @@ def critical_sharpness(
        narrower rises. No finite number of forwards excludes every earlier crossing: this is
        a cheap guard, not a proof. On a loss that falls all the way to :math:`\eta_c` (a
        quadratic) no check step rises.
-    5. Resolution: a step is tried only if the loss can tell its rise from rounding: its
-       first-order change :math:`s\eta` is at least ``ROUNDING`` (8) epsilons of the loss's
-       dtype and ``ACTIVATIONS`` (1/8) of the parameters' times :math:`|L(\theta)|`, and the
-       parameters as stored, :math:`\mathrm{fl}(\theta_0 - \eta d)`, move by :math:`\eta d`
-       to within half its norm. A warm start below that doubles (no forward), the downward
-       search stops there (``nondescent``: the loss rose at every step it resolves) and so
-       does the check below (no rise below could be told from rounding). Otherwise one or two
-       ulps of rounding at a step far below :math:`\eta_c` (a LoRA model's small
-       :math:`d^\top g`, a bf16 model's steps of whole ulps) fake a crossing.
+    5. Resolution: a step is tried only if the loss can tell its rise from rounding. Its
+       first-order change :math:`s\eta` must be at least ``ROUNDING`` (8) epsilons of the
+       loss's dtype (as ``loss_fn`` returns it) and ``ACTIVATIONS`` (1/8) of the dtype the
+       network computes in (its modules' outputs in the first forward: bf16 weights, autocast,
+       FSDP's ``param_dtype``), times :math:`|L(\theta)|`. And the parameters as stored,
+       :math:`\mathrm{fl}(\theta_0 - \eta d)`, must move by :math:`\eta d` to within half
+       of it, in norm and in first-order change. A warm start below that doubles (no forward),
+       the downward search stops there (``nondescent``: the loss rose at every step it
+       resolves) and so does the check below (no rise below could be told from rounding).
+       Otherwise one or two ulps of rounding at a step far below :math:`\eta_c` (a LoRA
+       model's small :math:`d^\top g`, a bf16 model's steps of whole ulps) fake a crossing.
+       The first-order change is taken from ``gradient``: a clipped one (a factor
+       :math:`c < 1`) raises the resolution :math:`1/c` times, so a dip that shallow reads
+       ``nondescent``; without any (``check_descent=False``) only the storage is checked.
 
     Without predictions, when ``eta0`` is within a factor 2 of :math:`\eta_c` (and no check
     step rises) the search costs :math:`1 + 2 + b + m` forwards. A non-finite loss counts as an
@@ -212,7 +220,8 @@ def critical_sharpness(
         gradient: :math:`g` if already known (e.g. the training gradient); saves a backward.
         loss: :math:`L(\theta)` if already known (with ``gradient``); saves the base forward,
             which is then not counted.
-        check_descent: compute :math:`g` when not given to detect a non-descent direction.
+        check_descent: compute :math:`g` when not given to detect a non-descent direction
+            and to tell steps from rounding (step 5).
         weights: per-batch weights of a multi-batch probe.
         seed: RNG seed of every forward (``None``: leave the global RNG alone).
         distributed: ``batch`` is this rank's shard; losses are summed over ranks, so every
@@ -229,14 +238,14 @@ def critical_sharpness(
     if not all_finite(d, chosen):
         raise ValueError("the direction has non-finite entries")
     probe = ProbeLoss(model, loss_fn, batch, weights=weights, seed=seed, distributed=distributed)
-    search = _LineSearch(probe, chosen, d)
+    if loss is not None and gradient is not None:
+        g, base_forwards = as_flat_vector(gradient, chosen, "gradient"), 0
+    else:
+        (loss, g), base_forwards = _base_loss(probe, chosen, gradient, check_descent), 1
+    slope = float(dot(d, g, chosen)) if g is not None else math.nan
+    search = _LineSearch(probe, chosen, d, g)
+    search.num_forward = base_forwards
     try:
-        if loss is not None and gradient is not None:
-            g = as_flat_vector(gradient, chosen, "gradient")
-        else:
-            loss, g = _base_loss(probe, chosen, gradient, check_descent)
-            search.num_forward = 1
-        slope = float(dot(d, g, chosen)) if g is not None else math.nan
         if not math.isfinite(loss):
             status, lo, hi = NONFINITE, math.nan, math.nan
         elif slope <= 0:
@@ -286,18 +295,25 @@ def _base_loss(
 class _LineSearch:
     """Evaluates :math:`L(\\theta_0 - \\eta d)` by copy and brackets the first increase.
 
-    Every step tried raises the loss or not; a non-finite loss raises it. ``rise`` holds
-    :math:`L(\\theta_0 - \\eta d) - L(\\theta_0)` by step (inf where not finite), what the
-    quadratic model is fitted to; ``smallest_flat`` is the smallest step that did not raise the
-    loss, the anchor of the check below; ``nonfinite`` holds the steps whose loss was not finite,
-    to tell a finite rise at ``hi`` from a blow-up.
+    Every step tried raises the loss or not; a non-finite loss raises it. Only steps that
+    :meth:`resolves` are tried. ``rise`` holds :math:`L(\\theta_0 - \\eta d) - L(\\theta_0)` by step
+    (inf where not finite), what the quadratic model is fitted to; ``smallest_flat`` is the
+    smallest step that did not raise the loss, the anchor of the check below; ``nonfinite``
+    holds the steps whose loss was not finite, to tell a finite rise at ``hi`` from a blow-up.
     """
 
-    def __init__(self, probe: ProbeLoss, params: list[nn.Parameter], d: torch.Tensor) -> None:
+    def __init__(
+        self,
+        probe: ProbeLoss,
+        params: list[nn.Parameter],
+        d: torch.Tensor,
+        g: torch.Tensor | None,
+    ) -> None:
         self.probe = probe
         self.params = params
         self.theta0 = [p.detach().clone() for p in params]
         self.direction = unflatten(d, params)
+        self.gradient = None if g is None else unflatten(g, params)
         self.num_forward = 0
         self.base = math.nan
         self.max_forward = 0
@@ -307,13 +323,13 @@ class _LineSearch:
         self.rise: dict[float, float] = {}
         self.smallest_flat = math.inf
         self.nonfinite: set[float] = set()
-        self.param_eps = max(torch.finfo(p.dtype).eps for p in params)
         self.faithful_from = math.inf
 
     def raises_loss(self, eta: float) -> bool:
+        copy_into(
+            self.params, [t - eta * d for t, d in zip(self.theta0, self.direction, strict=True)]
+        )
         with torch.no_grad():
-            for p, t, d in zip(self.params, self.theta0, self.direction, strict=True):
-                p.copy_(t - eta * d)
             loss = float(self.probe.reduce(self.probe()))
         self.num_forward += 1
         if not math.isfinite(loss):
@@ -325,6 +341,17 @@ class _LineSearch:
             return True
         self.smallest_flat = min(self.smallest_flat, eta)
         return False
+
+    def rounding(self) -> float:
+        """The change of the loss that rounding alone can make, :math:`\\tau`: ``ROUNDING``
+        epsilons of the losses' dtype (as ``loss_fn`` returned them) and ``ACTIVATIONS`` of the
+        network's (its modules' outputs: bf16 weights, autocast, FSDP's ``param_dtype``) times
+        :math:`|L(\\theta)|`; before a forward has shown them, the parameters' dtypes."""
+        loss_eps = self.probe.loss_eps or torch.finfo(vector_dtype(self.params)).eps
+        compute_eps = self.probe.compute_eps or max(
+            torch.finfo(p.dtype).eps for p in self.probe.model.parameters()
+        )
+        return max(ROUNDING * loss_eps, ACTIVATIONS * compute_eps) * abs(self.base)
 
     def budget_left(self) -> bool:
         return self.num_forward < self.max_forward
@@ -344,9 +371,10 @@ class _LineSearch:
         self.tolerance = 2.0**-precision_bits
         self.predictions = predictions
         self.faithful_from = self.surely_faithful()
-        while math.isfinite(eta0) and not self.resolves(eta0):
-            eta0 *= 2
-        lo, hi = self.refine(*self.step(eta0, math.nan, math.nan))
+        first = self.first_step(eta0)
+        if first is None:
+            return "nondescent", math.nan, math.nan  # no step along d resolves the loss
+        lo, hi = self.refine(*first)
         if math.isnan(hi):
             return "no_increase", lo, hi
         if math.isnan(lo):
@@ -361,6 +389,24 @@ class _LineSearch:
             if math.isnan(lo) and self.budget_left():
                 return "nondescent", lo, hi
         return self.status(hi, verified=False), lo, hi
+
+    def first_step(self, eta0: float) -> tuple[float, float] | None:
+        """The bracket after the first step: ``eta0``, doubled until it :meth:`resolves` the
+        loss (no forward), or None when none does. A loss given without its dtype (the meter's)
+        shows how coarsely it rounds only at this first forward: if the step no longer resolves
+        by what it showed, that step is forgotten and the doubling goes on."""
+        for _ in range(2):
+            while math.isfinite(eta0) and not self.resolves(eta0):
+                eta0 *= 2
+            if not math.isfinite(eta0):
+                return None
+            bracket = self.step(eta0, math.nan, math.nan)
+            if self.resolves(eta0):
+                return bracket
+            self.rise.clear()
+            self.nonfinite.clear()
+            self.smallest_flat = math.inf
+        return None
 
     def status(self, hi: float, verified: bool) -> str:
         # A blow-up at the top says more than a short budget: no finite rise was seen at all.
@@ -381,7 +427,7 @@ class _LineSearch:
         budget runs out: at the model's crossing while predictions are left and the model has
         one, else doubling ``lo``, halving ``hi`` or geometric bisection. At most
         ``self.predictions`` predictions, ``EXTRAPOLATIONS`` of them from one end, none after
-        one from ``hi`` rose again."""
+        one from ``hi`` rose again. Downward, no lower than :meth:`resolves`."""
         predictions, extrapolations = self.predictions, EXTRAPOLATIONS
         while self.budget_left() and not self.narrow(lo, hi):
             one_sided = math.isnan(lo) or math.isnan(hi)
@@ -399,7 +445,7 @@ class _LineSearch:
             else:
                 eta = math.sqrt(lo * hi)
             if math.isnan(lo) and not self.resolves(eta):
-                break  # every step down to what the loss resolves raised it: nondescent
+                break  # the loss rose at every step that resolves it: nondescent
             lo, hi = self.step(eta, lo, hi)
             if predicted is not None and one_sided and math.isnan(lo):
                 # Aimed below the crossing from above and rose again: the quadratic overshoots.
@@ -441,8 +487,8 @@ class _LineSearch:
 
     def rise_below(self, count: int) -> float | None:
         """The first of :math:`s/4, s/16, \\dots` (``count`` steps, :math:`s` the smallest step
-        that did not raise the loss) that raises it; ``None`` if none does, NaN if the budget
-        runs out before all are tried."""
+        that did not raise the loss) that raises it; ``None`` if none does or the next one does
+        not :meth:`resolves` the loss, NaN if the budget runs out before all are tried."""
         eta = self.smallest_flat
         for _ in range(count):
             if not self.budget_left():
@@ -456,9 +502,11 @@ class _LineSearch:
 
     def resolves(self, eta: float) -> bool:
         r"""Whether a rise at step ``eta`` would be the loss's and not rounding's: its
-        first-order change :math:`s\eta` is at least ``self.rounding`` (not asked without a
-        slope), and the parameters as stored move by :math:`\eta d` to within ``FAITHFUL``
-        (granted from ``self.faithful_from`` up: rounding shrinks as the step grows)."""
+        first-order change :math:`s\eta` is at least :meth:`rounding` (not asked without a
+        slope), and the parameters as stored move by :math:`\eta d` (:meth:`stores_faithfully`,
+        taken for granted above the smallest step found to: rounding's share of a step shrinks
+        as the step grows, for the sum over many entries, though a few entries can round worse
+        at a larger step)."""
         if self.slope * eta < self.rounding():  # False while the slope is NaN
             return False
         if eta >= self.faithful_from:
@@ -468,56 +516,74 @@ class _LineSearch:
         self.faithful_from = eta
         return True
 
-    def rounding(self) -> float:
-        """The change of the loss that rounding alone can make (see ``ROUNDING``): by the
-        losses evaluated so far (a float64 model's Hugging Face ``labels=`` loss is float32),
-        else by the parameters' float32-or-wider dtype."""
-        loss_eps = self.probe.loss_eps or torch.finfo(vector_dtype(self.params)).eps
-        return max(ROUNDING * loss_eps, ACTIVATIONS * self.param_eps) * abs(self.base)
-
     def stores_faithfully(self, eta: float) -> bool:
-        r"""Whether the step as :meth:`raises_loss` stores it,
-        :math:`\mathrm{fl}(\theta_0 - \mathrm{fl}(\eta d)) - \theta_0`, is :math:`-\eta d` to
-        within ``FAITHFUL`` of :math:`\lVert\eta d\rVert`."""
-        error, size = self._sums(
-            lambda t, d: (_wide(t - eta * d) - _wide(t) + eta * _wide(d)).square().sum(),
-            lambda t, d: (eta * _wide(d)).square().sum(),
+        r"""Whether the parameters as :meth:`raises_loss` stores them move by :math:`-\eta d`:
+        the error :math:`e = \mathrm{fl}(\theta_0 - \mathrm{fl}(\eta d)) - (\theta_0 - \eta d)`
+        has :math:`\lVert e\rVert \le` ``FAITHFUL`` :math:`\lVert\eta d\rVert` and, with a
+        gradient, :math:`|g^\top e| \le` ``FAITHFUL`` :math:`\eta\, d^\top g`: a coarse entry
+        that carries the slope but little of :math:`\lVert d\rVert` stays where it is too."""
+
+        def error(t: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+            return _wide(t - eta * d) - _wide(t) + eta * _wide(d)
+
+        sums = self._sums(
+            lambda t, d, g: error(t, d).square().sum(),
+            lambda t, d, g: (eta * _wide(d)).square().sum(),
+            lambda t, d, g: (_wide(g) * error(t, d)).sum() if g is not None else 0.0,
         )
-        return error <= FAITHFUL**2 * size
+        moved = sums[0] <= FAITHFUL**2 * sums[1]
+        return moved and (self.gradient is None or abs(sums[2]) <= FAITHFUL * eta * self.slope)
 
     def surely_faithful(self) -> float:
-        r"""The step from which rounding to nearest stores every step faithfully:
-        :math:`\lVert\mathrm{err}\rVert \le \tfrac{\epsilon}{2}\lVert\theta_0\rVert +
-        1.01\,\epsilon\,\eta\lVert d\rVert` (normal numbers), so that only smaller steps pay for
-        :meth:`stores_faithfully`'s pass over the parameters."""
-        rounding, size = self._sums(
-            lambda t, d: (torch.finfo(t.dtype).eps / 2 * _norm(t)) ** 2,
-            lambda t, d: _norm(d) ** 2,
+        r"""The step from which rounding to nearest stores every step faithfully, so that only
+        smaller ones pay for :meth:`stores_faithfully`'s pass over the parameters: entrywise
+        :math:`|e_i| \le \epsilon_i(\tfrac12|\theta_i| + 1.01\,\eta|d_i|)` (normal numbers),
+        whence both of its bounds."""
+        sums = self._sums(
+            lambda t, d, g: (_eps(t) / 2 * _wide(t)).square().sum(),
+            lambda t, d, g: _wide(d).square().sum(),
+            lambda t, d, g: (
+                (_eps(t) / 2 * _wide(g) * _wide(t)).abs().sum() if g is not None else 0.0
+            ),
+            lambda t, d, g: (_eps(t) * _wide(g) * _wide(d)).abs().sum() if g is not None else 0.0,
         )
-        if size == 0:
-            return 0.0
-        return math.sqrt(rounding / size) / (FAITHFUL - 1.01 * self.param_eps)
+        eps = max(torch.finfo(p.dtype).eps for p in self.params)
+        in_norm = math.sqrt(sums[0] / sums[1]) / (FAITHFUL - 1.01 * eps) if sums[1] > 0 else 0.0
+        if self.gradient is None:
+            return in_norm
+        margin = FAITHFUL * self.slope - 1.01 * sums[3]
+        return max(in_norm, sums[2] / margin) if margin > 0 else math.inf
 
-    def _sums(self, *terms: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> list[float]:
-        """Each term of :math:`(\\theta_0, d)` per parameter summed over the parameters (this
-        rank's shards, then over ranks when sharded), in float64."""
+    def _sums(
+        self, *terms: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], Any]
+    ) -> list[float]:
+        """Each term of :math:`(\\theta_0, d, g)` summed over the parameters' entries (this
+        rank's shards, then all ranks' when sharded), a chunk of ``CHUNK`` entries at a time so
+        that its temporaries stay small; the terms' float32-or-wider parts add up in float64."""
         sums = torch.zeros(len(terms), dtype=torch.float64, device=self.theta0[0].device)
+        gradients = self.gradient or [None] * len(self.theta0)
         with torch.no_grad():
-            for t, d in zip(self.theta0, self.direction, strict=True):
-                t, d = local(t), local(d)
-                for i, term in enumerate(terms):
-                    sums[i] += term(t, d)
+            for t, d, g in zip(self.theta0, self.direction, gradients, strict=True):
+                for chunk in zip(*(_flat_chunks(x, t) for x in (t, d, g)), strict=True):
+                    for i, term in enumerate(terms):
+                        sums[i] += term(*chunk)
         if is_sharded(self.params):
             sums = all_reduce_sum(sums)
         return sums.tolist()
 
     def restore(self) -> None:
-        with torch.no_grad():
-            for p, t in zip(self.params, self.theta0, strict=True):
-                p.copy_(t)
+        copy_into(self.params, self.theta0)
         restored = zip(self.params, self.theta0, strict=True)
         if not all(torch.equal(local(p), local(t)) for p, t in restored):
             raise RuntimeError("parameters were not restored bit-identically")
+
+
+def _flat_chunks(tensor: torch.Tensor | None, like: torch.Tensor) -> Sequence[torch.Tensor | None]:
+    """This rank's entries of ``tensor`` in chunks of ``CHUNK``; for None, as many Nones as
+    ``like`` has chunks."""
+    if tensor is None:
+        return [None] * len(local(like).reshape(-1).split(CHUNK))
+    return local(tensor).reshape(-1).split(CHUNK)
 
 
 def _wide(tensor: torch.Tensor) -> torch.Tensor:
@@ -525,8 +591,8 @@ def _wide(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to(torch.promote_types(tensor.dtype, torch.float32))
 
 
-def _norm(tensor: torch.Tensor) -> torch.Tensor:
-    return torch.linalg.vector_norm(tensor, dtype=torch.promote_types(tensor.dtype, torch.float32))
+def _eps(tensor: torch.Tensor) -> float:
+    return torch.finfo(tensor.dtype).eps
 
 
 def _crossing(lo: float, rise_lo: float, hi: float, rise_hi: float, slope: float) -> float | None:

@@ -16,7 +16,8 @@ float32 or wider, whatever the model's dtype.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -155,8 +156,12 @@ class ProbeLoss:
         self.weights = _normalised_weights(self.batches, weights, self.distributed)
         self.seed = seed
         self.fsdp_modules = fsdp_modules(model)
-        # The largest epsilon of the losses loss_fn returned, before widening: their rounding.
+        # The largest epsilon of the losses loss_fn returned, before widening, and of the
+        # floating outputs of the model's leaf modules in the first forward: how coarsely the
+        # loss and the network compute (0 until a forward shows it).
         self.loss_eps = 0.0
+        self.compute_eps = 0.0
+        self._watched = False
 
     def reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum this rank's share over ranks (identity for a probe held whole)."""
@@ -166,15 +171,37 @@ class ProbeLoss:
         """Loss of batch ``index`` (float32 or wider), with the fixed RNG seed if one is set."""
         target = self.model if model is None else model
         batch = self.batches[index]
-        if self.seed is None:
-            return self._widened(self.loss_fn(target, batch))
-        with torch.random.fork_rng(devices=cuda_device_indices(self.model.parameters())):
-            torch.manual_seed(self.seed)
-            return self._widened(self.loss_fn(target, batch))
-
-    def _widened(self, loss: torch.Tensor) -> torch.Tensor:
+        with contextlib.ExitStack() as stack:
+            if not self._watched:
+                stack.enter_context(self._watching_outputs())
+            if self.seed is not None:
+                stack.enter_context(
+                    torch.random.fork_rng(devices=cuda_device_indices(self.model.parameters()))
+                )
+                torch.manual_seed(self.seed)
+            loss = self.loss_fn(target, batch)
         self.loss_eps = max(self.loss_eps, torch.finfo(loss.dtype).eps)
         return wide_loss(loss)
+
+    @contextlib.contextmanager
+    def _watching_outputs(self) -> Iterator[None]:
+        """Record in ``compute_eps`` the coarsest floating output of the model's leaf modules
+        (bf16 weights, autocast inside ``forward``, FSDP's ``param_dtype``). A compiled model
+        calls no hooks: then it stays 0."""
+
+        def watch(_module: nn.Module, _inputs: Any, output: Any) -> None:
+            for tensor in output if isinstance(output, (tuple, list)) else (output,):
+                if isinstance(tensor, torch.Tensor) and tensor.is_floating_point():
+                    self.compute_eps = max(self.compute_eps, torch.finfo(tensor.dtype).eps)
+
+        leaves = [m for m in self.model.modules() if next(m.children(), None) is None]
+        handles = [leaf.register_forward_hook(watch) for leaf in leaves]
+        try:
+            yield
+        finally:
+            self._watched = True
+            for handle in handles:
+                handle.remove()
 
     def __call__(self, model: nn.Module | None = None) -> torch.Tensor:
         """The weighted probe loss :math:`\\sum_b w_b L_b` (keeps the autograd graph if enabled).

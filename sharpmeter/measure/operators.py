@@ -59,6 +59,7 @@ from sharpmeter.measure.loss import LossFn, ProbeLoss, loss_and_gradient
 from sharpmeter.measure.params import (
     ParameterVector,
     as_flat_vector,
+    copy_into,
     flatten,
     num_elements,
     resolve_params,
@@ -283,12 +284,12 @@ class HessianOperator:
             g_plus = self._gradient_at(theta, v, h)
             g_minus = self._gradient_at(theta, v, -h)
         finally:
-            _copy_into(self.params, theta)
+            copy_into(self.params, theta)
         return (g_plus - g_minus) / (2 * h)
 
     def _gradient_at(self, theta: list[torch.Tensor], v: torch.Tensor, h: float) -> torch.Tensor:
         shifted = [t + h * part for t, part in zip(theta, unflatten(v, self.params), strict=True)]
-        _copy_into(self.params, shifted)
+        copy_into(self.params, shifted)
         return flatten(loss_and_gradient(self.probe, self.params)[1], self.dtype)
 
 
@@ -386,9 +387,3 @@ def _flat_columns(
 def _parameter_names(model: nn.Module, params: Sequence[nn.Parameter]) -> list[str]:
     name_of = {id(p): name for name, p in model.named_parameters()}
     return [name_of[id(p)] for p in params]
-
-
-def _copy_into(params: Sequence[nn.Parameter], values: Sequence[torch.Tensor]) -> None:
-    with torch.no_grad():
-        for p, value in zip(params, values, strict=True):
-            p.copy_(value)
