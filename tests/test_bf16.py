@@ -11,6 +11,7 @@ import copy
 
 import pytest
 import torch
+import transformers
 from conftest import causal_lm_loss, float64_gpt2, token_batch
 
 import sharpmeter as sm
@@ -49,3 +50,58 @@ def test_bf16_model_measures_close_to_float32():
         assert half[column] == pytest.approx(full[column], rel=tolerance), column
     # Near eta_c the loss changes by less than the bf16 noise floor: a coarser bracket.
     assert half["critical_sharpness"] == pytest.approx(full["critical_sharpness"], rel=0.15)
+
+
+def tiny_gpt2() -> transformers.GPT2LMHeadModel:
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(
+        vocab_size=64,
+        n_positions=16,
+        n_embd=32,
+        n_layer=2,
+        n_head=2,
+        resid_pdrop=0,
+        embd_pdrop=0,
+        attn_pdrop=0,
+    )
+    return transformers.GPT2LMHeadModel(config)
+
+
+def lm_batch(seed: int) -> dict:
+    ids = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(seed))
+    return {"input_ids": ids, "labels": ids}
+
+
+def train_inside_one_autocast_region(measure: bool) -> tuple[list[dict], list[torch.Tensor]]:
+    """Six AdamW steps of a float32 GPT-2 inside one bf16 autocast region, as a loop wrapped
+    in ``accelerator.autocast()``, measured after each step (the documented order)."""
+    model = tiny_gpt2()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    meter = sm.SharpnessMeter(model, lm_batch(999), measures=("critical",))
+    rows = []
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for step in range(6):
+            model(**lm_batch(step)).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            if measure:
+                rows.append(meter.measure(step, optimizer=optimizer))
+    return rows, [p.detach().clone() for p in model.parameters()]
+
+
+def test_measuring_inside_the_callers_autocast_region_sees_the_moved_parameters():
+    """Inside one autocast region torch reuses the bf16 casts it made of each weight. The
+    measurement neither reads that cache (its row's loss was the pre-step parameters', its
+    line search never saw the loss move) nor leaves its casts in it (training would change)."""
+    rows, measured = train_inside_one_autocast_region(measure=True)
+    _, reference = train_inside_one_autocast_region(measure=False)
+    assert all(torch.equal(a, b) for a, b in zip(measured, reference))
+    model = tiny_gpt2()
+    with torch.no_grad():
+        for p, value in zip(model.parameters(), measured):
+            p.copy_(value)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        fresh = float(model.eval()(**lm_batch(999)).loss)
+    # (the stale casts were 1e-3 off; the measurement runs attention on the math backend)
+    assert rows[-1]["loss"] == pytest.approx(fresh, rel=1e-4)
+    assert all(row["critical_status"] == "ok" for row in rows)

@@ -363,6 +363,34 @@ def test_steps_the_parameters_cannot_store_decide_nothing(case, eta0):
     assert result.status == "ok" and result.value == pytest.approx(exact, rel=0.1)
 
 
+class Offset(torch.nn.Module):
+    """One float64 parameter x = 0 under a float32 loss K + f(eta), K = 1.26e6: float32's
+    rounding of the loss is ~1, so steps with d'g eta below ~1 do not resolve it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.x = torch.nn.Parameter(torch.zeros(1, dtype=torch.float64))
+
+
+OFFSET_LOSSES = {
+    "quadratic": (lambda m, _: (1.26e6 + 0.5 * (m.x - 1) ** 2).sum().float(), {"predictions": 0}),
+    "quartic": (lambda m, _: (1.26e6 - m.x + m.x**4 / 8).sum().float(), {}),
+}
+
+
+@pytest.mark.parametrize("shape", OFFSET_LOSSES)
+@pytest.mark.parametrize("eta0", [2.3, 3.0, 8.0, 100.0])
+def test_a_crossing_just_above_the_resolution_is_found_from_above(shape, eta0):
+    """The crossing at 2 lies within one halving of the resolution (~1.2): halving from above
+    stepped below it and stopped with nondescent; the lowest step that resolves is tried."""
+    loss_fn, options = OFFSET_LOSSES[shape]
+    direction = -torch.ones(1, dtype=torch.float64)
+    result = sm.critical_sharpness(Offset(), loss_fn, None, direction, eta0=eta0, **options)
+    # The loss near 2 moves by less than its rounding (0.125 at 1.26e6): a bracket a few
+    # percent above it.
+    assert result.status == "ok" and result.value == pytest.approx(1, rel=0.1)
+
+
 def float32_loss(model: torch.nn.Module, batch: dict) -> torch.Tensor:
     """Next-token cross-entropy from logits cast to float32, as Hugging Face's ``labels=``."""
     logits = model(input_ids=batch["input_ids"]).logits.float()
@@ -675,3 +703,51 @@ def test_a_model_crossing_at_the_ends_of_the_float_range_is_none_or_inside(ends)
     lo, _, hi, _ = ends
     root = _crossing(*ends, slope=1.0)
     assert root is None or lo < root < hi
+
+
+class TwoTowers(torch.nn.Module):
+    """Text batches go through float32 only, image batches through a bf16 tower too."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tower = torch.nn.Linear(4, 4).to(torch.bfloat16)
+        self.head = torch.nn.Linear(4, 1)
+
+    def forward(self, x: torch.Tensor, image: torch.Tensor | None = None) -> torch.Tensor:
+        h = x if image is None else x + self.tower(image).float()
+        return self.head(h).pow(2).mean()
+
+
+class AutocastInside(torch.nn.Module):
+    """float32 weights, bf16 arithmetic: autocast inside ``forward``, as accelerate wraps it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = torch.nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return self.layer(x).float().pow(2).mean()
+
+
+def test_the_probe_sees_how_coarsely_the_network_computes():
+    """What the line search's resolution rests on: bf16 arithmetic anywhere in the first
+    forward (every batch of a multi-batch probe, not the first only), also in a model
+    compiled before the probe's hooks exist; an integer loss has no rounding to add."""
+    bf16, f32 = torch.finfo(torch.bfloat16).eps, torch.finfo(torch.float32).eps
+    text, image = (torch.randn(8, 4),), (torch.randn(8, 4), torch.randn(8, 4, dtype=torch.bfloat16))
+    for batches in ([text, image], [image, text]):
+        probe = ProbeLoss(TwoTowers(), lambda m, b: m(*b), batches, weights=[1, 1])
+        probe()
+        assert (probe.compute_eps, probe.loss_eps) == (bf16, f32)
+    model = torch.compile(AutocastInside(), backend="eager")
+    x = torch.randn(8, 4)
+    model(x).backward()  # compiled, with and without grad, before any hook
+    with torch.no_grad():
+        model(x)
+    probe = ProbeLoss(model, lambda m, b: m(b), x)
+    with torch.no_grad():
+        probe()
+    assert probe.compute_eps == bf16
+    counts = ProbeLoss(TwoTowers(), lambda m, b: (m(*b) > 0).sum(), text)
+    assert float(counts()) == 1 and counts.loss_eps == 0

@@ -313,7 +313,8 @@ class _LineSearch:
         self.params = params
         self.theta0 = [p.detach().clone() for p in params]
         self.direction = unflatten(d, params)
-        self.gradient = None if g is None else unflatten(g, params)
+        # Flat slices of g by parameter (views, not a copy in a bf16 parameter's dtype).
+        self.gradient = None if g is None else list(g.split([local(p).numel() for p in params]))
         self.num_forward = 0
         self.base = math.nan
         self.max_forward = 0
@@ -445,7 +446,9 @@ class _LineSearch:
             else:
                 eta = math.sqrt(lo * hi)
             if math.isnan(lo) and not self.resolves(eta):
-                break  # the loss rose at every step that resolves it: nondescent
+                eta = self.lowest_resolved(eta, hi)
+                if eta is None:
+                    break  # the loss rose at every step that resolves it: nondescent
             lo, hi = self.step(eta, lo, hi)
             if predicted is not None and one_sided and math.isnan(lo):
                 # Aimed below the crossing from above and rose again: the quadratic overshoots.
@@ -495,10 +498,23 @@ class _LineSearch:
                 return math.nan
             eta /= 4
             if not self.resolves(eta):
-                return None  # no rise below it could be told from rounding
+                # The lowest step that resolves the loss, if it lies above: no rise below it
+                # could be told from rounding.
+                lowest = self.lowest_resolved(eta, self.smallest_flat)
+                return lowest if lowest is not None and self.raises_loss(lowest) else None
             if self.raises_loss(eta):
                 return eta
         return None
+
+    def lowest_resolved(self, eta: float, below: float) -> float | None:
+        """The first step from ``eta`` up, doubling (from the slope's floor
+        :math:`\\tau / s` when that is higher), that :meth:`resolves` the loss, if it lies below
+        ``below`` and was not tried yet; else None."""
+        floor = self.rounding() / self.slope * (1 + 1e-9)  # NaN without a slope
+        eta = max(eta, floor) if math.isfinite(floor) else eta
+        while eta < below and not self.resolves(eta):
+            eta *= 2
+        return eta if eta < below and eta not in self.rise else None
 
     def resolves(self, eta: float) -> bool:
         r"""Whether a rise at step ``eta`` would be the loss's and not rounding's: its
@@ -507,7 +523,7 @@ class _LineSearch:
         taken for granted above the smallest step found to: rounding's share of a step shrinks
         as the step grows, for the sum over many entries, though a few entries can round worse
         at a larger step)."""
-        if self.slope * eta < self.rounding():  # False while the slope is NaN
+        if self.slope * eta < self.rounding():  # never true without a slope (NaN)
             return False
         if eta >= self.faithful_from:
             return True

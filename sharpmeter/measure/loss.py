@@ -172,22 +172,21 @@ class ProbeLoss:
         target = self.model if model is None else model
         batch = self.batches[index]
         with contextlib.ExitStack() as stack:
-            if not self._watched:
-                stack.enter_context(self._watching_outputs())
             if self.seed is not None:
                 stack.enter_context(
                     torch.random.fork_rng(devices=cuda_device_indices(self.model.parameters()))
                 )
                 torch.manual_seed(self.seed)
             loss = self.loss_fn(target, batch)
-        self.loss_eps = max(self.loss_eps, torch.finfo(loss.dtype).eps)
+        if loss.is_floating_point():
+            self.loss_eps = max(self.loss_eps, torch.finfo(loss.dtype).eps)
         return wide_loss(loss)
 
     @contextlib.contextmanager
     def _watching_outputs(self) -> Iterator[None]:
         """Record in ``compute_eps`` the coarsest floating output of the model's leaf modules
-        (bf16 weights, autocast inside ``forward``, FSDP's ``param_dtype``). A compiled model
-        calls no hooks: then it stays 0."""
+        (bf16 weights, autocast inside ``forward``, FSDP's ``param_dtype``), a compiled model
+        run eagerly for it (its compiled graph would not call hooks added after it)."""
 
         def watch(_module: nn.Module, _inputs: Any, output: Any) -> None:
             for tensor in output if isinstance(output, (tuple, list)) else (output,):
@@ -197,7 +196,8 @@ class ProbeLoss:
         leaves = [m for m in self.model.modules() if next(m.children(), None) is None]
         handles = [leaf.register_forward_hook(watch) for leaf in leaves]
         try:
-            yield
+            with _eager():
+                yield
         finally:
             self._watched = True
             for handle in handles:
@@ -210,11 +210,33 @@ class ProbeLoss:
         A fully sharded model is resharded afterwards, so the next forward reads the shards.
         """
         try:
-            return sum(w * self.batch_loss(i, model) for i, w in enumerate(self.weights))
+            # Inside the caller's autocast region torch would reuse the low-precision weights
+            # it cast before the parameters moved, and keep ours for the caller: no cache.
+            with (
+                self._watching_outputs() if not self._watched else contextlib.nullcontext(),
+                _autocast_cache(enabled=False),
+            ):
+                return sum(w * self.batch_loss(i, model) for i, w in enumerate(self.weights))
         finally:
             # Also before a backward, which gathers the root's parameters once more: the price
             # of never leaving them gathered when the forward or the loss raises.
             reshard(self.fsdp_modules)
+
+
+@contextlib.contextmanager
+def _autocast_cache(enabled: bool) -> Iterator[None]:
+    before = torch.is_autocast_cache_enabled()
+    torch.set_autocast_cache_enabled(enabled)
+    try:
+        yield
+    finally:
+        torch.set_autocast_cache_enabled(before)
+
+
+def _eager() -> contextlib.AbstractContextManager:
+    """Run ``torch.compile``'d code eagerly inside (torch >= 2.6; before, as it is)."""
+    set_stance = getattr(torch.compiler, "set_stance", None)
+    return set_stance("force_eager") if set_stance is not None else contextlib.nullcontext()
 
 
 def _normalised_weights(

@@ -79,13 +79,10 @@ def unflatten(vector: torch.Tensor, like: Sequence[torch.Tensor]) -> list[torch.
 
 
 def copy_into(params: Sequence[nn.Parameter], values: Iterable[torch.Tensor]) -> None:
-    """Write ``values`` into ``params`` in place. Inside an autocast region torch keeps the
-    low-precision copies of the weights it made until the region ends, so the next forward
-    would still see the old parameters: that cache is cleared."""
+    """Write ``values`` into ``params`` in place."""
     with torch.no_grad():
         for p, value in zip(params, values, strict=True):
             p.copy_(value)
-    torch.clear_autocast_cache()
 
 
 def dot(a: torch.Tensor, b: torch.Tensor, params: Sequence[torch.Tensor]) -> torch.Tensor:
