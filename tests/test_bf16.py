@@ -11,7 +11,6 @@ import copy
 
 import pytest
 import torch
-import transformers
 from conftest import causal_lm_loss, float64_gpt2, token_batch
 
 import sharpmeter as sm
@@ -52,36 +51,16 @@ def test_bf16_model_measures_close_to_float32():
     assert half["critical_sharpness"] == pytest.approx(full["critical_sharpness"], rel=0.15)
 
 
-def tiny_gpt2() -> transformers.GPT2LMHeadModel:
-    torch.manual_seed(0)
-    config = transformers.GPT2Config(
-        vocab_size=64,
-        n_positions=16,
-        n_embd=32,
-        n_layer=2,
-        n_head=2,
-        resid_pdrop=0,
-        embd_pdrop=0,
-        attn_pdrop=0,
-    )
-    return transformers.GPT2LMHeadModel(config)
-
-
-def lm_batch(seed: int) -> dict:
-    ids = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(seed))
-    return {"input_ids": ids, "labels": ids}
-
-
 def train_inside_one_autocast_region(measure: bool) -> tuple[list[dict], list[torch.Tensor]]:
     """Six AdamW steps of a float32 GPT-2 inside one bf16 autocast region, as a loop wrapped
     in ``accelerator.autocast()``, measured after each step (the documented order)."""
-    model = tiny_gpt2()
+    model = float64_gpt2(n_layer=2).float()
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    meter = sm.SharpnessMeter(model, lm_batch(999), measures=("critical",))
+    meter = sm.SharpnessMeter(model, token_batch(4, seed=999), measures=("critical",))
     rows = []
     with torch.autocast("cpu", dtype=torch.bfloat16):
         for step in range(6):
-            model(**lm_batch(step)).loss.backward()
+            model(**token_batch(4, seed=step)).loss.backward()
             optimizer.step()
             optimizer.zero_grad()
             if measure:
@@ -96,12 +75,12 @@ def test_measuring_inside_the_callers_autocast_region_sees_the_moved_parameters(
     rows, measured = train_inside_one_autocast_region(measure=True)
     _, reference = train_inside_one_autocast_region(measure=False)
     assert all(torch.equal(a, b) for a, b in zip(measured, reference))
-    model = tiny_gpt2()
+    model = float64_gpt2(n_layer=2).float()
     with torch.no_grad():
         for p, value in zip(model.parameters(), measured):
             p.copy_(value)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        fresh = float(model.eval()(**lm_batch(999)).loss)
+        fresh = float(model.eval()(**token_batch(4, seed=999)).loss)
     # (the stale casts were 1e-3 off; the measurement runs attention on the math backend)
     assert rows[-1]["loss"] == pytest.approx(fresh, rel=1e-4)
     assert all(row["critical_status"] == "ok" for row in rows)
