@@ -55,7 +55,7 @@ from sharpmeter.measure.params import (
 )
 from sharpmeter.measure.schema import NONFINITE
 
-STATUSES = ("ok", "nondescent", "no_increase", NONFINITE, "not_converged")
+STATUSES = ("ok", "nondescent", "unresolved", "no_increase", NONFINITE, "not_converged")
 # Steps at the model's crossing per bracketing (again after a check below rises), before
 # doubling, halving or bisecting.
 PREDICTIONS = 4
@@ -68,7 +68,8 @@ MIN_CURVATURE = 0.1  # of s * p: curvature seen at a single step p that a predic
 # up to 1.5 eps |L| at steps too small to change it, enough to fake a rise) and ACTIVATIONS
 # epsilons of the dtype the network computes in (a bf16 model's activations moved its float32
 # loss by up to 0.03 eps_bf16 |L| from float32 arithmetic at the same parameters on 64 tokens;
-# 1/8 keeps every warm start of a bf16 LoRA model on 16 tokens ok, 0 left 14 of 20 nondescent)
+# 1/8 keeps every warm start of a bf16 LoRA model on 16 tokens ok, 0 left 14 of 20 nondescent
+# then)
 ROUNDING = 8
 ACTIVATIONS = 1 / 8
 # ... and if the parameters as stored, theta0 - eta d rounded to their dtype, move by eta d to
@@ -95,8 +96,10 @@ class CriticalSharpnessResult:
               :math:`L(\\theta)`, and none of the ``check_below`` steps below the smallest step
               that did not raise the loss raised it.
             - ``nondescent``: :math:`d^\\top g \\le 0`, or every step down to the smallest tried
-              (or the smallest that resolves the loss, see :func:`critical_sharpness`) raised
-              the loss.
+              raised the loss.
+            - ``unresolved``: :math:`d^\\top g > 0`, but the loss rose at every step down to the
+              smallest it can tell from rounding (step 5 of :func:`critical_sharpness`), or no
+              step along :math:`d` is that large: a dip, if any, shallower than rounding.
             - ``no_increase``: no step up to the largest tried raised the loss, so
               :math:`\\lambda_c < 2/lo` (``hi`` NaN).
             - ``nonfinite``: the base loss is not finite, or the loss at the final ``hi`` is not
@@ -182,13 +185,13 @@ def critical_sharpness(
        FSDP's ``param_dtype``), times :math:`|L(\theta)|`. And the parameters as stored,
        :math:`\mathrm{fl}(\theta_0 - \eta d)`, must move by :math:`\eta d` to within half
        of it, in norm and in first-order change. A warm start below that doubles (no forward),
-       the downward search stops there (``nondescent``: the loss rose at every step it
+       the downward search stops there (``unresolved``: the loss rose at every step it
        resolves) and so does the check below (no rise below could be told from rounding).
        Otherwise one or two ulps of rounding at a step far below :math:`\eta_c` (a LoRA
        model's small :math:`d^\top g`, a bf16 model's steps of whole ulps) fake a crossing.
        The first-order change is taken from ``gradient``: a clipped one (a factor
        :math:`c < 1`) raises the resolution :math:`1/c` times, so a dip that shallow reads
-       ``nondescent``; without any (``check_descent=False``) only the storage is checked.
+       ``unresolved``; without any (``check_descent=False``) only the storage is checked.
 
     Without predictions, when ``eta0`` is within a factor 2 of :math:`\eta_c` (and no check
     step rises) the search costs :math:`1 + 2 + b + m` forwards. A non-finite loss counts as an
@@ -325,6 +328,7 @@ class _LineSearch:
         self.smallest_flat = math.inf
         self.nonfinite: set[float] = set()
         self.faithful_from = math.inf
+        self.unresolved = False  # a downward search stopped at the resolution
 
     def raises_loss(self, eta: float) -> bool:
         copy_into(
@@ -374,12 +378,12 @@ class _LineSearch:
         self.faithful_from = self.surely_faithful()
         first = self.first_step(eta0)
         if first is None:
-            return "nondescent", math.nan, math.nan  # no step along d resolves the loss
+            return "unresolved", math.nan, math.nan  # no step along d resolves the loss
         lo, hi = self.refine(*first)
         if math.isnan(hi):
             return "no_increase", lo, hi
         if math.isnan(lo):
-            return "nondescent", lo, hi
+            return ("unresolved" if self.unresolved else "nondescent"), lo, hi
         while self.narrow(lo, hi):
             rise = self.rise_below(check_below)
             if rise is None:
@@ -387,8 +391,8 @@ class _LineSearch:
             if math.isnan(rise):
                 break
             lo, hi = self.refine(math.nan, rise)
-            if math.isnan(lo) and self.budget_left():
-                return "nondescent", lo, hi
+            if self.unresolved:
+                return "unresolved", lo, hi
         return self.status(hi, verified=False), lo, hi
 
     def first_step(self, eta0: float) -> tuple[float, float] | None:
@@ -448,7 +452,8 @@ class _LineSearch:
             if math.isnan(lo) and not self.resolves(eta):
                 eta = self.lowest_resolved(eta, hi)
                 if eta is None:
-                    break  # the loss rose at every step that resolves it: nondescent
+                    self.unresolved = True  # the loss rose at every step that resolves it
+                    break
             lo, hi = self.step(eta, lo, hi)
             if predicted is not None and one_sided and math.isnan(lo):
                 # Aimed below the crossing from above and rose again: the quadratic overshoots.
