@@ -328,6 +328,9 @@ class _LineSearch:
         self.smallest_flat = math.inf
         self.nonfinite: set[float] = set()
         self.faithful_from = math.inf
+        self.direction_norm2 = math.nan  # ||d||^2, from surely_faithful's pass
+        # The network's coarsest epsilon until a forward shows the dtype it computes in.
+        self.model_eps = max(torch.finfo(p.dtype).eps for p in probe.model.parameters())
         self.unresolved = False  # a downward search stopped at the resolution
 
     def raises_loss(self, eta: float) -> bool:
@@ -353,9 +356,7 @@ class _LineSearch:
         network's (its modules' outputs: bf16 weights, autocast, FSDP's ``param_dtype``) times
         :math:`|L(\\theta)|`; before a forward has shown them, the parameters' dtypes."""
         loss_eps = self.probe.loss_eps or torch.finfo(vector_dtype(self.params)).eps
-        compute_eps = self.probe.compute_eps or max(
-            torch.finfo(p.dtype).eps for p in self.probe.model.parameters()
-        )
+        compute_eps = self.probe.compute_eps or self.model_eps
         return max(ROUNDING * loss_eps, ACTIVATIONS * compute_eps) * abs(self.base)
 
     def budget_left(self) -> bool:
@@ -544,50 +545,52 @@ class _LineSearch:
         gradient, :math:`|g^\top e| \le` ``FAITHFUL`` :math:`\eta\, d^\top g`: a coarse entry
         that carries the slope but little of :math:`\lVert d\rVert` stays where it is too."""
 
-        def error(t: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
-            return _wide(t - eta * d) - _wide(t) + eta * _wide(d)
+        def terms(t: torch.Tensor, d: torch.Tensor, g: torch.Tensor | None) -> tuple:
+            error = _wide(t - eta * d) - _wide(t) + eta * _wide(d)
+            return error.square().sum(), 0.0 if g is None else torch.dot(_wide(g), error)
 
-        sums = self._sums(
-            lambda t, d, g: error(t, d).square().sum(),
-            lambda t, d, g: (eta * _wide(d)).square().sum(),
-            lambda t, d, g: (_wide(g) * error(t, d)).sum() if g is not None else 0.0,
-        )
-        moved = sums[0] <= FAITHFUL**2 * sums[1]
-        return moved and (self.gradient is None or abs(sums[2]) <= FAITHFUL * eta * self.slope)
+        error_norm2, slope_error = self._sums(terms, count=2)
+        moved = error_norm2 <= FAITHFUL**2 * eta**2 * self.direction_norm2
+        return moved and (self.gradient is None or abs(slope_error) <= FAITHFUL * eta * self.slope)
 
     def surely_faithful(self) -> float:
         r"""The step from which rounding to nearest stores every step faithfully, so that only
         smaller ones pay for :meth:`stores_faithfully`'s pass over the parameters: entrywise
         :math:`|e_i| \le \epsilon_i(\tfrac12|\theta_i| + 1.01\,\eta|d_i|)` (normal numbers),
         whence both of its bounds."""
-        sums = self._sums(
-            lambda t, d, g: (_eps(t) / 2 * _wide(t)).square().sum(),
-            lambda t, d, g: _wide(d).square().sum(),
-            lambda t, d, g: (
-                (_eps(t) / 2 * _wide(g) * _wide(t)).abs().sum() if g is not None else 0.0
-            ),
-            lambda t, d, g: (_eps(t) * _wide(g) * _wide(d)).abs().sum() if g is not None else 0.0,
-        )
+
+        def terms(t: torch.Tensor, d: torch.Tensor, g: torch.Tensor | None) -> tuple:
+            eps, t, d = _eps(t), _wide(t), _wide(d)
+            bounds = (eps / 2 * t).square().sum(), d.square().sum()
+            if g is None:
+                return (*bounds, 0.0, 0.0)
+            g = _wide(g).abs()
+            return (*bounds, torch.dot(g, t.abs()) * eps / 2, torch.dot(g, d.abs()) * eps)
+
+        rounding, self.direction_norm2, slope_rounding, slope_step = self._sums(terms, count=4)
         eps = max(torch.finfo(p.dtype).eps for p in self.params)
-        in_norm = math.sqrt(sums[0] / sums[1]) / (FAITHFUL - 1.01 * eps) if sums[1] > 0 else 0.0
+        size = self.direction_norm2
+        in_norm = math.sqrt(rounding / size) / (FAITHFUL - 1.01 * eps) if size > 0 else 0.0
         if self.gradient is None:
             return in_norm
-        margin = FAITHFUL * self.slope - 1.01 * sums[3]
-        return max(in_norm, sums[2] / margin) if margin > 0 else math.inf
+        margin = FAITHFUL * self.slope - 1.01 * slope_step
+        return max(in_norm, slope_rounding / margin) if margin > 0 else math.inf
 
     def _sums(
-        self, *terms: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], Any]
+        self,
+        terms: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], tuple],
+        count: int,
     ) -> list[float]:
-        """Each term of :math:`(\\theta_0, d, g)` summed over the parameters' entries (this
-        rank's shards, then all ranks' when sharded), a chunk of ``CHUNK`` entries at a time so
-        that its temporaries stay small; the terms' float32-or-wider parts add up in float64."""
-        sums = torch.zeros(len(terms), dtype=torch.float64, device=self.theta0[0].device)
+        """The ``count`` sums ``terms`` gives for each chunk of :math:`(\\theta_0, d, g)`, over
+        the parameters' entries (this rank's shards, then all ranks' when sharded), ``CHUNK``
+        entries at a time so that the temporaries stay small, added up in float64."""
+        sums = torch.zeros(count, dtype=torch.float64, device=self.theta0[0].device)
         gradients = self.gradient or [None] * len(self.theta0)
         with torch.no_grad():
             for t, d, g in zip(self.theta0, self.direction, gradients, strict=True):
                 for chunk in zip(*(_flat_chunks(x, t) for x in (t, d, g)), strict=True):
-                    for i, term in enumerate(terms):
-                        sums[i] += term(*chunk)
+                    for i, value in enumerate(terms(*chunk)):
+                        sums[i] += value
         if is_sharded(self.params):
             sums = all_reduce_sum(sums)
         return sums.tolist()
