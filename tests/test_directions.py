@@ -71,7 +71,8 @@ def real_step(
     before = flatten([p.detach().clone() for p in params])
     if max_grad_norm:
         nn.utils.clip_grad_norm_(model_copy.parameters(), max_grad_norm)
-    optimizer_copy.step()
+    # Through the class: an LR scheduler wraps the instance's step in a closure over the real one.
+    type(optimizer_copy).step(optimizer_copy)
     return before, flatten([p.detach() for p in params])
 
 
@@ -637,3 +638,37 @@ def test_a_sharded_moved_check_is_one_reduction(monkeypatch) -> None:
     update_direction(optimizer)
     # No rank failed; this rank has gradients, and the copy moved its 4 parameters with one.
     assert [t.tolist() for t in ranks.calls] == [0.0, [1.0, 4.0]]
+
+
+@pytest.mark.parametrize("warmup_init", [False, True])
+def test_adafactor_without_a_rate_steps_with_its_relative_step_size(warmup_init: bool) -> None:
+    """Hugging Face's Adafactor with ``lr=None`` (T5 recipes) computes its rate inside step():
+    rho_{t+1} = min(1e-2 or 1e-6 (t+1), 1/sqrt(t+1)). The unit of d is that rate, so d is the
+    one an Adafactor given rho_{t+1} as its rate would have. The rate AdafactorSchedule writes
+    into the groups for logging (the last step's, scaled; 0 before the first) is not it."""
+    from transformers.optimization import Adafactor, AdafactorSchedule
+
+    model = make_model()
+    relative = Adafactor(model.parameters(), lr=None, relative_step=True, warmup_init=warmup_init)
+    schedule = AdafactorSchedule(relative)
+    assert relative.param_groups[0]["lr"] == 0.0
+    train(model, relative, 3)
+    schedule.step()
+    rho = min(1e-6 * 4 if warmup_init else 1e-2, 4**-0.5)
+    assert learning_rate(relative) == pytest.approx(rho, rel=1e-15)
+    d = update_direction(relative)
+    assert_matches_step(model, relative, d)
+    given = Adafactor(model.parameters(), lr=rho, relative_step=False)
+    given.load_state_dict(relative.state_dict())
+    for group in given.param_groups:
+        group.update(lr=rho, relative_step=False)
+    torch.testing.assert_close(update_direction(given).vector, d.vector, rtol=1e-12, atol=0)
+
+
+def test_a_rate_that_is_not_a_number_is_refused() -> None:
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    backward(model, seed=0)
+    optimizer.param_groups[0]["lr"] = None
+    with pytest.raises(ValueError, match="lr=None, not a number"):
+        learning_rate(optimizer)

@@ -98,8 +98,48 @@ def unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:
 
 
 def learning_rate(optimizer: Any) -> float:
-    r"""The first parameter group's learning rate :math:`\eta_0`, the unit of :math:`d`."""
-    return float(unwrap_optimizer(optimizer).param_groups[0]["lr"])
+    r"""The first parameter group's learning rate :math:`\eta_0`, the unit of :math:`d`.
+
+    A group with ``relative_step=True`` (Hugging Face's and fairseq's ``Adafactor`` with
+    ``lr=None``, as T5 recipes use it) steps with no rate of its own: its ``lr`` is ignored by
+    the step (``AdafactorSchedule`` writes the last step's scaled rate there, 0 before the
+    first). Its rate is Adafactor's relative step size for the next step :math:`t + 1`
+    (Shazeer & Stern 2018; :math:`t` the step count of the group's first parameter that has
+    one), the factor that plays the rate's part:
+
+    .. math:: \rho_{t+1} = \min\bigl(10^{-2},\ 1 / \sqrt{t + 1}\bigr)
+              \quad (\text{``warmup_init``: } \min(10^{-6}\,(t + 1),\ 1 / \sqrt{t + 1})).
+
+    Its per-parameter scale :math:`\max(\epsilon_2, \operatorname{RMS}(\theta))` then stays in
+    :math:`d`, as it does when the group is given a rate.
+
+    Raises:
+        ValueError: a rate that is neither a number nor Adafactor's relative step.
+    """
+    optimizer = unwrap_optimizer(optimizer)
+    return group_rate(optimizer, optimizer.param_groups[0])
+
+
+def group_rate(optimizer: torch.optim.Optimizer, group: dict[str, Any]) -> float:
+    """The rate a parameter group steps with next (see :func:`learning_rate`)."""
+    if group.get("relative_step"):
+        return _relative_step_size(optimizer, group)
+    rate = group.get("lr")
+    try:
+        return float(rate)
+    except (TypeError, ValueError) as error:
+        raise ValueError(
+            f"{type(optimizer).__name__}'s parameter group has lr={rate!r}, not a number: the "
+            "update direction has no unit"
+        ) from error
+
+
+def _relative_step_size(optimizer: torch.optim.Optimizer, group: dict[str, Any]) -> float:
+    # The first parameter that has stepped: one that never had a gradient has no count.
+    counts = (optimizer.state.get(p, {}).get("step") for p in group["params"])
+    step = float(next((count for count in counts if count is not None), 0)) + 1
+    bound = 1e-6 * step if group.get("warmup_init") else 1e-2
+    return min(bound, step**-0.5)
 
 
 def adam_denominator(
@@ -162,7 +202,7 @@ def update_direction(
     lr0 = learning_rate(optimizer)
     # Every rate 0 (the end of a linear decay, the start of a warm-up): the update per unit rate
     # is still defined, so take it with every group at rate 1.
-    unit_rates = all(float(group["lr"]) == 0 for group in optimizer.param_groups)
+    unit_rates = all(group_rate(optimizer, group) == 0 for group in optimizer.param_groups)
     if lr0 == 0 and not unit_rates:
         raise ValueError("the first parameter group's learning rate is 0, the unit of d")
     groups = [{**g, "lr": 1.0} for g in optimizer.param_groups] if unit_rates else None
