@@ -52,8 +52,16 @@ Trainer's clipping, before ``optimizer.step()``. Critical sharpness then follows
 step is about to make from the gradient it computed, and spends no backward (Kalra et al.'s
 definition). The row of the update that starts from step ``k``'s parameters has ``step`` k, as
 a fixed-probe row at ``on_step_end`` of step ``k`` does. Under data parallelism each rank
-measures its own micro-batches and the losses are summed over ranks. A ``compute_loss`` that
-takes the labels out of the batch (label smoothing, a custom loss) needs ``loss_fn=``.
+measures its own micro-batches and the losses are summed over ranks.
+
+The loss measured is the one the Trainer trains on. A Trainer with ``label_smoothing_factor``
+or ``compute_loss_func`` takes the labels out of the batch and computes its loss from the
+outputs: a callback bound with :meth:`SharpnessCallback.attach` measures that loss
+(:class:`TrainerLoss`), and under ``probe="train"`` keeps the labels the model's forward never
+sees. An unbound callback cannot see ``compute_loss_func``, and refuses label smoothing when
+training begins; a Trainer subclass that overrides ``compute_loss`` is measured on what the
+Trainer would compute without the override (its ``compute_loss`` may record metrics, so it is
+never called), with a :class:`TrainerLossWarning`. ``loss_fn=`` overrides all of these.
 
 Example::
 
@@ -70,6 +78,7 @@ import dataclasses
 import itertools
 import math
 import warnings
+from collections.abc import Mapping
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -178,6 +187,8 @@ class SharpnessCallback(TrainerCallback):
         # probe="train": the micro-batches of the current step, and the hook recording them.
         self._step_batches: list[Any] = []
         self._recorder: torch.utils.hooks.RemovableHandle | None = None
+        self._labels: Any = None  # the labels of the forward the Trainer is making
+        self._unwrap_compute_loss: Any = None
 
     @classmethod
     def attach(cls, trainer: Trainer, probe_batch: Any = None, **arguments: Any):
@@ -186,6 +197,8 @@ class SharpnessCallback(TrainerCallback):
         the callback."""
         callback = cls(probe_batch, **arguments)
         callback.trainer = trainer
+        if callback.options.loss_fn is None:
+            callback.options = callback.options.replace(loss_fn=trainer_loss(trainer))
         trainer.add_callback(callback)
         return callback
 
@@ -204,6 +217,11 @@ class SharpnessCallback(TrainerCallback):
         if timeout is not None:
             honour_timeout(timeout)
         options = self._options_under(args, state)
+        if options.loss_fn is None and args.label_smoothing_factor:
+            raise ValueError(
+                "the Trainer trains on a label-smoothed loss, which an unbound callback cannot "
+                "compute: add it with SharpnessCallback.attach(trainer, ...), or pass loss_fn="
+            )
         if options.probe == TRAIN_PROBE:
             self.meter = SharpnessMeter(model, options=options)
             self._record_training_batches(model)
@@ -310,15 +328,47 @@ class SharpnessCallback(TrainerCallback):
 
         def record(module, args, kwargs):
             if module.training and torch.is_grad_enabled():
-                self._step_batches.append(_as_batch(args, kwargs))
+                batch = _as_batch(args, kwargs)
+                if self._labels is not None and isinstance(batch, dict):
+                    batch.setdefault("labels", self._labels)
+                self._step_batches.append(batch)
 
         self._remove_recorder()
         self._recorder = model.register_forward_pre_hook(record, with_kwargs=True)
+        if isinstance(self.options.loss_fn, TrainerLoss):
+            self._keep_labels(self.options.loss_fn.trainer)
+
+    def _keep_labels(self, trainer: Trainer) -> None:
+        """The Trainer takes the labels out of the batch before its forward (label smoothing,
+        ``compute_loss_func``), where the recorder would miss them: a wrapper of this trainer's
+        ``compute_loss`` hands them over for the forward it makes."""
+        compute_loss = trainer.compute_loss
+
+        def keeping_labels(model, inputs, *args, **kwargs):
+            self._labels = inputs.get("labels") if isinstance(inputs, Mapping) else None
+            try:
+                return compute_loss(model, inputs, *args, **kwargs)
+            finally:
+                self._labels = None
+
+        own = trainer.__dict__.get("compute_loss")  # an instance's own, or the class's method
+        trainer.compute_loss = keeping_labels
+
+        def unwrap() -> None:
+            if own is None:
+                del trainer.compute_loss
+            else:
+                trainer.compute_loss = own
+
+        self._unwrap_compute_loss = unwrap
 
     def _remove_recorder(self) -> None:
         if self._recorder is not None:
             self._recorder.remove()
             self._recorder = None
+        if self._unwrap_compute_loss is not None:
+            self._unwrap_compute_loss()
+            self._unwrap_compute_loss = None
         self._step_batches = []
 
     def on_step_begin(self, args, state, control, **kwargs):
@@ -497,6 +547,48 @@ def summary_line(row: dict[str, Any]) -> str:
         + (", ".join(parts) or "no value")
         + f" [{row.get('status')}, {seconds:.1f} s]"
     )
+
+
+class TrainerLossWarning(UserWarning):
+    """The Trainer's loss may not be the one measured (a subclass overrides ``compute_loss``)."""
+
+
+class TrainerLoss:
+    """The loss a Trainer with label smoothing or ``compute_loss_func`` trains on, as a
+    ``loss_fn``: ``Trainer.compute_loss`` (the base class's, never an override) on a copy of the
+    batch, whose labels it takes out, without ``num_items_in_batch`` (each batch's loss is its
+    mean; the meter weighs batches by their loss tokens itself).
+
+    Example::
+
+        loss_fn = TrainerLoss(trainer)    # what SharpnessCallback.attach picks by itself
+        loss = loss_fn(model, batch)      # label-smoothed, as the Trainer computes it
+    """
+
+    def __init__(self, trainer: Trainer) -> None:
+        self.trainer = trainer
+
+    def __call__(self, model: torch.nn.Module, batch: Mapping[str, Any]) -> torch.Tensor:
+        return Trainer.compute_loss(self.trainer, model, dict(batch))
+
+
+def trainer_loss(trainer: Trainer) -> TrainerLoss | None:
+    """The ``loss_fn`` that measures what ``trainer`` trains on: :class:`TrainerLoss` when it
+    computes its loss outside the model (label smoothing, ``compute_loss_func``), ``None`` (the
+    model's ``.loss``) otherwise. A subclass's own ``compute_loss`` is never called (it may
+    record metrics or hold state): a :class:`TrainerLossWarning` says so."""
+    if type(trainer).compute_loss is not Trainer.compute_loss:
+        warnings.warn(
+            f"{type(trainer).__name__} overrides compute_loss; sharpmeter measures the loss "
+            "Trainer.compute_loss would give (the model's .loss, or the Trainer's label "
+            "smoothing or compute_loss_func). If yours trains on another loss, pass loss_fn=",
+            TrainerLossWarning,
+            stacklevel=3,
+        )
+    outside = getattr(trainer, "label_smoother", None) or getattr(
+        trainer, "compute_loss_func", None
+    )
+    return TrainerLoss(trainer) if outside is not None else None
 
 
 def _as_batch(args: tuple, kwargs: dict[str, Any]) -> Any:

@@ -1,0 +1,107 @@
+"""SharpnessCallback measures the loss the Trainer trains on, also where that is not the
+model's ``.loss``: label smoothing and ``compute_loss_func`` take the labels out of the batch."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from test_hf import make_trainer, read_rows, training_record
+from transformers import Trainer
+
+import sharpmeter as sm
+from sharpmeter.integrations.hf import SharpnessCallback, TrainerLossWarning
+
+EPSILON = 0.3
+# A few steps in, where smoothing changes the loss by more than its float32 rounding.
+STEPS = {"max_steps": 6, "logging_steps": 1}
+
+
+def smoothed(outputs, labels, num_items_in_batch=None):
+    """A causal LM's label-smoothed cross entropy, as a user writes a ``compute_loss_func``
+    (and what ``label_smoothing_factor`` computes)."""
+    logits = outputs.logits[:, :-1].float()
+    targets = labels[:, 1:].reshape(-1)
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets, label_smoothing=EPSILON)
+
+
+def smoothed_from_inputs(model, batch):
+    """The same loss as a ``loss_fn`` that needs no labels (the test data's are its inputs)."""
+    return smoothed(model(input_ids=batch["input_ids"]), batch["input_ids"])
+
+
+def trainer_smoothing(path, how: str, **args) -> Trainer:
+    """A Trainer that trains on the smoothed loss, through its argument or a loss function."""
+    if how == "label_smoothing_factor":
+        return make_trainer(path, label_smoothing_factor=EPSILON, **STEPS, **args)
+    base = make_trainer(path, **STEPS, **args)
+    return Trainer(
+        model=base.model,
+        args=base.args,
+        train_dataset=base.train_dataset,
+        compute_loss_func=smoothed,
+    )
+
+
+@pytest.mark.parametrize("probe", ["fixed", "train"])
+@pytest.mark.parametrize("how", ["label_smoothing_factor", "compute_loss_func"])
+def test_rows_measure_the_smoothed_loss_the_trainer_trains_on(tmp_path, how, probe):
+    """Each row is the one a loss_fn computing the smoothed loss gives, and training is as
+    without the callback. Before, a fixed probe measured the unsmoothed ``.loss`` (the labels
+    stay in the probe), and every training-batch row was an error: the Trainer takes the labels
+    out before its forward, where the step's batch is recorded."""
+    measure = {"probe": probe, "schedule": sm.Schedule(every=2), "measures": ("critical",)}
+    extra = {"gradient_accumulation_steps": 2, "max_grad_norm": 0.5} if probe == "train" else {}
+    reference = trainer_smoothing(tmp_path / "a", how, **extra)
+    SharpnessCallback.attach(reference, loss_fn=smoothed_from_inputs, **measure)
+    reference.train()
+    bare = trainer_smoothing(tmp_path / "b", how, **extra)
+    bare.train()
+    measured = trainer_smoothing(tmp_path / "c", how, **extra)
+    SharpnessCallback.attach(measured, **measure)
+    measured.train()
+
+    assert "compute_loss" not in vars(measured)  # the label keeper is gone after training
+    expected = read_rows(tmp_path / "a" / "out" / "sharpness.jsonl")
+    rows = read_rows(tmp_path / "c" / "out" / "sharpness.jsonl")
+    assert [r["step"] for r in rows] == [r["step"] for r in expected] and len(rows) == 3
+    for row, reference_row in zip(rows, expected):
+        assert row["critical_status"] == "ok", row
+        assert row["loss"] == pytest.approx(reference_row["loss"], rel=1e-6)
+        # Torch's smoothing and the Trainer's round differently: the brackets' ends move.
+        assert row["critical_sharpness"] == pytest.approx(
+            reference_row["critical_sharpness"], rel=1e-4
+        )
+    params, losses = training_record(measured)
+    bare_params, bare_losses = training_record(bare)
+    assert losses == bare_losses
+    assert all(torch.equal(a, b) for a, b in zip(params, bare_params, strict=True))
+
+
+class OwnLossTrainer(Trainer):
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+
+def test_a_trainer_subclass_with_its_own_compute_loss_is_warned_of(tmp_path):
+    """Its compute_loss may record metrics, so it is never called: the user hears which loss
+    is measured instead. A plain Trainer gets no warning."""
+    base = make_trainer(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", TrainerLossWarning)
+        SharpnessCallback.attach(base)
+    own = OwnLossTrainer(model=base.model, args=base.args, train_dataset=base.train_dataset)
+    with pytest.warns(TrainerLossWarning, match="OwnLossTrainer overrides compute_loss"):
+        SharpnessCallback.attach(own)
+
+
+def test_an_unbound_callback_refuses_label_smoothing_before_the_first_step(tmp_path):
+    """Without the trainer the callback cannot compute the smoothed loss: one clear error, not
+    rows of another loss."""
+    trainer = make_trainer(tmp_path, max_steps=2, label_smoothing_factor=EPSILON)
+    trainer.add_callback(SharpnessCallback(schedule=sm.Schedule(every=1)))
+    with pytest.raises(ValueError, match="label-smoothed loss"):
+        trainer.train()
+    assert trainer.state.global_step == 0
