@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import causal_lm_loss, dense_hessian, float64_gpt2, relative_error, token_batch
+from conftest import (
+    SEQ,
+    VOCAB,
+    causal_lm_loss,
+    dense_hessian,
+    float64_gpt2,
+    relative_error,
+    token_batch,
+)
 
 import sharpmeter as sm
 from sharpmeter.measure.context import attention_guard
@@ -222,3 +230,61 @@ def test_operator_follows_parameters_written_in_place():
     assert relative_error(after, fresh @ v) < EXACT
     assert relative_error(after, before) > 1e-3
     assert torch.equal(op.gradient, fresh.gradient)
+
+
+def small_hf_model(kind: str) -> torch.nn.Module:
+    """A tiny Hugging Face model whose loss scores its labels each its own way."""
+    import transformers
+
+    torch.manual_seed(0)
+    bert = {"num_hidden_layers": 1, "hidden_size": 8, "num_attention_heads": 2}
+    bert.update(intermediate_size=8, vocab_size=VOCAB, num_labels=VOCAB)
+    if kind == "t5":
+        config = transformers.T5Config(
+            vocab_size=VOCAB, d_model=8, d_kv=4, num_heads=2, d_ff=8, num_layers=1
+        )
+        config.decoder_start_token_id = config.pad_token_id = 0
+        return transformers.T5ForConditionalGeneration(config)
+    if kind == "bert_mlm":
+        return transformers.BertForMaskedLM(transformers.BertConfig(**bert))
+    if kind == "bert_ner":
+        return transformers.BertForTokenClassification(transformers.BertConfig(**bert))
+    return float64_gpt2().float()
+
+
+def ragged_batch(batch_size: int, valid: int, seed: int) -> dict[str, torch.Tensor]:
+    """Labels with ``valid`` loss tokens per row, the rest -100 (padding, unmasked tokens)."""
+    batch = token_batch(batch_size, seed)
+    labels = batch["labels"].clone()
+    labels[:, valid:] = -100
+    return {"input_ids": batch["input_ids"], "labels": labels}
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "t5", "bert_mlm", "bert_ner"])
+def test_a_multi_batch_probe_weighs_batches_by_the_tokens_the_model_scores(kind):
+    """Two micro-batches give the model's own loss of one concatenated batch: a causal LM
+    scores labels[:, 1:], an encoder-decoder, a masked LM and a token classifier every label.
+    Counting the shifted labels for those mixed these batches 1:14 (T5) instead of 1:8."""
+    from sharpmeter.measure.loss import ProbeLoss
+
+    model = small_hf_model(kind).eval()
+    first, second = ragged_batch(2, valid=2, seed=3), ragged_batch(4, valid=SEQ, seed=4)
+    together = {key: torch.cat([first[key], second[key]]) for key in first}
+    with torch.no_grad():
+        expected = float(model(**together).loss)
+        measured = float(ProbeLoss(model, None, [first, second])())
+    assert measured == pytest.approx(expected, rel=1e-6)
+
+
+def test_a_micro_batch_without_loss_tokens_is_left_out():
+    """A prompt-only micro-batch (completion-only training masks every label) has the mean loss
+    0/0: it weighs nothing, and made the probe's loss and gradient NaN."""
+    from sharpmeter.measure.loss import ProbeLoss, loss_and_gradient
+
+    model = float64_gpt2()
+    empty, full = ragged_batch(2, valid=1, seed=3), ragged_batch(4, valid=SEQ, seed=4)
+    params = list(model.parameters())
+    loss, grads = loss_and_gradient(ProbeLoss(model, causal_lm_loss, [empty, full]), params)
+    expected_loss, expected = loss_and_gradient(ProbeLoss(model, causal_lm_loss, full), params)
+    assert float(loss) == float(expected_loss)
+    assert all(torch.equal(g, e) for g, e in zip(grads, expected, strict=True))

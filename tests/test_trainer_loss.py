@@ -1,14 +1,17 @@
 """SharpnessCallback measures the loss the Trainer trains on, also where that is not the
-model's ``.loss``: label smoothing and ``compute_loss_func`` take the labels out of the batch."""
+model's ``.loss`` (label smoothing and ``compute_loss_func`` take the labels out of the batch)
+and where a micro-batch has no loss tokens."""
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import pytest
 import torch
 import torch.nn.functional as F
-from test_hf import make_trainer, read_rows, training_record
+from test_hf import TokenDataset, make_trainer, read_rows, training_record
+from test_train_probe import StepWitness
 from transformers import Trainer
 
 import sharpmeter as sm
@@ -105,3 +108,38 @@ def test_an_unbound_callback_refuses_label_smoothing_before_the_first_step(tmp_p
     with pytest.raises(ValueError, match="label-smoothed loss"):
         trainer.train()
     assert trainer.state.global_step == 0
+
+
+class PromptMasked(TokenDataset):
+    """Completion-only training: every odd example is all prompt, its labels all -100."""
+
+    def __getitem__(self, i):
+        item = super().__getitem__(i)
+        labels = torch.full_like(item["labels"], -100) if i % 2 else item["labels"]
+        return {"input_ids": item["input_ids"], "labels": labels}
+
+
+def test_a_micro_batch_without_loss_tokens_leaves_the_row_to_the_others(tmp_path):
+    """Each step accumulates a scored example and a prompt-only one, whose mean loss is 0/0:
+    the row is the scored micro-batch's, as the Trainer's step is. Before, rows were nonfinite."""
+    base = make_trainer(
+        tmp_path, max_steps=4, gradient_accumulation_steps=2, train_sampling_strategy="sequential"
+    )
+    base.args.per_device_train_batch_size = 1
+    trainer = Trainer(model=base.model, args=base.args, train_dataset=PromptMasked())
+    witness = StepWitness(trainer.model)
+    trainer.add_callback(witness)
+    SharpnessCallback.attach(
+        trainer, probe="train", schedule=sm.Schedule(every=1), measures=("critical", "trace")
+    )
+    trainer.train()
+    rows = read_rows(tmp_path / "out" / "sharpness.jsonl")
+    assert [r["status"] for r in rows] == ["ok"] * 4, rows
+    model = copy.deepcopy(trainer.model).eval()
+    for row in rows:
+        params, (scored, prompt_only), _ = witness.at_step[row["step"]]
+        assert (prompt_only["labels"] == -100).all() and (scored["labels"] != -100).all()
+        with torch.no_grad():
+            for p, value in zip(model.parameters(), params, strict=True):
+                p.copy_(value)
+            assert row["loss"] == pytest.approx(float(model(**scored).loss), rel=1e-6)

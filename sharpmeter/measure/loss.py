@@ -94,19 +94,34 @@ def causal_lm_loss(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch
     )
 
 
-def loss_token_count(batch: Any) -> int:
+def loss_token_count(batch: Any, shift: bool = True) -> int:
     """Number of loss tokens in a batch, the weight of a batch in a multi-batch probe.
 
     With ``labels`` in a mapping batch: labels other than -100, after the one-token shift of a
-    causal language model when labels are 2-D (``labels[:, 1:]``). Otherwise the batch size (the
-    leading dimension of the first tensor). Pass ``weights=`` to the operator for anything else.
+    causal language model when labels are 2-D (``labels[:, 1:]``) and ``shift`` (see
+    :func:`shifts_labels`). Otherwise the batch size (the leading dimension of the first tensor).
+    Pass ``weights=`` to the operator for anything else.
     """
     if isinstance(batch, Mapping) and isinstance(batch.get("labels"), torch.Tensor):
         labels = batch["labels"]
-        counted = labels[:, 1:] if labels.dim() >= 2 else labels
+        counted = labels[:, 1:] if shift and labels.dim() >= 2 else labels
         return int((counted != IGNORE_INDEX).sum())
     first = batch if isinstance(batch, torch.Tensor) else _first_tensor(batch)
     return int(first.shape[0]) if first.dim() else 1
+
+
+def shifts_labels(model: nn.Module) -> bool:
+    """Whether the model's loss scores ``labels[:, 1:]``, a causal LM's next tokens.
+
+    A Hugging Face model says so by its loss function (``ForCausalLMLoss``; a masked LM, token
+    classification, ...) and its config (an encoder-decoder such as T5 scores every label of its
+    decoder). Any other model is taken for a causal LM, whose labels are its inputs.
+    """
+    model = getattr(model, "module", model)  # DistributedDataParallel
+    if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        return False
+    loss_function = getattr(model, "loss_function", None)
+    return loss_function is None or getattr(loss_function, "__name__", "") == "ForCausalLMLoss"
 
 
 def _first_tensor(batch: Any) -> torch.Tensor:
@@ -153,7 +168,9 @@ class ProbeLoss:
         self.loss_fn: LossFn = loss_fn if loss_fn is not None else output_loss
         self.batches = split_probe(batch)
         self.distributed = is_distributed() if distributed is None else distributed
-        self.weights = _normalised_weights(self.batches, weights, self.distributed)
+        self.weights = _normalised_weights(
+            self.batches, weights, self.distributed, shifts_labels(model)
+        )
         self.seed = seed
         self.fsdp_modules = fsdp_modules(model)
         # The largest epsilon of the losses loss_fn returned, before widening, and of the
@@ -203,6 +220,16 @@ class ProbeLoss:
             for handle in handles:
                 handle.remove()
 
+    def _weighed(self) -> list[tuple[int, float]]:
+        """The batches that enter the loss: a batch without loss tokens (a prompt-only
+        micro-batch of completion-only training) has the mean loss 0/0 = NaN and weight 0, and
+        is left out. Not where the model is fully sharded (every rank must make every forward),
+        nor where it is all this rank holds (its loss must still be a graph over the
+        parameters): the NaN then makes the row ``nonfinite``."""
+        every = list(enumerate(self.weights))
+        weighed = [(i, w) for i, w in every if w > 0]
+        return weighed if weighed and not self.fsdp_modules else every
+
     def __call__(self, model: nn.Module | None = None) -> torch.Tensor:
         """The weighted probe loss :math:`\\sum_b w_b L_b` (keeps the autograd graph if enabled).
 
@@ -216,7 +243,7 @@ class ProbeLoss:
                 self._watching_outputs() if not self._watched else contextlib.nullcontext(),
                 _autocast_cache(enabled=False),
             ):
-                return sum(w * self.batch_loss(i, model) for i, w in enumerate(self.weights))
+                return sum(w * self.batch_loss(i, model) for i, w in self._weighed())
         finally:
             # Also before a backward, which gathers the root's parameters once more: the price
             # of never leaving them gathered when the forward or the loss raises.
@@ -240,14 +267,14 @@ def _eager() -> contextlib.AbstractContextManager:
 
 
 def _normalised_weights(
-    batches: list[Any], weights: Sequence[float] | None, distributed: bool
+    batches: list[Any], weights: Sequence[float] | None, distributed: bool, shift: bool
 ) -> list[float]:
     if weights is None and len(batches) == 1 and not distributed:
         return [1.0]  # nothing to weigh: the batch may hold no tensors at all
     raw = (
         [float(w) for w in weights]
         if weights is not None
-        else [float(loss_token_count(b)) for b in batches]
+        else [float(loss_token_count(b, shift)) for b in batches]
     )
     if len(raw) != len(batches):
         raise ValueError(f"got {len(raw)} weights for {len(batches)} batches")
