@@ -577,7 +577,7 @@ def trainer_loss(trainer: Trainer) -> TrainerLoss | None:
     computes its loss outside the model (label smoothing, ``compute_loss_func``), ``None`` (the
     model's ``.loss``) otherwise. A subclass's own ``compute_loss`` is never called (it may
     record metrics or hold state): a :class:`TrainerLossWarning` says so."""
-    if type(trainer).compute_loss is not Trainer.compute_loss:
+    if getattr(type(trainer), "compute_loss", Trainer.compute_loss) is not Trainer.compute_loss:
         warnings.warn(
             f"{type(trainer).__name__} overrides compute_loss; sharpmeter measures the loss "
             "Trainer.compute_loss would give (the model's .loss, or the Trainer's label "
