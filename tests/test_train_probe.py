@@ -258,3 +258,27 @@ def test_the_trainer_callback_measures_each_step_on_its_micro_batches(tmp_path):
 def test_the_trainer_callback_refuses_a_probe_batch_with_probe_train():
     with pytest.raises(ValueError, match="give no probe_batch"):
         SharpnessCallback(MICRO_BATCHES[0], probe="train")
+
+
+@pytest.mark.parametrize("unscaled_for_clipping", [False, True])
+def test_gradients_an_fp16_loss_scaler_still_scales_are_measured_unscaled(unscaled_for_clipping):
+    """Under fp16 the Trainer's optimizer is accelerate's wrapper with a loss scaler: ``.grad``
+    holds the gradient times the scale (2**16) until the scaler unscales it, for clipping or in
+    step(). The row is the one of the unscaled gradient, unscaled once. Before, a run without
+    clipping measured along 2**16 times the step, with 2**16 times its gradient norm."""
+    from accelerate.optimizer import AcceleratedOptimizer
+
+    model, optimizer = trained_model()
+    expected = train_meter(model).measure(3, optimizer, batch=MICRO_BATCHES)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    # As Accelerator.prepare makes it under fp16 (whose state a CPU cannot set up).
+    wrapped = object.__new__(AcceleratedOptimizer)
+    wrapped.optimizer, wrapped.scaler = optimizer, scaler
+    for p in model.parameters():
+        p.grad = scaler.scale(p.grad)  # what scaler.scale(loss).backward() leaves
+    if unscaled_for_clipping:
+        scaler.unscale_(optimizer)
+    row = train_meter(model).measure(3, wrapped, batch=MICRO_BATCHES)
+    assert row["critical_status"] == "ok"
+    for column in ("grad_norm", "critical_sharpness", "critical_eta_lo", "critical_eta_hi"):
+        assert row[column] == pytest.approx(expected[column], rel=1e-12), column

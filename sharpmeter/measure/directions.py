@@ -73,6 +73,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.amp.grad_scaler import OptState
 
 from sharpmeter.measure.distributed import all_reduce_sum, is_sharded, local
 from sharpmeter.measure.params import ParameterVector, flatten, vector_dtype
@@ -95,6 +96,25 @@ def unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:
     if isinstance(optimizer, torch.optim.Optimizer):
         return optimizer
     raise TypeError(f"expected a torch.optim.Optimizer, got {type(optimizer).__name__}")
+
+
+def pending_gradient_scale(optimizer: Any) -> float:
+    """The factor by which ``.grad`` is still multiplied for fp16 mixed precision, 1 if none.
+
+    A wrapper's loss scaler (``scaler``: accelerate's ``AcceleratedOptimizer`` under fp16, as
+    the Trainer uses it) leaves the gradients scaled until it unscales them: in ``step()``, or
+    earlier for clipping (``clip_grad_norm_``, which the Trainer calls when ``max_grad_norm``
+    > 0). Between the backward and then, the gradient the optimizer will step with is
+    ``.grad / scale``.
+    """
+    scaler = getattr(optimizer, "scaler", None)
+    if scaler is None or not scaler.is_enabled():
+        return 1.0
+    # Torch keeps no public record of whether this step's gradients were unscaled.
+    state = scaler._per_optimizer_states.get(id(unwrap_optimizer(optimizer)))
+    if state is not None and state["stage"] is OptState.UNSCALED:
+        return 1.0
+    return float(scaler.get_scale())
 
 
 def learning_rate(optimizer: Any) -> float:

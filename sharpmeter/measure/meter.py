@@ -81,6 +81,7 @@ from sharpmeter.measure.directions import (
     DirectionUnavailable,
     check_adam_type,
     learning_rate,
+    pending_gradient_scale,
     update_direction,
 )
 from sharpmeter.measure.distributed import (
@@ -255,7 +256,9 @@ class SharpnessMeter:
         ``gradients`` the gradient the optimizer is about to step with, one per measured
         parameter (default: their ``.grad``): call it after the backward (and clipping) and
         before ``optimizer.step()``. Critical sharpness then follows the step's own update and
-        spends no backward.
+        spends no backward. Gradients that an fp16 loss scaler still scales (``optimizer``
+        accelerate's wrapper with its ``scaler``, before clipping or ``step()`` unscaled them)
+        are divided by its scale, as ``step()`` will.
 
         With ``optimizer``, critical and directional sharpness follow the update it would
         apply to the probe gradient (:func:`sharpmeter.update_direction`); without, the
@@ -263,7 +266,7 @@ class SharpnessMeter:
         measures whose schedules are due; otherwise every chosen measure. Every row has the
         same keys, in the same order, whatever failed or was not due.
         """
-        batch, step_gradients = self._row_inputs(batch, gradients)
+        batch, step_gradients = self._row_inputs(batch, gradients, optimizer)
         started = time.perf_counter()
         taken_ledgers = self._due[1] if self._due and self._due[0] == step else self.ledgers
         self._due = None
@@ -295,10 +298,14 @@ class SharpnessMeter:
         return row
 
     def _row_inputs(
-        self, batch: Any, gradients: Sequence[torch.Tensor | None] | None
+        self,
+        batch: Any,
+        gradients: Sequence[torch.Tensor | None] | None,
+        optimizer: torch.optim.Optimizer | None,
     ) -> tuple[Any, list[torch.Tensor | None] | None]:
         """The row's batch and, under ``probe="train"``, the step's gradient per parameter
-        (detached; ``None`` where a parameter has none)."""
+        (detached, unscaled where an fp16 loss scaler has not unscaled it yet; ``None`` where a
+        parameter has none)."""
         if not self.on_training_batches:
             if batch is not None or gradients is not None:
                 raise ValueError(
@@ -317,7 +324,11 @@ class SharpnessMeter:
             raise ValueError(
                 f"got {len(gradients)} gradients for {len(self.params)} measured parameters"
             )
-        return batch, [None if g is None else g.detach() for g in gradients]
+        gradients = [None if g is None else g.detach() for g in gradients]
+        scale = pending_gradient_scale(optimizer) if optimizer is not None else 1.0
+        if scale != 1.0:
+            gradients = [None if g is None else g / scale for g in gradients]
+        return batch, gradients
 
     def _blank_row(self, step: int) -> dict[str, Any]:
         """A row before measuring: NaN values, no status and no error yet."""
