@@ -288,3 +288,22 @@ def test_a_micro_batch_without_loss_tokens_is_left_out():
     expected_loss, expected = loss_and_gradient(ProbeLoss(model, causal_lm_loss, full), params)
     assert float(loss) == float(expected_loss)
     assert all(torch.equal(g, e) for g, e in zip(grads, expected, strict=True))
+
+
+def test_a_rank_whose_batches_have_no_loss_tokens_adds_nothing(monkeypatch):
+    """Under data parallelism a rank may hold only prompt-only micro-batches while the others
+    score 16 tokens: its share of the loss, the gradient and every HVP is 0. Before, it was
+    NaN, which the sum over ranks made every rank's row nonfinite."""
+    from sharpmeter.measure import loss as loss_module
+
+    monkeypatch.setattr(loss_module, "all_reduce_sum", lambda total: total + 16.0)
+    model = float64_gpt2()
+    empty = ragged_batch(2, valid=1, seed=3)
+    probe = loss_module.ProbeLoss(model, causal_lm_loss, [empty, empty], distributed=True)
+    assert probe.weights == [0.0, 0.0]
+    params = list(model.parameters())
+    loss, grads = loss_module.loss_and_gradient(probe, params, create_graph=True)
+    v = [torch.randn_like(p) for p in params]
+    hv = torch.autograd.grad(sum((g * u).sum() for g, u in zip(grads, v)), params)
+    assert float(loss) == 0.0
+    assert all(not g.any() for g in grads) and all(not h.any() for h in hv)

@@ -260,8 +260,8 @@ def test_the_trainer_callback_refuses_a_probe_batch_with_probe_train():
         SharpnessCallback(MICRO_BATCHES[0], probe="train")
 
 
-@pytest.mark.parametrize("unscaled_for_clipping", [False, True])
-def test_gradients_an_fp16_loss_scaler_still_scales_are_measured_unscaled(unscaled_for_clipping):
+@pytest.mark.parametrize("unscaled_through", [None, "optimizer", "wrapper"])
+def test_gradients_an_fp16_loss_scaler_still_scales_are_measured_unscaled(unscaled_through):
     """Under fp16 the Trainer's optimizer is accelerate's wrapper with a loss scaler: ``.grad``
     holds the gradient times the scale (2**16) until the scaler unscales it, for clipping or in
     step(). The row is the one of the unscaled gradient, unscaled once. Before, a run without
@@ -276,8 +276,8 @@ def test_gradients_an_fp16_loss_scaler_still_scales_are_measured_unscaled(unscal
     wrapped.optimizer, wrapped.scaler = optimizer, scaler
     for p in model.parameters():
         p.grad = scaler.scale(p.grad)  # what scaler.scale(loss).backward() leaves
-    if unscaled_for_clipping:
-        scaler.unscale_(optimizer)
+    if unscaled_through is not None:  # for clipping, by accelerate or by hand
+        scaler.unscale_(optimizer if unscaled_through == "optimizer" else wrapped)
     row = train_meter(model).measure(3, wrapped, batch=MICRO_BATCHES)
     assert row["critical_status"] == "ok"
     for column in ("grad_norm", "critical_sharpness", "critical_eta_lo", "critical_eta_hi"):

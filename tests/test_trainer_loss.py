@@ -22,17 +22,27 @@ EPSILON = 0.3
 STEPS = {"max_steps": 6, "logging_steps": 1}
 
 
-def smoothed(outputs, labels, num_items_in_batch=None):
-    """A causal LM's label-smoothed cross entropy, as a user writes a ``compute_loss_func``
-    (and what ``label_smoothing_factor`` computes)."""
+def smoothed(outputs, labels, num_items_in_batch=None, reduction="mean"):
+    """A causal LM's label-smoothed cross entropy (what ``label_smoothing_factor`` computes)."""
     logits = outputs.logits[:, :-1].float()
     targets = labels[:, 1:].reshape(-1)
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets, label_smoothing=EPSILON)
+    return F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), targets, label_smoothing=EPSILON, reduction=reduction
+    )
 
 
-def smoothed_from_inputs(model, batch):
-    """The same loss as a ``loss_fn`` that needs no labels (the test data's are its inputs)."""
-    return smoothed(model(input_ids=batch["input_ids"]), batch["input_ids"])
+def smoothed_over_the_step(outputs, labels, num_items_in_batch):
+    """The same as transformers asks a ``compute_loss_func`` to be: summed, over the loss tokens
+    of the whole step (every micro-batch, every rank)."""
+    return smoothed(outputs, labels, reduction="sum") / num_items_in_batch
+
+
+def smoothed_loss_fn(model, batch):
+    """The same loss as the user's own ``loss_fn``: the reference."""
+    return smoothed(model(input_ids=batch["input_ids"]), batch["labels"])
+
+
+LOSS_FUNCS = {"compute_loss_func": smoothed, "compute_loss_func_sum": smoothed_over_the_step}
 
 
 def trainer_smoothing(path, how: str, **args) -> Trainer:
@@ -44,21 +54,22 @@ def trainer_smoothing(path, how: str, **args) -> Trainer:
         model=base.model,
         args=base.args,
         train_dataset=base.train_dataset,
-        compute_loss_func=smoothed,
+        compute_loss_func=LOSS_FUNCS[how],
     )
 
 
 @pytest.mark.parametrize("probe", ["fixed", "train"])
-@pytest.mark.parametrize("how", ["label_smoothing_factor", "compute_loss_func"])
+@pytest.mark.parametrize("how", ["label_smoothing_factor", *LOSS_FUNCS])
 def test_rows_measure_the_smoothed_loss_the_trainer_trains_on(tmp_path, how, probe):
-    """Each row is the one a loss_fn computing the smoothed loss gives, and training is as
-    without the callback. Before, a fixed probe measured the unsmoothed ``.loss`` (the labels
-    stay in the probe), and every training-batch row was an error: the Trainer takes the labels
-    out before its forward, where the step's batch is recorded."""
+    """Each row is the one the user's own loss_fn computing the smoothed loss gives (which sees
+    the labels too), and training is as without the callback. Before, a fixed probe measured
+    the unsmoothed ``.loss`` (the labels stay in the probe), and every training-batch row was
+    an error: the Trainer takes the labels out before its forward, where the step's batch is
+    recorded; a loss over the step's tokens was divided by None."""
     measure = {"probe": probe, "schedule": sm.Schedule(every=2), "measures": ("critical",)}
     extra = {"gradient_accumulation_steps": 2, "max_grad_norm": 0.5} if probe == "train" else {}
     reference = trainer_smoothing(tmp_path / "a", how, **extra)
-    SharpnessCallback.attach(reference, loss_fn=smoothed_from_inputs, **measure)
+    SharpnessCallback.attach(reference, loss_fn=smoothed_loss_fn, **measure)
     reference.train()
     bare = trainer_smoothing(tmp_path / "b", how, **extra)
     bare.train()
@@ -98,6 +109,35 @@ def test_a_trainer_subclass_with_its_own_compute_loss_is_warned_of(tmp_path):
     own = OwnLossTrainer(model=base.model, args=base.args, train_dataset=base.train_dataset)
     with pytest.warns(TrainerLossWarning, match="OwnLossTrainer overrides compute_loss"):
         SharpnessCallback.attach(own)
+
+
+class SmoothingTrainer(Trainer):
+    """The common subclass: its own compute_loss takes the labels out and smooths."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        labels = inputs.pop("labels")
+        outputs = model(**inputs)
+        loss = smoothed(outputs, labels)
+        return (loss, outputs) if return_outputs else loss
+
+
+def test_a_subclass_that_takes_the_labels_is_measured_with_the_users_loss_fn(tmp_path):
+    """As the warning advises, loss_fn= gives the subclass's loss; under probe="train" it sees
+    the step's labels, which the subclass takes out before the forward. Before, every row was
+    a KeyError."""
+    base = make_trainer(tmp_path, **STEPS)
+    trainer = SmoothingTrainer(model=base.model, args=base.args, train_dataset=base.train_dataset)
+    SharpnessCallback.attach(
+        trainer,
+        probe="train",
+        loss_fn=smoothed_loss_fn,
+        schedule=sm.Schedule(every=2),
+        measures=("critical",),
+    )
+    trainer.train()
+    rows = read_rows(tmp_path / "out" / "sharpness.jsonl")
+    assert len(rows) == 3 and all(r["critical_status"] == "ok" for r in rows), rows
+    assert "compute_loss" not in vars(trainer)
 
 
 def test_an_unbound_callback_refuses_label_smoothing_before_the_first_step(tmp_path):

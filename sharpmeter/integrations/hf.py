@@ -90,7 +90,7 @@ from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState,
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from sharpmeter.measure.distributed import collective, honour_timeout, is_distributed, local_shard
-from sharpmeter.measure.loss import move_to, split_probe
+from sharpmeter.measure.loss import loss_token_count, move_to, shifts_labels, split_probe
 from sharpmeter.measure.meter import SharpnessMeter
 from sharpmeter.measure.options import TRAIN_PROBE, MeterOptions, resolve_options
 from sharpmeter.measure.rng import fork_rng
@@ -335,13 +335,14 @@ class SharpnessCallback(TrainerCallback):
 
         self._remove_recorder()
         self._recorder = model.register_forward_pre_hook(record, with_kwargs=True)
-        if isinstance(self.options.loss_fn, TrainerLoss):
-            self._keep_labels(self.options.loss_fn.trainer)
+        if self.trainer is not None:
+            self._keep_labels(self.trainer)
 
     def _keep_labels(self, trainer: Trainer) -> None:
-        """The Trainer takes the labels out of the batch before its forward (label smoothing,
-        ``compute_loss_func``), where the recorder would miss them: a wrapper of this trainer's
-        ``compute_loss`` hands them over for the forward it makes."""
+        """A Trainer may take the labels out of the batch before its forward (label smoothing,
+        ``compute_loss_func``, a subclass's ``compute_loss``), where the recorder would miss
+        them: a wrapper of this trainer's ``compute_loss`` hands them over for the forward it
+        makes, whatever loss the rows are measured on."""
         compute_loss = trainer.compute_loss
 
         def keeping_labels(model, inputs, *args, **kwargs):
@@ -355,6 +356,8 @@ class SharpnessCallback(TrainerCallback):
         trainer.compute_loss = keeping_labels
 
         def unwrap() -> None:
+            if trainer.__dict__.get("compute_loss") is not keeping_labels:
+                return  # wrapped again since (another callback): its wrapper calls ours
             if own is None:
                 del trainer.compute_loss
             else:
@@ -556,8 +559,11 @@ class TrainerLossWarning(UserWarning):
 class TrainerLoss:
     """The loss a Trainer with label smoothing or ``compute_loss_func`` trains on, as a
     ``loss_fn``: ``Trainer.compute_loss`` (the base class's, never an override) on a copy of the
-    batch, whose labels it takes out, without ``num_items_in_batch`` (each batch's loss is its
-    mean; the meter weighs batches by their loss tokens itself).
+    batch, whose labels it takes out. Its ``num_items_in_batch`` is the batch's own loss-token
+    count, so that a loss summed over tokens and divided by it, as transformers asks of a
+    ``compute_loss_func``, is the batch's mean (the meter weighs batches by their loss tokens
+    itself); the Trainer's rescaling for ``average_tokens_across_devices`` is off during the
+    call, since the meter sums ranks' shares itself.
 
     Example::
 
@@ -569,7 +575,17 @@ class TrainerLoss:
         self.trainer = trainer
 
     def __call__(self, model: torch.nn.Module, batch: Mapping[str, Any]) -> torch.Tensor:
-        return Trainer.compute_loss(self.trainer, model, dict(batch))
+        labels = batch.get("labels")
+        if labels is None:
+            raise ValueError("the Trainer computes its loss from labels: the batch has none")
+        count = torch.tensor(loss_token_count(batch, shifts_labels(model)), device=labels.device)
+        args = self.trainer.args
+        averaging = args.average_tokens_across_devices
+        args.average_tokens_across_devices = False
+        try:
+            return Trainer.compute_loss(self.trainer, model, dict(batch), num_items_in_batch=count)
+        finally:
+            args.average_tokens_across_devices = averaging
 
 
 def trainer_loss(trainer: Trainer) -> TrainerLoss | None:

@@ -108,12 +108,14 @@ def pending_gradient_scale(optimizer: Any) -> float:
     ``.grad / scale``.
     """
     scaler = getattr(optimizer, "scaler", None)
-    if scaler is None or not scaler.is_enabled():
+    if not isinstance(scaler, torch.amp.GradScaler) or not scaler.is_enabled():
         return 1.0
-    # Torch keeps no public record of whether this step's gradients were unscaled.
-    state = scaler._per_optimizer_states.get(id(unwrap_optimizer(optimizer)))
-    if state is not None and state["stage"] is OptState.UNSCALED:
-        return 1.0
+    # Torch keeps no public record of whether this step's gradients were unscaled; the
+    # wrapper's own id too, for a user who unscaled through it.
+    for unscaled in (unwrap_optimizer(optimizer), optimizer):
+        state = scaler._per_optimizer_states.get(id(unscaled))
+        if state is not None and state["stage"] is OptState.UNSCALED:
+            return 1.0
     return float(scaler.get_scale())
 
 

@@ -121,6 +121,7 @@ def shifts_labels(model: nn.Module) -> bool:
     if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
         return False
     loss_function = getattr(model, "loss_function", None)
+    loss_function = getattr(loss_function, "func", loss_function)  # a functools.partial
     return loss_function is None or getattr(loss_function, "__name__", "") == "ForCausalLMLoss"
 
 
@@ -223,12 +224,17 @@ class ProbeLoss:
     def _weighed(self) -> list[tuple[int, float]]:
         """The batches that enter the loss: a batch without loss tokens (a prompt-only
         micro-batch of completion-only training) has the mean loss 0/0 = NaN and weight 0, and
-        is left out. Not where the model is fully sharded (every rank must make every forward),
-        nor where it is all this rank holds (its loss must still be a graph over the
-        parameters): the NaN then makes the row ``nonfinite``."""
+        is left out, unless the model is fully sharded (every rank must make every forward; the
+        NaN then makes the row ``nonfinite``)."""
         every = list(enumerate(self.weights))
-        weighed = [(i, w) for i, w in every if w > 0]
-        return weighed if weighed and not self.fsdp_modules else every
+        return every if self.fsdp_modules else [(i, w) for i, w in every if w > 0]
+
+    def _no_share(self, model: nn.Module | None) -> torch.Tensor:
+        """The loss of a rank none of whose batches has a loss token (its data-parallel share
+        of the probe is all prompt): 0, yet a graph over the parameters, so that its gradient
+        and Hessian-vector products are 0 too (0 times their squared norm)."""
+        params = (self.model if model is None else model).parameters()
+        return 0.0 * sum(wide_loss(p.square().sum()) for p in params if p.requires_grad)
 
     def __call__(self, model: nn.Module | None = None) -> torch.Tensor:
         """The weighted probe loss :math:`\\sum_b w_b L_b` (keeps the autograd graph if enabled).
@@ -243,7 +249,10 @@ class ProbeLoss:
                 self._watching_outputs() if not self._watched else contextlib.nullcontext(),
                 _autocast_cache(enabled=False),
             ):
-                return sum(w * self.batch_loss(i, model) for i, w in self._weighed())
+                weighed = self._weighed()
+                if not weighed:
+                    return self._no_share(model)
+                return sum(w * self.batch_loss(i, model) for i, w in weighed)
         finally:
             # Also before a backward, which gathers the root's parameters once more: the price
             # of never leaving them gathered when the forward or the loss raises.

@@ -266,7 +266,7 @@ class SharpnessMeter:
         measures whose schedules are due; otherwise every chosen measure. Every row has the
         same keys, in the same order, whatever failed or was not due.
         """
-        batch, step_gradients = self._row_inputs(batch, gradients, optimizer)
+        batch, step_gradients = self._row_inputs(batch, gradients)
         started = time.perf_counter()
         taken_ledgers = self._due[1] if self._due and self._due[0] == step else self.ledgers
         self._due = None
@@ -298,14 +298,10 @@ class SharpnessMeter:
         return row
 
     def _row_inputs(
-        self,
-        batch: Any,
-        gradients: Sequence[torch.Tensor | None] | None,
-        optimizer: torch.optim.Optimizer | None,
+        self, batch: Any, gradients: Sequence[torch.Tensor | None] | None
     ) -> tuple[Any, list[torch.Tensor | None] | None]:
         """The row's batch and, under ``probe="train"``, the step's gradient per parameter
-        (detached, unscaled where an fp16 loss scaler has not unscaled it yet; ``None`` where a
-        parameter has none)."""
+        (detached; ``None`` where a parameter has none)."""
         if not self.on_training_batches:
             if batch is not None or gradients is not None:
                 raise ValueError(
@@ -324,11 +320,7 @@ class SharpnessMeter:
             raise ValueError(
                 f"got {len(gradients)} gradients for {len(self.params)} measured parameters"
             )
-        gradients = [None if g is None else g.detach() for g in gradients]
-        scale = pending_gradient_scale(optimizer) if optimizer is not None else 1.0
-        if scale != 1.0:
-            gradients = [None if g is None else g / scale for g in gradients]
-        return batch, gradients
+        return batch, [None if g is None else g.detach() for g in gradients]
 
     def _blank_row(self, step: int) -> dict[str, Any]:
         """A row before measuring: NaN values, no status and no error yet."""
@@ -384,7 +376,10 @@ class SharpnessMeter:
         taken needs HVPs), the learning rate and the update direction.
 
         Under ``probe="train"`` the gradient is the step's own (no backward unless an HVP
-        measure builds its operator), already clipped as the optimizer will use it."""
+        measure builds its operator), already clipped as the optimizer will use it, and
+        unscaled where an fp16 loss scaler has not unscaled it yet."""
+        if step_gradients is not None and optimizer is not None:
+            step_gradients = _unscaled(step_gradients, pending_gradient_scale(optimizer))
         operator = None
         if any(measure.needs_hvp for measure in taken):
             operator = HessianOperator(
@@ -547,6 +542,12 @@ def _charge(
     for ledger, mine in zip(ledgers_taken, own, strict=True):
         share = mine / total if total > 0 else 1 / len(ledgers_taken)
         ledger.charge(step, mine + shared * share)
+
+
+def _unscaled(gradients: list[torch.Tensor | None], scale: float) -> list[torch.Tensor | None]:
+    if scale == 1.0:
+        return gradients
+    return [None if g is None else g / scale for g in gradients]
 
 
 def _fail(row: dict[str, Any], measures: Sequence[Measure], status: str, error: str) -> None:
