@@ -121,3 +121,47 @@ def test_a_hand_loop_measures_each_step_on_its_own_batch_before_the_update(tmp_p
     meter.close()
     with pytest.raises(ValueError, match="give no probe_batch"):
         AcceleratedMeter(OneProcess(), model, token_batch(), probe="train")
+
+
+class Accumulating(OneProcess):
+    """``accelerator.accumulate`` over ``steps`` micro-batches: the gradients are complete (and
+    the optimizer steps) at the last one of each step only."""
+
+    def __init__(self, steps: int) -> None:
+        self.steps, self.micro_batches = steps, 0
+
+    def accumulate(self) -> None:
+        self.micro_batches += 1
+        self.sync_gradients = self.micro_batches % self.steps == 0
+
+
+def test_under_gradient_accumulation_each_step_is_measured_on_all_its_micro_batches(tmp_path):
+    """A loop under ``accelerator.accumulate(model)`` calls step() at every micro-batch. The
+    row of an optimizer step is the one of its micro-batches together, with the gradient they
+    accumulated; the other micro-batches are not measured. Before, every micro-batch was
+    measured on its own, with the partial gradient of an update that never happens (under DDP,
+    each rank's own)."""
+    model = float64_gpt2()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    accelerator = Accumulating(steps=3)
+    options = {"probe": "train", "loss_fn": causal_lm_loss, "measures": ("critical",)}
+    options["schedule"] = sm.Schedule(every=1)
+    meter = AcceleratedMeter(accelerator, model, jsonl_path=tmp_path / "a.jsonl", **options)
+    reference = sm.SharpnessMeter(model, **options)
+    step, rows = 0, []
+    for seed in range(6):
+        batch = token_batch(batch_size=2 + seed % 3, seed=seed)
+        accelerator.accumulate()
+        (causal_lm_loss(model, batch) / 3).backward()
+        row = meter.step(step, optimizer, batch=batch)
+        assert (row is None) != accelerator.sync_gradients
+        if row is not None:
+            micro_batches = [token_batch(2 + s % 3, seed=s) for s in range(seed - 2, seed + 1)]
+            expected = reference.measure(step, optimizer, batch=micro_batches)
+            for column in ("loss", "grad_norm", "critical_sharpness"):
+                assert row[column] == expected[column], column
+            rows.append(row)
+            optimizer.step()
+            optimizer.zero_grad()
+        step += accelerator.sync_gradients
+    assert [r["step"] for r in rows] == [0, 1] and all(r["status"] == "ok" for r in rows)

@@ -29,6 +29,18 @@ optimizer is about to make from the step's gradient, so ``step`` goes between th
         meter.step(step, optimizer, batch=batch)    # before the update
         optimizer.step()
         optimizer.zero_grad()
+
+Under gradient accumulation (``Accelerator(gradient_accumulation_steps=k)``) call it for every
+micro-batch, counting optimizer steps; a row is taken where the accumulated step completes::
+
+    step = 0
+    for batch in loader:
+        with accelerator.accumulate(model):
+            accelerator.backward(model(**batch).loss)
+            meter.step(step, optimizer, batch=batch)    # measures the step's k micro-batches
+            optimizer.step()
+            optimizer.zero_grad()
+        step += accelerator.sync_gradients
 """
 
 from __future__ import annotations
@@ -40,7 +52,7 @@ import torch
 from accelerate import Accelerator
 
 from sharpmeter.measure.distributed import local_shard
-from sharpmeter.measure.loss import move_to
+from sharpmeter.measure.loss import move_to, split_probe
 from sharpmeter.measure.meter import SharpnessMeter
 from sharpmeter.measure.options import TRAIN_PROBE, MeterOptions, resolve_options
 from sharpmeter.measure.schema import RUN_FILE
@@ -96,6 +108,7 @@ class AcceleratedMeter:
             self.meter.check_optimizer(optimizer)
         self.sinks: list = []
         self.jsonl: JsonlSink | None = None
+        self._micro_batches: list[Any] = []  # probe="train": the step's, until it completes
         if accelerator.is_main_process:
             metadata = run_metadata(
                 unwrapped,
@@ -112,13 +125,25 @@ class AcceleratedMeter:
         """Measure if ``step`` is due; returns the row or None. With a fixed probe after
         ``optimizer.step()``; under ``probe="train"`` before it, given the step's ``batch``.
 
+        Under ``accelerator.accumulate(model)`` call it for every micro-batch, with ``step``
+        the number of optimizer steps: a micro-batch whose backward does not complete the
+        accumulated gradient (``accelerator.sync_gradients`` false: the optimizer's step does
+        nothing, and under DDP the gradients are this rank's alone) is not measured, and under
+        ``probe="train"`` its batch joins the step's, whose row is measured on all of them at
+        the micro-batch that completes it.
+
         Raises :class:`~sharpmeter.measure.distributed.CollectiveError` when another rank is
         stopped, hung or dead (after the process group's timeout:
         ``InitProcessGroupKwargs(timeout=)``).
         """
+        if batch is not None and self.meter.on_training_batches:
+            self._micro_batches.extend(split_probe(batch))
+        if not getattr(self.accelerator, "sync_gradients", True):
+            return None
+        batches, self._micro_batches = self._micro_batches, []
         if not self.meter.is_due(step):
             return None
-        row = self.meter.measure(step, optimizer=optimizer, batch=batch)
+        row = self.meter.measure(step, optimizer=optimizer, batch=batches or batch)
         for sink in self.sinks:
             sink.write(row)
         return row
