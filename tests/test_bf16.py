@@ -84,3 +84,5 @@ def test_measuring_inside_the_callers_autocast_region_sees_the_moved_parameters(
     # (the stale casts were 1e-3 off; the measurement runs attention on the math backend)
     assert rows[-1]["loss"] == pytest.approx(fresh, rel=1e-4)
     assert all(row["critical_status"] == "ok" for row in rows)
+    # float32 parameters computing in bf16: bf16's epsilon is the loss's noise floor
+    assert rows[-1]["loss_noise_floor"] == pytest.approx(2**-7 * rows[-1]["loss"])

@@ -50,6 +50,7 @@ from sharpmeter.measure.params import (
     copy_into,
     dot,
     resolve_params,
+    storage_eps,
     unflatten,
     vector_dtype,
 )
@@ -330,7 +331,7 @@ class _LineSearch:
         self.faithful_from = math.inf
         self.direction_norm2 = math.nan  # ||d||^2, from surely_faithful's pass
         # The network's coarsest epsilon until a forward shows the dtype it computes in.
-        self.model_eps = max(torch.finfo(p.dtype).eps for p in probe.model.parameters())
+        self.model_eps = storage_eps(probe.model.parameters())
         self.unresolved = False  # a downward search stopped at the resolution
 
     def raises_loss(self, eta: float) -> bool:
@@ -568,7 +569,7 @@ class _LineSearch:
             return (*bounds, torch.dot(g, t.abs()) * eps / 2, torch.dot(g, d.abs()) * eps)
 
         rounding, self.direction_norm2, slope_rounding, slope_step = self._sums(terms, count=4)
-        eps = max(torch.finfo(p.dtype).eps for p in self.params)
+        eps = storage_eps(self.params)
         size = self.direction_norm2
         in_norm = math.sqrt(rounding / size) / (FAITHFUL - 1.01 * eps) if size > 0 else 0.0
         if self.gradient is None:

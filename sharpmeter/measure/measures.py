@@ -78,6 +78,7 @@ class RowContext:
     direction: torch.Tensor | DirectionUnavailable | None
     optimizer: torch.optim.Optimizer | None
     clip_norm: torch.Tensor | None
+    rounding_eps: float  # of the coarsest dtype the probe loss passes through
     # Results measures of this row share (the deflated trace's Krylov run); filled as taken.
     shared: dict[str, Any] = field(default_factory=dict, compare=False)
 

@@ -16,7 +16,9 @@ same keys, a failed one NaN where it has no value):
 ``probe``                      ``fixed`` (the probe batch of the run) or ``train`` (the step's
                                training batch and gradient, ``MeterOptions.probe``)
 ``loss``, ``grad_norm``        probe loss :math:`L(\theta)` and :math:`\lVert g\rVert`
-``loss_noise_floor``           :math:`\epsilon_{\rm dtype}|L|`: loss changes below it are rounding
+``loss_noise_floor``           :math:`\epsilon|L|`, :math:`\epsilon` of the coarsest dtype the loss
+                               passes through (the parameters' storage, the network's
+                               activations, the loss): loss changes below it are rounding
 ``critical_sharpness``         :math:`\lambda_c = 2/\eta_c` along the optimizer's update direction
 ``critical_eta[_lo,_hi]``      :math:`\eta_c` and its bracket; ``critical_num_forward``
 ``stability_ratio``            :math:`\mathrm{lr}\,\lambda_c/2 = \mathrm{lr}/\eta_c`: above 1 the
@@ -109,6 +111,7 @@ from sharpmeter.measure.params import (
     flatten,
     norm,
     resolve_params,
+    storage_eps,
     unflatten,
     vector_dtype,
     zeros_for_unused,
@@ -343,7 +346,7 @@ class SharpnessMeter:
         row["lr"] = context.lr
         row["loss"] = context.loss
         row["grad_norm"] = float(norm(context.gradient, self.params))
-        row["loss_noise_floor"] = torch.finfo(self.params[0].dtype).eps * abs(context.loss)
+        row["loss_noise_floor"] = context.rounding_eps * abs(context.loss)
         # HVP measures first: the line search writes the parameters (and restores them), which
         # would make the operator rebuild its graph.
         ordered = sorted(context.measures, key=lambda measure: not measure.needs_hvp)
@@ -391,9 +394,11 @@ class SharpnessMeter:
                 seed=self.options.seed,
                 products_per_call=self.hvp_products_per_call,
             )
+            probe = operator.probe
             loss, gradient = operator.loss, operator.gradient
         elif step_gradients is None:
-            loss, gradient = probe_loss_and_gradient(self._probe(batch), self.params)
+            probe = self._probe(batch)
+            loss, gradient = probe_loss_and_gradient(probe, self.params)
         else:
             probe = self._probe(batch)
             with torch.no_grad():
@@ -427,6 +432,7 @@ class SharpnessMeter:
             direction=direction,
             optimizer=optimizer,
             clip_norm=clip_norm,
+            rounding_eps=max(probe.loss_eps, probe.compute_eps, storage_eps(self.params)),
         )
 
     def _clips_by_global_norm(

@@ -55,6 +55,11 @@ def vector_dtype(params: Sequence[torch.Tensor]) -> torch.dtype:
     return dtype
 
 
+def storage_eps(params: Iterable[torch.Tensor]) -> float:
+    """The machine epsilon of the coarsest dtype among ``params``: how finely they are stored."""
+    return max(torch.finfo(p.dtype).eps for p in params)
+
+
 def num_elements(params: Sequence[torch.Tensor]) -> int:
     """Length of the flat vectors over ``params`` (this rank's shards for sharded ones)."""
     return sum(local(p).numel() for p in params)
