@@ -165,6 +165,43 @@ def train_probe_row(batches: list[dict], rank_batch: bool) -> dict:
     return {key: row[key] for key in ("loss", "grad_norm", "critical_eta_lo", "critical_eta_hi")}
 
 
+def prompt_only(batch: dict) -> dict:
+    return {"input_ids": batch["input_ids"], "labels": torch.full_like(batch["labels"], -100)}
+
+
+def token_weighted_row(held: list[list[dict]]) -> dict:
+    """A probe="train" row after a step whose micro-batches each rank holds (``held[rank]``;
+    one process: all of them), the gradient the token-weighted loss of all of them."""
+    model = float64_gpt2().eval()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    distributed = dist.is_initialized()
+    mine = held[dist.get_rank()] if distributed else [b for batches in held for b in batches]
+    ProbeLoss(model, causal_lm_loss, mine, seed=None)().backward()
+    if distributed:
+        for p in model.parameters():
+            dist.all_reduce(p.grad)
+    meter = sm.SharpnessMeter(
+        model, None, causal_lm_loss, probe="train", measures=("critical", "spectral")
+    )
+    row = meter.measure(0, optimizer, batch=mine)
+    columns = ("status", "loss", "grad_norm", "critical_eta_lo", "critical_eta_hi", "lambda_max")
+    return {key: row[key] for key in columns}
+
+
+def test_a_rank_with_only_prompt_only_micro_batches_adds_nothing():
+    """Completion-only training can leave a rank a step of prompts alone: its share of the loss,
+    gradient and HVPs is 0, and both ranks' rows are the one process's on all the batches.
+    Before, its share was 0/0 = NaN and every rank's row nonfinite."""
+    scored = token_batch(batch_size=3, seed=21)
+    empty = [prompt_only(token_batch(batch_size=2, seed=s)) for s in (22, 23)]
+    held = [[scored], empty]
+    single = token_weighted_row(held)
+    first, second = run_on_ranks(token_weighted_row, held)
+    assert first == second and first["status"] == "ok", first
+    for key, value in single.items():
+        assert first[key] == (value if key == "status" else pytest.approx(value, rel=1e-9)), key
+
+
 def test_on_training_batches_each_rank_measures_its_own_and_they_add_up():
     batches = [token_batch(batch_size=2, seed=21), token_batch(batch_size=2, seed=22)]
     single = train_probe_row(batches, rank_batch=False)
