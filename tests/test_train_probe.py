@@ -282,3 +282,20 @@ def test_gradients_an_fp16_loss_scaler_still_scales_are_measured_unscaled(unscal
     assert row["critical_status"] == "ok"
     for column in ("grad_norm", "critical_sharpness", "critical_eta_lo", "critical_eta_hi"):
         assert row[column] == pytest.approx(expected[column], rel=1e-12), column
+
+
+def test_directional_sharpness_is_the_probe_losss_own_curvature_over_its_slope():
+    """d'Hd / d'g with H and g of the same loss: the step's gradient is clipped (to norm 0.5),
+    so its slope is not the loss's, and the ratio was 1/c too large."""
+    model, optimizer = trained_model()
+    row = train_meter(model, measures=("directional",)).measure(3, optimizer, batch=MICRO_BATCHES)
+    direction = sm.update_direction(optimizer).vector
+    reference = sm.HessianOperator(model, causal_lm_loss, MICRO_BATCHES)
+    expected = float(direction @ (reference @ direction)) / float(direction @ reference.gradient)
+    assert row["directional_sharpness"] == pytest.approx(expected, rel=1e-9)
+    clipped = float(direction @ (reference @ direction)) / float(direction @ row_gradient(model))
+    assert clipped > 1.1 * expected  # the clipping this test must see through
+
+
+def row_gradient(model) -> torch.Tensor:
+    return torch.cat([p.grad.reshape(-1) for p in model.parameters()])

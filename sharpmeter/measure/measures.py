@@ -148,7 +148,9 @@ def _critical(row: RowContext) -> Outcome:
 
 
 def _directional(row: RowContext) -> Outcome:
-    result = directional_sharpness(row.operator, row.direction, row.gradient)
+    # The slope of the loss whose Hessian the operator holds: under probe="train" the row's
+    # gradient is the step's, clipped (and weighted as the training loop weighs micro-batches).
+    result = directional_sharpness(row.operator, row.direction)
     return Outcome(result.status, {"directional_sharpness": result.value})
 
 
