@@ -14,7 +14,7 @@ import torch
 from conftest import SEQ, VOCAB, causal_lm_loss, float64_gpt2, token_batch
 
 import sharpmeter as sm
-from sharpmeter.integrations.accelerate import AcceleratedMeter
+from sharpmeter.integrations.accelerate import AcceleratedMeter, AccumulationWarning
 
 EXAMPLES = Path(__file__).parent.parent / "examples"
 KEYS = ("loss", "critical_sharpness", "lambda_max", "hessian_trace")
@@ -128,13 +128,14 @@ class Accumulating(OneProcess):
     the optimizer steps) at the last one of each step only."""
 
     def __init__(self, steps: int) -> None:
-        self.steps, self.micro_batches = steps, 0
+        self.gradient_accumulation_steps, self.micro_batches = steps, 0
 
     def accumulate(self) -> None:
         self.micro_batches += 1
-        self.sync_gradients = self.micro_batches % self.steps == 0
+        self.sync_gradients = self.micro_batches % self.gradient_accumulation_steps == 0
 
 
+@pytest.mark.filterwarnings("error::sharpmeter.integrations.accelerate.AccumulationWarning")
 def test_under_gradient_accumulation_each_step_is_measured_on_all_its_micro_batches(tmp_path):
     """A loop under ``accelerator.accumulate(model)`` calls step() at every micro-batch. The
     row of an optimizer step is the one of its micro-batches together, with the gradient they
@@ -165,3 +166,49 @@ def test_under_gradient_accumulation_each_step_is_measured_on_all_its_micro_batc
             optimizer.zero_grad()
         step += accelerator.sync_gradients
     assert [r["step"] for r in rows] == [0, 1] and all(r["status"] == "ok" for r in rows)
+
+
+def accumulated_loop(tmp_path, step_of, given) -> list[dict]:
+    """Six micro-batches in steps of three, ``step_of(micro_batch, updates)`` passed as the step
+    and ``given(micro_batch)`` saying whether step() is called there."""
+    model = float64_gpt2()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-2)
+    accelerator = Accumulating(steps=3)
+    meter = AcceleratedMeter(
+        accelerator,
+        model,
+        jsonl_path=tmp_path / "a.jsonl",
+        probe="train",
+        loss_fn=causal_lm_loss,
+        measures=("critical",),
+        schedule=sm.Schedule(every=1),
+    )
+    updates, rows = 0, []
+    for index in range(6):
+        batch = token_batch(batch_size=2, seed=index)
+        accelerator.accumulate()
+        (causal_lm_loss(model, batch) / 3).backward()
+        if given(index) and (row := meter.step(step_of(index, updates), optimizer, batch)):
+            rows.append(row)
+        if accelerator.sync_gradients:
+            optimizer.step()
+            optimizer.zero_grad()
+            updates += 1
+    return rows
+
+
+def test_a_step_that_counts_micro_batches_is_warned_of(tmp_path):
+    """enumerate(loader) under accumulate counts micro-batches: the schedule's grid, which is
+    on the updates, may never meet one that completes an update."""
+    with pytest.warns(AccumulationWarning, match="step 0, then 1, within one accumulated"):
+        accumulated_loop(tmp_path, lambda index, updates: index, lambda index: True)
+
+
+def test_a_step_given_only_its_last_micro_batch_is_warned_of(tmp_path):
+    """step() called only where accelerator.sync_gradients: the row measures one micro-batch
+    against the gradient of three."""
+    with pytest.warns(AccumulationWarning, match="accumulated 3 micro-batches but step"):
+        rows = accumulated_loop(
+            tmp_path, lambda index, updates: updates, lambda index: index % 3 == 2
+        )
+    assert len(rows) == 2

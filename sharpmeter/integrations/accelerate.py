@@ -46,6 +46,7 @@ micro-batch, counting optimizer steps; a row is taken where the accumulated step
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any
 
 import torch
@@ -57,6 +58,11 @@ from sharpmeter.measure.meter import SharpnessMeter
 from sharpmeter.measure.options import TRAIN_PROBE, MeterOptions, resolve_options
 from sharpmeter.measure.schema import RUN_FILE
 from sharpmeter.measure.sinks import JsonlSink, WandbSink, run_metadata
+
+
+class AccumulationWarning(UserWarning):
+    """``AcceleratedMeter.step`` is called in a way gradient accumulation makes lose rows or
+    mix a row's micro-batches with another gradient."""
 
 
 class AcceleratedMeter:
@@ -109,6 +115,8 @@ class AcceleratedMeter:
         self.sinks: list = []
         self.jsonl: JsonlSink | None = None
         self._micro_batches: list[Any] = []  # probe="train": the step's, until it completes
+        self._group_step: int | None = None  # the step of this accumulated step's micro-batches
+        self._warned_step = self._warned_batch = False
         if accelerator.is_main_process:
             metadata = run_metadata(
                 unwrapped,
@@ -130,7 +138,12 @@ class AcceleratedMeter:
         accumulated gradient (``accelerator.sync_gradients`` false: the optimizer's step does
         nothing, and under DDP the gradients are this rank's alone) is not measured, and under
         ``probe="train"`` its batch joins the step's, whose row is measured on all of them at
-        the micro-batch that completes it.
+        the micro-batch that completes it. Its loss weighs them by their loss tokens (as the
+        Trainer does); accelerate's backward weighs each micro-batch's mean equally (and a
+        last step of r < k micro-batches by r/k), so with micro-batches of unequal token
+        counts the row's ``grad_norm`` is the step's, not its loss's. A step that changes
+        within an accumulated step, or a completed step given fewer micro-batches than it
+        accumulated, gives an :class:`AccumulationWarning`, once.
 
         Raises :class:`~sharpmeter.measure.distributed.CollectiveError` when another rank is
         stopped, hung or dead (after the process group's timeout:
@@ -138,15 +151,51 @@ class AcceleratedMeter:
         """
         if batch is not None and self.meter.on_training_batches:
             self._micro_batches.extend(split_probe(batch))
+        self._check_steps_count_updates(step)
         if not getattr(self.accelerator, "sync_gradients", True):
             return None
         batches, self._micro_batches = self._micro_batches, []
+        self._group_step = None
+        if self.meter.on_training_batches:
+            self._check_every_micro_batch_given(len(batches))
         if not self.meter.is_due(step):
             return None
         row = self.meter.measure(step, optimizer=optimizer, batch=batches or batch)
         for sink in self.sinks:
             sink.write(row)
         return row
+
+    def _check_steps_count_updates(self, step: int) -> None:
+        """Warn once when ``step`` changes between micro-batches of one accumulated step: it
+        counts micro-batches then, and the schedule's grid, which is on the updates, may never
+        meet a micro-batch that completes one (rows lost without a word)."""
+        if self._group_step is None:
+            self._group_step = step
+        elif step != self._group_step and not self._warned_step:
+            self._warned_step = True
+            warnings.warn(
+                f"AcceleratedMeter.step got step {self._group_step}, then {step}, within one "
+                "accumulated optimizer step: pass the count of optimizer steps (the schedule's "
+                "grid is on it), or rows are skipped",
+                AccumulationWarning,
+                stacklevel=3,
+            )
+
+    def _check_every_micro_batch_given(self, given: int) -> None:
+        """Warn once when a completed step had fewer micro-batches given than it accumulated
+        (``step`` called only where ``accelerator.sync_gradients``): its row then measures
+        the last micro-batches against the gradient of all of them."""
+        expected = getattr(self.accelerator, "gradient_accumulation_steps", 1)
+        state = getattr(self.accelerator, "gradient_state", None)
+        if given >= expected or getattr(state, "end_of_dataloader", False) or self._warned_batch:
+            return
+        self._warned_batch = True
+        warnings.warn(
+            f"the step's gradient accumulated {expected} micro-batches but step() was given "
+            f"{given}: call it at every micro-batch, or pass the step's micro-batches as a list",
+            AccumulationWarning,
+            stacklevel=3,
+        )
 
     def close(self) -> None:
         """End the run normally: record in the metadata that it finished (a run that never
