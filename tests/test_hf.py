@@ -196,6 +196,23 @@ def test_resume_continues_the_curve_without_duplicates(tmp_path):
     assert state["last_step"] == 8 and state["eta_c"] > 0
 
 
+@pytest.mark.parametrize("every", [1, 3])
+def test_resume_on_training_batches_continues_the_curve_without_duplicates(tmp_path, every):
+    """A training-batch row of step k is taken in the next step, after checkpoint k was saved:
+    the resumed run measures it again, so the crashed run's row k goes. It was kept: step 10
+    twice (every=1). With every=3 the last row before the checkpoint is 9."""
+    arguments = {"max_steps": 14, "save_strategy": "steps", "save_steps": 10}
+    options = {"probe": "train", "schedule": sm.Schedule(every=every), "measures": ("critical",)}
+    first = make_trainer(tmp_path, **arguments)
+    SharpnessCallback.attach(first, **options)
+    first.train()  # as a run that went on past its checkpoint at 10 and then crashed
+    second = make_trainer(tmp_path, **arguments)
+    SharpnessCallback.attach(second, **options)
+    second.train(resume_from_checkpoint=str(tmp_path / "out" / f"{PREFIX_CHECKPOINT_DIR}-10"))
+    steps = [r["step"] for r in read_rows(tmp_path / "out" / "sharpness.jsonl")]
+    assert steps == list(range(0, 14, every))
+
+
 @pytest.mark.parametrize("probe", [None, {"input_ids": torch.zeros(2, 8, dtype=torch.long)}])
 def test_bad_options_fail_at_construction(probe):
     """With or without a probe batch, every option is checked when the callback is made."""

@@ -249,8 +249,18 @@ class SharpnessCallback(TrainerCallback):
                 probe_seed=self.options.probe_seed,
                 max_steps=state.max_steps,
             )
-            resume = state.global_step if state.global_step > 0 else None
-            self.sink = JsonlSink(path, metadata, resume_step=resume)
+            self.sink = JsonlSink(path, metadata, resume_step=self._resumed_after(state, saved))
+
+    def _resumed_after(self, state: TrainerState, saved: Any) -> int | None:
+        """The last row the checkpoint resumed from had taken (the rows after it, which the
+        run that wrote them went on to measure, are measured again), or None for a fresh run.
+        A training-batch row of step ``k`` is taken in the next step, after checkpoint ``k``
+        was saved; so is a row of any schedule that was not due at ``k``."""
+        if state.global_step == 0:
+            return None
+        if saved:
+            return self.meter.last_step  # None: nothing was measured before the checkpoint
+        return state.global_step - (1 if self.meter.on_training_batches else 0)
 
     def _options_under(self, args: TrainingArguments, state: TrainerState) -> MeterOptions:
         """The options with what was left to the Trainer filled in from it: its gradient
