@@ -430,7 +430,7 @@ class OwnListSGD(torch.optim.Optimizer):
     def step(self, closure=None):
         for p in self.own:
             if p.grad is not None:
-                p.add_(p.grad, alpha=-self.defaults["lr"])
+                p.add_(p.grad, alpha=-self.param_groups[0]["lr"])
 
 
 @pytest.mark.parametrize("optimizer_type", [CountingSGD, OwnListSGD])
@@ -626,7 +626,9 @@ def test_a_sharded_rank_without_gradients_still_reduces(monkeypatch, others, mov
     else:
         with pytest.raises(DirectionUnavailable, match="did not move"):
             update_direction(optimizer)
-    assert len(ranks.calls) == 2
+    # Failure and moved checks: one each per shadow step (at the rates, then at half of them)
+    # and one for the proportionality check, when the first did not raise.
+    assert len(ranks.calls) == (5 if moved else 2)
     assert ranks.calls[1].tolist() == [0.0, 0.0]
 
 
@@ -636,8 +638,10 @@ def test_a_sharded_moved_check_is_one_reduction(monkeypatch) -> None:
     train(model, optimizer, 1)
     ranks = FakeRanks(monkeypatch)
     update_direction(optimizer)
-    # No rank failed; this rank has gradients, and the copy moved its 4 parameters with one.
-    assert [t.tolist() for t in ranks.calls] == [0.0, [1.0, 4.0]]
+    # No rank failed; this rank has gradients, and the copy moved its 4 parameters with one;
+    # so did the copy at half the rates; then the proportionality check's two sums.
+    assert [t.tolist() for t in ranks.calls[:4]] == [0.0, [1.0, 4.0]] * 2
+    assert len(ranks.calls) == 5 and ranks.calls[4].shape == (2,)
 
 
 @pytest.mark.parametrize("warmup_init", [False, True])
@@ -672,3 +676,48 @@ def test_a_rate_that_is_not_a_number_is_refused() -> None:
     optimizer.param_groups[0]["lr"] = None
     with pytest.raises(ValueError, match="lr=None, not a number"):
         learning_rate(optimizer)
+
+
+class ScheduleFreeLike(torch.optim.Optimizer):
+    """Moves toward an average whose weight does not scale with the rate, as schedule-free
+    AdamW's interpolation does: its step does not halve with the rate."""
+
+    def __init__(self, params, lr: float) -> None:
+        super().__init__(params, {"lr": lr})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.mul_(0.9).add_(p.grad, alpha=-group["lr"])
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda params: ScheduleFreeLike(params, lr=0.1),
+        lambda params: torch.optim.Rprop(params, lr=0.1),  # step sizes of its own after the first
+        lambda params: torch.optim.ASGD(params, lr=0.1),  # steps with the last step's rate
+        lambda params: torch.optim.Adafactor(params, lr=1.0),  # rate min(lr, 1/sqrt(t))
+    ],
+)
+def test_a_step_that_does_not_scale_with_the_rate_has_no_direction(make) -> None:
+    """theta - c lr0 d would be no step the optimizer takes at rate c lr0: d per unit rate
+    means nothing, and critical sharpness along it scaled like 1/lr (schedule-free AdamW:
+    2.1 at lr 1e-2, 156 at 1e-4, from the same state)."""
+    model = make_model()
+    optimizer = make(model.parameters())
+    train(model, optimizer, 3)
+    saved = snapshot(model, optimizer)
+    with pytest.raises(DirectionUnavailable, match="does not scale with its learning rate"):
+        update_direction(optimizer)
+    assert_unchanged(model, optimizer, saved)
+
+
+def test_a_bf16_model_with_a_custom_optimizer_is_not_checked_for_proportion() -> None:
+    """bf16 storage can lose a half step to rounding: the check would refuse a good step."""
+    model = make_model(dtype=torch.bfloat16)
+    optimizer = torch.optim.RMSprop(model.parameters(), lr=1e-4)
+    train(model, optimizer, 2)
+    assert update_direction(optimizer).vector.any()

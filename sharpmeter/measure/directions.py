@@ -36,10 +36,15 @@ Any other optimizer (RMSprop, Adagrad, subclasses of the above, custom ones, ...
     Exact by construction: a deep copy of the optimizer, whose parameters are shadow clones,
     takes one step, and :math:`s = \theta - \theta_{\text{shadow}}`. The copy carries every
     attribute (a step counter, the optimizer's own list of parameters), so the real optimizer is
-    never stepped; that it was left alone is checked afterwards. When no faithful copy can be
-    made (the optimizer cannot be deep-copied, or its copy does not move the shadow
-    parameters) :class:`DirectionUnavailable` is raised, never a wrong direction. It costs one
-    optimizer step, and memory for a copy of the parameters, gradients and state. On sharded
+    never stepped; that it was left alone is checked afterwards. A second copy steps at half
+    the rates: the step must halve with them (to 10%), or :math:`\theta - c\,\eta_0 d` would be
+    no step the optimizer takes at rate :math:`c\,\eta_0` (schedule-free AdamW; torch's Adafactor
+    once its rate exceeds :math:`1/\sqrt{t}`). Not checked for parameters stored coarser than
+    float32, where a half step can be lost to rounding, nor for Adafactor's relative step. When
+    no faithful copy can be made (the optimizer cannot be deep-copied, or its copy does not
+    move the shadow parameters) or the step does not scale with the rate,
+    :class:`DirectionUnavailable` is raised, never a wrong direction. It costs two optimizer
+    steps, and memory for a copy of the parameters, gradients and state. On sharded
     (FSDP2) parameters a failure on one rank is all-reduced first, so every rank raises.
 
 Gradient clipping as the Hugging Face Trainer does it (``max_grad_norm``, through
@@ -76,7 +81,7 @@ from torch import nn
 from torch.amp.grad_scaler import OptState
 
 from sharpmeter.measure.distributed import all_reduce_sum, is_sharded, local
-from sharpmeter.measure.params import ParameterVector, flatten, vector_dtype
+from sharpmeter.measure.params import ParameterVector, flatten, storage_eps, vector_dtype
 from sharpmeter.measure.rng import fork_rng
 
 # Added to the total norm by ``torch.nn.utils.clip_grad_norm_`` before dividing by it.
@@ -117,6 +122,11 @@ def pending_gradient_scale(optimizer: Any) -> float:
         if state is not None and state["stage"] is OptState.UNSCALED:
             return 1.0
     return float(scaler.get_scale())
+
+
+# How far a step at half the rates may be from half the step, in norm relative to the step:
+# float32 rounding of a step 1e-5 of the parameters is ~1%, schedule-free AdamW is off by 80%.
+PROPORTIONAL = 0.1
 
 
 def learning_rate(optimizer: Any) -> float:
@@ -237,6 +247,9 @@ def update_direction(
     rule = _RULES.get(type(optimizer))
     if rule is None:
         steps = _steps_by_shadow_step(optimizer, grad_of, coef, dtype, unit_rates)
+        if _rates_are_knobs(optimizer):
+            halves = _steps_by_shadow_step(optimizer, grad_of, coef, dtype, unit_rates, 0.5)
+            _check_proportional(optimizer, steps, halves)
     else:
         steps = {
             id(p): rule(
@@ -473,6 +486,7 @@ def _steps_by_shadow_step(
     coef: torch.Tensor | None,
     dtype: torch.dtype,
     unit_rates: bool,
+    rate_scale: float = 1.0,
 ) -> dict[int, torch.Tensor]:
     """Each parameter's step, taken by a deep copy of the optimizer on shadow parameters.
 
@@ -497,7 +511,7 @@ def _steps_by_shadow_step(
     sharded = is_sharded(owned)
     failure = None
     try:
-        _step_a_copy(optimizer, owned, shadows, unit_rates)
+        _step_a_copy(optimizer, owned, shadows, unit_rates, rate_scale)
     except Exception as error:
         if not sharded:
             raise
@@ -522,6 +536,7 @@ def _step_a_copy(
     owned: Sequence[nn.Parameter],
     shadows: dict[int, nn.Parameter],
     unit_rates: bool,
+    rate_scale: float = 1.0,
 ) -> None:
     """Step a deep copy of ``optimizer`` whose parameters are the shadows.
 
@@ -543,9 +558,9 @@ def _step_a_copy(
         ) from error
     copied._optimizer_step_pre_hooks = OrderedDict()
     copied._optimizer_step_post_hooks = OrderedDict()
-    if unit_rates:
+    if unit_rates or rate_scale != 1.0:
         for group in copied.param_groups:
-            group["lr"] = 1.0
+            group["lr"] = (1.0 if unit_rates else group["lr"]) * rate_scale
     try:
         with fork_rng(owned):
             type(optimizer).step(copied)
@@ -579,6 +594,44 @@ def _raise_if_any_rank_failed(
         f"{type(optimizer).__name__}.step() failed on a copy ({type(failure).__name__}: "
         f"{failure}), so its update cannot be computed without stepping it"
     ) from failure
+
+
+def _rates_are_knobs(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether a step at other rates can be tried to check that the step scales with them: the
+    groups' rates are what the step uses (not Adafactor's relative step, linear in its own
+    rate by construction), and the parameters are stored finely enough (float32 or wider)
+    that a half step is not lost to their rounding."""
+    groups = optimizer.param_groups
+    if any(group.get("relative_step") for group in groups):
+        return False
+    return all(storage_eps(group["params"]) <= torch.finfo(torch.float32).eps for group in groups)
+
+
+def _check_proportional(
+    optimizer: torch.optim.Optimizer,
+    steps: dict[int, torch.Tensor],
+    halves: dict[int, torch.Tensor],
+) -> None:
+    """Raise :class:`DirectionUnavailable` unless the step at half the rates is half the step
+    (to ``PROPORTIONAL``, far above rounding): otherwise a step along d at rate c * lr0 is no
+    step the optimizer would take at that rate, and d per unit rate means nothing (schedule-free
+    AdamW, whose averaging does not scale with the rate; torch's Adafactor once its rate is
+    above 1/sqrt(t))."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    device = local(params[0]).device
+    sums = torch.zeros(2, dtype=torch.float64, device=device)
+    for p in params:
+        step, half = local(steps[id(p)]).double(), local(halves[id(p)]).double()
+        sums += torch.stack([(step - 2 * half).square().sum(), step.square().sum()])
+    if is_sharded(params):
+        sums = all_reduce_sum(sums)
+    off, size = (float(x) for x in sums.sqrt())
+    if size > 0 and off > PROPORTIONAL * size:
+        raise DirectionUnavailable(
+            f"{type(optimizer).__name__}'s step does not scale with its learning rate (at half "
+            f"the rate it is off half the step by {off / size:.0%} of the step): the update "
+            "has no direction per unit rate"
+        )
 
 
 def _moved_any(
