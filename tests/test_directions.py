@@ -639,9 +639,9 @@ def test_a_sharded_moved_check_is_one_reduction(monkeypatch) -> None:
     ranks = FakeRanks(monkeypatch)
     update_direction(optimizer)
     # No rank failed; this rank has gradients, and the copy moved its 4 parameters with one;
-    # so did the copy at half the rates; then the proportionality check's two sums.
+    # so did the copy at half the rates; then the proportionality check's three sums.
     assert [t.tolist() for t in ranks.calls[:4]] == [0.0, [1.0, 4.0]] * 2
-    assert len(ranks.calls) == 5 and ranks.calls[4].shape == (2,)
+    assert len(ranks.calls) == 5 and ranks.calls[4].shape == (3,)
 
 
 @pytest.mark.parametrize("warmup_init", [False, True])
@@ -715,9 +715,10 @@ def test_a_step_that_does_not_scale_with_the_rate_has_no_direction(make) -> None
     assert_unchanged(model, optimizer, saved)
 
 
-def test_a_bf16_model_with_a_custom_optimizer_is_not_checked_for_proportion() -> None:
-    """bf16 storage can lose a half step to rounding: the check would refuse a good step."""
-    model = make_model(dtype=torch.bfloat16)
-    optimizer = torch.optim.RMSprop(model.parameters(), lr=1e-4)
+@pytest.mark.parametrize(("dtype", "lr"), [(torch.bfloat16, 1e-4), (torch.float32, 1e-9)])
+def test_steps_the_storage_rounds_are_not_taken_for_disproportion(dtype, lr) -> None:
+    """A step of a few ulps of the parameters halves only to rounding: a good step, followed."""
+    model = make_model(dtype=dtype)
+    optimizer = torch.optim.RMSprop(model.parameters(), lr=lr)
     train(model, optimizer, 2)
     assert update_direction(optimizer).vector.any()
