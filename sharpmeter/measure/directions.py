@@ -272,7 +272,7 @@ def _step_inputs(
     """The selected parameters, the gradient each steps with, and the clipping factor."""
     if max_grad_norm is not None and max_grad_norm < 0:
         raise ValueError(f"max_grad_norm must be non-negative or None, got {max_grad_norm}")
-    owned = [p for group in optimizer.param_groups for p in group["params"]]
+    owned = _owned(optimizer)
     selected = owned if params is None else list(params)
     held = {id(p) for p in owned}
     if not any(id(p) in held for p in selected):
@@ -501,7 +501,7 @@ def _steps_by_shadow_step(
     rank whose copy fails says so in an all-reduce before anyone raises, so no rank is left
     waiting in a collective the failing one never reaches.
     """
-    owned = [p for group in optimizer.param_groups for p in group["params"]]
+    owned = _owned(optimizer)
     shadows = {}
     for p in owned:
         shadow = nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad)
@@ -596,6 +596,11 @@ def _raise_if_any_rank_failed(
     ) from failure
 
 
+def _owned(optimizer: torch.optim.Optimizer) -> list[nn.Parameter]:
+    """The optimizer's parameters, group by group, in each group's order."""
+    return [p for group in optimizer.param_groups for p in group["params"]]
+
+
 def _rates_are_knobs(optimizer: torch.optim.Optimizer) -> bool:
     """Whether a step at other rates can be tried to check that the step scales with them: the
     groups' rates are what the step uses (not Adafactor's relative step, linear in its own
@@ -614,7 +619,7 @@ def _check_proportional(
     each parameter): otherwise a step along d at rate c * lr0 is no step the optimizer would
     take at that rate, and d per unit rate means nothing (schedule-free AdamW, whose averaging
     does not scale with the rate; torch's Adafactor once its rate is above 1/sqrt(t))."""
-    params = [p for group in optimizer.param_groups for p in group["params"]]
+    params = _owned(optimizer)
     device = local(params[0]).device
     sums = torch.zeros(3, dtype=torch.float64, device=device)
     for p in params:
