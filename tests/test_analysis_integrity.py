@@ -75,10 +75,11 @@ def write_study(root: Path, **replaced: list[dict]) -> Path:
     return root
 
 
-def write_killed_study(root: Path) -> Path:
-    """Every size finished but ``b``, killed at step 60 of 150."""
+def write_killed_study(root: Path, measured: int = 6) -> Path:
+    """Every size finished but ``b``, killed after its ``measured`` first measurements (at step
+    60 of 150 by default; 14 reach step 140, into the last 10% of training)."""
     write_study(root)
-    write_run(root, "b", wide_rows("b", steps=STEPS[:6]), finished=False)
+    write_run(root, "b", wide_rows("b", steps=STEPS[:measured]), finished=False)
     return root
 
 
@@ -197,27 +198,39 @@ def test_an_unfinished_run_is_named_and_left_out(tmp_path):
 
 
 def test_an_unfinished_run_fitted_on_request_keeps_its_place_on_the_axis(tmp_path):
-    root = write_killed_study(tmp_path)
+    root = write_killed_study(tmp_path, measured=14)
     _, _, analysis = load_analysis([root], include_unfinished=True)
-    t, _ = analysis.curves[SIZES["b"]]
-    assert t[-1] == pytest.approx(0.4)  # step 60 of 150, not stretched to 1
+    t, s = analysis.curves[SIZES["b"]]
+    assert t[-1] == pytest.approx(140 / 150)  # not stretched to 1
+    assert analysis.finals[SIZES["b"]] == pytest.approx(np.mean(s[t >= 0.8]))
     text = markdown(root, include_unfinished=True)
-    marked = "| 4,000,000 (unfinished: step 60 of 150) |"
+    marked = "| 4,000,000 (unfinished: step 140 of 150) |"
     tables = [part for part in text.split("\n\n") if part.startswith("| parameters |")]
     assert len(tables) == 3 and all(marked in table for table in tables)  # runs, compare, phases
     assert "Included as asked although unfinished" in text
 
 
+def test_an_unfinished_run_that_stopped_before_the_final_fraction_has_no_final_value(tmp_path):
+    root = write_killed_study(tmp_path)  # step 60 of 150: t = 0.4, far from the end
+    _, _, analysis = load_analysis([root], include_unfinished=True)
+    assert SIZES["b"] not in analysis.curves
+    reason = (
+        "no final critical_sharpness: no point in the last 20% of training (the last at t = 0.4)"
+        " (unfinished: step 60 of 150)"
+    )
+    assert table_row(markdown(root, include_unfinished=True), "4,000,000").endswith(f"| {reason} |")
+
+
 def test_the_compare_and_report_commands_take_include_unfinished(tmp_path, capsys):
     from sharpmeter.cli import main
 
-    root = write_killed_study(tmp_path)
+    root = write_killed_study(tmp_path, measured=14)
     assert main(["compare", str(root)]) == 0
-    assert "Left out: `b` (unfinished: step 60 of 150)" in capsys.readouterr().out
+    assert "Left out: `b` (unfinished: step 140 of 150)" in capsys.readouterr().out
     assert main(["compare", str(root), "--include-unfinished"]) == 0
     assert "Included as asked although unfinished" in capsys.readouterr().out
     assert main(["report", str(root), "--include-unfinished"]) == 0
-    assert "4,000,000 (unfinished: step 60 of 150)" in (root / "report.md").read_text()
+    assert "4,000,000 (unfinished: step 140 of 150)" in (root / "report.md").read_text()
 
 
 # Steps of a finished log-spaced run of 1300 steps (the next would be 1334), and of a finished
@@ -236,8 +249,21 @@ def test_a_run_its_metadata_says_finished_is_fitted_wherever_its_schedule_ended(
     write_run(root, "b", wide_rows("b", steps=steps), max_steps=planned, finished=True)
     [run] = load_runs([root / "b" / "sharpness.jsonl"])
     assert run.unfinished is None
-    _, _, analysis = load_analysis([root])
+    _, _, analysis = load_analysis([root], final_fraction=0.25)
     assert SIZES["b"] in analysis.curves and not analysis.left_out
+
+
+def test_a_finished_run_not_measured_in_the_final_fraction_has_no_final_value(tmp_path):
+    root = write_study(tmp_path)  # log-spaced: the last measurement at step 1000 of 1300
+    write_run(root, "b", wide_rows("b", steps=LOG_SPACED), max_steps=1300, finished=True)
+    _, _, analysis = load_analysis([root])
+    assert [(entry.run.name, entry.left_out) for entry in analysis.left_out] == [
+        (
+            "b",
+            "no final critical_sharpness: no point in the last 20% of training "
+            "(the last at t = 0.769)",
+        )
+    ]
 
 
 def test_a_run_its_metadata_says_unfinished_is_left_out_even_past_its_last_measurement(tmp_path):
@@ -290,16 +316,16 @@ def test_without_a_plan_the_last_step_is_the_axis_and_the_report_says_so(tmp_pat
 
 
 def test_the_fit_command_leaves_unfinished_runs_out_unless_asked(tmp_path, capsys):
-    root = write_killed_study(tmp_path)
+    root = write_killed_study(tmp_path, measured=14)
     files = sorted(str(path) for path in root.glob("*/sharpness.jsonl"))
     assert fit(files) == 0
     out = capsys.readouterr().out
-    assert "Runs found: 4, fitted: 3" in out and "left out: unfinished: step 60 of 150" in out
+    assert "Runs found: 4, fitted: 3" in out and "left out: unfinished: step 140 of 150" in out
     assert fit([*files, "--include-unfinished"]) == 0
     out = capsys.readouterr().out
     assert "Runs found: 4, fitted: 4" in out
     finals = out.split("Final")[1].split("\n\n")[0]
-    assert "(unfinished: step 60 of 150)" in table_row_of(finals, "4M")
+    assert "(unfinished: step 140 of 150)" in table_row_of(finals, "4M")
 
 
 def table_row_of(text: str, size: str) -> str:
@@ -353,7 +379,94 @@ def test_non_finite_values_are_counted_per_run(tmp_path):
         "1000,3,sharpness,Infinity\n1000,4,sharpness,\n1000,4,loss,1.0\n"
     )
     [entry] = select_runs(load_runs([csv])).entries
-    assert (entry.finite, entry.not_finite) == (1, 3)
+    assert (entry.used, entry.not_used) == (1, 3)
+
+
+def spectral_rows(name: str, statuses: dict[int, str]) -> list[dict]:
+    """``name``'s rows with a lambda_max column: ``spectral_status`` by step, ``not_due``
+    (NaN) where ``statuses`` names no status, and an unconverged Ritz value of 500 kept in the
+    row where the status says so."""
+    rows = []
+    for row in wide_rows(name):
+        status = statuses.get(row["step"], "not_due")
+        value = {"ok": 7.0, "not_converged": 500.0, "not_due": None}[status]
+        rows.append({**row, "lambda_max": value, "spectral_status": status})
+    return rows
+
+
+def test_a_value_whose_measure_is_not_ok_is_not_used(tmp_path):
+    every_50 = {50: "ok", 100: "not_converged", 150: "not_converged"}
+    root = write_study(tmp_path, **{name: spectral_rows(name, every_50) for name in SIZES})
+    write_run(root, "a", spectral_rows("a", {50: "ok", 100: "ok", 140: "ok", 150: "ok"}))
+    runs = load_runs(sorted(root.glob("*/sharpness.jsonl")))
+    entries = {e.run.name: e for e in select_runs(runs, "lambda_max").entries}
+    # not_due rows count in neither column; the unconverged values are counted, never used
+    assert (entries["a"].used, entries["a"].not_used) == (4, 0)
+    assert (entries["b"].used, entries["b"].not_used) == (1, 2)
+    t, s = entries["b"].run.curve("lambda_max")
+    assert t.tolist() == [50 / 150] and s.tolist() == [7.0]
+    _, _, analysis = load_analysis([root], quantity="lambda_max")
+    assert analysis.finals == {SIZES["a"]: 7.0}  # the others: no value in the last 20%
+    reason = "no final lambda_max: no point in the last 20% of training (the last at t = 0.333)"
+    assert {entry.run.name: entry.left_out for entry in analysis.left_out} == dict.fromkeys(
+        "bcd", reason
+    )
+
+
+def test_a_run_whose_last_values_failed_has_no_final_value(tmp_path):
+    rows = wide_rows("b")
+    for row in rows[6:]:  # unresolved from step 70 on: the row keeps no value
+        row.update(critical_sharpness=None, critical_status="unresolved")
+    root = write_study(tmp_path, b=rows)
+    _, _, analysis = load_analysis([root])
+    assert SIZES["b"] not in analysis.curves
+    assert table_row(markdown(root), "4,000,000").endswith(
+        "| no final critical_sharpness: no point in the last 20% of training "
+        "(the last at t = 0.4) |"
+    )
+
+
+def test_the_fit_command_takes_the_final_fraction_of_training_time(tmp_path, capsys):
+    """Every size on one curve of t; one measured log-spaced: its final is the same span of
+    training as the others', not its last 10% of measurements (steps 1000-1778 of 2000)."""
+    planned = 2000
+    log_spaced = [s for s in range(1, planned + 1) if Schedule(per_decade=8).is_due(s)]
+
+    def rows(name: str, steps: list[int]) -> list[dict]:
+        return [
+            {"run": name, "n_params": SIZES[name], "step": s, "critical_sharpness": 100 + s / 10}
+            for s in steps
+        ]
+
+    for name in SIZES:
+        steps = log_spaced if name == "d" else list(range(10, planned + 1, 10))
+        write_run(tmp_path, name, rows(name, steps), max_steps=planned)
+    files = sorted(str(path) for path in tmp_path.glob("*/sharpness.jsonl"))
+    assert fit([*files, "--final-fraction", "0.25"]) == 0
+    finals = capsys.readouterr().out.split("Final")[1].split("\n\n")[0]
+    last_quarter = np.arange(1500, 2001, 10)
+    assert float(table_row_of(finals, "1M").split()[2]) == pytest.approx(
+        100 + last_quarter.mean() / 10, abs=1e-4
+    )
+    assert float(table_row_of(finals, "64M").split()[2]) == pytest.approx(100 + 1778 / 10)
+
+
+def test_runs_on_different_probes_are_refused_and_other_dtypes_named(tmp_path):
+    root = write_study(
+        tmp_path, **{name: [{**r, "probe": "fixed"} for r in wide_rows(name)] for name in SIZES}
+    )
+    write_run(root, "d", [{**row, "probe": "train"} for row in wide_rows("d")])
+    with pytest.raises(ValueError, match=r"different probes .* fixed: a \(.*\); train: d \("):
+        load_analysis([root])
+    load_analysis([root / name for name in "abc"])  # the runs of one probe
+    write_run(root, "d", [{**row, "probe": "fixed"} for row in wide_rows("d")])
+    meta = root / "d" / "sharpness.meta.json"
+    meta.write_text(json.dumps({**json.loads(meta.read_text()), "dtype": "bfloat16"}))
+    for name in "abc":
+        meta = root / name / "sharpness.meta.json"
+        meta.write_text(json.dumps({**json.loads(meta.read_text()), "dtype": "float32"}))
+    with pytest.warns(RecordWarning, match=r"differ in dtype: float32: a .*; bfloat16: d"):
+        load_analysis([root])
 
 
 def test_non_finite_fit_statistics_pick_no_winner():

@@ -149,6 +149,17 @@ def test_a_measure_that_grows_with_scale_tells_another_story():
     assert "lambda_max: three phases yes, falls no" in same.evidence
 
 
+def test_a_measure_of_fewer_sizes_says_on_how_many_it_answers():
+    runs = sharpness(simulated())
+    grown = {n: (t, s * np.log10(n) ** 3) for n, (t, s) in sharpness(simulated(seed=7)).items()}
+    del grown[min(grown)]  # its final value is missing at the smallest size
+    same = verdict(
+        runs, SAME_STORY, quantity="critical_sharpness", other_measures={"lambda_max": grown}
+    )
+    assert f"lambda_max ({len(runs) - 1} of {len(runs)} sizes): three phases yes" in same.evidence
+    assert "critical_sharpness: three phases" in same.evidence
+
+
 def test_one_measure_cannot_agree_with_itself():
     same = verdict(sharpness(simulated()), SAME_STORY)
     assert same.holds is None and "needs a second measure" in same.evidence

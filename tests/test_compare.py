@@ -106,6 +106,14 @@ def test_sharper_but_lower_loss_says_no_to_flatter_is_better():
     assert verdict.claim.startswith("Flatter is better") and verdict.holds is False
 
 
+def test_a_loss_equal_at_every_size_leaves_flatter_is_better_undecided():
+    curves, losses = simulated_study()
+    flat = {n: (t, np.full_like(loss, 2.5)) for n, (t, loss) in losses.items()}
+    verdict = analyse_curves(curves, final_fraction=0.1, losses=flat).verdicts[4]
+    assert verdict.claim.startswith("Flatter is better") and verdict.holds is None
+    assert "no correlation with the final probe loss (a training batch)" in verdict.evidence
+
+
 def test_flatter_is_better_takes_the_held_out_loss_where_every_size_has_one():
     curves, losses = simulated_study()
     # The probe loss agrees with sharpness (simulated), the held-out loss falls as it rises.

@@ -249,14 +249,14 @@ def test_the_fit_command_prints_seeds_and_the_fits_on_the_means(tmp_path, capsys
 def test_an_unfinished_seed_is_marked_with_its_seed(tmp_path):
     root = write_study(tmp_path)
     path = root / "b-s1" / "sharpness.jsonl"
-    rows = path.read_text().splitlines()[:30]  # stopped at step 300 of 600
+    rows = path.read_text().splitlines()[:50]  # stopped at step 500 of 600
     path.write_text("\n".join(rows) + "\n")
     meta = path.with_name("sharpness.meta.json")
     meta.write_text(json.dumps({**json.loads(meta.read_text()), "finished": False}))
     _, _, analysis = load_analysis([root])
     assert list(analysis.replicates[SIZES["b"]]) == [0, 2]
     _, _, analysis = load_analysis([root], include_unfinished=True)
-    assert analysis.unfinished == {SIZES["b"]: "unfinished: step 300 of 600 (seed 1)"}
+    assert analysis.unfinished == {SIZES["b"]: "unfinished: step 500 of 600 (seed 1)"}
 
 
 # ---- one run per size: nothing changes ----------------------------------------------------

@@ -116,6 +116,11 @@ def test_runs_are_found_by_folder_file_or_study(tmp_path):
         (seeds / folder / "sharpness.jsonl").write_text("")
     found = [r.jsonl.relative_to(seeds).parent.as_posix() for r in find_runs([seeds])]
     assert found == ["a/seed0", "a/seed1", "b/seed0"]
+    for folder in ("a", "c"):  # the same folder held a study without seeds before: every run
+        (seeds / folder).mkdir(exist_ok=True)
+        (seeds / folder / "sharpness.jsonl").write_text("")
+    found = [r.jsonl.relative_to(seeds).parent.as_posix() for r in find_runs([seeds])]
+    assert found == ["a", "c", "a/seed0", "a/seed1", "b/seed0"]
 
 
 def test_cli_compare_and_report(tmp_path, capsys):
@@ -263,3 +268,19 @@ def test_a_held_out_loss_beside_every_run_decides_flatter_is_better(tmp_path):
     (root / "c" / "heldout.json").write_text("{}")
     with pytest.raises(ValueError, match="heldout.json: cannot read the held-out loss"):
         load_runs(sorted(root.glob("*/sharpness.jsonl")))
+
+
+def test_a_curve_with_values_below_zero_is_drawn_on_a_symmetric_log_axis():
+    from matplotlib.figure import Figure
+
+    from sharpmeter.paper.report import _value_scale
+
+    axes = Figure().subplots()
+    axes.plot([0.1, 0.5, 1.0], [30.0, -22.0, 4.0])  # a trace on a training batch
+    _value_scale(axes)
+    low, high = axes.get_ylim()
+    assert axes.get_yscale() == "symlog" and low < -22.0 and high > 30.0  # every point shown
+    axes = Figure().subplots()
+    axes.plot([0.1, 0.5, 1.0], [30.0, 22.0, 4.0])
+    _value_scale(axes)
+    assert axes.get_yscale() == "log"

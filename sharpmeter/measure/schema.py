@@ -53,3 +53,9 @@ MEASURE_COLUMNS: dict[str, tuple[str, ...]] = {
 }
 MEASURES = tuple(MEASURE_COLUMNS)
 VALUE_COLUMNS = tuple(columns[0] for columns in MEASURE_COLUMNS.values())
+# The measure whose ``<measure>_status`` says whether a column's value may be used.
+MEASURE_OF_COLUMN = {
+    column: measure for measure, cols in MEASURE_COLUMNS.items() for column in cols
+}
+# The one status of a measure whose values are results (every other keeps them only as evidence).
+OK = "ok"

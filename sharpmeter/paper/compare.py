@@ -323,9 +323,11 @@ def analyse_curves(
         ),
     ]
     stories = {quantity: direction_answers(verdicts)}
+    sizes = {quantity: len(replicates)}
     for name, other in (other_measures or {}).items():
         stories[name] = direction_answers(analyse_curves(other, final_fraction).verdicts)
-    verdicts.append(_measures_verdict(stories))
+        sizes[name] = len(other)
+    verdicts.append(_measures_verdict(stories, sizes))
     return StudyAnalysis(
         replicates,
         final_means,
@@ -498,7 +500,10 @@ def _loss_verdict(
             for n in sizes
         ]
         which, several = "probe loss (a training batch)", has_replicates(losses)
-    r = pearson([finals[n].mean for n in sizes], final_loss)
+    try:
+        r = pearson([finals[n].mean for n in sizes], final_loss)
+    except ValueError as error:  # a series equal at every size: no correlation to speak of
+        return Verdict(claim, None, f"no correlation with the final {which}: {error}")
     decided = r.ci[0] > 0 or r.ci[1] < 0
     means = " of the size means over seeds" if several else ""
     return Verdict(
@@ -612,10 +617,15 @@ def direction_answers(verdicts: Sequence[Verdict]) -> dict[str, bool | None]:
     return {v.claim: v.holds for v in verdicts if v.claim in DIRECTION_CLAIMS}
 
 
-def _measures_verdict(stories: Mapping[str, Mapping[str, bool | None]]) -> Verdict:
+def _measures_verdict(
+    stories: Mapping[str, Mapping[str, bool | None]], sizes: Mapping[str, int]
+) -> Verdict:
+    """Whether the measures' answers agree; a measure with a final value at fewer sizes than
+    the first (another schedule, failed measurements) says on how many it answers."""
     claim = "The same story across measures: " + ", ".join(DIRECTION_CLAIMS.values()) + " agree"
+    most = max(sizes.values())
     told = "; ".join(
-        f"{measure}: "
+        f"{measure}{f' ({sizes[measure]} of {most} sizes)' if sizes[measure] < most else ''}: "
         + ", ".join(f"{DIRECTION_CLAIMS[c]} {ANSWERS[holds]}" for c, holds in answers.items())
         for measure, answers in stories.items()
     )

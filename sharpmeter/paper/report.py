@@ -96,8 +96,9 @@ class RunFiles:
 
 def find_runs(paths: Iterable[str | Path]) -> list[RunFiles]:
     """JSONL files, run folders, or study folders (one run folder per size, or per size and
-    seed: ``<size>/seed<k>``) -> runs. A study's ``schedules/`` runs are not part of its
-    ladder and are not collected (:func:`find_schedule_runs` finds them)."""
+    seed: ``<size>/seed<k>``, every run of either layout) -> runs. A study's ``schedules/``
+    runs are not part of its ladder and are not collected (:func:`find_schedule_runs` finds
+    them)."""
     runs = []
     for path in map(Path, paths):
         if path.is_file():
@@ -105,7 +106,8 @@ def find_runs(paths: Iterable[str | Path]) -> list[RunFiles]:
         elif (path / RUN_FILE).is_file():
             files = [path / RUN_FILE]
         else:
-            files = sorted(path.glob(f"*/{RUN_FILE}")) or sorted(path.glob(f"*/seed*/{RUN_FILE}"))
+            # both layouts: a study run again with seeds into a folder that held one without
+            files = sorted(path.glob(f"*/{RUN_FILE}")) + sorted(path.glob(f"*/seed*/{RUN_FILE}"))
         if not files:
             raise ValueError(f"no {RUN_FILE} at {str(path)!r} or in its sub-folders")
         runs += [RunFiles(f, _latest_wandb_run(f.parent)) for f in files]
@@ -153,12 +155,18 @@ def load_analysis(
     log them.
     """
     files = find_runs(paths)
-    selection = select_runs(load_runs(f.jsonl for f in files), quantity, include_unfinished)
-    others = {name: _logged_curves(selection, name) for name in VALUE_COLUMNS if name != quantity}
+    selection = select_runs(
+        load_runs(f.jsonl for f in files), quantity, include_unfinished, final_fraction
+    )
+    others = {
+        name: _logged_curves(selection, name, final_fraction)
+        for name in VALUE_COLUMNS
+        if name != quantity
+    }
     analysis = analyse_curves(
         selection.replicates(quantity),
         final_fraction,
-        _logged_curves(selection, "loss"),
+        _logged_curves(selection, "loss", final_fraction),
         selection.entries,
         learning_rates=_logged_curves(selection, "lr"),
         other_measures={name: curves for name, curves in others.items() if curves is not None},
@@ -168,10 +176,13 @@ def load_analysis(
     return files, selection.rows(), analysis
 
 
-def _logged_curves(selection: RunSelection, quantity: str) -> Replicates | None:
-    """The fitted runs' curves of ``quantity``, None when none of them logs a finite value."""
+def _logged_curves(
+    selection: RunSelection, quantity: str, final_fraction: float | None = None
+) -> Replicates | None:
+    """The fitted runs' curves of ``quantity`` (those with a final value, given
+    ``final_fraction``), None when none of them has one."""
     try:
-        return selection.replicates(quantity)
+        return selection.replicates(quantity, final_fraction)
     except ValueError:
         return None
 
@@ -444,7 +455,7 @@ def _runs_table(analysis: StudyAnalysis, final_fraction: float) -> Table:
         "robust final",
         "peak",
         "peak at t",
-        "not finite",
+        "not used",
         "run",
         *(("seed",) if seeds else ()),
         "steps",
@@ -465,16 +476,17 @@ def _run_row(
 ) -> tuple[str, ...]:
     run = entry.run
     seed = (("?" if run.seed is None else str(run.seed)),) if seeds else ()
-    described = (str(entry.not_finite), f"`{run.name}`", *seed, run.progress)
+    described = (str(entry.not_used), f"`{run.name}`", *seed, run.progress)
     if entry.left_out is not None:
         size = "unknown" if run.n_params is None else f"{run.n_params:,.0f}"
-        return (size, str(entry.finite), "n/a", "n/a", "n/a", "n/a", *described, entry.left_out)
+        return (size, str(entry.used), "n/a", "n/a", "n/a", "n/a", *described, entry.left_out)
     t, s = analysis.replicates[run.n_params][run.seed]
     stderr = final_stderr(t, s, final_fraction)
+    plus_minus = f" ± {stderr:.2g}" if math.isfinite(stderr) else " (one point)"
     return (
         _size_cell(analysis, run.n_params),
         str(s.size),
-        f"{final_value(t, s, final_fraction):.4g} ± {stderr:.2g}",
+        f"{final_value(t, s, final_fraction):.4g}{plus_minus}",
         _robust_cell(robust_final(t, s, final_fraction)),
         f"{s.max():.4g}",
         f"{t[np.argmax(s)]:.2f}",
@@ -693,7 +705,7 @@ def _schedule_table(schedules: ScheduleAnalysis, final_fraction: float) -> Table
             ratio = _final_ratio_cell(t, s, run.curve("lr"), final_fraction)
         answer = entry.left_out or "yes"
         rows.append(
-            (name, size, str(entry.finite), final, ratio, f"`{run.name}`", run.progress, answer)
+            (name, size, str(entry.used), final, ratio, f"`{run.name}`", run.progress, answer)
         )
     return Table(header, tuple(rows))
 
@@ -762,14 +774,14 @@ def plot_curves(
         title=f"measured {quantity} (dotted: eq. 1 fit)",
         xlabel="fraction of training",
         ylabel=quantity,
-        yscale="log",
     )
     shapes.set(
         title="S / S_final: measured (solid), simulator (dashed)",
         xlabel="fraction of training",
         ylabel="S / S_final",
-        yscale="log",
     )
+    _value_scale(measured)
+    _value_scale(shapes)
     if stability is not None:
         low, high = measured.get_ylim()
         measured.plot(*stability, color="grey", linestyle="--", label="2 / lr")
@@ -793,7 +805,6 @@ def plot_schedules(schedules: ScheduleAnalysis, path: Path) -> Path:
         title=f"{schedules.quantity} by learning-rate schedule",
         xlabel="fraction of training",
         ylabel=schedules.quantity,
-        yscale="log",
         xlim=(0, 1),
     )
     axes.axvspan(0, SPIKE_FROM, color="0.93", zorder=0)
@@ -801,6 +812,7 @@ def plot_schedules(schedules: ScheduleAnalysis, path: Path) -> Path:
     colours = _colours(len(runs))
     for colour, (name, run) in zip(colours, runs.items(), strict=True):
         axes.plot(*run.curve(schedules.quantity), color=colour, label=name)
+    _value_scale(axes)
     lines = []
     if schedules.quantity == "critical_sharpness":
         lines = [stability_line(run) for run in runs.values()]
@@ -822,12 +834,27 @@ def plot_schedules(schedules: ScheduleAnalysis, path: Path) -> Path:
     return path
 
 
+def _value_scale(axes) -> None:
+    """A log axis for the values plotted so far, or a symmetric log axis when one of them is
+    not positive (a Hessian trace on a training batch can be negative): a log axis would drop
+    those points without a word."""
+    values = np.concatenate([line.get_ydata() for line in axes.get_lines()] or [np.ones(1)])
+    values = values[np.isfinite(values)]
+    if values.size == 0 or (values > 0).all():
+        axes.set_yscale("log")
+        return
+    nonzero = np.abs(values[values != 0])
+    axes.set_yscale("symlog", linthresh=float(np.median(nonzero)) / 10 if nonzero.size else 1.0)
+
+
 def _plain_log_labels(axes) -> None:
     """Plain numbers on a log axis, not 2 x 10^0."""
     from matplotlib.ticker import FuncFormatter, NullFormatter
 
     plain = FuncFormatter(lambda value, _: f"{value:g}")
     axes.yaxis.set_major_formatter(plain)
+    if axes.get_yscale() != "log":
+        return
     low, high = axes.get_ylim()
     # minor labels only when the axis spans less than a decade; else they pile up
     axes.yaxis.set_minor_formatter(plain if high / low < 10 else NullFormatter())

@@ -1,8 +1,11 @@
 """``sharpmeter fit``: scaling-law and three-phase fits of logged or simulated curves.
 
-Each run's final value is the mean of its last ``--final-fraction`` of checkpoints (default 10%,
-as the paper's Table 1). Every run found is listed first, with its seed; one left out of the fits
-says why (empty, diverged, no finite value, or unfinished unless ``--include-unfinished``). Runs
+Each run's final value is its mean over the last ``--final-fraction`` of training time (default
+10%: on the paper's 200 evenly spaced checkpoints, its last 20, as in Table 1; by time, not by
+count, so a log-spaced run is averaged over the same span of training as an evenly spaced
+one). Every run found is listed first, with its seed; one left out of the fits says why (empty,
+diverged, no finite value, no value in that last fraction, or unfinished unless
+``--include-unfinished``). Runs
 at one size that differ in seed are replicates: a size's final value is then the mean over its
 seeds with their standard error and t-interval, the scaling fits take every run's final value
 and are repeated on the size means, and the three-phase parameters are the seed means of each
@@ -20,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sharpmeter.paper.analysis.curves import tail_mean
+from sharpmeter.paper.analysis.curves import final_value
 from sharpmeter.paper.analysis.phases import PARAMETERS, ThreePhaseFit, fit_three_phase
 from sharpmeter.paper.analysis.replicates import (
     Replicates,
@@ -63,7 +66,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--final-fraction",
         type=float,
         default=0.1,
-        help="final value = mean of this last fraction of checkpoints (default: 0.1)",
+        help="final value = mean over this last fraction of training time (default: 0.1)",
     )
     parser.add_argument("--level", type=float, default=0.95, help="interval level (default 0.95)")
     parser.add_argument(
@@ -94,9 +97,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run_fit(args: argparse.Namespace) -> int:
     """Handler of ``sharpmeter fit``: 0 on success, 2 with a message on bad input."""
     try:
-        selection = select_runs(load_runs(args.files), args.quantity, args.include_unfinished)
+        selection = select_runs(
+            load_runs(args.files), args.quantity, args.include_unfinished, args.final_fraction
+        )
         replicates = selection.replicates(args.quantity)
-        finals = per_run(replicates, lambda _, values: tail_mean(values, args.final_fraction))
+        finals = per_run(replicates, lambda t, s: final_value(t, s, args.final_fraction))
         comparison = on_means = None
         if len(replicates) >= _MIN_SCALES:
             comparison, on_means = scaling_fits(finals, args.level)
@@ -137,14 +142,14 @@ def _unfinished_marks(selection: RunSelection) -> dict[float, str]:
 
 def _print_runs(selection: RunSelection) -> None:
     print(f"Runs found: {len(selection.entries)}, fitted: {len(selection.fitted)}")
-    print(f"  {'N':>8}  {'finite':>6}  {'not finite':>10}  {'steps':<16}  run")
+    print(f"  {'N':>8}  {'values':>6}  {'not used':>8}  {'steps':<16}  run")
     for entry in selection.entries:
         run = entry.run
         size = "?" if run.n_params is None else format_size(run.n_params)
         state = f"left out: {entry.left_out}" if entry.left_out else "fitted"
         seed = "" if run.seed is None else f", {seed_text(run.seed)}"
         print(
-            f"  {size:>8}  {entry.finite:>6}  {entry.not_finite:>10}  {run.progress:<16}  "
+            f"  {size:>8}  {entry.used:>6}  {entry.not_used:>8}  {run.progress:<16}  "
             f"{run.label}{seed}: {state}"
         )
     print()
@@ -160,7 +165,7 @@ def _print_finals(
     """Each size's final value; with replicates, the mean over its seeds, their standard error,
     how many there are and the t-interval over them."""
     seeded = has_replicates(replicates)
-    title = f"Final {quantity} (mean of the last {frac:.0%} of checkpoints"
+    title = f"Final {quantity} (mean over the last {frac:.0%} of training"
     print(title + ("; over seeds: mean, standard error, t-interval)" if seeded else ")"))
     header = f"  {'N':>8}  {'points':>6}  {'final':>8}"
     level = next(iter(finals.values())).level  # every size's, the command's --level

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import ArrayLike
 
+from sharpmeter.measure.schema import MEASURE_OF_COLUMN, NOT_DUE, OK
 from sharpmeter.paper.analysis._checks import as_finite_1d, check_fraction
 from sharpmeter.paper.analysis.replicates import Curve, Curves, Replicates, group_replicates
 from sharpmeter.paper.sizes import format_size
@@ -67,8 +68,10 @@ def tail_mean(values: ArrayLike, fraction: float = 0.1) -> float:
 
 
 def final_value(t: np.ndarray, s: np.ndarray, fraction: float = 0.2) -> float:
-    """Mean of ``s`` over the last ``fraction`` of training time, ``t >= t_end - fraction``
-    (the last point alone when no other falls in that span).
+    """Mean of ``s`` over the last ``fraction`` of training, ``t >= 1 - fraction`` (``t`` the
+    fraction of training, 1 its end). Raises ``ValueError`` when no point lies there: a run
+    whose last values failed, or that stopped early, has no value at the end of training, and
+    its last finite point describes another time.
 
     >>> final_value(np.array([0.0, 0.5, 0.9, 1.0]), np.array([5.0, 3.0, 2.0, 1.0]))
     1.5
@@ -84,11 +87,26 @@ def final_stderr(t: np.ndarray, s: np.ndarray, fraction: float = 0.2) -> float:
 
 
 def final_span(t: np.ndarray, fraction: float) -> np.ndarray:
-    """Which points of a sorted ``t`` lie in the last ``fraction`` of training time (the last
-    point always does)."""
-    span = t >= t[-1] - fraction - 1e-12
-    span[-1] = True
-    return span
+    """Which points of ``t`` lie in the last ``fraction`` of training, ``t >= 1 - fraction``;
+    raises ``ValueError`` (:func:`no_final_reason`) when none does."""
+    reason = no_final_reason(t, fraction)
+    if reason is not None:
+        raise ValueError(reason)
+    return np.asarray(t) >= 1.0 - fraction - 1e-12
+
+
+def no_final_reason(t: np.ndarray, fraction: float) -> str | None:
+    """Why a curve on ``t`` has no final value (no point in the last ``fraction`` of
+    training), else None.
+
+    >>> no_final_reason(np.array([0.1, 0.3]), 0.2)
+    'no point in the last 20% of training (the last at t = 0.3)'
+    """
+    t = np.asarray(t, dtype=float)
+    if t.size and t.max() >= 1.0 - fraction - 1e-12:
+        return None
+    last = f" (the last at t = {t.max():.3g})" if t.size else ""
+    return f"no point in the last {fraction:.0%} of training{last}"
 
 
 def finite_number(value: Any) -> float | None:
@@ -158,14 +176,36 @@ def quantity_name(row: Mapping[str, Any], quantity: str | None) -> str:
 
 
 def logs_quantity(row: Mapping[str, Any], quantity: str | None) -> bool:
-    """Whether ``row`` carries a value of ``quantity``, finite or not."""
+    """Whether ``row`` carries a value of ``quantity``, finite or not, that was measured: a
+    measure its schedule did not call for at the row's step (``not_due``) logs nothing."""
     name = quantity_name(row, quantity)
-    return row["quantity"] == name if is_long(row) else name in row
+    if is_long(row):
+        return row["quantity"] == name
+    return name in row and measure_status(row, name) != NOT_DUE
 
 
 def logged_value(row: Mapping[str, Any], quantity: str | None) -> float | None:
-    """The finite value of ``quantity`` in a row that carries it, else None."""
-    return finite_number(row["value"] if is_long(row) else row[quantity_name(row, quantity)])
+    """The finite value of ``quantity`` in a row that carries it, else None; None too when
+    its measure's status is not ``ok`` (an unconverged eigenvalue keeps its last Ritz value
+    in the row, as evidence, not as a result).
+
+    >>> row = {"n_params": 10, "step": 5, "lambda_max": 2.5, "spectral_status": "not_converged"}
+    >>> ok = {**row, "spectral_status": "ok"}
+    >>> logged_value(row, "lambda_max"), logged_value(ok, "lambda_max")
+    (None, 2.5)
+    """
+    if is_long(row):
+        return finite_number(row["value"])
+    name = quantity_name(row, quantity)
+    status = measure_status(row, name)
+    return finite_number(row[name]) if status in (None, OK) else None
+
+
+def measure_status(row: Mapping[str, Any], column: str) -> Any:
+    """The status of the measure a wide row's ``column`` belongs to (None for a column of no
+    measure, such as ``loss``, or a row written before statuses were logged)."""
+    measure = MEASURE_OF_COLUMN.get(column)
+    return None if measure is None else row.get(f"{measure}_status")
 
 
 def run_curve(

@@ -47,6 +47,7 @@ from sharpmeter.paper.analysis.curves import (
     is_long,
     logged_value,
     logs_quantity,
+    no_final_reason,
     quantity_name,
     row_problem,
     run_curve,
@@ -82,6 +83,14 @@ class Run:
     seed: int | None = None
     finished: bool | None = None
     heldout_loss: float | None = None
+    dtype: str | None = None
+    model_class: str | None = None
+
+    @property
+    def probes(self) -> frozenset[str]:
+        """The probe definitions its rows were measured on (``fixed``, ``train``; none for
+        rows that do not say, as simulated ones)."""
+        return frozenset(str(row["probe"]) for row in self.rows if row.get("probe") is not None)
 
     @property
     def label(self) -> str:
@@ -153,8 +162,11 @@ class Run:
         return run_curve(self.rows, quantity, self.planned_steps)
 
     def count_values(self, quantity: str | None) -> tuple[int, int]:
-        """``(finite, not finite)`` values of ``quantity`` among the rows that log it (null in
-        JSON, NaN or Infinity in CSV count as not finite)."""
+        """``(used, not used)`` values of ``quantity`` among the rows that measured it: used
+        when finite with its measure's status ``ok``; a failed measurement (null in JSON, NaN
+        or Infinity in CSV) or one whose status is not ``ok`` (an unconverged eigenvalue) is
+        not used. Rows whose schedule did not call for the measure (``not_due``) count in
+        neither."""
         logged = [logged_value(row, quantity) for row in self.rows if logs_quantity(row, quantity)]
         finite = sum(value is not None for value in logged)
         return finite, len(logged) - finite
@@ -186,6 +198,7 @@ def _runs_in_file(path: Path) -> list[Run]:
     finished = _finished(metadata, path)
     marker = (path.parent / DONE_FILE).is_file()
     heldout = _heldout_loss(path.parent / HELDOUT_FILE)
+    described = {key: _text_or_none(metadata.get(key)) for key in ("dtype", "model_class")}
     grouped: dict[Any, list[tuple[int, Record]]] = defaultdict(list)
     for line, row in read_numbered_records(path):
         problem = row_problem(row)
@@ -195,7 +208,9 @@ def _runs_in_file(path: Path) -> list[Run]:
     if not grouped:
         name = str(metadata.get("run") or path.parent.name)
         n_params = finite_number(metadata.get("n_params"))
-        return [Run(path, name, n_params, (), planned, marker, seed, finished, heldout)]
+        return [
+            Run(path, name, n_params, (), planned, marker, seed, finished, heldout, **described)
+        ]
     return [
         Run(
             source=path,
@@ -207,9 +222,14 @@ def _runs_in_file(path: Path) -> list[Run]:
             seed=seed if row_seed is None else row_seed,
             finished=finished,
             heldout_loss=heldout,
+            **described,
         )
         for (n_params, run, row_seed), numbered in grouped.items()
     ]
+
+
+def _text_or_none(value: Any) -> str | None:
+    return None if value is None else str(value)
 
 
 def _heldout_loss(path: Path) -> float | None:
@@ -323,8 +343,8 @@ class RunEntry:
     """A run found, what it logged of the quantity, and why it is not fitted (None: fitted)."""
 
     run: Run
-    finite: int
-    not_finite: int
+    used: int
+    not_used: int
     left_out: str | None
 
 
@@ -338,13 +358,16 @@ class RunSelection:
     def fitted(self) -> list[Run]:
         return [entry.run for entry in self.entries if entry.left_out is None]
 
-    def replicates(self, quantity: str | None) -> Replicates:
+    def replicates(self, quantity: str | None, final_fraction: float | None = None) -> Replicates:
         """The fitted runs' curves of ``quantity`` by size and seed: runs at one size must
-        differ in seed, else they are refused by name; none with a finite value raises."""
-        return group_replicates(
-            [(run.n_params, run.seed, run.label, run.curve(quantity)) for run in self.fitted],
-            quantity,
-        )
+        differ in seed, else they are refused by name; none with a finite value raises. Given
+        ``final_fraction``, only the runs with a value in that last fraction of training (a
+        final value): for a quantity other than the one selected for, which another schedule
+        may have measured only early."""
+        curves = [(run.n_params, run.seed, run.label, run.curve(quantity)) for run in self.fitted]
+        if final_fraction is not None:
+            curves = [c for c in curves if no_final_reason(c[3][0], final_fraction) is None]
+        return group_replicates(curves, quantity)
 
     def heldout_losses(self) -> dict[float, dict[int | None, float]] | None:
         """The fitted runs' held-out losses by size and seed; None unless every fitted run
@@ -376,17 +399,24 @@ class RunSelection:
 
 
 def select_runs(
-    runs: Sequence[Run], quantity: str | None = None, include_unfinished: bool = False
+    runs: Sequence[Run],
+    quantity: str | None = None,
+    include_unfinished: bool = False,
+    final_fraction: float | None = None,
 ) -> RunSelection:
     """Which runs a fit of ``quantity`` uses, and why each other one is left out.
 
     Left out: an empty file, a run whose probe loss diverged (its last values describe no end of
-    training), one with no finite value of ``quantity``, and one not known to have ended
-    normally (:attr:`Run.unfinished`) unless ``include_unfinished`` (it then stays marked).
-    Raises ``ValueError`` listing every run and its reason when none is left to fit.
+    training), one with no finite value of ``quantity`` (with status ``ok``), one not known to
+    have ended normally (:attr:`Run.unfinished`) unless ``include_unfinished`` (it then stays
+    marked), and, given ``final_fraction``, one with no such value in that last fraction of
+    training, which has no final value (its last values failed, its schedule measured only
+    early, or it stopped early). Raises ``ValueError`` listing every run and its reason when
+    none is left to fit.
     """
-    entries = tuple(run_entry(run, quantity, include_unfinished) for run in runs)
+    entries = tuple(run_entry(run, quantity, include_unfinished, final_fraction) for run in runs)
     selection = RunSelection(entries)
+    check_one_definition(selection.fitted)
     if not selection.fitted:
         runs_by_reason: dict[str, list[str]] = defaultdict(list)
         for entry in entries:
@@ -396,18 +426,65 @@ def select_runs(
     return selection
 
 
-def run_entry(run: Run, quantity: str | None, include_unfinished: bool = False) -> RunEntry:
+def check_one_definition(runs: Sequence[Run]) -> None:
+    """Refuse runs measured on different probe definitions (a fixed probe's values and a
+    training batch's differ in what they measure, and no fit across them means anything), and
+    warn (:class:`~sharpmeter.paper.records.RecordWarning`) when their dtypes or model classes
+    differ: a study may mean it, but a size's value then moves with more than its size.
+    Runs that do not record one are not compared on it."""
+    probes = _runs_by(runs, lambda run: ", ".join(sorted(run.probes)) or None)
+    if len(probes) > 1:
+        raise ValueError(
+            "runs measured on different probes cannot be fitted together (their values measure "
+            f"different things): {_listed(probes)}; pass the runs of one probe"
+        )
+    for what in ("dtype", "model_class"):
+        found = _runs_by(runs, lambda run, what=what: getattr(run, what))
+        if len(found) > 1:
+            warnings.warn(
+                f"the runs fitted together differ in {what}: {_listed(found)}",
+                RecordWarning,
+                stacklevel=3,
+            )
+
+
+def _runs_by(runs: Sequence[Run], key) -> dict[str, list[str]]:
+    grouped: dict[str, list[str]] = defaultdict(list)
+    for run in runs:
+        if (value := key(run)) is not None:
+            grouped[value].append(run.label)
+    return grouped
+
+
+def _listed(grouped: dict[str, list[str]]) -> str:
+    return "; ".join(f"{value}: {', '.join(labels)}" for value, labels in grouped.items())
+
+
+def run_entry(
+    run: Run,
+    quantity: str | None,
+    include_unfinished: bool = False,
+    final_fraction: float | None = None,
+) -> RunEntry:
     """One run's entry in :func:`select_runs`: what it logged of ``quantity``, and why it is
     left out of a fit (None: fitted)."""
-    finite, not_finite = run.count_values(quantity)
+    used, not_used = run.count_values(quantity)
+    no_final = None
+    if final_fraction is not None and used:
+        no_final = no_final_reason(run.curve(quantity)[0], final_fraction)
     if not run.rows:
         left_out = "empty file"
     elif run.diverged_from is not None:
         left_out = f"diverged: probe loss not finite from step {_step_text(run.diverged_from)}"
-    elif finite == 0:
+    elif used == 0:
         left_out = f"no finite {quantity_name(run.rows[0], quantity)}"
     elif run.unfinished and not include_unfinished:
         left_out = run.unfinished
+    elif no_final is not None:
+        name = quantity_name(run.rows[0], quantity)
+        left_out = f"no final {name}: {no_final}" + (
+            f" ({run.unfinished})" if run.unfinished else ""
+        )
     else:
         left_out = None
-    return RunEntry(run, finite, not_finite, left_out)
+    return RunEntry(run, used, not_used, left_out)
