@@ -1,23 +1,40 @@
-"""AcceleratedMeter's metadata, and the loop examples on one process and on two gloo ranks:
-accelerate's (`accelerate launch`) and FSDP2's (`torchrun`)."""
+"""AcceleratedMeter's metadata, its W&B logging into a user's runs, and the loop examples on
+one process and on two gloo ranks: accelerate's (`accelerate launch`) and FSDP2's
+(`torchrun`)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
+import time
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
+import wandb
+import wandb_records
 from conftest import SEQ, VOCAB, causal_lm_loss, float64_gpt2, token_batch
+from google.protobuf.message import DecodeError
 
 import sharpmeter as sm
 from sharpmeter.integrations.accelerate import AcceleratedMeter, AccumulationWarning
+from sharpmeter.measure.sinks import SinkWarning, WandbSink
 
 EXAMPLES = Path(__file__).parent.parent / "examples"
 KEYS = ("loss", "critical_sharpness", "lambda_max", "hessian_trace")
+
+
+@pytest.fixture(autouse=True)
+def unloaded_wandb():
+    """wandb reads its WANDB_* variables once per process, when first used: each test starts
+    and ends with it unloaded, so that the variables it sets count and leave no trace."""
+    wandb.teardown()
+    yield
+    wandb.teardown()
 
 
 def run(command: list[str], output: Path, example: str = "accelerate_loop.py") -> list[dict]:
@@ -212,3 +229,85 @@ def test_a_step_given_only_its_last_micro_batch_is_warned_of(tmp_path):
             tmp_path, lambda index, updates: updates, lambda index: index % 3 == 2
         )
     assert len(rows) == 2
+
+
+def wandb_loop(tmp_path: Path, steps: int, before_step) -> list[int]:
+    """A hand loop with ``AcceleratedMeter(wandb=True)`` measuring every step, calling
+    ``before_step(step)`` first; the steps in its JSONL file."""
+    model = float64_gpt2()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-2)
+    path = tmp_path / "run" / "sharpness.jsonl"
+    meter = AcceleratedMeter(
+        OneProcess(),
+        model,
+        token_batch(),
+        jsonl_path=path,
+        wandb=True,
+        measures=("critical",),
+        schedule=sm.Schedule(every=1),
+    )
+    for step in range(1, steps + 1):
+        before_step(step)
+        optimizer.zero_grad()
+        causal_lm_loss(model, token_batch(seed=step)).backward()
+        optimizer.step()
+        meter.step(step, optimizer)
+    meter.close()
+    return [json.loads(line)["step"] for line in path.read_text().splitlines()]
+
+
+def logged_steps(folder: Path, count: int) -> list[int]:
+    """The sharpness steps the one offline W&B run under ``folder`` holds, once it holds
+    ``count`` (wandb's service writes the file asynchronously, even after ``finish()``, so its
+    last record may still be half-written when read)."""
+    [run_file] = folder.glob("wandb/offline-run-*/run-*.wandb")
+    deadline = time.monotonic() + 60
+    while True:
+        with contextlib.suppress(DecodeError):
+            history = wandb_records.history(run_file)
+            steps = [h["sharpness/step"] for h in history if "sharpness/critical_sharpness" in h]
+            if len(steps) >= count:
+                return steps
+        assert time.monotonic() < deadline, f"{run_file} never got {count} rows"
+        time.sleep(0.5)
+
+
+def test_a_user_who_replaces_their_wandb_run_midway_trains_on_and_loses_no_row(tmp_path):
+    """The user finishes their W&B run and starts another mid-training (phases): the meter
+    follows the active run instead of raising from a finished one."""
+    for name in ("one", "two"):
+        (tmp_path / name).mkdir()
+    wandb.init(project="user", dir=tmp_path / "one", mode="offline")
+
+    def second_phase_at_four(step: int) -> None:
+        if step == 4:
+            wandb.finish()
+            wandb.init(project="user", dir=tmp_path / "two", mode="offline")
+
+    assert wandb_loop(tmp_path, 6, second_phase_at_four) == [1, 2, 3, 4, 5, 6]
+    wandb.finish()
+    assert logged_steps(tmp_path / "one", 3) == [1, 2, 3]
+    assert logged_steps(tmp_path / "two", 3) == [4, 5, 6]
+
+
+def test_a_failing_wandb_log_is_a_warning_and_training_goes_on(tmp_path, monkeypatch):
+    """W&B down at steps 2 and 3: one warning when it starts failing, one when it works again;
+    the loop runs to its end and the JSONL file has every row."""
+    wandb.init(project="user", dir=tmp_path, mode="offline")
+    write = WandbSink.write
+
+    def down_at_two_and_three(sink, row):
+        if row["step"] in (2, 3):
+            raise ConnectionError("the logging service is down")
+        write(sink, row)
+
+    monkeypatch.setattr(WandbSink, "write", down_at_two_and_three)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert wandb_loop(tmp_path, 5, lambda step: None) == [1, 2, 3, 4, 5]
+    wandb.finish()
+    messages = [str(w.message) for w in caught if issubclass(w.category, SinkWarning)]
+    assert len(messages) == 2, messages
+    assert "step 2 to W&B failed (ConnectionError: the logging service is down)" in messages[0]
+    assert "works again (step 4)" in messages[1]
+    assert logged_steps(tmp_path, 3) == [1, 4, 5]

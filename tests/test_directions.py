@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+import sharpmeter as sm
 from sharpmeter.measure import directions
 from sharpmeter.measure.directions import (
     DirectionUnavailable,
@@ -379,6 +380,27 @@ def test_all_rates_zero_gives_the_update_per_unit_rate(optimizer_type: type) -> 
     assert optimizer.param_groups[0]["lr"] == 0.0
 
 
+@pytest.mark.parametrize("optimizer_type", [torch.optim.AdamW, torch.optim.RMSprop])
+def test_a_warm_up_from_zero_keeps_the_groups_rates_in_proportion(optimizer_type: type) -> None:
+    """Groups at 1e-3 and 1e-5 warmed up from 0 by a scheduler: at step 0 every rate is 0,
+    and d is the update per unit of the first group's rate with the groups in the proportion
+    the schedule keeps (it was taken with both at rate 1: another direction)."""
+    model = make_model()
+    optimizer = optimizer_type(
+        [{"params": model.hidden.parameters(), "lr": 1e-3}, {"params": model.out.parameters()}],
+        lr=1e-5,
+    )
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: step / 10)
+    backward(model, seed=0)
+    assert [group["lr"] for group in optimizer.param_groups] == [0.0, 0.0]
+    d = update_direction(optimizer)
+    for group in optimizer.param_groups:
+        group["lr"] = group["initial_lr"] * 0.5
+    expected = update_direction(optimizer)
+    torch.testing.assert_close(d.vector, expected.vector, rtol=1e-12, atol=1e-15)
+    assert schedule.get_last_lr() == [0.0, 0.0]
+
+
 def test_given_gradients_replace_grad() -> None:
     """A measurement steps with the probe gradient; the result is as if .grad held it."""
     model = make_model()
@@ -567,12 +589,29 @@ def test_a_copy_that_changes_the_real_optimizer_is_a_runtime_error() -> None:
     assert not isinstance(raised.value, DirectionUnavailable)
 
 
-def test_a_failing_step_is_raised_as_it_is_in_one_process() -> None:
+def test_a_failing_step_is_no_direction_with_its_reason() -> None:
     model = make_model()
     optimizer = RaisingSGD(model.parameters(), lr=0.1)
     train(model, optimizer, 0)
-    with pytest.raises(ValueError, match="cannot step here"):
+    with pytest.raises(DirectionUnavailable, match="ValueError: this optimizer cannot step"):
         update_direction(optimizer)
+
+
+def test_lbfgs_leaves_the_measures_without_a_direction_standing() -> None:
+    """LBFGS steps with a closure a copy is not given (a TypeError): the row's direction
+    measures say so, the others are taken (the whole row was an error)."""
+    model = make_model()
+    optimizer = torch.optim.LBFGS(model.parameters(), lr=0.1)
+    batch = (torch.randn(8, 4, dtype=torch.float64), torch.randn(8, 3, dtype=torch.float64))
+
+    def loss_fn(m, b):
+        return nn.functional.mse_loss(m(b[0]), b[1])
+
+    loss_fn(model, batch).backward()
+    meter = sm.SharpnessMeter(model, batch, loss_fn=loss_fn, measures=("critical", "trace"))
+    row = meter.measure(0, optimizer=optimizer)
+    assert row["trace_status"] == "ok"
+    assert row["critical_status"].startswith("no_direction: LBFGS.step() failed on a copy")
 
 
 SHARDED_FAILURES = {

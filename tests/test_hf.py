@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import gc
 import json
 import math
+import os
 import random
 import shutil
 import time
@@ -16,6 +18,7 @@ import torch
 import wandb
 import wandb_records
 from conftest import VOCAB, causal_lm_loss, dense_hessian, float64_gpt2
+from google.protobuf.message import DecodeError
 from tokenizers import Tokenizer
 from tokenizers.models import WordLevel
 from transformers import (
@@ -35,6 +38,15 @@ from sharpmeter.measure.rng import fork_rng
 from sharpmeter.measure.sinks import SinkWarning, WandbSink
 
 KEYS = ("critical_sharpness", "hessian_trace", "lambda_max")
+
+
+@pytest.fixture(autouse=True)
+def unloaded_wandb():
+    """wandb reads its WANDB_* variables once per process, when first used: each test starts
+    and ends with it unloaded, so that the variables it sets count and leave no trace."""
+    wandb.teardown()
+    yield
+    wandb.teardown()
 
 
 class TokenDataset(torch.utils.data.Dataset):
@@ -116,19 +128,25 @@ def test_wandb_offline_run_gets_the_metrics(tmp_path, monkeypatch):
     wandb.finish()  # flush the offline run file
     run_files = list(tmp_path.glob("wandb/offline-run-*/run-*.wandb"))
     assert len(run_files) == 1
-    # wandb's service process writes the offline file asynchronously, even after finish().
-    deadline = time.monotonic() + 60
-    while len(logged := sharpness_history(run_files[0])) < len(rows):
-        assert time.monotonic() < deadline, "the W&B run file never got the sharpness metrics"
-        time.sleep(0.5)
+    logged = logged_entries(run_files[0], "train/sharpness/lambda_max", len(rows))
     for row, entry in zip(rows, logged, strict=True):  # the JSONL's numbers, on the Trainer's axis
         assert entry["train/global_step"] == row["step"]
         for key in KEYS:
             assert entry[f"train/sharpness/{key}"] == pytest.approx(row[key], rel=1e-12), key
 
 
-def sharpness_history(run_file) -> list[dict]:
-    return [h for h in wandb_records.history(run_file) if "train/sharpness/lambda_max" in h]
+def logged_entries(run_file, key: str, count: int) -> list[dict]:
+    """The history entries of an offline W&B run that hold ``key``, once there are ``count``:
+    wandb's service writes the file asynchronously, even after ``finish()``, so its last
+    record may still be half-written when read."""
+    deadline = time.monotonic() + 60
+    while True:
+        with contextlib.suppress(DecodeError):
+            logged = [h for h in wandb_records.history(run_file) if key in h]
+            if len(logged) >= count:
+                return logged
+        assert time.monotonic() < deadline, f"{run_file} never got {count} entries with {key}"
+        time.sleep(0.5)
 
 
 def test_report_to_none_writes_only_jsonl(tmp_path, monkeypatch):
@@ -455,17 +473,28 @@ class FailingLogger(TrainerCallback):
 
 
 class RecordingRun:
-    """An active W&B run that keeps what it is given."""
+    """An active W&B run that keeps what it is given, one entry per step, as W&B does: a log
+    with ``commit=False`` joins the current step, which the next log or the run's end commits."""
 
     def __init__(self):
         self.metrics: list[tuple[tuple, dict]] = []
         self.logged: list[dict] = []
+        self.step = 0
+        self.uncommitted: dict = {}
 
     def define_metric(self, *args, **kwargs):
         self.metrics.append((args, kwargs))
 
-    def log(self, data, *args, **kwargs):
-        self.logged.append(dict(data))
+    def log(self, data, step=None, commit=None):
+        self.uncommitted.update(data)
+        if commit or (step is None and commit is None):
+            self.finish()
+
+    def finish(self):
+        if self.uncommitted:
+            self.logged.append(self.uncommitted)
+        self.uncommitted = {}
+        self.step += 1
 
 
 class FailingRun(RecordingRun):
@@ -485,8 +514,8 @@ class UnreachableRun(FailingRun):
 def test_unbound_the_active_wandb_run_gets_the_rows_through_a_wandb_sink(tmp_path, monkeypatch):
     """Not bound to the Trainer, the callback logs into the active W&B run through one
     WandbSink, set up lazily at the first row (not when the callback is made), under the keys
-    the Trainer's WandbCallback gives: train/sharpness/<column> on the train/global_step axis,
-    non-finite values left out."""
+    the Trainer's WandbCallback gives: train/sharpness/<column>, each defined by name on the
+    sink's own train/sharpness/step axis, non-finite values left out."""
     run = RecordingRun()
     monkeypatch.setattr(wandb, "run", run)
     made = []
@@ -497,25 +526,67 @@ def test_unbound_the_active_wandb_run_gets_the_rows_through_a_wandb_sink(tmp_pat
     trainer.add_callback(callback)
     trainer.train()
     assert len(made) == 1 and made[0].run is run and not made[0].owns_run
-    assert run.metrics == [
-        (("train/global_step",), {}),
-        (("train/sharpness/*",), {"step_metric": "train/global_step"}),
-    ]
+    run.finish()  # the user's to finish: it commits the last row
     history = [h for h in trainer.state.log_history if "sharpness/critical_sharpness" in h]
     assert [h["step"] for h in history] == [2, 4]
     expected = [
         {
             **{f"train/{k}": v for k, v in h.items() if k != "step" and math.isfinite(v)},
-            "train/global_step": h["step"],
+            "train/sharpness/step": h["step"],
         }
         for h in history
     ]
     assert run.logged == expected
+    assert run.metrics[0] == (("train/sharpness/step",), {})
+    assert dict((args[0], kwargs) for args, kwargs in run.metrics[1:]) == {
+        key: {"step_metric": "train/sharpness/step"}
+        for key in expected[0]
+        if key != "train/sharpness/step"
+    }
     rows = read_rows(tmp_path / "out" / "sharpness.jsonl")
     for row, entry in zip(rows, run.logged, strict=True):
         assert entry["train/sharpness/critical_sharpness"] == row["critical_sharpness"]
         assert entry["train/sharpness/loss"] == row["loss"]
     assert callback._wandb is None  # closed at the end of training; the run is not finished
+
+
+def test_bound_the_users_own_wandb_run_gets_every_row_once(tmp_path):
+    """The Trainer reports to no logger (transformers 5's default) while the user's own W&B run
+    is active: the bound callback writes every row into it through a WandbSink, once."""
+    run = wandb.init(project="user", dir=tmp_path, mode="offline")
+    trainer = make_trainer(tmp_path, max_steps=4)
+    SharpnessCallback.attach(trainer, schedule=sm.Schedule(every=2), measures=("critical",))
+    trainer.train()
+    run.finish()
+    rows = read_rows(tmp_path / "out" / "sharpness.jsonl")
+    [run_file] = tmp_path.glob("wandb/offline-run-*/run-*.wandb")
+    logged = logged_entries(run_file, "train/sharpness/critical_sharpness", len(rows))
+    assert [entry["train/sharpness/step"] for entry in logged] == [r["step"] for r in rows]
+    for row, entry in zip(rows, logged, strict=True):
+        assert entry["train/sharpness/critical_sharpness"] == row["critical_sharpness"]
+
+
+def test_attach_keeps_a_trainer_that_reports_to_wandb_from_asking_for_a_key(tmp_path, monkeypatch):
+    """Without an API key the Trainer's WandbCallback, which starts its run when training
+    begins, would stop to ask for one (a UsageError where no one can answer): attach sets
+    WANDB_MODE by wandb_mode() (offline here), unless the user set it, and only for a Trainer
+    that reports to W&B."""
+    monkeypatch.setenv("WANDB_MODE", "")
+    monkeypatch.delenv("WANDB_MODE")  # unset, and unset again after the test
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    SharpnessCallback.attach(make_trainer(tmp_path))
+    assert "WANDB_MODE" not in os.environ
+    trainer = make_trainer(tmp_path, report_to="wandb", max_steps=2)
+    SharpnessCallback.attach(trainer, schedule=sm.Schedule(every=2), measures=("critical",))
+    assert os.environ["WANDB_MODE"] == "offline"
+    trainer.train()
+    wandb.finish()
+    assert list(tmp_path.glob("wandb/offline-run-*"))
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    SharpnessCallback.attach(make_trainer(tmp_path, report_to="wandb"))
+    assert os.environ["WANDB_MODE"] == "disabled"
 
 
 @pytest.mark.parametrize("bound", [True, False, "setup"])

@@ -441,3 +441,38 @@ def test_the_default_trace_is_deflated_beside_the_spectral_measure_and_hutchinso
     assert default["status"] == "ok"
     for column in ("hessian_trace", "hessian_trace_stderr", "hessian_trace_num_matvecs"):
         assert default[column] == chosen[column], column
+
+
+def test_a_model_with_lazy_parameters_not_yet_initialized_is_refused():
+    model = torch.nn.Sequential(torch.nn.LazyLinear(4), torch.nn.Tanh(), torch.nn.Linear(4, 1))
+    batch = (torch.randn(8, 3), torch.randn(8, 1))
+
+    def loss_fn(m, b):
+        return torch.nn.functional.mse_loss(m(b[0]), b[1])
+
+    state = torch.get_rng_state()
+    with pytest.raises(ValueError, match=r"lazy parameters not yet initialized \(0.weight"):
+        sm.SharpnessMeter(model, batch, loss_fn=loss_fn)
+    assert torch.nn.parameter.is_lazy(model[0].weight) and torch.equal(torch.get_rng_state(), state)
+    model(batch[0])  # one forward: the meter takes it now
+    sm.SharpnessMeter(model, batch, loss_fn=loss_fn)
+
+
+def test_a_dataloader_s_list_batch_is_refused_rather_than_read_as_two_batches():
+    """A DataLoader over a TensorDataset gives [inputs, targets]; read as a list of two
+    batches, the loss scored the inputs' rows against each other."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 4)
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(torch.randn(8, 4), torch.randn(8, 4)), batch_size=8
+    )
+    batch = next(iter(loader))
+    assert isinstance(batch, list)
+
+    def loss_fn(m, b):
+        return torch.nn.functional.mse_loss(m(b[0]), b[1])
+
+    with pytest.raises(ValueError, match=r"list of 2 tensors.*pass tuple\(batch\)"):
+        sm.SharpnessMeter(model, batch, loss_fn=loss_fn)
+    row = sm.SharpnessMeter(model, tuple(batch), loss_fn=loss_fn, measures=("trace",)).measure(0)
+    assert row["loss"] == pytest.approx(float(loss_fn(model, batch)))

@@ -307,3 +307,91 @@ def test_a_rank_whose_batches_have_no_loss_tokens_adds_nothing(monkeypatch):
     hv = torch.autograd.grad(sum((g * u).sum() for g, u in zip(grads, v)), params)
     assert float(loss) == 0.0
     assert all(not g.any() for g in grads) and all(not h.any() for h in hv)
+
+
+class SquareOnce(torch.autograd.Function):
+    """x^2 with a backward torch cannot differentiate again (``@once_differentiable``)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x * x
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return 2 * x * grad
+
+
+class WeightNormed(torch.nn.Module):
+    """tanh(W x + b) with W = g v / ||v|| per row, through torch's weight_norm or plain ops."""
+
+    def __init__(self, fused: bool) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.fused = fused
+        self.first = torch.nn.Linear(5, 3).double()
+        self.last = torch.nn.Linear(3, 3).double()
+        if fused:
+            torch.nn.utils.parametrizations.weight_norm(self.first)
+        else:
+            weight = self.first.weight.detach()
+            del self.first.weight
+            self.g = torch.nn.Parameter(weight.norm(dim=1, keepdim=True))
+            self.v = torch.nn.Parameter(weight.clone())
+
+    def forward(self, x):
+        if self.fused:
+            return self.last(torch.tanh(self.first(x)))
+        weight = self.g * self.v / self.v.norm(dim=1, keepdim=True)
+        return self.last(torch.tanh(torch.nn.functional.linear(x, weight, self.first.bias)))
+
+    def ordered(self) -> list[torch.nn.Parameter]:
+        """The parameters in the fused model's order: bias, g, v, then the last layer's."""
+        if self.fused:
+            return list(self.parameters())
+        return [self.first.bias, self.g, self.v, *self.last.parameters()]
+
+
+class Squared(torch.nn.Module):
+    def __init__(self, once: bool) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.once = once
+        self.a, self.b = torch.nn.Linear(5, 4).double(), torch.nn.Linear(4, 3).double()
+
+    def forward(self, x):
+        h = self.a(x)
+        return self.b(SquareOnce.apply(h) if self.once else h * h)
+
+    def ordered(self) -> list[torch.nn.Parameter]:
+        return list(self.parameters())
+
+
+@pytest.mark.parametrize(
+    ("build", "named"),
+    [(WeightNormed, "weight_norm's fused kernel"), (Squared, "@once_differentiable")],
+    ids=["weight_norm", "once_differentiable"],
+)
+def test_a_graph_whose_second_derivative_torch_gets_wrong_is_refused(build, named):
+    """Double backward through these gave a wrong Hessian without a word (an asymmetric one,
+    or the custom Function's part left out); the finite-difference mode is right, against the
+    same function written with plain operations."""
+    model, plain = build(True), build(False)
+    x, y = torch.randn(16, 5, dtype=torch.float64), torch.randint(0, 3, (16,))
+
+    def loss_fn(m, batch):
+        return torch.nn.functional.cross_entropy(m(batch[0]), batch[1])
+
+    assert loss_fn(model, (x, y)) == loss_fn(plain, (x, y))
+    exact = dense_hessian(plain, loss_fn, (x, y), plain.ordered())
+    v = torch.randn(exact.shape[0], dtype=torch.float64)
+    with pytest.raises(ValueError, match=f"{named}.*hvp_mode='fd'"):
+        sm.HessianOperator(model, loss_fn, (x, y)) @ v
+    fd = sm.HessianOperator(model, loss_fn, (x, y), mode="fd") @ v
+    assert relative_error(fd, exact @ v) < 1e-6
+    loss_fn(model, (x, y)).backward()
+    meter = sm.SharpnessMeter(model, (x, y), loss_fn=loss_fn, measures=("critical", "trace"))
+    row = meter.measure(0, optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
+    assert row["critical_status"] == "ok" and named in row["trace_status"]

@@ -1,5 +1,7 @@
 """JsonlSink under failing writes: training never stops, and the file ends up whole and in order.
 
+WandbSink and wandb_mode: what an offline W&B run holds, read back from its file.
+
 Tests may run as root, for whom a read-only folder is writable; failures are made by a regular
 file where the folder should be (no one can create a file inside it) or by a fake full disk
 (``open`` in ``sharpmeter.measure.sinks`` replaced by one whose files fail after writing part
@@ -8,21 +10,37 @@ of a line).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import gc
 import json
 import os
+import subprocess
 import sys
+import time
 import warnings
 from pathlib import Path
 
 import pytest
+import wandb
+import wandb_records
+from google.protobuf.message import DecodeError
+from wandb.sdk.lib import wbauth
 
 from sharpmeter.measure import files, sinks
-from sharpmeter.measure.sinks import JsonlSink, Sink, SinkWarning, WandbSink
+from sharpmeter.measure.sinks import JsonlSink, Sink, SinkWarning, WandbSink, wandb_mode
 
 META = {"run": "r1", "n_params": 7, "seed": 0}
 STARTED = {**META, "finished": False}  # the metadata a sink writes until the run ends normally
+
+
+@pytest.fixture(autouse=True)
+def unloaded_wandb():
+    """wandb reads its WANDB_* variables once per process, when first used: each test starts
+    and ends with it unloaded, so that the variables it sets count and leave no trace."""
+    wandb.teardown()
+    yield
+    wandb.teardown()
 
 
 class DiskFull:
@@ -249,3 +267,184 @@ def test_both_sinks_follow_the_sink_protocol():
     either sink, or both, as one kind of thing."""
     assert issubclass(JsonlSink, Sink) and issubclass(WandbSink, Sink)
     assert not issubclass(SinkWarning, Sink)
+
+
+def sharpness_row(step: int) -> dict:
+    return {"step": step, "critical_sharpness": 10.0 + step, "critical_status": "ok"}
+
+
+def offline_history(folder: Path, done) -> list[dict]:
+    """The history of the one offline W&B run under ``folder``, once ``done(history)``: wandb's
+    service writes the file asynchronously, even after ``finish()``, so its last record may
+    still be half-written when read."""
+    [run_file] = folder.glob("wandb/offline-run-*/run-*.wandb")
+    deadline = time.monotonic() + 60
+    while True:
+        with contextlib.suppress(DecodeError):
+            if done(history := wandb_records.history(run_file)):
+                return history
+        assert time.monotonic() < deadline, f"{run_file} never got what was logged"
+        time.sleep(0.5)
+
+
+def sharpness_entries(history: list[dict]) -> list[dict]:
+    return [entry for entry in history if "sharpness/critical_sharpness" in entry]
+
+
+def test_a_sink_in_a_users_run_never_costs_it_a_step(tmp_path):
+    """The user logs with explicit steps (accelerate's tracker, W&B's documented pattern): a row
+    written between two of their logs at one step must not advance the run's step, which makes
+    W&B drop the second log ("less than the current step"). Rows more frequent than the user's
+    steps each arrive too, the last one when the user finishes the run, on the sink's own
+    x-axis, which the user's train/global_step neither overwrites nor is overwritten by."""
+    run = wandb.init(project="user", dir=tmp_path, mode="offline")
+    sink = WandbSink()
+    assert not sink.owns_run
+    for step in range(1, 7):
+        if step % 3 == 0:
+            run.log({"loss": 1.0 / step, "train/global_step": 100 + step}, step=step)
+        sink.write(sharpness_row(step))
+        if step % 3 == 0:
+            run.log({"eval/loss": 2.0 / step}, step=step)
+    sink.close()
+    assert wandb.run is run  # the user's run is the user's to finish
+    run.finish()
+    history = offline_history(tmp_path, lambda h: len(sharpness_entries(h)) >= 6)
+    assert [e["_step"] for e in history if "eval/loss" in e] == [3, 6]
+    assert [e["train/global_step"] for e in history if "loss" in e] == [103, 106]
+    entries = sharpness_entries(history)
+    assert [e["sharpness/step"] for e in entries] == [1, 2, 3, 4, 5, 6]
+    assert [e["sharpness/critical_sharpness"] for e in entries] == [11.0, 12, 13, 14, 15, 16]
+
+
+def test_a_sink_follows_the_users_run_when_it_ends_or_is_replaced(tmp_path):
+    """A hand loop whose user finishes their W&B run and starts another midway: a row with no
+    run active is skipped (the JSONL file has it), never an error that stops training; the new
+    run gets the next rows, its metrics defined again on the sink's x-axis."""
+    (tmp_path / "one").mkdir()
+    (tmp_path / "two").mkdir()
+    wandb.init(project="user", dir=tmp_path / "one", mode="offline")
+    sink = WandbSink()
+    sink.write(sharpness_row(1))
+    sink.write(sharpness_row(2))
+    wandb.finish()
+    sink.write(sharpness_row(3))
+    wandb.init(project="user", dir=tmp_path / "two", mode="offline")
+    sink.write(sharpness_row(4))
+    sink.close()
+    wandb.finish()
+    first = offline_history(tmp_path / "one", lambda h: len(sharpness_entries(h)) >= 2)
+    assert [e["sharpness/step"] for e in sharpness_entries(first)] == [1, 2]
+    second = offline_history(tmp_path / "two", lambda h: len(sharpness_entries(h)) >= 1)
+    assert [e["sharpness/step"] for e in sharpness_entries(second)] == [4]
+    [run_file] = (tmp_path / "two").glob("wandb/offline-run-*/run-*.wandb")
+    metrics = {
+        r.metric.name: r.metric.step_metric
+        for r in wandb_records.records(run_file)
+        if r.WhichOneof("record_type") == "metric"
+    }
+    assert metrics["sharpness/critical_sharpness"] == "sharpness/step"
+
+
+def test_init_kwargs_may_choose_the_mode(tmp_path):
+    sink = WandbSink(mode="offline", dir=tmp_path)
+    assert sink.owns_run and sink.run.settings.mode == "offline"
+    sink.close()
+
+
+def test_a_run_that_cannot_start_online_starts_offline(tmp_path, monkeypatch):
+    """A key and no network: wandb.init retries until its init_timeout (90 s by default), then
+    raises. The sink waits 30 s at most, warns and goes on offline (wandb's failure is
+    simulated here); the rows are in the offline run."""
+    monkeypatch.setenv("WANDB_API_KEY", "k" * 40)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    real_init = wandb.init
+    calls = []
+
+    def init(**kwargs):
+        calls.append(kwargs)
+        if kwargs["mode"] == "online":
+            raise wandb.errors.CommError("Timed out while retrying: no such host")
+        return real_init(**kwargs)
+
+    monkeypatch.setattr(wandb, "init", init)
+    with pytest.warns(SinkWarning, match="could not start online .*no such host.* offline"):
+        sink = WandbSink(dir=tmp_path)
+    assert calls[0]["settings"].init_timeout == sinks.INIT_TIMEOUT_S
+    assert sink.owns_run and sink.run.settings.mode == "offline"
+    sink.write(sharpness_row(1))
+    sink.close()
+    assert len(sharpness_entries(offline_history(tmp_path, sharpness_entries))) == 1
+
+
+WANDB_LOGIN = "machine api.forge.coreweave.com\n  login user\n  password " + "k" * 40 + "\n"
+
+
+@pytest.mark.parametrize(
+    ("netrc", "mode"),
+    [
+        (WANDB_LOGIN, "online"),  # what wandb.login(key=...) writes, for its default server
+        (WANDB_LOGIN.replace("api.forge.coreweave.com", "api.wandb.ai"), "online"),  # older
+        (WANDB_LOGIN.replace("api.forge.coreweave.com", "git.wandb-mirror.example.org"), "offline"),
+        (None, "offline"),
+    ],
+    ids=["wandb-login", "older-login", "other-host", "no-netrc"],
+)
+def test_wandb_mode_is_online_only_with_a_key_wandb_would_use(tmp_path, monkeypatch, netrc, mode):
+    for name in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_BASE_URL", "WANDB_IDENTITY_TOKEN_FILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("NETRC", raising=False)
+    if netrc is not None:
+        (tmp_path / ".netrc").write_text(netrc)
+        (tmp_path / ".netrc").chmod(0o600)  # as a login leaves it (Python's netrc checks)
+    assert wandb_mode() == mode
+    (tmp_path / "elsewhere").mkdir()
+    if netrc is not None:
+        (tmp_path / ".netrc").rename(tmp_path / "elsewhere" / "netrc")
+    monkeypatch.setenv("NETRC", str(tmp_path / "elsewhere" / "netrc"))  # wandb honours it
+    assert wandb_mode() == mode
+    monkeypatch.setenv("WANDB_API_KEY", "k" * 40)
+    assert wandb_mode() == "online"
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert wandb_mode() == "disabled"
+
+
+def test_wandb_mode_is_offline_when_wandb_cannot_be_asked(tmp_path, monkeypatch):
+    for name in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_BASE_URL", "WANDB_IDENTITY_TOKEN_FILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
+    (tmp_path / "netrc").write_text(WANDB_LOGIN)
+
+    def moved(**kwargs):
+        raise AttributeError("wandb moved its internals")
+
+    monkeypatch.setattr(wbauth, "read_netrc_auth", moved)
+    assert wandb_mode() == "offline"
+
+
+def test_wandb_mode_looks_for_the_key_of_the_server_wandb_would_use(tmp_path):
+    """A login for another server than the one wandb syncs to (``WANDB_BASE_URL``, or the
+    settings file ``wandb login --host`` writes) counts for nothing. In a fresh process: wandb
+    reads its settings once per process."""
+    (tmp_path / "netrc").write_text(WANDB_LOGIN.replace("api.forge.coreweave.com", "wandb.corp"))
+    settings = tmp_path / ".config" / "wandb" / "settings"
+    code = f"""
+import os
+from pathlib import Path
+from sharpmeter.measure.sinks import wandb_mode
+print(wandb_mode())
+os.environ["WANDB_BASE_URL"] = "https://wandb.corp"
+print(wandb_mode())
+del os.environ["WANDB_BASE_URL"]
+Path({str(settings)!r}).parent.mkdir(parents=True)
+Path({str(settings)!r}).write_text("[default]\\nbase_url = https://wandb.corp\\n")
+print(wandb_mode())
+"""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env.update(HOME=str(tmp_path), NETRC=str(tmp_path / "netrc"), OMP_NUM_THREADS="1")
+    env["WANDB_SILENT"] = "true"
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.stdout.split() == ["offline", "online", "online"], done.stderr

@@ -3,12 +3,17 @@ bit-identical (a GPT-2 with dropout on, mid-training, with gradients and Adam st
 
 from __future__ import annotations
 
+import copy
+import random
+
+import numpy as np
 import pytest
 import torch
 from conftest import assert_same, causal_lm_loss, float64_gpt2, snapshot, token_batch
 
 import sharpmeter as sm
 from sharpmeter.measure.estimators import trace_and_top
+from sharpmeter.measure.loss import ProbeLoss
 
 
 def start_training() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
@@ -105,7 +110,97 @@ def test_batchnorm_statistics_and_mode_restored():
     assert all(m.training for m in model.modules())
 
 
+class EvalCache(torch.nn.Module):
+    """Keeps a fused weight as a buffer in eval mode, dropped by every training forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(5, 8), torch.nn.Linear(8, 3)
+        self.drop = torch.nn.Dropout(0.5)
+        self.register_buffer("fused", None, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            self.fused = None
+            return self.b(self.drop(self.a(x)))
+        if self.fused is None:
+            self.fused = self.b.weight.detach() @ self.a.weight.detach()
+        return x @ self.fused.T + self.b(self.a.bias)
+
+
+def mse(model, batch):
+    return torch.nn.functional.mse_loss(model(batch[0]), batch[1])
+
+
+@pytest.mark.parametrize("dropout", ["eval", "train"])
+def test_a_buffer_a_forward_creates_or_drops_is_put_back_with_the_mode(dropout):
+    """In eval mode the measuring forward fills the empty cache; in train mode it drops the
+    one a validation pass filled. Either way the module gets back the buffer it held."""
+    torch.manual_seed(0)
+    model, batch = EvalCache().train(), (torch.randn(8, 5), torch.randn(8, 3))
+    meter = sm.SharpnessMeter(
+        model, batch, loss_fn=mse, measures=("critical", "trace"), dropout=dropout
+    )
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    mse(model, batch).backward()  # a training forward: the cache is dropped
+    if dropout == "train":
+        with torch.no_grad():
+            model.eval()(batch[0])  # a validation pass fills it
+        model.train()
+    cache = model.fused
+    assert (cache is None) == (dropout == "eval")
+    row = meter.measure(0, optimizer=optimizer)
+    assert row["status"] == "ok", row["error"]
+    assert model.fused is cache and all(m.training for m in model.modules())
+
+
+@pytest.mark.parametrize("measures", [("critical",), ("trace",)])
+def test_a_row_between_the_training_forward_and_its_backward_leaves_the_backward_working(
+    measures,
+):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(5, 8), torch.nn.BatchNorm1d(8), torch.nn.Tanh(), torch.nn.Linear(8, 3)
+    )
+    model[1].train()  # running statistics written by every measuring forward
+    batch = (torch.randn(16, 5), torch.randn(16, 3))
+    twin = copy.deepcopy(model)
+    meter = sm.SharpnessMeter(model, batch, loss_fn=mse, measures=measures, dropout="train")
+    loss = mse(model, batch)  # the training forward, its backward still to come
+    row = meter.measure(0, optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
+    loss.backward()  # raised "modified by an inplace operation" before
+    mse(twin, batch).backward()
+    assert row["status"] == "ok", row["error"]
+    assert all(torch.equal(p.grad, q.grad) for p, q in zip(model.parameters(), twin.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(model.buffers(), twin.buffers()))
+
+
 def test_unknown_dropout_policy():
     with pytest.raises(ValueError, match="dropout"):
         with sm.measurement(torch.nn.Linear(2, 2), dropout="sometimes"):
             pass
+
+
+class PythonLayerDrop(torch.nn.Module):
+    """Skips each block when Python's ``random`` says so (and NumPy scales the rest)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.blocks = torch.nn.ModuleList(torch.nn.Linear(4, 4) for _ in range(6))
+
+    def forward(self, x):
+        for block in self.blocks:
+            if not self.training or random.random() > 0.5:
+                x = x + torch.tanh(block(x)) * float(np.random.uniform(0.5, 1.5))
+        return x
+
+
+def test_a_forward_drawing_from_python_and_numpy_sees_the_same_draws_in_every_evaluation():
+    model, batch = PythonLayerDrop().train(), (torch.randn(8, 4), torch.randn(8, 4))
+    states = random.getstate(), np.random.get_state()[1].copy()
+    with sm.measurement(model, dropout="train"):
+        probe = ProbeLoss(model, mse, batch, seed=0)
+        losses = {float(probe()) for _ in range(5)}
+    assert len(losses) == 1  # five evaluations of one network, not five networks
+    assert random.getstate() == states[0] and (np.random.get_state()[1] == states[1]).all()

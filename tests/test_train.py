@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
+import wandb
+import wandb_records
 from conftest import RUN_HOLDER
+from google.protobuf.message import DecodeError
 from transformers import GPT2LMHeadModel, default_data_collator
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
@@ -24,6 +29,7 @@ from sharpmeter.harness.gpt import build_gpt
 from sharpmeter.harness.runlock import LOCK_NAME, RunLockedError
 from sharpmeter.harness.train import heldout_loss, is_finished
 from sharpmeter.measure import sinks
+from sharpmeter.measure.sinks import SinkWarning
 from sharpmeter.paper.records import read_records
 
 ROOT = Path(__file__).parent.parent
@@ -32,6 +38,15 @@ CONFIG = ROOT / "configs" / "tiny.yaml"
 QUICK = ["--size", "tiny", "--max_steps", "20", "--every", "5", "--hvp_every", "5"]
 QUICK += ["--logging_steps", "5"]
 NEEDS_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.fixture(autouse=True)
+def unloaded_wandb():
+    """wandb reads its WANDB_* variables once per process, when first used: each test starts
+    and ends with it unloaded, so that the variables it sets count and leave no trace."""
+    wandb.teardown()
+    yield
+    wandb.teardown()
 
 
 def launch(
@@ -167,6 +182,7 @@ class FakeTrainer:
     def __init__(self, model, args, train_dataset) -> None:
         type(self).built += 1
         self.args = args
+        self.callback_handler = SimpleNamespace(callbacks=[])
 
     def add_callback(self, callback) -> None:
         pass
@@ -267,3 +283,61 @@ def test_a_finished_folder_trained_again_has_no_marker_until_it_finishes(tmp_pat
     no_training.failure = None
     train.train_gpt(*changed, dataset=TOY_DATA)
     assert is_finished(out, train.run_config(*changed))
+
+
+def exit_code_in_wandb(out: Path) -> int:
+    """The exit code the one offline W&B run under ``out`` recorded at its end (wandb's service
+    writes the file asynchronously, even after ``finish()``, so its last record may still be
+    half-written when read)."""
+    [run_file] = out.glob("wandb/offline-run-*/run-*.wandb")
+    deadline = time.monotonic() + 60
+    while True:
+        with contextlib.suppress(DecodeError):
+            records = wandb_records.records(run_file)
+            exits = [r.exit.exit_code for r in records if r.WhichOneof("record_type") == "exit"]
+            if exits:
+                return exits[-1]
+        assert time.monotonic() < deadline, f"{run_file} never recorded the run's end"
+        time.sleep(0.5)
+
+
+@pytest.mark.parametrize(
+    ("failure", "exit_code"),
+    [(None, 0), (RuntimeError("out of memory"), 1), (KeyboardInterrupt(), 255)],
+    ids=["finished", "raised", "interrupted"],
+)
+def test_the_wandb_run_records_how_training_ended(
+    tmp_path, no_training, monkeypatch, failure, exit_code
+):
+    """A run that raised must not read as finished in W&B: its exit code is the one wandb gives
+    an uncaught exception (1), or Ctrl-C (255)."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    no_training.failure = failure
+    out = tmp_path / "run"
+    arguments = run_arguments(out, *QUICK, "--report_to", "wandb")
+    if failure is None:
+        train.train_gpt(*arguments, dataset=TOY_DATA)
+    else:
+        with pytest.raises(type(failure)):
+            train.train_gpt(*arguments, dataset=TOY_DATA)
+    assert exit_code_in_wandb(out) == exit_code
+
+
+def test_a_wandb_run_that_cannot_start_online_trains_offline(tmp_path, no_training, monkeypatch):
+    """A key and no network: wandb.init retries for its init_timeout, then raises (simulated
+    here); the run warns and trains with an offline W&B run instead of stopping."""
+    monkeypatch.setenv("WANDB_MODE", "online")
+    real_init = wandb.init
+
+    def init(**kwargs):
+        if kwargs["mode"] == "online":
+            raise wandb.errors.CommError("Timed out while retrying: no such host")
+        return real_init(**kwargs)
+
+    monkeypatch.setattr(wandb, "init", init)
+    out = tmp_path / "run"
+    arguments = run_arguments(out, *QUICK, "--report_to", "wandb")
+    with pytest.warns(SinkWarning, match="could not start online .* offline"):
+        train.train_gpt(*arguments, dataset=TOY_DATA)
+    assert is_finished(out, train.run_config(*arguments))
+    assert exit_code_in_wandb(out) == 0

@@ -284,6 +284,23 @@ def test_gradients_an_fp16_loss_scaler_still_scales_are_measured_unscaled(unscal
         assert row[column] == pytest.approx(expected[column], rel=1e-12), column
 
 
+@pytest.mark.parametrize("unscaled", [False, True])
+def test_a_plain_loop_s_grad_scaler_given_to_measure_is_seen_through(unscaled):
+    """A plain torch.amp loop: the optimizer does not know its GradScaler, so the loop passes
+    it; the row is the one of the unscaled gradient, whether or not unscale_ came first."""
+    model, optimizer = trained_model()
+    expected = train_meter(model).measure(3, optimizer, batch=MICRO_BATCHES)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    for p in model.parameters():
+        p.grad = scaler.scale(p.grad)
+    if unscaled:
+        scaler.unscale_(optimizer)
+    row = train_meter(model).measure(3, optimizer, batch=MICRO_BATCHES, scaler=scaler)
+    assert row["critical_status"] == "ok"
+    for column in ("grad_norm", "critical_sharpness", "critical_eta_lo", "critical_eta_hi"):
+        assert row[column] == pytest.approx(expected[column], rel=1e-12), column
+
+
 def test_directional_sharpness_is_the_probe_losss_own_curvature_over_its_slope():
     """d'Hd / d'g with H and g of the same loss: the step's gradient is clipped (to norm 0.5),
     so its slope is not the loss's, and the ratio was 1/c too large."""

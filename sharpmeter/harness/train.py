@@ -28,7 +28,7 @@ from sharpmeter.harness.runlock import rank_zero_lock
 from sharpmeter.integrations.hf import SharpnessCallback
 from sharpmeter.measure.files import atomic_write_text
 from sharpmeter.measure.schema import DONE_FILE, HELDOUT_FILE, RUN_FILE
-from sharpmeter.measure.sinks import wandb_mode
+from sharpmeter.measure.sinks import start_wandb_run
 
 # TrainingArguments that cannot change a run's numbers (its weights, its measurements): a
 # finished run is compared without them, so changing one does not train it again. Only what
@@ -148,10 +148,15 @@ def _train_in_owned_folder(
 
     trainer = Trainer(model=model, args=training_args, train_dataset=dataset)
     SharpnessCallback.attach(trainer, options=sharpness_args.meter_options())
+    exit_code = 1  # what W&B records for a run that raised
     try:
         trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+        exit_code = 0
+    except KeyboardInterrupt:
+        exit_code = 255  # wandb's own code for an interrupted run
+        raise
     finally:
-        _finish_wandb()
+        _finish_wandb(exit_code)
     jsonl = Path(training_args.output_dir) / RUN_FILE
     if training_args.process_index == 0:
         # Before the done marker: a finished run always has its held-out loss.
@@ -281,27 +286,27 @@ def _read_done_marker(path: Path) -> dict[str, Any]:
 
 def _start_wandb(training_args: TrainingArguments, config: dict) -> None:
     """Start the W&B run the Trainer's ``WandbCallback`` will log into: offline without
-    credentials (never a prompt), in the output folder beside the JSONL. ``WANDB_DIR`` would
-    not do: W&B reads it once per process, and a study trains several runs in one."""
+    credentials (never a prompt) or when it cannot start online, in the output folder beside
+    the JSONL. ``WANDB_DIR`` would not do: W&B reads it once per process, and a study trains
+    several runs in one."""
     if "wandb" not in (training_args.report_to or []) or training_args.process_index != 0:
         return
-    import wandb
-
     Path(training_args.output_dir).mkdir(parents=True, exist_ok=True)
-    wandb.init(
+    start_wandb_run(
         project=os.environ.get("WANDB_PROJECT", "sharpmeter"),
         name=training_args.run_name,
         dir=training_args.output_dir,
-        mode=wandb_mode(),
         config=config,
     )
 
 
-def _finish_wandb() -> None:
-    # A study trains several sizes in one process: each needs a run of its own.
+def _finish_wandb(exit_code: int) -> None:
+    """End the run with how training ended (0, or non-zero for a run that raised: W&B then
+    shows it failed). A study trains several sizes in one process: each needs a run of its
+    own."""
     try:
         import wandb
     except ImportError:
         return
     if wandb.run is not None:
-        wandb.finish()
+        wandb.finish(exit_code=exit_code)

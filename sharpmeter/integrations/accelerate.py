@@ -53,11 +53,11 @@ import torch
 from accelerate import Accelerator
 
 from sharpmeter.measure.distributed import local_shard
-from sharpmeter.measure.loss import move_to, split_probe
+from sharpmeter.measure.loss import move_to
 from sharpmeter.measure.meter import SharpnessMeter
 from sharpmeter.measure.options import TRAIN_PROBE, MeterOptions, resolve_options
 from sharpmeter.measure.schema import RUN_FILE
-from sharpmeter.measure.sinks import JsonlSink, WandbSink, run_metadata
+from sharpmeter.measure.sinks import JsonlSink, SinkWarning, WandbSink, run_metadata
 
 
 class AccumulationWarning(UserWarning):
@@ -74,7 +74,9 @@ class AcceleratedMeter:
         probe_batch: the global probe batch, identical on every rank (none under
             ``probe="train"``).
         jsonl_path: the JSONL file the main process writes.
-        wandb: also log to W&B (the active run, or one started offline without credentials).
+        wandb: also log to W&B: into the active run (the one active at each row, if the
+            user replaces it), else into one the meter starts (offline without an API key
+            or when it cannot start online). A failed log is a :class:`SinkWarning`.
         run_name: the ``run`` field of every row.
         max_steps: the loop's planned number of steps, written into the metadata: analysis
             puts step ``s`` at ``t = s / max_steps``, so a run killed midway is not stretched
@@ -112,8 +114,9 @@ class AcceleratedMeter:
         self.meter = SharpnessMeter(unwrapped, batch, options=options)
         if optimizer is not None:
             self.meter.check_optimizer(optimizer)
-        self.sinks: list = []
         self.jsonl: JsonlSink | None = None
+        self.wandb_sink: WandbSink | None = None
+        self._logging_fails = False
         self._micro_batches: list[Any] = []  # probe="train": the step's, until it completes
         self._group_step: int | None = None  # the step of this accumulated step's micro-batches
         self._warned_step = self._warned_batch = False
@@ -125,9 +128,8 @@ class AcceleratedMeter:
                 max_steps=max_steps,
             )
             self.jsonl = JsonlSink(jsonl_path, metadata)
-            self.sinks.append(self.jsonl)
             if wandb:
-                self.sinks.append(WandbSink(name=run_name))
+                self.wandb_sink = WandbSink(name=run_name)
 
     def step(self, step: int, optimizer: torch.optim.Optimizer, batch: Any = None) -> dict | None:
         """Measure if ``step`` is due; returns the row or None. With a fixed probe after
@@ -150,7 +152,7 @@ class AcceleratedMeter:
         ``InitProcessGroupKwargs(timeout=)``).
         """
         if batch is not None and self.meter.on_training_batches:
-            self._micro_batches.extend(split_probe(batch))
+            self._micro_batches.append(batch)  # one micro-batch, whatever its container
         self._check_steps_count_updates(step)
         if not getattr(self.accelerator, "sync_gradients", True):
             return None
@@ -161,9 +163,37 @@ class AcceleratedMeter:
         if not self.meter.is_due(step):
             return None
         row = self.meter.measure(step, optimizer=optimizer, batch=batches or batch)
-        for sink in self.sinks:
-            sink.write(row)
+        if self.jsonl is not None:
+            self.jsonl.write(row)
+        if self.wandb_sink is not None:
+            self._log(row)
         return row
+
+    def _log(self, row: dict) -> None:
+        """Send a row to W&B. A failure (the service down, a run the user finished or replaced
+        that the sink cannot follow) must not stop training: a :class:`SinkWarning` when
+        logging starts failing and when it works again, once each; the JSONL file keeps every
+        row meanwhile."""
+        try:
+            self.wandb_sink.write(row)
+        except Exception as error:
+            if not self._logging_fails:
+                warnings.warn(
+                    f"logging the sharpness row of step {row['step']} to W&B failed "
+                    f"({type(error).__name__}: {error}); training goes on, the JSONL file keeps "
+                    "the rows, and later failures are not reported until logging works again",
+                    SinkWarning,
+                    stacklevel=3,
+                )
+            self._logging_fails = True
+            return
+        if self._logging_fails:
+            warnings.warn(
+                f"logging sharpness rows to W&B works again (step {row['step']})",
+                SinkWarning,
+                stacklevel=3,
+            )
+        self._logging_fails = False
 
     def _check_steps_count_updates(self, step: int) -> None:
         """Warn once when ``step`` changes between micro-batches of one accumulated step: it
@@ -203,8 +233,9 @@ class AcceleratedMeter:
         is lost) and end a W&B run this meter started."""
         if self.jsonl is not None:
             self.jsonl.mark_finished()
-        for sink in self.sinks:
-            sink.close()
+            self.jsonl.close()
+        if self.wandb_sink is not None:
+            self.wandb_sink.close()
 
 
 def _is_int(value: Any) -> bool:

@@ -10,9 +10,11 @@ taken along the update the *next* step would make. Rows go
 * through ``Trainer.log`` under ``sharpness/...`` when the callback is bound to the trainer
   (:meth:`SharpnessCallback.attach`), so they reach every ``report_to`` integration (W&B shows
   them as ``train/sharpness/...`` on the Trainer's own step axis) and ``state.log_history``;
-* otherwise into ``state.log_history`` and, when a W&B run is active, into it through a
+* otherwise into ``state.log_history``;
+* and, when a W&B run is active that the Trainer does not report to (an unbound callback, or
+  ``report_to`` without ``"wandb"``: the user's own run), into it through a
   :class:`~sharpmeter.measure.sinks.WandbSink` (set up at the first row, under the same
-  ``train/sharpness/...`` keys and ``train/global_step`` axis).
+  ``train/sharpness/...`` keys, on its ``train/sharpness/step`` axis). No row goes to W&B twice.
 
 The console gets one short line per measurement (none with ``disable_tqdm``); the full row is
 in the JSONL file and the loggers. A logger that fails (a service down, a full disk) is a
@@ -77,6 +79,7 @@ import copy
 import dataclasses
 import itertools
 import math
+import os
 import warnings
 from collections.abc import Mapping
 from datetime import timedelta
@@ -87,6 +90,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers.integrations import WandbCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from sharpmeter.measure.distributed import collective, honour_timeout, is_distributed, local_shard
@@ -101,6 +105,7 @@ from sharpmeter.measure.sinks import (
     WandbSink,
     numeric_items,
     run_metadata,
+    wandb_mode,
 )
 
 PREFIX = "sharpness/"
@@ -194,7 +199,14 @@ class SharpnessCallback(TrainerCallback):
     def attach(cls, trainer: Trainer, probe_batch: Any = None, **arguments: Any):
         """Create a callback with ``arguments`` (``options=``, option fields, ``jsonl_path=``,
         ...), bind it to ``trainer`` (so rows go through ``Trainer.log``) and add it. Returns
-        the callback."""
+        the callback.
+
+        A Trainer that reports to W&B starts its run when training begins, and without an API
+        key wandb would stop to prompt for one (an error where no one can answer): unless
+        ``WANDB_MODE`` is set, it is set here by :func:`~sharpmeter.measure.sinks.wandb_mode`
+        (offline without a key)."""
+        if reports_to_wandb(trainer):
+            os.environ.setdefault("WANDB_MODE", wandb_mode())
         callback = cls(probe_batch, **arguments)
         callback.trainer = trainer
         if callback.options.loss_fn is None:
@@ -482,37 +494,38 @@ class SharpnessCallback(TrainerCallback):
     def _send_to_loggers(
         self, row: dict[str, Any], state: TrainerState, control: TrainerControl
     ) -> None:
-        """Bound: ``Trainer.log``. Unbound: ``state.log_history`` and, on the main process with
-        a W&B run active, a :class:`WandbSink` writing into that run."""
+        """Bound: ``Trainer.log``. Unbound: ``state.log_history``. Then, on the main process
+        with a W&B run active that the Trainer does not report to, a :class:`WandbSink`
+        writing into that run."""
         logs = numeric_items(row, PREFIX)
         if self.trainer is not None:
             self._log_through_trainer(logs, control)
-            return
-        state.log_history.append({**logs, "step": state.global_step})
+            if reports_to_wandb(self.trainer):
+                return  # the Trainer's WandbCallback has logged the row
+        else:
+            state.log_history.append({**logs, "step": state.global_step})
         if not state.is_world_process_zero:
             return
         sink = self._wandb_sink()
         if sink is not None:
-            # Under the keys the Trainer's WandbCallback gives (train/sharpness/..., on its
-            # train/global_step axis); non-finite values are left out.
+            # Under the keys the Trainer's WandbCallback gives (train/sharpness/...);
+            # non-finite values are left out.
             finite = {k: v for k, v in numeric_items(row).items() if math.isfinite(v)}
             sink.write({**finite, "step": state.global_step})
 
     def _wandb_sink(self) -> WandbSink | None:
         """The :class:`WandbSink` of the active W&B run, set up on the first row that finds one
         (as transformers' ``WandbCallback`` does: nothing in ``__init__``); ``None`` without
-        wandb or an active run. The callback never starts a run of its own, and follows the
-        active one when it changes. A setup that raises is tried again at the next row."""
+        wandb or an active run. The callback never starts a run of its own; the sink follows
+        the active one when it changes. A setup that raises is tried again at the next row."""
         try:
             import wandb
         except ImportError:
             return None
         if wandb.run is None:
-            self._wandb = None
             return None
-        if self._wandb is None or self._wandb.run is not wandb.run:
-            self._wandb = None
-            self._wandb = WandbSink(prefix=f"train/{PREFIX}", step_key="train/global_step")
+        if self._wandb is None:
+            self._wandb = WandbSink(prefix=f"train/{PREFIX}")
         return self._wandb
 
     def _log_through_trainer(self, logs: dict[str, float], control: TrainerControl) -> None:
@@ -531,6 +544,12 @@ class SharpnessCallback(TrainerCallback):
         finally:
             handler.callbacks = callbacks
             control.should_log = should_log
+
+
+def reports_to_wandb(trainer: Trainer) -> bool:
+    """Whether the Trainer logs to W&B itself: its ``WandbCallback`` is there (``report_to``
+    with ``"wandb"``, or ``"all"`` with wandb installed, or passed in ``callbacks=``)."""
+    return any(isinstance(c, WandbCallback) for c in trainer.callback_handler.callbacks)
 
 
 def ddp_timeout(args: TrainingArguments) -> timedelta | None:

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from sharpmeter.measure.params import set_versions
 from sharpmeter.measure.rng import fork_rng
 
 DROPOUT_POLICIES = ("eval", "train")
@@ -63,34 +64,64 @@ def _flash_configs(model: nn.Module) -> list:
     return list(configs.values())
 
 
+SavedBuffer = tuple[torch.Tensor, int]  # a buffer's value and its version counter
+
+
 @dataclass
 class ModelState:
-    """Everything a measurement could disturb, captured so it can be put back exactly."""
+    """Everything a measurement could disturb, captured so it can be put back exactly.
+
+    Buffers are kept per module as the objects it held (a forward may create, drop or replace
+    one, as an eval-mode cache does) with their values; a buffer whose value changed gets its
+    value and its version counter back, and an unchanged one is not written, so that a graph
+    the user built before the measurement still backpropagates.
+    """
 
     grads: list[torch.Tensor | None]
     requires_grad: list[bool]
-    buffers: list[torch.Tensor]
-    training: list[bool]
+    buffers: list[tuple[nn.Module, dict[str, torch.Tensor | None], dict[str, SavedBuffer]]]
+    training: list[tuple[nn.Module, bool]]
 
     @classmethod
     def capture(cls, model: nn.Module) -> ModelState:
         params = list(model.parameters())
+        modules = list(model.modules())
         return cls(
             grads=[p.grad for p in params],
             requires_grad=[p.requires_grad for p in params],
-            buffers=[b.detach().clone() for b in model.buffers()],
-            training=[m.training for m in model.modules()],
+            buffers=[(m, dict(m._buffers), _saved_buffers(m)) for m in modules if m._buffers],
+            training=[(m, m.training) for m in modules],
         )
 
     def restore(self, model: nn.Module) -> None:
-        for p, grad, flag in zip(model.parameters(), self.grads, self.requires_grad, strict=True):
-            p.grad = grad
-            p.requires_grad_(flag)
-        with torch.no_grad():
-            for buffer, saved in zip(model.buffers(), self.buffers, strict=True):
-                buffer.copy_(saved)
-        for module, flag in zip(model.modules(), self.training, strict=True):
-            module.training = flag
+        """Put everything back; the train/eval flags even when something else cannot be."""
+        try:
+            for p, grad, flag in zip(
+                model.parameters(), self.grads, self.requires_grad, strict=True
+            ):
+                p.grad = grad
+                p.requires_grad_(flag)
+            with torch.no_grad():
+                for module, held, saved in self.buffers:
+                    module._buffers.clear()
+                    module._buffers.update(held)
+                    for name, (value, version) in saved.items():
+                        # compared, not told by the version: batch norm's kernel writes its
+                        # running statistics without counting a version
+                        if not torch.equal(held[name], value):
+                            held[name].copy_(value)
+                            set_versions([held[name]], [version])
+        finally:
+            for module, flag in self.training:
+                module.training = flag
+
+
+def _saved_buffers(module: nn.Module) -> dict[str, SavedBuffer]:
+    return {
+        name: (buffer.detach().clone(), buffer._version)
+        for name, buffer in module._buffers.items()
+        if buffer is not None
+    }
 
 
 @contextlib.contextmanager

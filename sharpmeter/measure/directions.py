@@ -103,16 +103,16 @@ def unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:
     raise TypeError(f"expected a torch.optim.Optimizer, got {type(optimizer).__name__}")
 
 
-def pending_gradient_scale(optimizer: Any) -> float:
+def pending_gradient_scale(optimizer: Any, scaler: torch.amp.GradScaler | None = None) -> float:
     """The factor by which ``.grad`` is still multiplied for fp16 mixed precision, 1 if none.
 
-    A wrapper's loss scaler (``scaler``: accelerate's ``AcceleratedOptimizer`` under fp16, as
-    the Trainer uses it) leaves the gradients scaled until it unscales them: in ``step()``, or
-    earlier for clipping (``clip_grad_norm_``, which the Trainer calls when ``max_grad_norm``
-    > 0). Between the backward and then, the gradient the optimizer will step with is
-    ``.grad / scale``.
+    A loss scaler (``scaler``, else the wrapper's: accelerate's ``AcceleratedOptimizer`` under
+    fp16, as the Trainer uses it) leaves the gradients scaled until it unscales them: in
+    ``step()``, or earlier for clipping (``scaler.unscale_``, or accelerate's
+    ``clip_grad_norm_``, which the Trainer calls when ``max_grad_norm`` > 0). Between the
+    backward and then, the gradient the optimizer will step with is ``.grad / scale``.
     """
-    scaler = getattr(optimizer, "scaler", None)
+    scaler = scaler if scaler is not None else getattr(optimizer, "scaler", None)
     if not isinstance(scaler, torch.amp.GradScaler) or not scaler.is_enabled():
         return 1.0
     # Torch keeps no public record of whether this step's gradients were unscaled; the
@@ -221,23 +221,24 @@ def update_direction(
         ValueError: :math:`\eta_0 = 0` while another group's rate is not, no gradients, a
             negative ``max_grad_norm``, or ``params`` of which the optimizer holds none.
         DirectionUnavailable: an optimizer without an analytic rule that cannot be stepped
-            faithfully on a copy. On FSDP2-sharded parameters also when the copy's step raises
-            (the reason is given on that rank), and on every other rank when one rank's copy
-            failed ("another rank failed"): all ranks raise together, none is left in a
-            collective.
+            faithfully on a copy, or whose copy's step raises (LBFGS without its closure). On
+            FSDP2-sharded parameters the reason is given on the rank where the step raised,
+            and every other rank raises "another rank failed": all ranks raise together, none
+            is left in a collective.
         RuntimeError: stepping the copy changed the real optimizer or its parameters (it
             reaches them through something a deep copy shares). On sharded parameters only the
             rank where that happened raises this; the others raise DirectionUnavailable.
-        Exception: outside sharding, whatever the copy's ``step()`` raises, unchanged.
     """
     optimizer = unwrap_optimizer(optimizer)
     lr0 = learning_rate(optimizer)
-    # Every rate 0 (the end of a linear decay, the start of a warm-up): the update per unit rate
-    # is still defined, so take it with every group at rate 1.
-    unit_rates = all(group_rate(optimizer, group) == 0 for group in optimizer.param_groups)
-    if lr0 == 0 and not unit_rates:
+    unit_rates = rates_at_zero(optimizer)
+    if lr0 == 0 and unit_rates is None:
         raise ValueError("the first parameter group's learning rate is 0, the unit of d")
-    groups = [{**g, "lr": 1.0} for g in optimizer.param_groups] if unit_rates else None
+    groups = (
+        [{**g, "lr": rate} for g, rate in zip(optimizer.param_groups, unit_rates, strict=True)]
+        if unit_rates
+        else None
+    )
     group_of = {id(p): group for group in groups or optimizer.param_groups for p in group["params"]}
     selected, grad_of, coef = _step_inputs(
         optimizer, params, gradients, max_grad_norm, total_grad_norm
@@ -260,6 +261,26 @@ def update_direction(
         }
     parts = [steps[id(p)] if id(p) in steps else torch.zeros_like(p) for p in selected]
     return ParameterVector(flatten(parts, dtype) / (1.0 if unit_rates else lr0), tuple(selected))
+
+
+def rates_at_zero(optimizer: torch.optim.Optimizer) -> list[float] | None:
+    """Where every group's rate is 0 (the end of a linear decay, the start of a warm-up), the
+    rates to take the update per unit rate with: each group's over the first's, as the
+    schedule scales them all (its ``initial_lr``, which torch's schedulers record), or 1 for
+    every group without that record. None when some rate is not 0.
+
+    >>> sgd = torch.optim.SGD([{"params": [torch.zeros(1)], "lr": 0.0, "initial_lr": 1e-3},
+    ...                        {"params": [torch.zeros(1)], "lr": 0.0, "initial_lr": 1e-5}])
+    >>> rates_at_zero(sgd)
+    [1.0, 0.01]
+    """
+    groups = optimizer.param_groups
+    if any(group_rate(optimizer, group) != 0 for group in groups):
+        return None
+    initial = [group.get("initial_lr") for group in groups]
+    if any(not isinstance(rate, (int, float)) for rate in initial) or not initial[0]:
+        return [1.0] * len(groups)
+    return [float(rate) / float(initial[0]) for rate in initial]
 
 
 def _step_inputs(
@@ -485,7 +506,7 @@ def _steps_by_shadow_step(
     grad_of: dict[int, torch.Tensor],
     coef: torch.Tensor | None,
     dtype: torch.dtype,
-    unit_rates: bool,
+    unit_rates: list[float] | None,
     rate_scale: float = 1.0,
 ) -> dict[int, torch.Tensor]:
     """Each parameter's step, taken by a deep copy of the optimizer on shadow parameters.
@@ -513,9 +534,17 @@ def _steps_by_shadow_step(
     try:
         _step_a_copy(optimizer, owned, shadows, unit_rates, rate_scale)
     except Exception as error:
-        if not sharded:
+        if sharded:
+            failure = error
+        elif isinstance(error, (DirectionUnavailable, _RealOptimizerChanged)):
             raise
-        failure = error
+        else:
+            # a step that needs what a copy is not given (LBFGS's closure): no direction,
+            # which the measures that read one record, while the others are taken
+            raise DirectionUnavailable(
+                f"{type(optimizer).__name__}.step() failed on a copy "
+                f"({type(error).__name__}: {error})"
+            ) from error
     if sharded:
         _raise_if_any_rank_failed(optimizer, owned, failure)
     if not _moved_any(owned, shadows, sharded):
@@ -535,7 +564,7 @@ def _step_a_copy(
     optimizer: torch.optim.Optimizer,
     owned: Sequence[nn.Parameter],
     shadows: dict[int, nn.Parameter],
-    unit_rates: bool,
+    unit_rates: list[float] | None,
     rate_scale: float = 1.0,
 ) -> None:
     """Step a deep copy of ``optimizer`` whose parameters are the shadows.
@@ -559,8 +588,9 @@ def _step_a_copy(
     copied._optimizer_step_pre_hooks = OrderedDict()
     copied._optimizer_step_post_hooks = OrderedDict()
     if unit_rates or rate_scale != 1.0:
-        for group in copied.param_groups:
-            group["lr"] = (1.0 if unit_rates else group["lr"]) * rate_scale
+        rates = unit_rates or [group["lr"] for group in copied.param_groups]
+        for group, rate in zip(copied.param_groups, rates, strict=True):
+            group["lr"] = rate * rate_scale
     try:
         with fork_rng(owned):
             type(optimizer).step(copied)

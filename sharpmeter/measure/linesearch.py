@@ -50,6 +50,7 @@ from sharpmeter.measure.params import (
     copy_into,
     dot,
     resolve_params,
+    set_versions,
     storage_eps,
     unflatten,
     vector_dtype,
@@ -316,6 +317,7 @@ class _LineSearch:
         self.probe = probe
         self.params = params
         self.theta0 = [p.detach().clone() for p in params]
+        self.versions = [p._version for p in params]
         self.direction = unflatten(d, params)
         # Flat slices of g by parameter (views, not a copy in a bf16 parameter's dtype).
         self.gradient = None if g is None else list(g.split([local(p).numel() for p in params]))
@@ -601,6 +603,7 @@ class _LineSearch:
         restored = zip(self.params, self.theta0, strict=True)
         if not all(torch.equal(local(p), local(t)) for p, t in restored):
             raise RuntimeError("parameters were not restored bit-identically")
+        set_versions(self.params, self.versions)
 
 
 def _flat_chunks(tensor: torch.Tensor | None, like: torch.Tensor) -> Sequence[torch.Tensor | None]:

@@ -31,7 +31,8 @@ from sharpmeter.measure.distributed import (
     reshard,
     world_size,
 )
-from sharpmeter.measure.params import cuda_device_indices, flatten, vector_dtype, zeros_for_unused
+from sharpmeter.measure.params import flatten, vector_dtype, zeros_for_unused
+from sharpmeter.measure.rng import fork_rng, seed_every_stream
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 
@@ -39,10 +40,18 @@ IGNORE_INDEX = -100
 
 
 def split_probe(batch: Any) -> list[Any]:
-    """One batch -> ``[batch]``; a ``list`` of batches -> itself. Empty probes are rejected."""
+    """One batch -> ``[batch]``; a ``list`` of batches -> itself. Empty probes are rejected,
+    and so is a list of bare tensors: it is what a ``DataLoader`` gives for one batch of a
+    ``TensorDataset`` (``[x, y]``), and read as batches it would score ``x`` and ``y`` apart."""
     batches = batch if isinstance(batch, list) else [batch]
     if not batches:
         raise ValueError("the probe holds no batch")
+    if all(isinstance(item, torch.Tensor) for item in batches) and isinstance(batch, list):
+        raise ValueError(
+            f"the probe is a list of {len(batches)} tensors, which reads as {len(batches)} "
+            "batches: pass tuple(batch) for one batch such as a DataLoader's [inputs, targets], "
+            "or a list of tuples or mappings for several batches"
+        )
     return batches
 
 
@@ -186,15 +195,14 @@ class ProbeLoss:
         return all_reduce_sum(tensor) if self.distributed else tensor
 
     def batch_loss(self, index: int, model: nn.Module | None = None) -> torch.Tensor:
-        """Loss of batch ``index`` (float32 or wider), with the fixed RNG seed if one is set."""
+        """Loss of batch ``index`` (float32 or wider), with the fixed RNG seed if one is set
+        (in every stream a forward may draw from, each put back after it)."""
         target = self.model if model is None else model
         batch = self.batches[index]
         with contextlib.ExitStack() as stack:
             if self.seed is not None:
-                stack.enter_context(
-                    torch.random.fork_rng(devices=cuda_device_indices(self.model.parameters()))
-                )
-                torch.manual_seed(self.seed)
+                stack.enter_context(fork_rng(self.model.parameters()))
+                seed_every_stream(self.seed)
             loss = self.loss_fn(target, batch)
         if loss.is_floating_point():
             self.loss_eps = max(self.loss_eps, torch.finfo(loss.dtype).eps)

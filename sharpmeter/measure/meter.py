@@ -248,6 +248,7 @@ class SharpnessMeter:
         *,
         batch: Any = None,
         gradients: Sequence[torch.Tensor | None] | None = None,
+        scaler: torch.amp.GradScaler | None = None,
     ) -> dict:
         """One measurement at the current parameters; never changes training, and raises only
         a :class:`~sharpmeter.measure.distributed.CollectiveError` (a failed collective under data
@@ -259,9 +260,11 @@ class SharpnessMeter:
         ``gradients`` the gradient the optimizer is about to step with, one per measured
         parameter (default: their ``.grad``): call it after the backward (and clipping) and
         before ``optimizer.step()``. Critical sharpness then follows the step's own update and
-        spends no backward. Gradients that an fp16 loss scaler still scales (``optimizer``
-        accelerate's wrapper with its ``scaler``, before clipping or ``step()`` unscaled them)
-        are divided by its scale, as ``step()`` will.
+        spends no backward. Gradients that an fp16 loss scaler still scales (``scaler``, the
+        loop's ``torch.amp.GradScaler``, or ``optimizer`` accelerate's wrapper with its own,
+        before clipping or ``step()`` unscaled them) are divided by its scale, as ``step()``
+        will: a plain loop with a ``GradScaler`` passes it here (the optimizer does not know
+        its scaler), or calls ``scaler.unscale_(optimizer)`` first.
 
         With ``optimizer``, critical and directional sharpness follow the update it would
         apply to the probe gradient (:func:`sharpmeter.update_direction`); without, the
@@ -279,7 +282,7 @@ class SharpnessMeter:
         seconds: dict[str, float] = {}
         try:
             with measurement(self.model, self.options.dropout):
-                context = self._row_context(optimizer, taken, batch, step_gradients)
+                context = self._row_context(optimizer, taken, batch, step_gradients, scaler)
                 self._measure_into(row, context, seconds)
             row["status"] = _overall_status(row, taken)
         except CollectiveError:  # the process group is gone: the run must end, saying why
@@ -374,6 +377,7 @@ class SharpnessMeter:
         taken: tuple[Measure, ...],
         batch: Any,
         step_gradients: list[torch.Tensor | None] | None,
+        scaler: torch.amp.GradScaler | None = None,
     ) -> RowContext:
         """The row's loss and gradient on ``batch`` (with the Hessian operator when a measure
         taken needs HVPs), the learning rate and the update direction.
@@ -382,7 +386,7 @@ class SharpnessMeter:
         measure builds its operator), already clipped as the optimizer will use it, and
         unscaled where an fp16 loss scaler has not unscaled it yet."""
         if step_gradients is not None and optimizer is not None:
-            step_gradients = _unscaled(step_gradients, pending_gradient_scale(optimizer))
+            step_gradients = _unscaled(step_gradients, pending_gradient_scale(optimizer, scaler))
         operator = None
         if any(measure.needs_hvp for measure in taken):
             operator = HessianOperator(

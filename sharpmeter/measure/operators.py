@@ -63,6 +63,7 @@ from sharpmeter.measure.params import (
     flatten,
     num_elements,
     resolve_params,
+    set_versions,
     unflatten,
     vector_dtype,
     zeros_for_unused,
@@ -77,6 +78,39 @@ def check_products_per_call(name: str, value: Any, mode_name: str, mode: str) ->
     check_positive_int(name, value)
     if value > 1 and mode != "double_backward":
         raise ValueError(f"{name} > 1 batches double backward: {mode_name} {mode!r} takes 1")
+
+
+# Backward nodes whose own derivative torch does not give right, found in a gradient's graph:
+# a custom autograd.Function marked @once_differentiable leaves a DelayedError node, which
+# autograd.grad(..., allow_unused=True) prunes without a word instead of raising (its
+# contribution to every product is silently dropped); the fused weight_norm kernel's double
+# backward is wrong (its Hessian comes out asymmetric).
+WRONG_SECOND_DERIVATIVE = {
+    "Error": "a custom autograd.Function marked @once_differentiable",
+    "WeightNormInterfaceBackward0": "weight_norm's fused kernel, whose double backward is wrong",
+}
+
+
+def second_derivative_problem(grads: Sequence[torch.Tensor]) -> str | None:
+    """Why double backward through the graph of ``grads`` (a gradient taken with
+    ``create_graph=True``) would give wrong Hessian-vector products, or None."""
+    seen: set[int] = set()
+    stack = [g.grad_fn for g in grads if g.grad_fn is not None]
+    found: set[str] = set()
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        if type(node).__name__ in WRONG_SECOND_DERIVATIVE:
+            found.add(WRONG_SECOND_DERIVATIVE[type(node).__name__])
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    if not found:
+        return None
+    return (
+        f"the loss's graph holds {' and '.join(sorted(found))}: double-backward Hessian-vector "
+        "products would be wrong; measure with hvp_mode='fd'"
+    )
 
 
 class NonFiniteLossError(ValueError):
@@ -173,6 +207,8 @@ class HessianOperator:
                 f"the probe loss or its gradient is not finite (loss = {self.loss.item()})"
             )
         self._graph_grads = grads if self.reuse_graph else None
+        # told at the first product, so that the measures without one still stand
+        self._problem = second_derivative_problem(grads) if self.reuse_graph else None
         self._versions = self._param_versions()
 
     def _param_versions(self) -> list[int]:
@@ -239,6 +275,9 @@ class HessianOperator:
         grads = self._graph_grads
         if grads is None:
             grads = loss_and_gradient(self.probe, self.params, create_graph=True)[1]
+            self._problem = second_derivative_problem(grads)
+        if self._problem is not None:
+            raise ValueError(self._problem)
         batched = v.dim() == 2
         parts = _columns_per_parameter(v, self.params) if batched else unflatten(v, self.params)
         # Gradient entries that do not depend on the parameters (a loss linear in them) have no
@@ -278,6 +317,7 @@ class HessianOperator:
         if norm_v == 0:
             return torch.zeros_like(v)
         theta = [p.detach().clone() for p in self.params]
+        versions = self._param_versions()
         norm_theta = torch.linalg.vector_norm(flatten(theta, self.dtype))
         h = self.fd_eps * max(1.0, norm_theta.item()) / norm_v.item()
         try:
@@ -285,6 +325,7 @@ class HessianOperator:
             g_minus = self._gradient_at(theta, v, -h)
         finally:
             copy_into(self.params, theta)
+            set_versions(self.params, versions)
         return (g_plus - g_minus) / (2 * h)
 
     def _gradient_at(self, theta: list[torch.Tensor], v: torch.Tensor, h: float) -> torch.Tensor:

@@ -10,6 +10,7 @@ parameter, per-parameter tensors are ``DTensor`` objects sharded like the parame
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -24,9 +25,17 @@ def resolve_params(
 ) -> list[nn.Parameter]:
     """The parameters a measurement differentiates: ``params`` or all trainable ones.
 
-    Shared (tied) parameters are listed once. Raises ``ValueError`` for an empty selection or a
-    parameter that does not belong to ``model``.
+    Shared (tied) parameters are listed once. Raises ``ValueError`` for an empty selection, a
+    parameter that does not belong to ``model``, or a lazy module's parameter not yet
+    materialized (a measuring forward would draw its initial values, under the measurement's
+    seed: training would start from other weights).
     """
+    lazy = [name for name, p in model.named_parameters() if nn.parameter.is_lazy(p)]
+    if lazy:
+        raise ValueError(
+            f"the model has lazy parameters not yet initialized ({', '.join(lazy[:3])}): run one "
+            "forward of a training batch before measuring, so that they take their own values"
+        )
     owned = {id(p) for p in model.parameters()}
     if params is None:
         selected = [p for p in model.parameters() if p.requires_grad]
@@ -88,6 +97,18 @@ def copy_into(params: Sequence[nn.Parameter], values: Iterable[torch.Tensor]) ->
     with torch.no_grad():
         for p, value in zip(params, values, strict=True):
             p.copy_(value)
+
+
+def set_versions(tensors: Sequence[torch.Tensor], versions: Sequence[int]) -> None:
+    """Put back the version counters of tensors whose values were written back bit for bit,
+    so that a graph which saved them before the measurement (a training forward whose backward
+    is still to come) does not take them for modified in place. Through torch's own setter,
+    which is private: where it is missing or refuses a tensor (a DTensor), nothing is done."""
+    setter = getattr(torch._C._autograd, "_unsafe_set_version_counter", None)
+    if setter is None:
+        return
+    with contextlib.suppress(RuntimeError, TypeError):
+        setter(tuple(tensors), tuple(versions))
 
 
 def dot(a: torch.Tensor, b: torch.Tensor, params: Sequence[torch.Tensor]) -> torch.Tensor:

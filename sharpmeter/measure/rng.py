@@ -38,3 +38,13 @@ def _numpy_random():
     except ImportError:  # torch runs without NumPy, so do we
         return None
     return numpy.random
+
+
+def seed_every_stream(seed: int) -> None:
+    """Seed torch (CPU and CUDA), ``random`` and NumPy: a forward that draws from any of them
+    (dropout from torch, a LayerDrop from ``random``) draws the same in every evaluation."""
+    torch.manual_seed(seed)
+    random.seed(seed)
+    numpy_random = _numpy_random()
+    if numpy_random is not None:
+        numpy_random.seed(seed)

@@ -4,8 +4,9 @@ Every row of the JSONL file carries the run's identity (``run``, ``n_params``) s
 several runs can be analysed together (``sharpmeter fit runs/*/sharpness.jsonl``); the full
 metadata (config, seed, dtype, library versions) goes once into ``<name>.meta.json`` beside it.
 
-W&B never prompts: with no API key (``WANDB_API_KEY`` or a stored login) and no ``WANDB_MODE``,
-a run is started in offline mode; ``wandb sync`` uploads it later.
+W&B never prompts: with no API key that wandb would use (``WANDB_API_KEY``, ``wandb login``) and
+no ``WANDB_MODE``, a run is started in offline mode, and so is one that cannot start online;
+``wandb sync`` uploads it later.
 """
 
 from __future__ import annotations
@@ -315,58 +316,168 @@ def numeric_items(row: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
     }
 
 
+# How long a run the sink starts waits for the W&B server before it starts offline instead:
+# wandb's own 90 s would hold training that long where a key is set but the network is down.
+INIT_TIMEOUT_S = 30
+
+
 def wandb_mode() -> str:
-    """``WANDB_MODE`` if set; else ``online`` with credentials, ``offline`` without."""
+    """``WANDB_MODE`` if set; else ``online`` when wandb has an API key for the server it would
+    sync to, ``offline`` without one (so that no run ever stops to prompt for a key)."""
     if os.environ.get("WANDB_MODE"):
         return os.environ["WANDB_MODE"]
-    has_key = bool(os.environ.get("WANDB_API_KEY")) or _netrc_has_wandb()
-    return "online" if has_key else "offline"
+    return "online" if _wandb_has_key() else "offline"
 
 
-def _netrc_has_wandb() -> bool:
-    import netrc
-
+def _wandb_has_key() -> bool:
+    """Whether wandb would find credentials for the server it would sync to (its base URL, from
+    its settings files and ``WANDB_BASE_URL``), where ``wandb.init`` looks: this session's
+    ``wandb.login``, ``WANDB_API_KEY`` or an identity token file, that server's entry in the
+    netrc file (``$NETRC`` or ``~/.netrc``), a key in its settings. Asked of wandb itself, so
+    that an entry for another host or another server counts for nothing. Never prompts nor
+    connects; any failure (a wandb whose internals moved) means no key, and offline loses
+    nothing."""
     try:
-        hosts = netrc.netrc().hosts
-    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        from wandb import env
+        from wandb.sdk import wandb_setup
+        from wandb.sdk.lib import wbauth
+
+        settings = wandb_setup.singleton().settings_if_loaded or _fresh_wandb_settings()
+        host = wbauth.HostUrl(settings.base_url, app_url=settings.app_url)
+        return bool(
+            wbauth.session_credentials(host=host)
+            or os.environ.get(env.API_KEY)
+            or os.environ.get(env.IDENTITY_TOKEN_FILE)
+            or wbauth.read_netrc_auth(host=host)
+            or settings.api_key
+        )
+    except Exception:
         return False
-    return any("wandb" in host for host in hosts)
+
+
+def _fresh_wandb_settings() -> Any:
+    """The settings a wandb session started now would load (settings files, then ``WANDB_*``),
+    read without starting one: wandb reads the environment once per process, so loading its
+    session here would make it ignore a ``WANDB_MODE`` set afterwards."""
+    import wandb
+
+    settings = wandb.Settings()
+    config_dir = os.environ.get("WANDB_CONFIG_DIR", "~/.config/wandb")
+    settings.settings_system = str(Path(config_dir, "settings").expanduser())
+    settings.update_from_system_settings()
+    settings.update_from_env_vars(dict(os.environ))
+    return settings
+
+
+def start_wandb_run(**init_kwargs: Any) -> Any:
+    """``wandb.init(**init_kwargs)`` that never prompts and never stops training: in
+    :func:`wandb_mode` unless ``mode`` is given, waiting at most :data:`INIT_TIMEOUT_S` for the
+    server (unless ``settings`` or ``WANDB_INIT_TIMEOUT`` say otherwise). A run that cannot
+    start online (no network, a key the server refuses) starts offline, with a
+    :class:`SinkWarning`: ``wandb sync`` uploads it later, so nothing is lost."""
+    import wandb
+
+    init_kwargs.setdefault("mode", wandb_mode())
+    if not os.environ.get("WANDB_INIT_TIMEOUT"):
+        init_kwargs.setdefault("settings", wandb.Settings(init_timeout=INIT_TIMEOUT_S))
+    try:
+        return wandb.init(**init_kwargs)
+    except Exception as error:
+        if init_kwargs["mode"] != "online":
+            raise
+        warnings.warn(
+            f"the W&B run could not start online ({type(error).__name__}: {error}); it is "
+            "written offline instead (upload it with `wandb sync`)",
+            SinkWarning,
+            stacklevel=2,
+        )
+        return wandb.init(**{**init_kwargs, "mode": "offline"})
 
 
 class WandbSink:
-    """Logs rows into the active W&B run, or starts one (offline without credentials).
+    """Logs rows into the active W&B run, or into one it starts when none is active (offline
+    without an API key, see :func:`start_wandb_run`).
+
+    A run the sink did not start is the user's (or the Trainer's), and costs it nothing:
+
+    * the sink follows whichever run is active at each row (defining its metrics again in a new
+      one); with none active the row is skipped (the JSONL file has it);
+    * a row never advances the run's step: it joins the step the run is at (``commit=False``),
+      so a user who logs with ``step=`` can still log at that step after the row. The run's
+      next log or its end commits the row; only when the run has not moved on since the sink's
+      previous row is that one committed first, so that no row overwrites another;
+    * the rows' x-axis is the sink's own key (``<prefix>step``), which the user's next log at
+      that step cannot overwrite (the Trainer's ``train/global_step`` would), and each key is
+      defined on it by name: a glob of the user's (the Trainer's ``*``) would match it too.
 
     Args:
         project: W&B project of a run this sink starts.
         prefix: key prefix, ``sharpness/`` by default.
-        step_key: the x-axis metric; the rows' ``step`` is logged under it.
-        init_kwargs: more ``wandb.init`` arguments (``name``, ``config``, ``dir``, ...).
+        step_key: the x-axis metric, ``<prefix>step`` by default; the rows' ``step`` goes there.
+        init_kwargs: more ``wandb.init`` arguments (``name``, ``config``, ``dir``, ``mode``,
+            ...).
     """
 
     def __init__(
         self,
         project: str = "sharpmeter",
         prefix: str = "sharpness/",
-        step_key: str = "train/global_step",
+        step_key: str | None = None,
         **init_kwargs: Any,
     ) -> None:
         import wandb
 
         self.wandb = wandb
         self.prefix = prefix
-        self.step_key = step_key
+        self.step_key = step_key or f"{prefix}step"
         self.owns_run = wandb.run is None
-        if self.owns_run:
-            self.run = wandb.init(project=project, mode=wandb_mode(), **init_kwargs)
-        else:
-            self.run = wandb.run
-        self.run.define_metric(step_key)
-        self.run.define_metric(f"{prefix}*", step_metric=step_key)
+        self.run = start_wandb_run(project=project, **init_kwargs) if self.owns_run else wandb.run
+        self._defined: set[str] = set()
+        self._uncommitted_at: int | None = None  # the W&B step holding our uncommitted row
 
     def write(self, row: Mapping[str, Any]) -> None:
-        self.run.log({**numeric_items(row, self.prefix), self.step_key: row["step"]})
+        data = {**numeric_items(row, self.prefix), self.step_key: row["step"]}
+        if self.owns_run:
+            self._define(data)
+            self.run.log(data)
+        elif self._follow_active_run():
+            self._define(data)
+            self._join_current_step(data)
+
+    def _follow_active_run(self) -> bool:
+        """The user may finish their run, or start another, mid-training: the row goes to the
+        run active now; False when there is none."""
+        active = self.wandb.run
+        if active is None:
+            return False
+        if active is not self.run:
+            self.run, self._defined, self._uncommitted_at = active, set(), None
+        return True
+
+    def _define(self, data: Mapping[str, Any]) -> None:
+        """Puts each new key on the sink's x-axis, by name: a name wins over any glob, and of
+        two globs that match (ours and the Trainer's ``*``) W&B may pick either."""
+        if self.step_key not in self._defined:
+            self.run.define_metric(self.step_key)
+            self._defined.add(self.step_key)
+        for key in data.keys() - self._defined:
+            self.run.define_metric(key, step_metric=self.step_key)
+            self._defined.add(key)
+
+    def _join_current_step(self, data: Mapping[str, Any]) -> None:
+        """Adds the row to the step the run is at, uncommitted; when that step still holds the
+        sink's previous row (the run has not moved on), that one is committed first, or the
+        new row would overwrite it."""
+        step = self.run.step
+        if step == self._uncommitted_at:
+            self.run.log({}, commit=True)
+            step += 1
+        self.run.log(data, commit=False)
+        self._uncommitted_at = step
 
     def close(self) -> None:
+        """Finishes a run the sink started; a run of the user's is left to them (its end
+        commits the last row)."""
         if self.owns_run:
             self.run.finish()
 
