@@ -140,6 +140,25 @@ def test_a_hand_loop_measures_each_step_on_its_own_batch_before_the_update(tmp_p
         AcceleratedMeter(OneProcess(), model, token_batch(), probe="train")
 
 
+def test_a_hand_loop_whose_batches_are_bare_tensors_is_measured(tmp_path):
+    """A DataLoader of token ids gives each batch as one tensor: the step's micro-batches are
+    then a list of tensors, which the meter must not refuse as an ambiguous probe."""
+    model = float64_gpt2()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+
+    def loss_fn(m, ids):
+        return causal_lm_loss(m, {"input_ids": ids, "labels": ids})
+
+    meter = AcceleratedMeter(
+        OneProcess(), model, probe="train", loss_fn=loss_fn, measures=("critical",)
+    )
+    ids = token_batch(batch_size=4)["input_ids"]
+    loss_fn(model, ids).backward()
+    row = meter.step(0, optimizer, batch=ids)
+    assert row["status"] == "ok", row["error"]
+    assert row["loss"] == pytest.approx(float(loss_fn(model, ids)), rel=1e-12)
+
+
 class Accumulating(OneProcess):
     """``accelerator.accumulate`` over ``steps`` micro-batches: the gradients are complete (and
     the optimizer steps) at the last one of each step only."""

@@ -116,11 +116,11 @@ def test_runs_are_found_by_folder_file_or_study(tmp_path):
         (seeds / folder / "sharpness.jsonl").write_text("")
     found = [r.jsonl.relative_to(seeds).parent.as_posix() for r in find_runs([seeds])]
     assert found == ["a/seed0", "a/seed1", "b/seed0"]
-    for folder in ("a", "c"):  # the same folder held a study without seeds before: every run
+    for folder in ("a", "c"):  # a study without seeds written into the same folder
         (seeds / folder).mkdir(exist_ok=True)
         (seeds / folder / "sharpness.jsonl").write_text("")
-    found = [r.jsonl.relative_to(seeds).parent.as_posix() for r in find_runs([seeds])]
-    assert found == ["a", "c", "a/seed0", "a/seed1", "b/seed0"]
+    with pytest.raises(ValueError, match=r"two studies.*\(a, c, a/seed0, a/seed1, b/seed0\)"):
+        find_runs([seeds])  # neither pooled nor half of it picked (the seeds were skipped)
 
 
 def test_cli_compare_and_report(tmp_path, capsys):
@@ -250,6 +250,18 @@ def test_a_schedule_run_that_cannot_be_compared_says_why(tmp_path):
     assert "spike where cosine and linear decay smoothly: **undecided** (needs a" in markdown
     assert f"| {RESTARTS} | unknown | 0 | n/a | n/a |" in markdown
     assert "| empty file |" in markdown
+
+
+def test_a_schedule_run_without_a_final_value_is_left_out_saying_so(tmp_path):
+    root = write_runs(tmp_path / "study")
+    schedules = write_schedules(root, restarts_spike=True)
+    path = schedules / "linear" / "sharpness.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    for row in rows[40:]:  # no_increase from step 410 of 600: no value in the last 20%
+        row.update(critical_sharpness=None, critical_status="no_increase")
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    markdown = write_report([root], out=root).markdown.read_text()
+    assert "| no final critical_sharpness: no point in the last 20% of training" in markdown
 
 
 def test_a_held_out_loss_beside_every_run_decides_flatter_is_better(tmp_path):

@@ -204,3 +204,45 @@ def test_a_forward_drawing_from_python_and_numpy_sees_the_same_draws_in_every_ev
         losses = {float(probe()) for _ in range(5)}
     assert len(losses) == 1  # five evaluations of one network, not five networks
     assert random.getstate() == states[0] and (np.random.get_state()[1] == states[1]).all()
+
+
+class FirstBufferInEval(torch.nn.Module):
+    """Registers its first buffer in its first eval-mode forward (an input-mean cache)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 4)
+
+    def forward(self, x):
+        if not self.training:
+            if "cache" not in self._buffers:
+                self.register_buffer("cache", x.mean(0).detach())
+            x = x - self.cache
+        return self.lin(x)
+
+
+class CachedLength(torch.nn.Module):
+    """Keeps the longest input seen as a plain attribute, and a table recomputed from it (as a
+    dynamic rotary embedding keeps ``max_seq_len_cached``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 4)
+        self.longest = 0
+
+    def forward(self, x):
+        if x.shape[0] > self.longest or (self.longest > 16 and x.shape[0] <= 16):
+            self.longest = x.shape[0]  # resets to the short length, as dynamic RoPE does
+        return self.lin(x) * (1 + self.longest / 100)
+
+
+@pytest.mark.parametrize("build", [FirstBufferInEval, CachedLength])
+def test_what_a_measuring_forward_sets_on_a_module_is_put_back(build):
+    torch.manual_seed(0)
+    model, batch = build().train(), (torch.randn(8, 4), torch.randn(8, 4))
+    mse(model, (torch.randn(24, 4), torch.randn(24, 4))).backward()  # a long training batch
+    before = dict(vars(model)), dict(model._buffers)
+    meter = sm.SharpnessMeter(model, batch, loss_fn=mse, measures=("critical", "trace"))
+    row = meter.measure(0, optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
+    assert row["status"] == "ok", row["error"]
+    assert (dict(vars(model)), dict(model._buffers)) == before

@@ -53,7 +53,7 @@ import torch
 from accelerate import Accelerator
 
 from sharpmeter.measure.distributed import local_shard
-from sharpmeter.measure.loss import move_to
+from sharpmeter.measure.loss import MicroBatches, move_to
 from sharpmeter.measure.meter import SharpnessMeter
 from sharpmeter.measure.options import TRAIN_PROBE, MeterOptions, resolve_options
 from sharpmeter.measure.schema import RUN_FILE
@@ -117,7 +117,7 @@ class AcceleratedMeter:
         self.jsonl: JsonlSink | None = None
         self.wandb_sink: WandbSink | None = None
         self._logging_fails = False
-        self._micro_batches: list[Any] = []  # probe="train": the step's, until it completes
+        self._micro_batches = MicroBatches()  # probe="train": the step's, until it completes
         self._group_step: int | None = None  # the step of this accumulated step's micro-batches
         self._warned_step = self._warned_batch = False
         if accelerator.is_main_process:
@@ -156,7 +156,7 @@ class AcceleratedMeter:
         self._check_steps_count_updates(step)
         if not getattr(self.accelerator, "sync_gradients", True):
             return None
-        batches, self._micro_batches = self._micro_batches, []
+        batches, self._micro_batches = self._micro_batches, MicroBatches()
         self._group_step = None
         if self.meter.on_training_batches:
             self._check_every_micro_batch_given(len(batches))

@@ -94,7 +94,13 @@ from transformers.integrations import WandbCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from sharpmeter.measure.distributed import collective, honour_timeout, is_distributed, local_shard
-from sharpmeter.measure.loss import loss_token_count, move_to, shifts_labels, split_probe
+from sharpmeter.measure.loss import (
+    MicroBatches,
+    loss_token_count,
+    move_to,
+    shifts_labels,
+    split_probe,
+)
 from sharpmeter.measure.meter import SharpnessMeter
 from sharpmeter.measure.options import TRAIN_PROBE, MeterOptions, resolve_options
 from sharpmeter.measure.rng import fork_rng
@@ -190,7 +196,7 @@ class SharpnessCallback(TrainerCallback):
         self._wandb: WandbSink | None = None  # set up on the first row that finds a W&B run
         self._logging_fails = False
         # probe="train": the micro-batches of the current step, and the hook recording them.
-        self._step_batches: list[Any] = []
+        self._step_batches = MicroBatches()
         self._recorder: torch.utils.hooks.RemovableHandle | None = None
         self._labels: Any = None  # the labels of the forward the Trainer is making
         self._unwrap_compute_loss: Any = None
@@ -394,10 +400,10 @@ class SharpnessCallback(TrainerCallback):
         if self._unwrap_compute_loss is not None:
             self._unwrap_compute_loss()
             self._unwrap_compute_loss = None
-        self._step_batches = []
+        self._step_batches = MicroBatches()
 
     def on_step_begin(self, args, state, control, **kwargs):
-        self._step_batches = []
+        self._step_batches = MicroBatches()
         return control
 
     def on_pre_optimizer_step(
@@ -413,7 +419,7 @@ class SharpnessCallback(TrainerCallback):
         batches."""
         if self._recorder is None or self.meter is None:
             return control
-        batches, self._step_batches = self._step_batches, []
+        batches, self._step_batches = self._step_batches, MicroBatches()
         if batches and self.meter.is_due(state.global_step):
             self._take_row(args, state, control, optimizer, batches)
         return control

@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -65,6 +66,10 @@ def _flash_configs(model: nn.Module) -> list:
 
 
 SavedBuffer = tuple[torch.Tensor, int]  # a buffer's value and its version counter
+# A module's own plain attributes a forward may reassign, put back by reference: numbers,
+# flags, strings, tensors (the train/eval flag; a rotary embedding's cached length, which a
+# probe shorter than the training batches resets, changing the next training forward).
+PLAIN_TYPES = (bool, int, float, str, type(None), torch.Tensor)
 
 
 @dataclass
@@ -74,13 +79,15 @@ class ModelState:
     Buffers are kept per module as the objects it held (a forward may create, drop or replace
     one, as an eval-mode cache does) with their values; a buffer whose value changed gets its
     value and its version counter back, and an unchanged one is not written, so that a graph
-    the user built before the measurement still backpropagates.
+    the user built before the measurement still backpropagates. Each module's public plain
+    attributes (:data:`PLAIN_TYPES`) are put back too, and those a forward added are removed;
+    private ones (``_...``: torch's and wrappers' own bookkeeping) are left alone.
     """
 
     grads: list[torch.Tensor | None]
     requires_grad: list[bool]
     buffers: list[tuple[nn.Module, dict[str, torch.Tensor | None], dict[str, SavedBuffer]]]
-    training: list[tuple[nn.Module, bool]]
+    attributes: list[tuple[nn.Module, dict[str, Any]]]
 
     @classmethod
     def capture(cls, model: nn.Module) -> ModelState:
@@ -89,12 +96,13 @@ class ModelState:
         return cls(
             grads=[p.grad for p in params],
             requires_grad=[p.requires_grad for p in params],
-            buffers=[(m, dict(m._buffers), _saved_buffers(m)) for m in modules if m._buffers],
-            training=[(m, m.training) for m in modules],
+            buffers=[(m, dict(m._buffers), _saved_buffers(m)) for m in modules],
+            attributes=[(m, _plain_attributes(m)) for m in modules],
         )
 
     def restore(self, model: nn.Module) -> None:
-        """Put everything back; the train/eval flags even when something else cannot be."""
+        """Put everything back; the attributes (the train/eval flags among them) even when
+        something else cannot be."""
         try:
             for p, grad, flag in zip(
                 model.parameters(), self.grads, self.requires_grad, strict=True
@@ -112,8 +120,10 @@ class ModelState:
                             held[name].copy_(value)
                             set_versions([held[name]], [version])
         finally:
-            for module, flag in self.training:
-                module.training = flag
+            for module, attributes in self.attributes:
+                for name in _plain_attributes(module).keys() - attributes.keys():
+                    del module.__dict__[name]
+                module.__dict__.update(attributes)
 
 
 def _saved_buffers(module: nn.Module) -> dict[str, SavedBuffer]:
@@ -121,6 +131,14 @@ def _saved_buffers(module: nn.Module) -> dict[str, SavedBuffer]:
         name: (buffer.detach().clone(), buffer._version)
         for name, buffer in module._buffers.items()
         if buffer is not None
+    }
+
+
+def _plain_attributes(module: nn.Module) -> dict[str, Any]:
+    return {
+        name: value
+        for name, value in vars(module).items()
+        if not name.startswith("_") and isinstance(value, PLAIN_TYPES)
     }
 
 

@@ -39,6 +39,11 @@ LossFn = Callable[[nn.Module, Any], torch.Tensor]
 IGNORE_INDEX = -100
 
 
+class MicroBatches(list):
+    """The micro-batches of one training step, as the training loop gave them (each whole, a
+    bare tensor too): a list :func:`split_probe` never mistakes for one batch of tensors."""
+
+
 def split_probe(batch: Any) -> list[Any]:
     """One batch -> ``[batch]``; a ``list`` of batches -> itself. Empty probes are rejected,
     and so is a list of bare tensors: it is what a ``DataLoader`` gives for one batch of a
@@ -46,6 +51,8 @@ def split_probe(batch: Any) -> list[Any]:
     batches = batch if isinstance(batch, list) else [batch]
     if not batches:
         raise ValueError("the probe holds no batch")
+    if isinstance(batch, MicroBatches):
+        return list(batches)
     if all(isinstance(item, torch.Tensor) for item in batches) and isinstance(batch, list):
         raise ValueError(
             f"the probe is a list of {len(batches)} tensors, which reads as {len(batches)} "

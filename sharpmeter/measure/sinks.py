@@ -402,10 +402,13 @@ class WandbSink:
 
     * the sink follows whichever run is active at each row (defining its metrics again in a new
       one); with none active the row is skipped (the JSONL file has it);
-    * a row never advances the run's step: it joins the step the run is at (``commit=False``),
-      so a user who logs with ``step=`` can still log at that step after the row. The run's
-      next log or its end commits the row; only when the run has not moved on since the sink's
-      previous row is that one committed first, so that no row overwrites another;
+    * a row joins the step the run is at (``commit=False``), so a user who logs with
+      ``step=`` can still log at that step after the row. The run's next log or its end commits
+      the row. When the run has not moved on since the sink's previous row, that one is
+      committed first, so that no row overwrites another: the run's step then advances by one.
+      W&B keeps one step per run, so a user whose explicit steps move less often than the rows
+      (``step=epoch``) has the logs that fall behind dropped by W&B: log with the global step,
+      or without ``step=``;
     * the rows' x-axis is the sink's own key (``<prefix>step``), which the user's next log at
       that step cannot overwrite (the Trainer's ``train/global_step`` would), and each key is
       defined on it by name: a glob of the user's (the Trainer's ``*``) would match it too.

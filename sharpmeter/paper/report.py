@@ -96,7 +96,7 @@ class RunFiles:
 
 def find_runs(paths: Iterable[str | Path]) -> list[RunFiles]:
     """JSONL files, run folders, or study folders (one run folder per size, or per size and
-    seed: ``<size>/seed<k>``, every run of either layout) -> runs. A study's ``schedules/``
+    seed: ``<size>/seed<k>``; a folder holding both is refused) -> runs. A study's ``schedules/``
     runs are not part of its ladder and are not collected (:func:`find_schedule_runs` finds
     them)."""
     runs = []
@@ -106,12 +106,26 @@ def find_runs(paths: Iterable[str | Path]) -> list[RunFiles]:
         elif (path / RUN_FILE).is_file():
             files = [path / RUN_FILE]
         else:
-            # both layouts: a study run again with seeds into a folder that held one without
-            files = sorted(path.glob(f"*/{RUN_FILE}")) + sorted(path.glob(f"*/seed*/{RUN_FILE}"))
+            files = _study_runs(path)
         if not files:
             raise ValueError(f"no {RUN_FILE} at {str(path)!r} or in its sub-folders")
         runs += [RunFiles(f, _latest_wandb_run(f.parent)) for f in files]
     return runs
+
+
+def _study_runs(folder: Path) -> list[Path]:
+    """A study folder's run files: one per size, or one per size and seed. Both at once are
+    two studies written into one folder (one without seeds, one with), which no report may
+    pool or pick from unsaid: refused, naming them."""
+    per_size = sorted(folder.glob(f"*/{RUN_FILE}"))
+    per_seed = sorted(folder.glob(f"*/seed*/{RUN_FILE}"))
+    if per_size and per_seed:
+        named = [f.parent.relative_to(folder).as_posix() for f in (*per_size, *per_seed)]
+        raise ValueError(
+            f"{folder} holds runs of two studies, one run per size and one per seed "
+            f"({', '.join(named)}): name the run folders of one"
+        )
+    return per_size or per_seed
 
 
 def find_schedule_runs(paths: Iterable[str | Path]) -> list[RunFiles]:
@@ -216,10 +230,12 @@ def load_schedules(
     files: Sequence[RunFiles],
     quantity: str = "critical_sharpness",
     include_unfinished: bool = False,
+    final_fraction: float = 0.2,
 ) -> ScheduleAnalysis:
     """The schedule runs in ``files``, one per file, each named by its folder, and the verdict
     on those that can be compared (the ladder's rules: not empty, not diverged, a finite value
-    of ``quantity``, finished unless ``include_unfinished``).
+    of ``quantity`` and one in its last ``final_fraction`` of training, finished unless
+    ``include_unfinished``).
 
     Raises ``ValueError`` for a file holding several runs, or two schedules of one name."""
     entries: dict[str, RunEntry] = {}
@@ -233,7 +249,9 @@ def load_schedules(
             raise ValueError(
                 f"two schedule runs named {files_of_run.name!r}: one folder per schedule"
             )
-        entries[files_of_run.name] = run_entry(runs[0], quantity, include_unfinished)
+        entries[files_of_run.name] = run_entry(
+            runs[0], quantity, include_unfinished, final_fraction
+        )
     compared = {
         name: entry.run.curve(quantity) for name, entry in entries.items() if entry.left_out is None
     }
@@ -284,7 +302,9 @@ def write_report(
     try:
         runs, _, analysis = load_analysis(paths, quantity, final_fraction, include_unfinished)
         found = find_schedule_runs(paths) if schedules is None else find_runs(schedules)
-        schedule_runs = load_schedules(found, quantity, include_unfinished) if found else None
+        schedule_runs = (
+            load_schedules(found, quantity, include_unfinished, final_fraction) if found else None
+        )
     except ValueError as error:
         raise ReportError(str(error)) from error
     out = Path(out)
