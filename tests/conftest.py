@@ -73,6 +73,22 @@ def dense_hessian(model: nn.Module, loss_fn, batch, params=None) -> torch.Tensor
     return torch.stack(rows).detach()
 
 
+@pytest.fixture(autouse=True)
+def unloaded_wandb():
+    """wandb reads its WANDB_* variables once per process, when first used: each test starts
+    and ends with it unloaded (where a test module imported it), so that the variables a test
+    sets count and leave no trace."""
+    _teardown_wandb()
+    yield
+    _teardown_wandb()
+
+
+def _teardown_wandb() -> None:
+    wandb = sys.modules.get("wandb")
+    if wandb is not None:
+        wandb.teardown()
+
+
 @pytest.fixture(scope="session")
 def gpt2_reference():
     """(model in eval mode, batch, dense Hessian) for :func:`float64_gpt2`."""

@@ -28,15 +28,6 @@ EXAMPLES = Path(__file__).parent.parent / "examples"
 KEYS = ("loss", "critical_sharpness", "lambda_max", "hessian_trace")
 
 
-@pytest.fixture(autouse=True)
-def unloaded_wandb():
-    """wandb reads its WANDB_* variables once per process, when first used: each test starts
-    and ends with it unloaded, so that the variables it sets count and leave no trace."""
-    wandb.teardown()
-    yield
-    wandb.teardown()
-
-
 def run(command: list[str], output: Path, example: str = "accelerate_loop.py") -> list[dict]:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run(

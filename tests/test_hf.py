@@ -40,15 +40,6 @@ from sharpmeter.measure.sinks import SinkWarning, WandbSink
 KEYS = ("critical_sharpness", "hessian_trace", "lambda_max")
 
 
-@pytest.fixture(autouse=True)
-def unloaded_wandb():
-    """wandb reads its WANDB_* variables once per process, when first used: each test starts
-    and ends with it unloaded, so that the variables it sets count and leave no trace."""
-    wandb.teardown()
-    yield
-    wandb.teardown()
-
-
 class TokenDataset(torch.utils.data.Dataset):
     def __init__(self, size: int = 64, length: int = 8, seed: int = 0):
         generator = torch.Generator().manual_seed(seed)

@@ -34,15 +34,6 @@ META = {"run": "r1", "n_params": 7, "seed": 0}
 STARTED = {**META, "finished": False}  # the metadata a sink writes until the run ends normally
 
 
-@pytest.fixture(autouse=True)
-def unloaded_wandb():
-    """wandb reads its WANDB_* variables once per process, when first used: each test starts
-    and ends with it unloaded, so that the variables it sets count and leave no trace."""
-    wandb.teardown()
-    yield
-    wandb.teardown()
-
-
 class DiskFull:
     """Files opened while ``full`` is set write half of what they are given, then fail."""
 

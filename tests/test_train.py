@@ -40,15 +40,6 @@ QUICK += ["--logging_steps", "5"]
 NEEDS_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-@pytest.fixture(autouse=True)
-def unloaded_wandb():
-    """wandb reads its WANDB_* variables once per process, when first used: each test starts
-    and ends with it unloaded, so that the variables it sets count and leave no trace."""
-    wandb.teardown()
-    yield
-    wandb.teardown()
-
-
 def launch(
     prefix: list[str], out: Path, *extra: str, config: Path = CONFIG
 ) -> subprocess.CompletedProcess:
