@@ -466,7 +466,8 @@ def test_runs_on_different_probes_are_refused_and_other_dtypes_named(tmp_path):
         meta = root / name / "sharpness.meta.json"
         meta.write_text(json.dumps({**json.loads(meta.read_text()), "dtype": "float32"}))
     with pytest.warns(RecordWarning, match=r"differ in dtype: float32: a .*; bfloat16: d"):
-        load_analysis([root])
+        text = markdown(root)  # and the report says so, beside the runs it fitted
+    assert "The runs fitted together differ in dtype: float32: a (" in text
 
 
 def test_non_finite_fit_statistics_pick_no_winner():

@@ -55,6 +55,7 @@ from sharpmeter.paper.analysis.runs import (
     load_runs,
     run_entry,
     select_runs,
+    setting_differences,
 )
 from sharpmeter.paper.analysis.scaling import FitComparison
 from sharpmeter.paper.analysis.stability import final_stability
@@ -442,6 +443,9 @@ def _fitted_runs_note(analysis: StudyAnalysis) -> list[Block]:
     if analysis.unfinished:
         marks = [f"{n:,.0f} ({mark})" for n, mark in sorted(analysis.unfinished.items())]
         note += " Included as asked although unfinished: " + "; ".join(marks) + "."
+    fitted_runs = [entry.run for entry in analysis.runs if entry.left_out is None]
+    for difference in setting_differences(fitted_runs):
+        note += f" The runs fitted together differ in {difference}."
     return [note]
 
 

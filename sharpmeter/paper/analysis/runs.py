@@ -438,14 +438,21 @@ def check_one_definition(runs: Sequence[Run]) -> None:
             "runs measured on different probes cannot be fitted together (their values measure "
             f"different things): {_listed(probes)}; pass the runs of one probe"
         )
+    for difference in setting_differences(runs):
+        warnings.warn(
+            f"the runs fitted together differ in {difference}", RecordWarning, stacklevel=3
+        )
+
+
+def setting_differences(runs: Sequence[Run]) -> list[str]:
+    """``dtype: float32: a, b; bfloat16: c`` for each recorded setting (dtype, model class) in
+    which ``runs`` differ."""
+    differences = []
     for what in ("dtype", "model_class"):
         found = _runs_by(runs, lambda run, what=what: getattr(run, what))
         if len(found) > 1:
-            warnings.warn(
-                f"the runs fitted together differ in {what}: {_listed(found)}",
-                RecordWarning,
-                stacklevel=3,
-            )
+            differences.append(f"{what}: {_listed(found)}")
+    return differences
 
 
 def _runs_by(runs: Sequence[Run], key) -> dict[str, list[str]]:
