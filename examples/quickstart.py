@@ -15,7 +15,7 @@ import math
 import os
 from pathlib import Path
 
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainingArguments, set_seed
 
 import sharpmeter as sm
 from sharpmeter.harness.data import BYTE_VOCAB, lm_dataset
@@ -34,6 +34,8 @@ def main() -> None:
     output = Path(args.output)
     os.environ.setdefault("WANDB_DIR", str(output))
     os.environ.setdefault("WANDB_PROJECT", "sharpmeter-quickstart")
+    # The Trainer seeds when it is built, after the model: seed the initial weights here.
+    set_seed(0)
     # n_embd 64, 2 layers, 4 heads; dropout as GPT-2's default, to show the measurement copes
     model = build_gpt("medium", vocab_size=BYTE_VOCAB, block_size=128, dropout=0.1)
     training = TrainingArguments(
