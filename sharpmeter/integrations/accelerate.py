@@ -57,7 +57,7 @@ from sharpmeter.measure.loss import MicroBatches, move_to
 from sharpmeter.measure.meter import SharpnessMeter
 from sharpmeter.measure.options import TRAIN_PROBE, MeterOptions, resolve_options
 from sharpmeter.measure.schema import RUN_FILE
-from sharpmeter.measure.sinks import JsonlSink, SinkWarning, WandbSink, run_metadata
+from sharpmeter.measure.sinks import JsonlSink, LoggingFailures, WandbSink, run_metadata
 
 
 class AccumulationWarning(UserWarning):
@@ -116,7 +116,7 @@ class AcceleratedMeter:
             self.meter.check_optimizer(optimizer)
         self.jsonl: JsonlSink | None = None
         self.wandb_sink: WandbSink | None = None
-        self._logging_fails = False
+        self._wandb_failures = LoggingFailures(" to W&B")
         self._micro_batches = MicroBatches()  # probe="train": the step's, until it completes
         self._group_step: int | None = None  # the step of this accumulated step's micro-batches
         self._warned_step = self._warned_batch = False
@@ -166,34 +166,8 @@ class AcceleratedMeter:
         if self.jsonl is not None:
             self.jsonl.write(row)
         if self.wandb_sink is not None:
-            self._log(row)
+            self._wandb_failures.send(row["step"], lambda: self.wandb_sink.write(row))
         return row
-
-    def _log(self, row: dict) -> None:
-        """Send a row to W&B. A failure (the service down, a run the user finished or replaced
-        that the sink cannot follow) must not stop training: a :class:`SinkWarning` when
-        logging starts failing and when it works again, once each; the JSONL file keeps every
-        row meanwhile."""
-        try:
-            self.wandb_sink.write(row)
-        except Exception as error:
-            if not self._logging_fails:
-                warnings.warn(
-                    f"logging the sharpness row of step {row['step']} to W&B failed "
-                    f"({type(error).__name__}: {error}); training goes on, the JSONL file keeps "
-                    "the rows, and later failures are not reported until logging works again",
-                    SinkWarning,
-                    stacklevel=3,
-                )
-            self._logging_fails = True
-            return
-        if self._logging_fails:
-            warnings.warn(
-                f"logging sharpness rows to W&B works again (step {row['step']})",
-                SinkWarning,
-                stacklevel=3,
-            )
-        self._logging_fails = False
 
     def _check_steps_count_updates(self, step: int) -> None:
         """Warn once when ``step`` changes between micro-batches of one accumulated step: it

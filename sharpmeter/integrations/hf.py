@@ -107,7 +107,7 @@ from sharpmeter.measure.rng import fork_rng
 from sharpmeter.measure.schema import RUN_FILE
 from sharpmeter.measure.sinks import (
     JsonlSink,
-    SinkWarning,
+    LoggingFailures,
     WandbSink,
     numeric_items,
     run_metadata,
@@ -194,7 +194,7 @@ class SharpnessCallback(TrainerCallback):
         self.sink: JsonlSink | None = None
         self.trainer: Trainer | None = None
         self._wandb: WandbSink | None = None  # set up on the first row that finds a W&B run
-        self._logging_fails = False
+        self._logging = LoggingFailures()
         # probe="train": the micro-batches of the current step, and the hook recording them.
         self._step_batches = MicroBatches()
         self._recorder: torch.utils.hooks.RemovableHandle | None = None
@@ -472,30 +472,9 @@ class SharpnessCallback(TrainerCallback):
         state.stateful_callbacks[STATE_KEY] = self.meter.state_dict()
 
     def _log(self, row: dict[str, Any], state: TrainerState, control: TrainerControl) -> None:
-        """Send a row's numbers to the loggers. A logger that raises (a service down, a full
-        disk, a W&B run that cannot be set up) must not stop training: it is a
-        :class:`SinkWarning` when logging starts failing and when it works again, once each; the
-        JSONL sink keeps every row meanwhile. Never raises."""
-        try:
-            self._send_to_loggers(row, state, control)
-        except Exception as error:
-            if not self._logging_fails:
-                warnings.warn(
-                    f"logging the sharpness row of step {state.global_step} failed "
-                    f"({type(error).__name__}: {error}); training goes on, the JSONL file keeps "
-                    "the rows, and later failures are not reported until logging works again",
-                    SinkWarning,
-                    stacklevel=2,
-                )
-            self._logging_fails = True
-            return
-        if self._logging_fails:
-            warnings.warn(
-                f"logging sharpness rows works again (step {state.global_step})",
-                SinkWarning,
-                stacklevel=2,
-            )
-        self._logging_fails = False
+        """Send a row's numbers to the loggers; one that raises never stops training
+        (:class:`~sharpmeter.measure.sinks.LoggingFailures`). Never raises."""
+        self._logging.send(state.global_step, lambda: self._send_to_loggers(row, state, control))
 
     def _send_to_loggers(
         self, row: dict[str, Any], state: TrainerState, control: TrainerControl

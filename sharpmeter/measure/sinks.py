@@ -18,7 +18,7 @@ import os
 import platform
 import warnings
 import weakref
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -84,6 +84,44 @@ class Sink(Protocol):
 
 class SinkWarning(RuntimeWarning):
     """A sink could not write (or writes again): training goes on, rows wait in memory."""
+
+
+class LoggingFailures:
+    """Sends rows to loggers (W&B, the Trainer's ``report_to``) so that a logger that raises
+    (a service down, a full disk, a run that cannot be set up) never stops training: a
+    :class:`SinkWarning` when logging starts failing and one when it works again, once each;
+    the JSONL file keeps every row meanwhile.
+
+    Args:
+        where: what the warnings name beside the row, e.g. ``" to W&B"``.
+    """
+
+    def __init__(self, where: str = "") -> None:
+        self.where = where
+        self.failing = False
+
+    def send(self, step: int, send: Callable[[], None]) -> None:
+        """Call ``send`` for the row of ``step``; never raises."""
+        try:
+            send()
+        except Exception as error:
+            if not self.failing:
+                warnings.warn(
+                    f"logging the sharpness row of step {step}{self.where} failed "
+                    f"({type(error).__name__}: {error}); training goes on, the JSONL file keeps "
+                    "the rows, and later failures are not reported until logging works again",
+                    SinkWarning,
+                    stacklevel=4,
+                )
+            self.failing = True
+            return
+        if self.failing:
+            warnings.warn(
+                f"logging sharpness rows{self.where} works again (step {step})",
+                SinkWarning,
+                stacklevel=4,
+            )
+        self.failing = False
 
 
 class JsonlSink:
