@@ -50,7 +50,6 @@ from sharpmeter.measure.params import (
     copy_into,
     dot,
     resolve_params,
-    set_versions,
     storage_eps,
     unflatten,
     vector_dtype,
@@ -599,11 +598,10 @@ class _LineSearch:
         return sums.tolist()
 
     def restore(self) -> None:
-        copy_into(self.params, self.theta0)
+        copy_into(self.params, self.theta0, self.versions)
         restored = zip(self.params, self.theta0, strict=True)
         if not all(torch.equal(local(p), local(t)) for p, t in restored):
             raise RuntimeError("parameters were not restored bit-identically")
-        set_versions(self.params, self.versions)
 
 
 def _flat_chunks(tensor: torch.Tensor | None, like: torch.Tensor) -> Sequence[torch.Tensor | None]:

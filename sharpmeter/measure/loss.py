@@ -48,17 +48,20 @@ def split_probe(batch: Any) -> list[Any]:
     """One batch -> ``[batch]``; a ``list`` of batches -> itself. Empty probes are rejected,
     and so is a list of bare tensors: it is what a ``DataLoader`` gives for one batch of a
     ``TensorDataset`` (``[x, y]``), and read as batches it would score ``x`` and ``y`` apart."""
-    batches = batch if isinstance(batch, list) else [batch]
+    if isinstance(batch, MicroBatches):
+        batches = list(batch)
+    elif isinstance(batch, list):
+        if batch and all(isinstance(item, torch.Tensor) for item in batch):
+            raise ValueError(
+                f"the probe is a list of {len(batch)} tensors, which reads as {len(batch)} "
+                "batches: pass tuple(batch) for one batch such as a DataLoader's [inputs, "
+                "targets], or a list of tuples or mappings for several batches"
+            )
+        batches = batch
+    else:
+        batches = [batch]
     if not batches:
         raise ValueError("the probe holds no batch")
-    if isinstance(batch, MicroBatches):
-        return list(batches)
-    if all(isinstance(item, torch.Tensor) for item in batches) and isinstance(batch, list):
-        raise ValueError(
-            f"the probe is a list of {len(batches)} tensors, which reads as {len(batches)} "
-            "batches: pass tuple(batch) for one batch such as a DataLoader's [inputs, targets], "
-            "or a list of tuples or mappings for several batches"
-        )
     return batches
 
 

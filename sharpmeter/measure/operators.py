@@ -63,7 +63,6 @@ from sharpmeter.measure.params import (
     flatten,
     num_elements,
     resolve_params,
-    set_versions,
     unflatten,
     vector_dtype,
     zeros_for_unused,
@@ -324,8 +323,7 @@ class HessianOperator:
             g_plus = self._gradient_at(theta, v, h)
             g_minus = self._gradient_at(theta, v, -h)
         finally:
-            copy_into(self.params, theta)
-            set_versions(self.params, versions)
+            copy_into(self.params, theta, versions)
         return (g_plus - g_minus) / (2 * h)
 
     def _gradient_at(self, theta: list[torch.Tensor], v: torch.Tensor, h: float) -> torch.Tensor:

@@ -92,11 +92,18 @@ def unflatten(vector: torch.Tensor, like: Sequence[torch.Tensor]) -> list[torch.
     return parts
 
 
-def copy_into(params: Sequence[nn.Parameter], values: Iterable[torch.Tensor]) -> None:
-    """Write ``values`` into ``params`` in place."""
+def copy_into(
+    params: Sequence[nn.Parameter],
+    values: Iterable[torch.Tensor],
+    versions: Sequence[int] | None = None,
+) -> None:
+    """Write ``values`` into ``params`` in place; with ``versions``, the values are the ones
+    the parameters held at those version counters, which are put back too (:func:`set_versions`)."""
     with torch.no_grad():
         for p, value in zip(params, values, strict=True):
             p.copy_(value)
+    if versions is not None:
+        set_versions(params, versions)
 
 
 def set_versions(tensors: Sequence[torch.Tensor], versions: Sequence[int]) -> None:

@@ -476,9 +476,6 @@ def run_entry(
     """One run's entry in :func:`select_runs`: what it logged of ``quantity``, and why it is
     left out of a fit (None: fitted)."""
     used, not_used = run.count_values(quantity)
-    no_final = None
-    if final_fraction is not None and used:
-        no_final = no_final_reason(run.curve(quantity)[0], final_fraction)
     if not run.rows:
         left_out = "empty file"
     elif run.diverged_from is not None:
@@ -487,7 +484,9 @@ def run_entry(
         left_out = f"no finite {quantity_name(run.rows[0], quantity)}"
     elif run.unfinished and not include_unfinished:
         left_out = run.unfinished
-    elif no_final is not None:
+    elif final_fraction is not None and (
+        no_final := no_final_reason(run.curve(quantity)[0], final_fraction)
+    ):
         name = quantity_name(run.rows[0], quantity)
         left_out = f"no final {name}: {no_final}" + (
             f" ({run.unfinished})" if run.unfinished else ""
