@@ -140,6 +140,43 @@ def test_nondescent_direction_stops_after_one_forward(quadratic):
     assert math.isnan(result.value)
 
 
+class _QuadraticMatVecFirst(Quadratic):
+    """The same loss, its rounding another: H theta first."""
+
+    def forward(self, _batch) -> torch.Tensor:
+        return 0.5 * self.theta @ (self.hessian @ self.theta) - self.b @ self.theta
+
+
+def test_without_the_gradient_an_ascent_direction_is_never_ok(quadratic):
+    """check_descent=False along the ascent direction: halving down to where the parameters
+    hardly move, a step whose loss rounded to L(theta) counted as a dip, and the 'crossing'
+    there was ok with lambda_c 1e17."""
+    generator = torch.Generator().manual_seed(0)
+    q, _ = torch.linalg.qr(torch.randn(10, 10, dtype=torch.float64, generator=generator))
+    hessian = q @ torch.diag(torch.linspace(0.5, 10, 10, dtype=torch.float64)) @ q.T
+    b = torch.randn(10, dtype=torch.float64, generator=generator)
+    theta = torch.randn(10, dtype=torch.float64, generator=generator)
+    model = _QuadraticMatVecFirst(hessian, b, theta)
+    result = sm.critical_sharpness(
+        model, quadratic_loss, None, -model.gradient(), check_descent=False
+    )
+    assert result.status == "unresolved" and math.isnan(result.value)
+    along = sm.critical_sharpness(
+        quadratic, quadratic_loss, None, quadratic.gradient(), check_descent=False
+    )
+    exact = sm.critical_sharpness(quadratic, quadratic_loss, None, quadratic.gradient())
+    assert along.status == exact.status == "ok"
+    assert along.value == pytest.approx(exact.value, rel=TOLERANCE)
+
+
+def test_a_downward_search_out_of_forwards_is_not_converged(quadratic):
+    """A descent direction (d'g > 0) whose halving from far above runs out of forwards was
+    called nondescent."""
+    result = sm.critical_sharpness(quadratic, quadratic_loss, None, quadratic.gradient(), eta0=1e20)
+    assert result.slope > 0
+    assert result.status == "not_converged" and math.isnan(result.lo) and result.hi > 0
+
+
 def test_given_gradient_is_used_for_the_descent_check(quadratic):
     g = quadratic.gradient()
     result = sm.critical_sharpness(quadratic, quadratic_loss, None, g, gradient=-g)
@@ -751,3 +788,12 @@ def test_the_probe_sees_how_coarsely_the_network_computes():
     assert probe.compute_eps == bf16
     counts = ProbeLoss(TwoTowers(), lambda m, b: (m(*b) > 0).sum(), text)
     assert float(counts()) == 1 and counts.loss_eps == 0
+
+
+def test_directional_sharpness_refuses_a_non_finite_direction():
+    """critical_sharpness refused it; directional_sharpness answered nondescent."""
+    hessian = torch.eye(3, dtype=torch.float64)
+    gradient = torch.ones(3, dtype=torch.float64)
+    direction = torch.tensor([1.0, math.nan, 0.0], dtype=torch.float64)
+    with pytest.raises(ValueError, match="finite"):
+        sm.directional_sharpness(hessian, direction, gradient)

@@ -7,6 +7,7 @@ import torch
 from conftest import causal_lm_loss, matrix_with_spectrum
 
 import sharpmeter as sm
+from sharpmeter.measure.estimators.krylov import trace_and_top
 
 
 def test_lanczos_top_eigenvalues_of_gpt2_hessian(gpt2_reference):
@@ -128,3 +129,59 @@ def test_bad_input():
         sm.power_iteration(torch.eye(3), which="SA")
     with pytest.raises(ValueError, match="tol"):
         sm.lanczos(torch.eye(3), tol=0)
+
+
+@pytest.mark.parametrize("tol", [1e-3, 1e-8])
+def test_power_iteration_la_from_the_negative_eigenvector_finds_the_top(tol):
+    """A warm start at the eigenvector of a dominant negative eigenvalue: the shifted pass used
+    to start from it, meet tol at once and return -10 as the top (converged)."""
+    spectrum = torch.linspace(-9.5, 0.5, 30)
+    spectrum[0], spectrum[-1] = -10.0, 1.0
+    a = matrix_with_spectrum(spectrum)
+    negative = torch.linalg.eigh(a).eigenvectors[:, 0]
+    result = sm.power_iteration(a, tol=tol, max_iter=20000, v0=negative)
+    assert result.converged
+    assert result.value == pytest.approx(1.0, rel=2 * tol)
+
+
+def test_lanczos_finds_one_copy_of_a_repeated_eigenvalue():
+    """The documented limit: single-vector Lanczos sees each distinct eigenvalue once."""
+    result = sm.lanczos(torch.diag(torch.tensor([5.0, 5.0, 1.0], dtype=torch.float64)), k=2)
+    assert result.values.tolist() == pytest.approx([5.0, 1.0])
+
+
+@pytest.mark.parametrize(
+    "estimate",
+    [
+        lambda a: sm.power_iteration(a),
+        lambda a: sm.lanczos(a),
+        lambda a: sm.hutchinson(a, num_matvecs=4),
+        lambda a: sm.hutchpp(a, num_matvecs=6),
+        lambda a: trace_and_top(a),
+    ],
+)
+def test_an_integer_matrix_is_refused(estimate):
+    """Products were cast to the matrix's dtype: unit vectors truncated to 0, and lambda 0
+    'converged' for a matrix whose top eigenvalue is 4.73."""
+    with pytest.raises(ValueError, match="floating-point"):
+        estimate(torch.tensor([[2, 1, 0], [1, 3, 1], [0, 1, 4]]))
+
+
+@pytest.mark.parametrize(
+    "estimate",
+    [lambda a: sm.power_iteration(a), lambda a: sm.lanczos(a), lambda a: trace_and_top(a)],
+)
+def test_a_nonsymmetric_matrix_is_refused_by_the_eigensolvers(estimate):
+    """Lanczos reported 5.744 converged (residual from its relation) for [[1, 2], [3, 4]],
+    whose eigenvalue is 5.372."""
+    with pytest.raises(ValueError, match="symmetric"):
+        estimate(torch.tensor([[1.0, 2.0], [3.0, 4.0]], dtype=torch.float64))
+    # Rounding of a Hessian built column by column is not asymmetry.
+    a = matrix_with_spectrum(torch.linspace(1, 4, 8)).float()
+    estimate(a + 1e-7 * torch.randn(8, 8, generator=torch.Generator().manual_seed(0)))
+
+
+def test_hutchinson_takes_a_nonsymmetric_matrix():
+    a = torch.tensor([[1.0, 2.0], [3.0, 4.0]], dtype=torch.float64)
+    result = sm.hutchinson(a, num_matvecs=64)
+    assert abs(result.value - 5.0) <= 4 * result.stderr

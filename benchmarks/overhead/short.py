@@ -76,9 +76,8 @@ def time_single_measures(run: dict, measures: list[str], every: int) -> dict[str
         single = sm.SharpnessMeter(
             trainer.model, meter.probe_batch, options=meter.options, measures=(measure,)
         )
-        # Warm starts as the callback's next measurement would have them (none is kept for
-        # the preconditioned eigenvector, which the default measures do not compute).
-        single.warm.eta_c, single.warm.top_vector = meter.warm.eta_c, meter.warm.top_vector
+        # The line search's warm start as the callback's next measurement would have it.
+        single.warm.eta_c = meter.warm.eta_c
         row = single.measure(step, optimizer=trainer.optimizer)
         results[measure] = row
         print(f"  {measure:<15} {row['wall_seconds']:7.2f} s  status {row['status']}", flush=True)

@@ -96,11 +96,12 @@ class CriticalSharpnessResult:
             - ``ok``: :math:`1 - lo/hi \\le 2^{-b}`, the loss at ``hi`` is finite and above
               :math:`L(\\theta)`, and none of the ``check_below`` steps below the smallest step
               that did not raise the loss raised it.
-            - ``nondescent``: :math:`d^\\top g \\le 0`, or every step down to the smallest tried
-              raised the loss.
+            - ``nondescent``: :math:`d^\\top g \\le 0`.
             - ``unresolved``: :math:`d^\\top g > 0`, but the loss rose at every step down to the
               smallest it can tell from rounding (step 5 of :func:`critical_sharpness`), or no
               step along :math:`d` is that large: a dip, if any, shallower than rounding.
+              Without :math:`g` (``check_descent=False``): no step lowered the loss by more
+              than rounding can (:math:`\\tau`, step 5), so nothing shows that ``lo`` is a dip.
             - ``no_increase``: no step up to the largest tried raised the loss, so
               :math:`\\lambda_c < 2/lo` (``hi`` NaN).
             - ``nonfinite``: the base loss is not finite, or the loss at the final ``hi`` is not
@@ -386,10 +387,12 @@ class _LineSearch:
         if math.isnan(hi):
             return "no_increase", lo, hi
         if math.isnan(lo):
-            return ("unresolved" if self.unresolved else "nondescent"), lo, hi
+            return ("unresolved" if self.unresolved else "not_converged"), lo, hi
         while self.narrow(lo, hi):
             rise = self.rise_below(check_below)
             if rise is None:
+                if not (self.slope > 0 or self.dip_seen()):
+                    return "unresolved", lo, hi
                 return self.status(hi, verified=True), lo, hi
             if math.isnan(rise):
                 break
@@ -415,6 +418,13 @@ class _LineSearch:
             self.nonfinite.clear()
             self.smallest_flat = math.inf
         return None
+
+    def dip_seen(self) -> bool:
+        """Whether a step lowered the loss by more than rounding can: without a slope, the only
+        evidence that ``lo`` is a dip and not a step too small to change the loss (an ascent
+        direction halved down to where the parameters hardly move would end in a 'crossing'
+        there)."""
+        return any(rise < -self.rounding() for rise in self.rise.values())
 
     def status(self, hi: float, verified: bool) -> str:
         # A blow-up at the top says more than a short budget: no finite rise was seen at all.

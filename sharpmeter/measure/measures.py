@@ -51,13 +51,12 @@ COLD_ETA0 = 1e-3
 
 @dataclass
 class WarmStart:
-    """Where the next measurement starts: the line search at the last ``ok`` :math:`\\eta_c`,
-    Lanczos at the last finite top eigenvector (converged or not). A failed measure seeds
-    nothing."""
+    """Where the next line search starts: the last ``ok`` :math:`\\eta_c` (a failed one
+    seeds nothing). Lanczos starts cold, from the seed's vector: from the last top eigenvector
+    it stops on that vector when a new direction has grown past it (see
+    :func:`~sharpmeter.lanczos`)."""
 
     eta_c: float | None = None
-    top_vector: torch.Tensor | None = None
-    preconditioned_vector: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -177,14 +176,12 @@ def _trace(row: RowContext) -> Outcome:
 def _spectral(row: RowContext) -> Outcome:
     if _deflates(row) and _chosen(row, "trace"):
         return _eigen_outcome("lambda_max", _shared_krylov(row).top)
-    result = _top_eigenpair(row, row.operator, row.warm.top_vector)
-    row.warm.top_vector = _warm_vector(result.vector, row.warm.top_vector)
-    return _eigen_outcome("lambda_max", result)
+    return _eigen_outcome("lambda_max", _top_eigenpair(row, row.operator))
 
 
 def _shared_krylov(row: RowContext) -> TraceAndTopResult:
     """The row's one Krylov run for the deflated trace and the top eigenvalue, taken once:
-    Lanczos from the last top vector, its basis deflating ``trace_num_matvecs`` probes."""
+    Lanczos, its basis deflating ``trace_num_matvecs`` probes."""
     if "krylov" not in row.shared:
         options = row.options
         result = trace_and_top(
@@ -193,9 +190,7 @@ def _shared_krylov(row: RowContext) -> TraceAndTopResult:
             lanczos_tol=options.lanczos_tol,
             num_matvecs=options.trace_num_matvecs,
             seed=options.seed,
-            v0=row.warm.top_vector,
         )
-        row.warm.top_vector = _warm_vector(result.top.vector, row.warm.top_vector)
         row.shared["krylov"] = result
     return row.shared["krylov"]
 
@@ -223,19 +218,16 @@ def _preconditioned(row: RowContext) -> Outcome:
         total_grad_norm=row.clip_norm,
     )
     operator = PreconditionedOperator(row.operator, diagonal)
-    result = _top_eigenpair(row, operator, row.warm.preconditioned_vector)
-    row.warm.preconditioned_vector = _warm_vector(result.vector, row.warm.preconditioned_vector)
-    return _eigen_outcome("preconditioned_lambda_max", result)
+    return _eigen_outcome("preconditioned_lambda_max", _top_eigenpair(row, operator))
 
 
-def _top_eigenpair(row: RowContext, operator: Any, start: torch.Tensor | None) -> LanczosResult:
+def _top_eigenpair(row: RowContext, operator: Any) -> LanczosResult:
     options = row.options
     return lanczos(
         operator,
         k=1,
         max_iter=options.lanczos_max_iter,
         tol=options.lanczos_tol,
-        v0=start,
         seed=options.seed,
     )
 
@@ -248,12 +240,6 @@ def _eigen_outcome(prefix: str, result: LanczosResult) -> Outcome:
         f"{prefix}_converged": result.converged,
     }
     return Outcome("ok" if result.converged else "not_converged", values)
-
-
-def _warm_vector(vector: torch.Tensor, previous: torch.Tensor | None) -> torch.Tensor | None:
-    """The next Lanczos start: this result's vector unless it is not finite (an unconverged
-    but finite vector is still a good start; a NaN one would spoil every later run)."""
-    return vector.detach() if bool(torch.isfinite(vector).all()) else previous
 
 
 MEASURE_TABLE = (

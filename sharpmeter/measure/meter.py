@@ -53,7 +53,8 @@ charged what its measures took, and the row's shared work (the probe gradient, t
 operator) in proportion.
 
 Warm starts: each measurement starts the line search at the previous ``ok`` :math:`\eta_c`
-and Lanczos at the previous finite top eigenvector; a failed row seeds nothing.
+(a failed row seeds nothing). Lanczos starts cold every row: from the previous top
+eigenvector it would stop on that vector after a new direction has grown sharper.
 
 Example::
 
@@ -495,7 +496,7 @@ class SharpnessMeter:
         return lr, direction.over(self.params).to(gradient.dtype)
 
     def state_dict(self) -> dict:
-        """JSON-able warm-start and schedule state (eigenvectors are not kept)."""
+        """JSON-able warm-start and schedule state."""
         return {
             "eta_c": self.warm.eta_c,
             "last_step": self.last_step,

@@ -23,14 +23,23 @@ class LinearOperator(Protocol):
 
 
 class CountingOperator:
-    """Wraps an operator, checks it is square and counts the products an estimator spends."""
+    """Wraps an operator, checks it is square and real (and, with ``symmetric``, that a dense
+    matrix is symmetric), and counts the products an estimator spends."""
 
-    def __init__(self, operator: LinearOperator | torch.Tensor) -> None:
+    def __init__(self, operator: LinearOperator | torch.Tensor, symmetric: bool = False) -> None:
         shape = tuple(getattr(operator, "shape", ()))
         if len(shape) != 2 or shape[0] != shape[1] or shape[0] == 0:
             raise ValueError(f"expected a square, non-empty operator, got shape {shape}")
         if not hasattr(operator, "__matmul__"):
             raise ValueError(f"{type(operator).__name__} does not support `op @ v`")
+        if not operator.dtype.is_floating_point:
+            # Products would be cast to it: unit vectors truncated to integers, mostly 0.
+            raise ValueError(
+                f"expected a real floating-point operator, got {operator.dtype}: convert it "
+                "first, e.g. `matrix.double()`"
+            )
+        if symmetric and isinstance(operator, torch.Tensor):
+            check_symmetric(operator)
         self.operator = operator
         self.dim = int(shape[0])
         self.dtype = torch.promote_types(operator.dtype, torch.float32)
@@ -72,3 +81,17 @@ class CountingOperator:
         if not (torch.isfinite(norm) and norm > 0):
             raise ValueError("the start vector must be finite and non-zero")
         return v0 / norm
+
+
+def check_symmetric(matrix: torch.Tensor) -> None:
+    r"""A ValueError unless :math:`\lVert A - A^\top\rVert_F \le \sqrt{\epsilon}\,
+    \lVert A\rVert_F` (the dtype's :math:`\epsilon`: room for a Hessian built column by column,
+    whose halves round apart). Lanczos' residual holds only for a symmetric operator: on another
+    one it reports convergence on a value that is not an eigenvalue."""
+    asymmetry = float(torch.linalg.matrix_norm(matrix - matrix.T))
+    scale = float(torch.linalg.matrix_norm(matrix))
+    if not asymmetry <= torch.finfo(matrix.dtype).eps ** 0.5 * scale:
+        raise ValueError(
+            f"expected a symmetric matrix: ||A - A^T|| / ||A|| = {asymmetry / scale:.3g}; "
+            "pass (A + A.T) / 2 if that is what you mean"
+        )

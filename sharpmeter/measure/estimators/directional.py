@@ -44,7 +44,10 @@ def directional_sharpness(
     r"""Directional sharpness :math:`d^\top H d / d^\top g` with one Hessian-vector product.
 
     The second-order prediction of
-    :func:`~sharpmeter.measure.linesearch.critical_sharpness`; on a quadratic the two agree.
+    :func:`~sharpmeter.measure.linesearch.critical_sharpness`; on a quadratic the two agree
+    where the curvature along :math:`d` is positive. A negative value (negative curvature) is
+    ``ok`` here, where critical sharpness says ``no_increase``: the loss never rises along
+    :math:`d`.
     ``gradient`` defaults to the operator's own (``HessianOperator.gradient``). A
     :class:`~sharpmeter.measure.params.ParameterVector` direction (what
     :func:`~sharpmeter.measure.directions.update_direction` returns) is read in the operator's
@@ -64,6 +67,8 @@ def directional_sharpness(
     g = gradient.to(device=op.device, dtype=op.dtype)
     if d.shape != (op.dim,) or g.shape != (op.dim,):
         raise ValueError(f"direction and gradient must be flat vectors of length {op.dim}")
+    if not (torch.isfinite(d).all() and torch.isfinite(g).all()):
+        raise ValueError("the direction and the gradient must be finite")
     slope = float(d @ g)
     curvature = float(d @ (op @ d))
     descent = slope > 0

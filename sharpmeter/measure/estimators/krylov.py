@@ -161,7 +161,7 @@ def trace_and_top(
         raise ValueError(f"lanczos_tol must be positive, got {lanczos_tol}")
     if rel_stderr is not None and not rel_stderr > 0:
         raise ValueError(f"rel_stderr must be positive, got {rel_stderr}")
-    op = CountingOperator(operator)
+    op = CountingOperator(operator, symmetric=True)
     steps = min(op.dim, lanczos_max_iter)
     krylov = _Lanczos(op, steps, v0, seed)
     krylov.run(1, lanczos_tol, min_steps=min(min_rank, steps))
