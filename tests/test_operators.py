@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from conftest import (
@@ -395,3 +397,171 @@ def test_a_graph_whose_second_derivative_torch_gets_wrong_is_refused(build, name
     meter = sm.SharpnessMeter(model, (x, y), loss_fn=loss_fn, measures=("critical", "trace"))
     row = meter.measure(0, optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
     assert row["critical_status"] == "ok" and named in row["trace_status"]
+
+
+PAD = 2
+
+
+class PaddedTokens(torch.nn.Module):
+    """Token ids -> ``nn.Embedding(padding_idx=PAD)`` -> tanh(linear) -> logits, the output
+    layer's weight tied to the embedding's or its own."""
+
+    def __init__(self, tied: bool) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embedding = torch.nn.Embedding(7, 3, padding_idx=PAD, dtype=torch.float64)
+        self.hidden = torch.nn.Linear(3, 3, dtype=torch.float64)
+        self.output = torch.nn.Linear(3, 7, bias=False, dtype=torch.float64)
+        with torch.no_grad():
+            self.embedding.weight[PAD].normal_()  # torch initialises it to 0; a loaded one is not
+        if tied:
+            self.output.weight = self.embedding.weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.output(torch.tanh(self.hidden(self.embedding(ids))))
+
+
+def padded_loss(model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    ids, targets = batch
+    return torch.nn.functional.cross_entropy(model(ids).reshape(-1, 7), targets.reshape(-1))
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["untied", "tied"])
+def padded_reference(request):
+    """The model, a probe holding the padding id at scored positions, and the exact
+    :math:`MHM`: the Hessian of the loss with the padding row an ordinary parameter (built
+    column by column on a copy without ``padding_idx``), that row and column zeroed."""
+    model = PaddedTokens(tied=request.param)
+    ids = torch.tensor([[0, 4, PAD, 1, 6], [PAD, 3, 5, PAD, 1]])
+    batch = (ids, torch.tensor([[3, 1, 0, 6, 2], [5, 2, 4, 1, 0]]))
+    free = copy.deepcopy(model)
+    free.embedding.padding_idx = None
+    hessian = dense_hessian(free, padded_loss, batch)
+    pad_row = slice(PAD * 3, PAD * 3 + 3)  # the embedding's weight comes first
+    assert hessian[pad_row].norm() > 0.05 * hessian.norm()  # the padding id counts: the test bites
+    keep = torch.ones(hessian.shape[0], dtype=torch.float64)
+    keep[pad_row] = 0
+    return model, batch, keep[:, None] * hessian * keep[None, :]
+
+
+@pytest.mark.parametrize(
+    ("mode", "products_per_call", "tolerance"),
+    [
+        ("double_backward", 1, EXACT),
+        ("double_backward", 4, EXACT),
+        ("fwd", 1, EXACT),
+        ("fd", 1, FD),
+    ],
+)
+def test_an_embeddings_padding_row_is_held_fixed_in_every_mode(
+    padded_reference, mode, products_per_call, tolerance
+):
+    """``nn.Embedding``'s backward zeroes the padding row's gradient (mask :math:`M`): double
+    backward gave :math:`MHM`, but jvp and finite differences move the row and gave the
+    asymmetric :math:`MH` (Lanczos then converged to a wrong eigenvalue, status ok); with the
+    weight tied to the output layer double backward gave yet another operator. Every mode is
+    :math:`MHM` now, symmetric: :math:`u \\cdot Hv = v \\cdot Hu`."""
+    model, batch, held_fixed = padded_reference
+    op = sm.HessianOperator(
+        model, padded_loss, batch, mode=mode, products_per_call=products_per_call
+    )
+    assert relative_error(op @ torch.eye(op.dim, dtype=torch.float64), held_fixed) < tolerance
+    generator = torch.Generator().manual_seed(2)
+    u, v = torch.randn(2, op.dim, generator=generator, dtype=torch.float64)
+    scale = torch.linalg.matrix_norm(held_fixed, 2) * u.norm() * v.norm()
+    assert abs(u @ (op @ v) - v @ (op @ u)) < tolerance * scale
+
+
+class FusedCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy whose backward reads the probabilities saved by the forward, as a
+    fused kernel's does, marked ``@once_differentiable``."""
+
+    @staticmethod
+    def forward(ctx, logits, targets):
+        ctx.save_for_backward(logits.softmax(-1), targets)
+        return torch.nn.functional.cross_entropy(logits, targets)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        probabilities, targets = ctx.saved_tensors
+        residual = probabilities - torch.nn.functional.one_hot(targets, probabilities.shape[-1])
+        return grad * residual / len(targets), None
+
+
+class RecomputedCrossEntropy(torch.autograd.Function):
+    """The same loss with a backward torch can differentiate: it recomputes the probabilities
+    from the saved logits, which keep their graph."""
+
+    @staticmethod
+    def forward(ctx, logits, targets):
+        ctx.save_for_backward(logits, targets)
+        return torch.nn.functional.cross_entropy(logits, targets)
+
+    @staticmethod
+    def backward(ctx, grad):
+        logits, targets = ctx.saved_tensors
+        residual = logits.softmax(-1) - torch.nn.functional.one_hot(targets, logits.shape[-1])
+        return grad * residual / len(targets), None
+
+
+def classifier_and_batch() -> tuple[torch.nn.Module, tuple[torch.Tensor, torch.Tensor]]:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 4)
+    ).double()
+    return model, (torch.randn(16, 6, dtype=torch.float64), torch.randint(0, 4, (16,)))
+
+
+def through(function: type[torch.autograd.Function]):
+    """The loss ``function(model(x), y)``: the custom Function is its last operation."""
+
+    def loss_fn(model, batch):
+        return function.apply(model(batch[0]), batch[1])
+
+    return loss_fn
+
+
+def plain_cross_entropy(model, batch):
+    return torch.nn.functional.cross_entropy(model(batch[0]), batch[1])
+
+
+def test_a_once_differentiable_last_operation_of_the_loss_is_refused():
+    """Its backward gets the constant 1 and computes from tensors saved without grad, so no
+    DelayedError node marks it: the gradient's graph just ends there, and double backward
+    dropped the Gauss-Newton part of the Hessian (trace -0.45 for 2.11, status ok). The
+    loss's own graph shows it; finite differences measure it right."""
+    model, batch = classifier_and_batch()
+    exact = dense_hessian(model, plain_cross_entropy, batch)
+    fused = through(FusedCrossEntropy)
+    v = torch.randn(exact.shape[0], generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    for reuse_graph in (True, False):
+        with pytest.raises(ValueError, match="@once_differentiable.*hvp_mode='fd'"):
+            sm.HessianOperator(model, fused, batch, reuse_graph=reuse_graph) @ v
+    fd = sm.HessianOperator(model, fused, batch, mode="fd") @ v
+    assert relative_error(fd, exact @ v) < FD
+    plain_cross_entropy(model, batch).backward()
+    meter = sm.SharpnessMeter(model, batch, loss_fn=fused, measures=("critical", "trace"))
+    row = meter.measure(0, optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
+    assert row["critical_status"] == "ok" and "@once_differentiable" in row["trace_status"]
+
+
+@pytest.mark.parametrize("reuse_graph", [True, False])
+def test_custom_functions_whose_second_derivative_holds_are_not_refused(reuse_graph):
+    """Controls: a custom Function with a differentiable backward as the loss's last
+    operation; and a @once_differentiable one whose backward the gradient never runs (no
+    measured parameter lies below it). Both give the exact Hessian (block)."""
+    model, batch = classifier_and_batch()
+    exact = dense_hessian(model, plain_cross_entropy, batch)
+    v = torch.randn(exact.shape[0], generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    op = sm.HessianOperator(model, through(RecomputedCrossEntropy), batch, reuse_graph=reuse_graph)
+    assert relative_error(op @ v, exact @ v) < EXACT
+
+    squared, plain = Squared(once=True), Squared(once=False)
+    x, y = torch.randn(16, 5, dtype=torch.float64), torch.randint(0, 3, (16,))
+    block = dense_hessian(plain, plain_cross_entropy, (x, y), list(plain.b.parameters()))
+    op = sm.HessianOperator(
+        squared, plain_cross_entropy, (x, y), params=squared.b.parameters(), reuse_graph=reuse_graph
+    )
+    w = torch.randn(op.dim, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    assert relative_error(op @ w, block @ w) < EXACT

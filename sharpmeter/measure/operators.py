@@ -23,6 +23,18 @@ probe loss (see :mod:`sharpmeter.measure.loss`) over the selected parameters, fl
     :math:`O(\epsilon/h)` from rounding. Parameters are set by copy from a saved snapshot and
     restored the same way, never by add-then-subtract.
 
+The Hessian is over the rows training moves. An embedding's ``padding_idx`` row (of an
+``nn.Embedding`` or ``nn.EmbeddingBag``) always gets a zero gradient, so it is held fixed: the
+operator is :math:`MHM`, with :math:`M` the projector that zeroes that row (the rows are
+:attr:`HessianOperator.padding_rows`), exact also where the probe never holds the padding id
+(the row's Hessian is then zero). Double backward masks the row in each backward, so it gives
+:math:`MHM` by itself; ``fwd`` and ``fd`` move the row and give the Jacobian of the masked
+gradient, :math:`MH`, which is not symmetric (Lanczos took it at a false residual and a 10%
+larger top eigenvalue on Gemma, whose padding id 0 is a token). So every mode applies
+:math:`M` on both sides, :math:`M(H(Mv))`, and the three give the same symmetric operator,
+also for a weight tied to an output layer, whose gradient reaches the row (its update then
+follows no symmetric Hessian; double backward alone would give another one there).
+
 A matrix ``op @ V`` multiplies its columns one at a time, or, with ``products_per_call=k > 1``
 (``double_backward`` only), ``k`` at a time in one backward through the same graph,
 ``torch.autograd.grad(..., is_grads_batched=True)`` (vmap over the columns): the same products
@@ -45,12 +57,14 @@ Example::
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
 from torch import nn
+from torch.autograd.function import BackwardCFunction, once_differentiable
 
 from sharpmeter.measure.checks import check_positive_int
 from sharpmeter.measure.context import attention_guard
@@ -84,15 +98,36 @@ def check_products_per_call(name: str, value: Any, mode_name: str, mode: str) ->
 # autograd.grad(..., allow_unused=True) prunes without a word instead of raising (its
 # contribution to every product is silently dropped); the fused weight_norm kernel's double
 # backward is wrong (its Hessian comes out asymmetric).
+ONCE_DIFFERENTIABLE = "a custom autograd.Function marked @once_differentiable"
 WRONG_SECOND_DERIVATIVE = {
-    "Error": "a custom autograd.Function marked @once_differentiable",
+    "Error": ONCE_DIFFERENTIABLE,
     "WeightNormInterfaceBackward0": "weight_norm's fused kernel, whose double backward is wrong",
 }
 
+# Every wrapper once_differentiable returns runs this one code object (a closure over the
+# user's backward), whatever the backward is called: a marker that no renaming can hide.
+_ONCE_DIFFERENTIABLE_CODE = once_differentiable(lambda ctx: None).__code__
 
-def second_derivative_problem(grads: Sequence[torch.Tensor]) -> str | None:
-    """Why double backward through the graph of ``grads`` (a gradient taken with
-    ``create_graph=True``) would give wrong Hessian-vector products, or None."""
+
+def second_derivative_problem(
+    loss: torch.Tensor, grads: Sequence[torch.Tensor], params: Sequence[torch.Tensor]
+) -> str | None:
+    """Why double backward through the graph of ``grads`` (the gradient of ``loss`` with
+    respect to ``params``, taken with ``create_graph=True``) would give wrong Hessian-vector
+    products, or None."""
+    found = _wrong_nodes_in_gradient_graph(grads)
+    if _runs_once_differentiable_backward(loss, params):
+        found.add(ONCE_DIFFERENTIABLE)
+    if not found:
+        return None
+    return (
+        f"the loss's graph holds {' and '.join(sorted(found))}: double-backward Hessian-vector "
+        "products would be wrong; measure with hvp_mode='fd'"
+    )
+
+
+def _wrong_nodes_in_gradient_graph(grads: Sequence[torch.Tensor]) -> set[str]:
+    """What the :data:`WRONG_SECOND_DERIVATIVE` nodes of the gradient's graph stand for."""
     seen: set[int] = set()
     stack = [g.grad_fn for g in grads if g.grad_fn is not None]
     found: set[str] = set()
@@ -104,12 +139,83 @@ def second_derivative_problem(grads: Sequence[torch.Tensor]) -> str | None:
         if type(node).__name__ in WRONG_SECOND_DERIVATIVE:
             found.add(WRONG_SECOND_DERIVATIVE[type(node).__name__])
         stack.extend(next_node for next_node, _ in node.next_functions)
-    if not found:
-        return None
-    return (
-        f"the loss's graph holds {' and '.join(sorted(found))}: double-backward Hessian-vector "
-        "products would be wrong; measure with hvp_mode='fd'"
+    return found
+
+
+def _runs_once_differentiable_backward(loss: torch.Tensor, params: Sequence[torch.Tensor]) -> bool:
+    """Whether the gradient of ``loss`` with respect to ``params`` runs the backward of a
+    custom autograd.Function marked @once_differentiable.
+
+    That backward runs under ``no_grad``: whatever it computes from its saved tensors is a
+    constant to the second differentiation, so its part of :math:`H` is lost. It leaves a
+    DelayedError node in the gradient's graph only when its ``grad_output`` requires grad;
+    as the loss's last operation (a fused cross-entropy) it gets the constant 1 and leaves
+    nothing there, so the loss's own (forward) graph is searched: a Function's node counts
+    where some parameter is reached from it (only then does its backward run).
+    """
+    if loss.grad_fn is None:
+        return False
+    return any(
+        _marked_once_differentiable(node)
+        for node in _nodes_reaching(loss.grad_fn, {id(p) for p in params})
     )
+
+
+def _nodes_reaching(root: Any, targets: set[int]) -> list[Any]:
+    """The nodes of the graph under ``root`` from which the AccumulateGrad node of a tensor
+    whose ``id`` is in ``targets`` is reached: one post-order walk, each node once."""
+    # Keyed by the nodes themselves, which keeps them alive: an id could be reused otherwise.
+    reaches: dict[Any, bool | None] = {}  # None: entered, its inputs not all walked yet
+    stack: list[tuple[Any, bool]] = [(root, False)]
+    while stack:
+        node, inputs_walked = stack.pop()
+        if not inputs_walked and node in reaches:
+            continue
+        inputs = [next_node for next_node, _ in node.next_functions if next_node is not None]
+        if inputs_walked:
+            is_target = id(getattr(node, "variable", None)) in targets
+            reaches[node] = is_target or any(reaches[next_node] for next_node in inputs)
+        else:
+            reaches[node] = None
+            stack.append((node, True))
+            stack.extend((next_node, False) for next_node in inputs if next_node not in reaches)
+    return [node for node, reached in reaches.items() if reached]
+
+
+def _marked_once_differentiable(node: Any) -> bool:
+    """Whether ``node`` is the node of a custom autograd.Function whose backward (or ``vjp``,
+    which stands for it) is wrapped by ``once_differentiable``, under any further decorators."""
+    if not isinstance(node, BackwardCFunction):
+        return False
+    function = node._forward_cls
+    return any(_is_once_differentiable(f) for f in (function.backward, function.vjp))
+
+
+def _is_once_differentiable(fn: Any) -> bool:
+    """Whether ``fn``, or a function it wraps (``functools.wraps``), is once_differentiable's."""
+
+    def runs_the_wrapper(f: Any) -> bool:
+        return getattr(f, "__code__", None) is _ONCE_DIFFERENTIABLE_CODE
+
+    return runs_the_wrapper(inspect.unwrap(fn, stop=runs_the_wrapper))
+
+
+def padding_rows(model: nn.Module, params: Sequence[nn.Parameter]) -> list[slice]:
+    """Where, in a flat vector over ``params``, lie the rows that training never moves: row
+    ``padding_idx`` of the weight of each ``nn.Embedding`` (or subclass) and
+    ``nn.EmbeddingBag`` that sets one, since their backward always gives that row a zero
+    gradient."""
+    padding_of: dict[int, set[int]] = {}
+    for module in model.modules():
+        if isinstance(module, (nn.Embedding, nn.EmbeddingBag)) and module.padding_idx is not None:
+            padding_of.setdefault(id(module.weight), set()).add(module.padding_idx)
+    rows, offset = [], 0
+    for p in params:
+        for index in sorted(padding_of.get(id(p), ())):
+            start = offset + index * p.shape[1]  # an (num_embeddings, dim) weight, row-major
+            rows.append(slice(start, start + p.shape[1]))
+        offset += p.numel()
+    return rows
 
 
 class NonFiniteLossError(ValueError):
@@ -141,6 +247,8 @@ class HessianOperator:
     Attributes:
         dim: number of scalar parameters; ``shape == (dim, dim)``.
         num_matvecs: Hessian-vector products computed so far (a matrix counts its columns).
+        padding_rows: slices of the flat vector held fixed, an embedding's ``padding_idx`` row
+            each (see the module docstring): every product is :math:`M H M v`.
         loss: the probe loss at the parameters of the last build (float32 or wider).
         gradient: the probe gradient there, flat.
 
@@ -186,6 +294,7 @@ class HessianOperator:
             model, loss_fn, batch, weights=weights, seed=seed, distributed=distributed
         )
         self.dim = num_elements(self.params)
+        self.padding_rows = padding_rows(model, self.params)
         self.shape = (self.dim, self.dim)
         self.dtype = vector_dtype(self.params)
         self.device = self.params[0].device
@@ -207,7 +316,9 @@ class HessianOperator:
             )
         self._graph_grads = grads if self.reuse_graph else None
         # told at the first product, so that the measures without one still stand
-        self._problem = second_derivative_problem(grads) if self.reuse_graph else None
+        self._problem = (
+            second_derivative_problem(loss, grads, self.params) if self.reuse_graph else None
+        )
         self._versions = self._param_versions()
 
     def _param_versions(self) -> list[int]:
@@ -226,11 +337,21 @@ class HessianOperator:
             return columns[0] if len(columns) == 1 else torch.cat(columns, dim=1)
         return self.matvec(v)
 
+    def _hold_padding_rows(self, v: torch.Tensor) -> torch.Tensor:
+        """:math:`Mv`: a copy of ``v`` (flat, or an ``(n, k)`` matrix) with the padding rows
+        zeroed (see :func:`padding_rows`)."""
+        if not self.padding_rows:
+            return v
+        held = v.clone()
+        for rows in self.padding_rows:
+            held[rows] = 0
+        return held
+
     def _matmat(self, block: torch.Tensor) -> torch.Tensor:
         """:math:`HV` for ``(n, k)`` ``V``, in one batched backward where ``k > 1``."""
         if block.shape[1] == 1:
             return self.matvec(block[:, 0])[:, None]
-        block = block.to(device=self.device, dtype=self.dtype)
+        block = self._hold_padding_rows(block.to(device=self.device, dtype=self.dtype))
         try:
             with attention_guard(self.model):
                 hv = self._hvp_double_backward(block)
@@ -241,7 +362,7 @@ class HessianOperator:
             failure = str(error).splitlines()[0]
         else:
             self.num_matvecs += block.shape[1]
-            return self.probe.reduce(hv)
+            return self.probe.reduce(self._hold_padding_rows(hv))
         # Out of the except block, whose traceback would keep the failed call's tangents alive.
         warnings.warn(
             f"batched Hessian-vector products failed ({failure}); multiplying one vector at a "
@@ -253,7 +374,7 @@ class HessianOperator:
 
     def matvec(self, v: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
         """:math:`Hv` for a flat vector (or a per-parameter list), returned flat."""
-        v = as_flat_vector(v, self.params, "v")
+        v = self._hold_padding_rows(as_flat_vector(v, self.params, "v"))
         with attention_guard(self.model):
             if self.mode == "double_backward":
                 hv = self._hvp_double_backward(v)
@@ -262,7 +383,7 @@ class HessianOperator:
             else:
                 hv = self._hvp_finite_difference(v)
         self.num_matvecs += 1
-        return self.probe.reduce(hv)
+        return self.probe.reduce(self._hold_padding_rows(hv))
 
     def _hvp_double_backward(self, v: torch.Tensor) -> torch.Tensor:
         """:math:`Hv` for a flat ``v``; for an ``(n, k)`` matrix, its ``k`` products in one
@@ -273,8 +394,8 @@ class HessianOperator:
             self._build()
         grads = self._graph_grads
         if grads is None:
-            grads = loss_and_gradient(self.probe, self.params, create_graph=True)[1]
-            self._problem = second_derivative_problem(grads)
+            loss, grads = loss_and_gradient(self.probe, self.params, create_graph=True)
+            self._problem = second_derivative_problem(loss, grads, self.params)
         if self._problem is not None:
             raise ValueError(self._problem)
         batched = v.dim() == 2
