@@ -23,6 +23,7 @@ from sharpmeter.paper.analysis import (
     select_runs,
 )
 from sharpmeter.paper.analysis.prediction import against_last_seen
+from sharpmeter.paper.compare import analyse_curves
 from sharpmeter.paper.records import write_records
 from sharpmeter.paper.report import load_analysis
 from sharpmeter.paper.simulator import simulate_run
@@ -108,9 +109,38 @@ def test_the_fit_on_every_run_carries_the_seed_to_seed_spread(tmp_path):
     assert width(every_run.slope_ci) >= width(on_means.slope_ci)
     assert width(every_run.slope_ci) > 3 * width(on_means.slope_ci)
     falls = analysis.verdicts[1]
-    lo, hi = every_run.slope_ci
+    lo, hi = on_means.slope_ci
     assert f"interval [{lo:.3g}, {hi:.3g}]" in falls.evidence
-    assert falls.evidence.endswith("on all 12 runs of 4 sizes")
+    assert "on the 4 size means over seeds" in falls.evidence
+    lo, hi = every_run.slope_ci
+    assert falls.evidence.endswith(f"the fit on all 12 runs, not used, gives [{lo:.3g}, {hi:.3g}]")
+
+
+def test_the_scaling_verdicts_take_one_point_per_size():
+    # no law, each size its own level (what no seed averages away), seeds 0.005 about it: the
+    # fit on all 12 runs would call the fall significant, the 4 size means cannot
+    levels = {1e7: 1.00, 1e8: 0.94, 1e9: 0.98, 1e10: 0.93}
+    t = np.linspace(0, 1, 20)
+    curves = {
+        n: {
+            seed: (t, np.full(t.size, level + shift)) for seed, shift in enumerate((-5e-3, 0, 5e-3))
+        }
+        for n, level in levels.items()
+    }
+    analysis = analyse_curves(curves)
+    every_run, on_means = analysis.scaling.log_linear, analysis.scaling_on_means.log_linear
+    assert (
+        every_run.slope_ci[1] < 0
+    )  # [-0.0307, -0.0033]: decided, on points that are not independent
+    assert on_means.slope_ci == pytest.approx((-0.07521, 0.04121), abs=1e-4)
+    falls, preferred = analysis.verdicts[1:3]
+    assert falls.holds is None and "interval [-0.0752, 0.0412]" in falls.evidence
+    t_statistic = abs(on_means.slope) / on_means.slope_se
+    assert falls.p_value == pytest.approx(2 * stats.t.sf(t_statistic, 2))  # K - 2 = 2 dof
+    assert falls.p_value == pytest.approx(0.3358, abs=1e-3)  # the 12 runs: 0.020
+    assert f"AIC on the 4 size means {analysis.scaling_on_means.log_linear.aic:.2f}" in (
+        preferred.evidence
+    )
 
 
 def test_the_peak_ratio_is_each_run_s_own_averaged_over_seeds(tmp_path):

@@ -388,10 +388,12 @@ def report_blocks(
         blocks += ["## Scaling of the final value", _scaling_table(analysis)]
         if analysis.scaling_on_means is not None:
             blocks.append(
-                "With several seeds per size, the fits on every run's final value carry the "
-                "seed-to-seed spread in their intervals (and decide the verdicts); the fits on "
-                "the size means see it only through the means' scatter about the law, and are "
-                "the ones to trust when the means stray from it more than their seeds explain."
+                "With several seeds per size, the fits on the size means decide the verdicts: "
+                "one point per size, whose scatter about the law carries both the seed noise "
+                "and what each size does that no seed averages away. The fits on every run's "
+                "final value take a size's seeds as independent points although they share "
+                "its departure from the law: their intervals are too narrow when the means "
+                "stray from it more than their seeds explain."
             )
         if analysis.scaling.undecided is not None:
             blocks.append(f"AIC cannot rank the two forms: {analysis.scaling.undecided}.")
@@ -428,6 +430,26 @@ def compare_blocks(analysis: StudyAnalysis, schedule: Verdict | None = None) -> 
         "extrapolated below 10M and belong to the paper's runs: the final values stand side by "
         "side for reference, and the shapes (each curve divided by its final value) are what "
         "is compared.",
+        *_not_comparable_note(analysis),
+    ]
+
+
+def _not_comparable_note(analysis: StudyAnalysis) -> list[Block]:
+    """The sizes where the simulator's curve has no rise-decay-plateau to compare with, each
+    with why (the reason depends on the size alone: any seed's comparison says it)."""
+    reasons = {
+        n: comparison.not_comparable
+        for n, by_seed in analysis.comparisons.items()
+        for comparison in by_seed.values()
+        if comparison.not_comparable is not None
+    }
+    if not reasons:
+        return []
+    listed = "; ".join(f"{_size_cell(analysis, n)}: {reason}" for n, reason in reasons.items())
+    return [
+        f"No shape comparison at {len(reasons)} of {len(analysis.comparisons)} sizes, where "
+        "the paper's fits extrapolated give the simulator's curve no rise-decay-plateau "
+        f"(its peak and the shape statistics are n/a, and it is not drawn): {listed}."
     ]
 
 
@@ -457,8 +479,8 @@ def _seeds_note(analysis: StudyAnalysis) -> list[Block]:
     return [
         f"Seeds per size: {', '.join(map(str, counts))}. A size's value is the mean of its "
         "seeds' values ± the standard error over seeds (s / sqrt(k)); its three-phase "
-        "parameters are the seed means of each run's own fit; the scaling fits take every "
-        "run's final value, so their intervals carry the seed-to-seed spread."
+        "parameters are the seed means of each run's own fit; the scaling verdicts are "
+        "decided on the fits to the size means, one point per size."
     ]
 
 
@@ -570,18 +592,24 @@ def _comparison_row(
     """A size's measured values (mean ± standard error over its seeds) beside the simulator's,
     which has no seed to vary: any run's simulated values are the size's."""
     simulated = runs[0]
+    shaped = simulated.not_comparable is None  # else: n/a, with why below the table
 
     def measured(attribute: str, spec: str) -> str:
         return _seed_cell(_mean_of(runs, attribute), spec)
+
+    def beside(value: float, spec: str) -> str:
+        return f"{value:{spec}}" if shaped else "n/a"
 
     return (
         _size_cell(analysis, n),
         *_seeds_cell(analysis, n),
         f"{measured('measured_final', '.4g')} / {simulated.simulated_final:.4g}",
-        f"{measured('measured_peak_ratio', '.3g')} / {simulated.simulated_peak_ratio:.3g}",
-        f"{measured('measured_peak_t', '.2f')} / {simulated.simulated_peak_t:.2f}",
-        measured("shape_rmse", ".3g"),
-        measured("shape_correlation", ".3f"),
+        measured("measured_peak_ratio", ".3g")
+        + " / "
+        + beside(simulated.simulated_peak_ratio, ".3g"),
+        measured("measured_peak_t", ".2f") + " / " + beside(simulated.simulated_peak_t, ".2f"),
+        measured("shape_rmse", ".3g") if shaped else "n/a",
+        measured("shape_correlation", ".3f") if shaped else "n/a",
     )
 
 
@@ -792,7 +820,7 @@ def plot_curves(
             if not isinstance(fit, str):
                 measured.plot(t, fit.predict(t), color=colour, linestyle=":", linewidth=1)
             shapes.plot(comparison.t, comparison.measured, color=colour)
-            if not index:
+            if not index and comparison.not_comparable is None:
                 shapes.plot(comparison.t, comparison.simulated, color=colour, linestyle="--")
     measured.set(
         title=f"measured {quantity} (dotted: eq. 1 fit)",

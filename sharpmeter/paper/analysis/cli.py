@@ -206,9 +206,9 @@ def _print_scaling(comparison: FitComparison, n_bootstrap: int) -> None:
 
 
 def _print_on_means(comparison: FitComparison) -> None:
-    """The same fits on the size means: they see the seed-to-seed spread only through the
-    means' scatter about the law, and are the ones to trust when the means stray from it more
-    than their seeds explain."""
+    """The same fits on the size means, one point per size: the ones the report's scaling
+    verdicts use, whose intervals hold their level when the means stray from the law more
+    than their seeds explain (a size's seeds share that departure)."""
     print(f"\nThe same fits on the {comparison.log_linear.n} size means (over seeds)")
     _print_fit_rows(comparison, _fit_rows(comparison))
 

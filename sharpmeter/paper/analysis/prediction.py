@@ -11,10 +11,17 @@ with few sizes. With one run per size that is leave-one-out; with several seeds 
 of a size's seeds are left out together: a seed of the same size left in would hand the fit
 nearly the answer, and what is to be predicted is a size not yet trained.
 
-:func:`against_last_seen` sets the regression against the naive forecast, "the final value is
-the last value seen by the early cutoff", on curves over the fraction of training ``t``: the
-early mean over ``t <= early_fraction``, the final value over the last ``final_fraction`` of
-training time (:func:`~sharpmeter.paper.analysis.curves.final_value`).
+:func:`against_last_seen` sets the regression against the model it nests, the size alone::
+
+    F_i = a + b log10 N_i + e_i
+
+left out by size the same way: what the regression gains over it is what the early values add
+(with finals a law of N and early values unrelated to anything, the regression itself errs
+less than forecasts that ignore N in nearly every study, crediting the early values with what
+the size predicts). The naive forecasts, "the final value is the last value seen by the early
+cutoff" and "... is the early mean", stand beside them. Curves are over the fraction of
+training ``t``: the early mean over ``t <= early_fraction``, the final value over the last
+``final_fraction`` of training time (:func:`~sharpmeter.paper.analysis.curves.final_value`).
 """
 
 from __future__ import annotations
@@ -130,20 +137,26 @@ def early_prediction(
 
 @dataclass(frozen=True)
 class EarlyComparison:
-    """Per run, smallest first: the regression's leave-one-size-out error and the error of the
-    last value seen by ``early_fraction`` of training, each against the run's final value.
-    ``improvement`` is the second minus the first: positive where the regression does better.
-    The sizes of runs with no measurement by the cutoff, which cannot be forecast, are in
-    ``no_early_point``."""
+    """Per run, smallest first: the leave-one-size-out errors of the regression on the early
+    mean and the size and of the fit on the size alone (``size_only``, its predictions), and
+    the error of the last value seen by ``early_fraction`` of training, each against the run's
+    final value. ``improvement`` is the size-only error minus the regression's: positive where
+    the early values add to what the size predicts. The sizes of runs with no measurement by
+    the cutoff, which cannot be forecast, are in ``no_early_point``."""
 
     early_fraction: float
     regression: EarlyPrediction
+    size_only: np.ndarray = field(repr=False)
     last_seen: np.ndarray = field(repr=False)
     no_early_point: tuple[float, ...] = ()
 
     @property
     def regression_errors(self) -> np.ndarray:
         return np.abs(self.regression.loo_predictions - self.regression.finals)
+
+    @property
+    def size_only_errors(self) -> np.ndarray:
+        return np.abs(self.size_only - self.regression.finals)
 
     @property
     def last_seen_errors(self) -> np.ndarray:
@@ -157,7 +170,7 @@ class EarlyComparison:
 
     @property
     def improvement(self) -> np.ndarray:
-        return self.last_seen_errors - self.regression_errors
+        return self.size_only_errors - self.regression_errors
 
     @property
     def size_improvement(self) -> np.ndarray:
@@ -172,9 +185,12 @@ def against_last_seen(
     early_fraction: float = 0.1,
     final_fraction: float = 0.2,
 ) -> EarlyComparison:
-    """The regression on the early mean and the scale against the last value seen by the
-    cutoff, for ``{n_params: (t, values)}`` with ``t`` sorted, or per size its seeds' curves
-    ``{n_params: {seed: (t, values)}}`` (needs 4+ runs measured by then).
+    """The regression on the early mean and the scale against the fit on the scale alone and
+    the last value seen by the cutoff, for ``{n_params: (t, values)}`` with ``t`` sorted, or
+    per size its seeds' curves ``{n_params: {seed: (t, values)}}`` (needs 4+ runs measured by
+    then).
+
+    Finals that follow the size exactly leave the early values nothing to add:
 
     >>> t = np.linspace(0, 1, 21)
     >>> curves = {n: (t, np.where(t <= 0.1, 2 + 0.5 * k, 1 + 0.2 * k)) for k, n in
@@ -182,6 +198,8 @@ def against_last_seen(
     >>> comparison = against_last_seen(curves)
     >>> bool(comparison.regression_errors.max() < 1e-9), comparison.last_seen_errors.round(6)
     (True, array([1. , 1.3, 1.6, 1.9, 2.2]))
+    >>> bool(comparison.size_only_errors.max() < 1e-9)
+    True
     """
     check_fraction("early_fraction", early_fraction)
     runs = [
@@ -197,9 +215,26 @@ def against_last_seen(
     return EarlyComparison(
         early_fraction=early_fraction,
         regression=regression,
+        size_only=size_only_predictions(regression.n_params, regression.finals),
         last_seen=np.array([values[-1] for _, values, _ in seen]),
         no_early_point=tuple(dict.fromkeys(n for n, values, _ in early if not values.size)),
     )
+
+
+def size_only_predictions(n_params: np.ndarray, finals: np.ndarray) -> np.ndarray:
+    """Each run's final value from ``F = a + b log10 N`` fitted by least squares on the runs
+    of the other sizes, as :func:`regress_final` leaves them out.
+
+    >>> size_only_predictions(np.array([1e7, 1e8, 1e9]), np.array([1.0, 0.9, 0.8])).round(6)
+    array([1. , 0.9, 0.8])
+    """
+    design = np.column_stack([np.ones_like(n_params), np.log10(n_params)])
+    predictions = np.empty_like(finals)
+    for i, n in enumerate(n_params):
+        keep = n_params != n
+        coef = np.linalg.lstsq(design[keep], finals[keep], rcond=None)[0]
+        predictions[i] = design[i] @ coef
+    return predictions
 
 
 def _design(early_means: np.ndarray, n_params: np.ndarray) -> np.ndarray:

@@ -55,6 +55,31 @@ def decay_rate(n_params: float) -> float:
     return 3.0 + 0.2 * log_scale(n_params)
 
 
+def no_shape_reason(n_params: float) -> str | None:
+    """Why eq. (1) at ``n_params`` is no rise-decay-plateau, or None when it is one.
+
+    Eqs. (2)-(5) are lines in ``x`` fitted on 10M-7B; extrapolated, they cross: ``S_p > S_f``
+    needs ``2.0 + 0.35 x > 1.2 - 0.12 x``, i.e. ``x > -0.8 / 0.47`` (N above ~2.0e5), and a
+    positive plateau ``S_f > 0`` needs ``x < 10`` (N below 1e17). Outside, the "peak" is a dip
+    or the curve is no sharpness at all, and its shape says nothing about the paper's.
+
+    >>> no_shape_reason(1e7) is None
+    True
+    >>> no_shape_reason(1e5)
+    'eqs. (2)-(3) give no rise: S_p 1.3 <= S_f 1.44 (below N = 2e+05)'
+    """
+    s_p, s_f = peak_sharpness(n_params), plateau_sharpness(n_params)
+    if s_p <= s_f:
+        hint = " (a size in millions? N counts parameters)" if n_params < 1e3 else ""
+        return (
+            f"eqs. (2)-(3) give no rise: S_p {s_p:.3g} <= S_f {s_f:.3g} "
+            f"(below N = {10 ** (7 - 0.8 / 0.47):.2g}){hint}"
+        )
+    if s_f <= 0:
+        return f"eq. (3) gives a plateau S_f {s_f:.3g} <= 0 (from N = 1e17)"
+    return None
+
+
 def sharpness_trend(t: ArrayLike, n_params: float) -> NDArray[np.float64]:
     """Eq. (1): the deterministic three-phase sharpness curve.
 

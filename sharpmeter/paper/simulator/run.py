@@ -16,7 +16,7 @@ from numpy.typing import NDArray
 
 from sharpmeter.paper.sizes import format_size
 
-from .model import log_scale, loss_trend, peak_sharpness, plateau_sharpness, sharpness_trend
+from .model import log_scale, loss_trend, no_shape_reason, sharpness_trend
 from .presets import SimulatorPreset, get_preset
 
 MIN_CHECKPOINTS = 10
@@ -198,9 +198,7 @@ def simulate_run(
 def _warn_outside_domain(n_params: float, preset: SimulatorPreset) -> None:
     # The linear-in-log10(N) fits stay meaningful only over a range around the paper's 10M-7B;
     # beyond it the curve loses its shape, which a user extrapolating should hear about.
-    problems = []
-    if peak_sharpness(n_params) <= plateau_sharpness(n_params):
-        problems.append("eqs. (2)-(3) give no rise (S_p <= S_f)")
+    problems = [reason] if (reason := no_shape_reason(n_params)) else []
     if preset.oscillation_damping(log_scale(n_params)) <= 0:
         problems.append("the oscillation grows instead of being damped")
     if problems:
