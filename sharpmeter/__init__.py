@@ -19,7 +19,7 @@ Three products live here, each a subpackage (imports run only downwards: see
   comparison with its claims and the report.
 """
 
-from sharpmeter.measure.context import measurement
+from sharpmeter.measure.context import ParametersWrittenError, measurement
 from sharpmeter.measure.directions import adam_preconditioner, learning_rate, update_direction
 from sharpmeter.measure.estimators import (
     DirectionalSharpnessResult,
@@ -55,6 +55,7 @@ __all__ = [
     "MeterOptions",
     "NonFiniteLossError",
     "ParameterVector",
+    "ParametersWrittenError",
     "PowerIterationResult",
     "PreconditionedOperator",
     "Schedule",

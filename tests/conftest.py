@@ -271,7 +271,7 @@ def snapshot(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
             key: {name: _copy(value) for name, value in state.items()}
             for key, state in optimizer.state_dict()["state"].items()
         },
-        "attn": model.config._attn_implementation,
+        "attn": getattr(getattr(model, "config", None), "_attn_implementation", None),
     }
 
 

@@ -141,7 +141,12 @@ def test_a_hand_loop_whose_batches_are_bare_tensors_is_measured(tmp_path):
         return causal_lm_loss(m, {"input_ids": ids, "labels": ids})
 
     meter = AcceleratedMeter(
-        OneProcess(), model, probe="train", loss_fn=loss_fn, measures=("critical",)
+        OneProcess(),
+        model,
+        probe="train",
+        loss_fn=loss_fn,
+        measures=("critical",),
+        jsonl_path=tmp_path / "sharpness.jsonl",
     )
     ids = token_batch(batch_size=4)["input_ids"]
     loss_fn(model, ids).backward()

@@ -202,6 +202,7 @@ PUBLIC = {
     "MeterOptions",
     "NonFiniteLossError",
     "ParameterVector",
+    "ParametersWrittenError",
     "PowerIterationResult",
     "PreconditionedOperator",
     "Schedule",

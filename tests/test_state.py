@@ -246,3 +246,96 @@ def test_what_a_measuring_forward_sets_on_a_module_is_put_back(build):
     row = meter.measure(0, optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
     assert row["status"] == "ok", row["error"]
     assert (dict(vars(model)), dict(model._buffers)) == before
+
+
+class _RescalesInEval(torch.nn.Module):
+    """RWKV's pattern: an eval-mode forward divides a weight in place (under no_grad) and
+    records it in a plain flag, which a train-mode forward undoes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(4, 4, dtype=torch.float64)
+        self.rescaled = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.rescaled == self.training:
+            with torch.no_grad():
+                if self.training:
+                    self.linear.weight.mul_(4)
+                else:
+                    self.linear.weight.div_(4)
+            self.rescaled = not self.training
+        return self.linear(x).pow(2).mean()
+
+
+def _rescaling_model() -> tuple[_RescalesInEval, torch.optim.Optimizer, torch.Tensor]:
+    torch.manual_seed(0)
+    model = _RescalesInEval().train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = torch.randn(8, 4, dtype=torch.float64)
+    model(x).backward()
+    return model, optimizer, x
+
+
+def _loss(model, batch):
+    return model(batch)
+
+
+def test_a_model_that_writes_its_parameters_is_refused_before_training_and_put_back():
+    """The context put the flag back but not the weight, which stayed divided by 4: training
+    changed, with every row ok."""
+    model, optimizer, x = _rescaling_model()
+    before = snapshot(model, optimizer)
+    with pytest.raises(ValueError, match=r"wrote its parameters in place \(linear.weight\)"):
+        sm.SharpnessMeter(model, x, _loss)
+    assert_same(before, snapshot(model, optimizer))
+    meter = sm.SharpnessMeter(model, x, _loss, dropout="train")
+    assert meter.measure(1)["status"] == "ok"
+    assert_same(before, snapshot(model, optimizer))
+
+
+def test_a_row_on_a_model_that_writes_its_parameters_fails_and_training_is_unchanged():
+    """probe='train' has no forward at construction: the first row copies the parameters."""
+    model, optimizer, x = _rescaling_model()
+    before = snapshot(model, optimizer)
+    meter = sm.SharpnessMeter(model, None, _loss, probe="train")
+    for step in (1, 2):
+        row = meter.measure(step, optimizer, batch=x)
+        assert row["status"] == "error" and "linear.weight" in row["error"]
+        assert_same(before, snapshot(model, optimizer))
+    assert not meter.parameters_checked
+
+
+def test_without_a_copy_a_written_parameter_is_reported_not_hidden():
+    model, _, x = _rescaling_model()
+    with pytest.raises(sm.ParametersWrittenError, match="training has changed"):
+        with sm.measurement(model):
+            model(x)
+
+
+def test_rwkv_is_refused_in_eval_mode_and_measured_in_train_mode():
+    """RWKV's eval forward divides blocks 6+'s output weights by 2 in place: after one
+    measurement they stayed at a quarter, the row ok (transformers' own model, defaults)."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.RwkvConfig(
+        vocab_size=64,
+        hidden_size=16,
+        num_hidden_layers=7,
+        attention_hidden_size=16,
+        intermediate_size=32,
+        context_length=64,
+        use_cache=False,
+    )
+    model = transformers.RwkvForCausalLM(config).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    ids = torch.randint(0, 64, (2, 8))
+    batch = {"input_ids": ids, "labels": ids}
+    model(**batch).loss.backward()
+    before = snapshot(model, optimizer)
+    with pytest.raises(ValueError, match=r"blocks\.6\.attention\.output\.weight"):
+        sm.SharpnessMeter(model, batch)
+    assert_same(before, snapshot(model, optimizer))
+    row = sm.SharpnessMeter(model, batch, dropout="train").measure(1, optimizer)
+    assert row["status"] == "ok"
+    assert_same(before, snapshot(model, optimizer))

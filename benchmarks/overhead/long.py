@@ -154,7 +154,8 @@ def main_long(args: argparse.Namespace, out: Path | None) -> None:
         "schedules, "
         + "; ".join(f"{', '.join(book['measures'])}: `{book['schedule']}`" for book in ledgers)
         + f"; measures {', '.join(MeterOptions().measures)}, "
-        "probe of 8 training examples, trace 8 HVPs, Lanczos <= 20 steps",
+        f"probe of 8 training examples, trace 8 HVPs, Lanczos <= {MeterOptions().lanczos_max_iter} "
+        "steps",
         "both arms at the same time, two child processes of "
         f"{args.threads} torch thread(s) each, released together after building data, model "
         "and Trainer (no warm-up run); the arm that finishes first goes on with untimed "

@@ -143,7 +143,8 @@ def preamble(args: argparse.Namespace, pairs: list[tuple[dict, dict]], started: 
         f"callback: `SharpnessCallback.attach(trainer, schedule=Schedule(every={GRID.every}))` "
         f"(the plain grid, no time budget), otherwise its defaults: measures "
         f"{', '.join(MeterOptions().measures)}, probe of 8 training examples "
-        f"({args.batch_size} x {size.n_positions} tokens), trace 8 HVPs, Lanczos <= 20 steps",
+        f"({args.batch_size} x {size.n_positions} tokens), trace 8 HVPs, Lanczos <= "
+        f"{sm.MeterOptions().lanczos_max_iter} steps",
         f"{args.pairs} pair(s) of {args.steps}-step runs, alternating without / with, after an "
         f"untimed {args.warmup_steps}-step run; seconds: wall time of `trainer.train()`; "
         f"{args.threads} torch thread(s); whole benchmark "

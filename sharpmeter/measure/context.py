@@ -25,6 +25,7 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -33,6 +34,7 @@ import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from sharpmeter.measure.distributed import local
 from sharpmeter.measure.params import set_versions
 from sharpmeter.measure.rng import fork_rng
 
@@ -70,6 +72,64 @@ SavedBuffer = tuple[torch.Tensor, int]  # a buffer's value and its version count
 # flags, strings, tensors (the train/eval flag; a rotary embedding's cached length, which a
 # probe shorter than the training batches resets, changing the next training forward).
 PLAIN_TYPES = (bool, int, float, str, type(None), torch.Tensor)
+
+
+class ParametersWrittenError(RuntimeError):
+    """The model's own forward wrote its parameters in place (RWKV's eval-mode rescaling): a
+    measurement of it would change training."""
+
+
+@dataclass
+class ParameterGuard:
+    """What tells whether a measurement's forwards wrote the model's parameters, and, when
+    ``copies`` were taken, puts them back.
+
+    The estimators that move parameters put them back bit for bit, so a parameter whose
+    fingerprint (its sum in float64, the local shard's under FSDP) differs on exit was written by
+    the model itself. A copy of every parameter (on the CPU: taken once, it must not cost the
+    accelerator's memory) is what :class:`~sharpmeter.SharpnessMeter` takes until one
+    measurement has shown that the model leaves them alone.
+    """
+
+    named: list[tuple[str, nn.Parameter]]
+    fingerprints: list[float]
+    copies: list[torch.Tensor] | None
+
+    @classmethod
+    def capture(cls, model: nn.Module, copy: bool) -> ParameterGuard:
+        named = list(model.named_parameters())
+        copies = [local(p).detach().to("cpu", copy=True) for _, p in named] if copy else None
+        return cls(named, _fingerprints(named), copies)
+
+    def check(self) -> None:
+        written = [
+            index
+            for index, (before, after) in enumerate(
+                zip(self.fingerprints, _fingerprints(self.named), strict=True)
+            )
+            if before != after and not (math.isnan(before) and math.isnan(after))
+        ]
+        if not written:
+            return
+        names = ", ".join(self.named[i][0] for i in written[:3])
+        more = f" and {len(written) - 3} more" if len(written) > 3 else ""
+        if self.copies is not None:
+            with torch.no_grad():
+                for i in written:
+                    shard = local(self.named[i][1])
+                    shard.copy_(self.copies[i].to(shard.device))
+            outcome = "they are put back"
+        else:
+            outcome = "training has changed: they are not put back (no copy was taken)"
+        raise ParametersWrittenError(
+            f"the model's forward wrote its parameters in place ({names}{more}): {outcome}. A "
+            "model that rescales its weights in eval mode (RWKV) measures with dropout='train'"
+        )
+
+
+def _fingerprints(named: list[tuple[str, nn.Parameter]]) -> list[float]:
+    with torch.no_grad():
+        return [float(local(p).detach().sum(dtype=torch.float64)) for _, p in named]
 
 
 @dataclass
@@ -143,11 +203,15 @@ def _plain_attributes(module: nn.Module) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def measurement(model: nn.Module, dropout: str = "eval") -> Iterator[None]:
+def measurement(
+    model: nn.Module, dropout: str = "eval", copy_parameters: bool = False
+) -> Iterator[None]:
     """Open a measurement on ``model``; everything but the parameters is restored on exit.
 
-    Parameters are not snapshotted here (that would cost a copy of the model): the estimators
-    that move them (critical sharpness, finite differences) restore them by copy and check.
+    Parameters are not copied here unless ``copy_parameters`` (a copy of the model, on the CPU):
+    the estimators that move them (critical sharpness, finite differences) restore them by copy
+    and check. A parameter the model's own forward wrote (see :class:`ParameterGuard`) raises
+    :class:`ParametersWrittenError` on exit, after it is put back from the copy if there is one.
     ``.grad`` tensors are kept by reference: the operators differentiate with
     ``torch.autograd.grad``, which never accumulates into ``.grad``, and the FSDP2 gradient,
     which must go through ``.grad``, puts every ``.grad`` back itself.
@@ -155,6 +219,7 @@ def measurement(model: nn.Module, dropout: str = "eval") -> Iterator[None]:
     if dropout not in DROPOUT_POLICIES:
         raise ValueError(f"dropout must be one of {DROPOUT_POLICIES}, got {dropout!r}")
     state = ModelState.capture(model)
+    guard = ParameterGuard.capture(model, copy=copy_parameters)
     try:
         with (
             fork_rng(model.parameters()),
@@ -164,4 +229,7 @@ def measurement(model: nn.Module, dropout: str = "eval") -> Iterator[None]:
                 model.eval()
             yield
     finally:
-        state.restore(model)
+        try:
+            state.restore(model)
+        finally:
+            guard.check()

@@ -70,16 +70,17 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from sharpmeter.measure.context import measurement
+from sharpmeter.measure.context import ParametersWrittenError, measurement
 from sharpmeter.measure.directions import (
     DirectionUnavailable,
     check_adam_type,
@@ -171,6 +172,9 @@ class SharpnessMeter:
         self.clips_a_subset = bool(self.options.max_grad_norm) and any(
             id(p) not in measured for p in resolve_params(model)
         )
+        # Parameters are copied for each measurement until one shows that the model's forwards
+        # leave them alone (ParameterGuard): the probe's check below is the first.
+        self.parameters_checked = False
         self._check_probe_batch()
         self.warm = WarmStart()
         self.ledgers = ledgers({m.name: self.options.schedule_of(m.name) for m in self.chosen})
@@ -212,8 +216,21 @@ class SharpnessMeter:
                     "and pass the step's batch to measure(step, optimizer, batch=...)"
                 )
             return
-        with measurement(self.model, self.options.dropout), torch.no_grad():
-            self._probe()()
+        try:
+            with self._measurement(), torch.no_grad():
+                self._probe()()
+        except ParametersWrittenError as error:
+            raise ValueError(str(error)) from error
+
+    @contextlib.contextmanager
+    def _measurement(self) -> Iterator[None]:
+        """:func:`measurement` with the meter's dropout policy, copying the parameters until a
+        measurement has shown that the model's forwards do not write them."""
+        with measurement(
+            self.model, self.options.dropout, copy_parameters=not self.parameters_checked
+        ):
+            yield
+        self.parameters_checked = True
 
     def check_optimizer(self, optimizer: Any) -> None:
         """Refuse, before training, an optimizer a chosen measure cannot follow: the
@@ -282,7 +299,7 @@ class SharpnessMeter:
         row = self._blank_row(step)
         seconds: dict[str, float] = {}
         try:
-            with measurement(self.model, self.options.dropout):
+            with self._measurement():
                 context = self._row_context(optimizer, taken, batch, step_gradients, scaler)
                 self._measure_into(row, context, seconds)
             row["status"] = _overall_status(row, taken)

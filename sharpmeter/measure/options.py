@@ -134,7 +134,7 @@ class MeterOptions:
     trace_num_matvecs: int = 8
     # A warm start needs a few of them; 20 bounds what a cold start costs (about 40 training
     # steps) and holds (20 vectors of the parameters' size).
-    lanczos_max_iter: int = 20
+    lanczos_max_iter: int = 30
     # About three digits of the top eigenvalue, which Lanczos started from the last top vector
     # reaches in 1-2 HVPs (benchmarks/README.md).
     lanczos_tol: float = 1e-3
