@@ -14,7 +14,15 @@ from sharpmeter.cli import main
 from sharpmeter.paper.analysis import compare_fits
 from sharpmeter.paper.analysis.runs import load_runs
 from sharpmeter.paper.compare import RESTARTS, schedule_verdict
-from sharpmeter.paper.report import find_runs, find_schedule_runs, stability_line, write_report
+from sharpmeter.paper.records import RecordWarning
+from sharpmeter.paper.report import (
+    _stability_lines,
+    find_runs,
+    find_schedule_runs,
+    load_analysis,
+    stability_line,
+    write_report,
+)
 from sharpmeter.paper.simulator import simulate_run
 
 CONFIGS = Path(__file__).parent.parent / "configs"
@@ -101,6 +109,32 @@ def test_stability_line_is_two_over_the_learning_rate(tmp_path):
     assert t[-1] == 1.0 and line == pytest.approx([2 / r["lr"] for r in rows])
     path.write_text("".join(json.dumps({**r, "lr": float("nan")}) + "\n" for r in rows))
     assert stability_line(load_runs([path])[0]) is None
+
+
+def test_each_size_gets_its_own_two_over_lr_line(tmp_path):
+    """Sizes trained at their own rates: the smallest run's 2 / lr was drawn for every size,
+    which put the larger sizes' edge of stability 3-10 times too low."""
+    root = write_runs(tmp_path / "study")
+    for scale, name in enumerate(SIZES, start=1):
+        path = root / name / "sharpness.jsonl"
+        rows = [json.loads(line) for line in path.open()]
+        path.write_text("".join(json.dumps({**r, "lr": r["lr"] / scale}) + "\n" for r in rows))
+    _, _, analysis = load_analysis([root])
+    lines = _stability_lines(analysis)
+    assert len(lines) == len(SIZES)
+    firsts = [line[1][0] for line in lines]
+    assert firsts == pytest.approx([2 / 1e-3 * scale for scale in range(1, len(SIZES) + 1)])
+
+
+def test_runs_without_a_plan_that_end_at_different_steps_are_warned_of(tmp_path):
+    """A W&B or pandas export carries no max_steps: a run killed at half its length was
+    stretched over the whole axis and fitted as finished, with nothing said."""
+    root = write_runs(tmp_path / "study")
+    path = root / "b" / "sharpness.jsonl"
+    lines = path.read_text().splitlines(keepends=True)
+    path.write_text("".join(lines[: len(lines) // 2]))
+    with pytest.warns(RecordWarning, match=r"no planned max_steps end at different steps \(b "):
+        load_analysis([root])
 
 
 def test_runs_are_found_by_folder_file_or_study(tmp_path):

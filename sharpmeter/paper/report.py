@@ -39,6 +39,7 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -310,9 +311,7 @@ def write_report(
         raise ReportError(str(error)) from error
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    stability = None
-    if quantity == "critical_sharpness":
-        stability = stability_line(_smallest_fitted(analysis))
+    stability = _stability_lines(analysis) if quantity == "critical_sharpness" else None
     figures = [plot_curves(analysis, out / "curves.png", quantity, stability)]
     if analysis.scaling is not None:
         figures.append(plot_scaling_fit(analysis.scaling, out / "scaling.png", f"final {quantity}"))
@@ -368,13 +367,15 @@ def report_blocks(
         "The robust final is the 20% trimmed mean of the same span (one spike cannot move it) "
         "with a 95% moving-block bootstrap interval that widens for correlated measurements, "
         "and the median. A step's fraction of training is the step over the run's planned "
-        "max_steps. "
+        "max_steps (a run without one, a CSV export say: its last logged step, which stretches "
+        "a run that stopped early over the whole axis; the runs table shows which). "
         f"{len(analysis.runs)} runs ({fitted} fitted), {measurements} logged measurements.",
         *compare_blocks(analysis, None if schedules is None else schedules.verdict),
         Figure(
             figures[0],
             "Measured curves with their three-phase fits (dotted) and, when the rows carry a "
-            "learning rate, 2 / lr (dashed), where the next step would raise the probe loss "
+            "learning rate, each size's 2 / lr (dashed, its colour), where its next step would "
+            "raise the probe loss "
             "(left); the same curves "
             "divided by their final value, beside the paper's simulator at the same sizes "
             "(right, dashed).",
@@ -782,9 +783,15 @@ def _files_list(runs: Sequence[RunFiles], entries: Sequence[RunEntry]) -> list[s
 # ---- figures -------------------------------------------------------------------------------
 
 
-def _smallest_fitted(analysis: StudyAnalysis) -> Run:
-    fitted = [entry.run for entry in analysis.runs if entry.left_out is None]
-    return min(fitted, key=lambda run: run.n_params)
+def _stability_lines(analysis: StudyAnalysis) -> list[tuple[np.ndarray, np.ndarray] | None]:
+    """Each size's ``2 / lr`` (from its first fitted run: a size's seeds share a schedule), in
+    the order of ``analysis.comparisons``: sizes may train at their own rates, as the paper's
+    do, and one size's line drawn for all puts the others' edge in the wrong place."""
+    first: dict[float, Run] = {}
+    for entry in analysis.runs:
+        if entry.left_out is None:
+            first.setdefault(entry.run.n_params, entry.run)
+    return [stability_line(first[n]) if n in first else None for n in analysis.comparisons]
 
 
 def stability_line(run: Run) -> tuple[np.ndarray, np.ndarray] | None:
@@ -802,10 +809,10 @@ def plot_curves(
     analysis: StudyAnalysis,
     path: Path,
     quantity: str,
-    stability: tuple[np.ndarray, np.ndarray] | None = None,
+    stability: Sequence[tuple[np.ndarray, np.ndarray] | None] | None = None,
 ) -> Path:
-    """Measured curves with their three-phase fits (and ``2 / lr`` when given), and
-    normalised shapes beside the simulator's."""
+    """Measured curves with their three-phase fits (and each size's ``2 / lr``, in the order
+    of ``analysis.comparisons``, when given), and normalised shapes beside the simulator's."""
     from matplotlib.figure import Figure as MplFigure
 
     figure = MplFigure(figsize=(11, 4), layout="constrained")
@@ -835,10 +842,7 @@ def plot_curves(
     _value_scale(measured)
     _value_scale(shapes)
     if stability is not None:
-        low, high = measured.get_ylim()
-        measured.plot(*stability, color="grey", linestyle="--", label="2 / lr")
-        # 2 / lr runs off to infinity as a schedule decays to 0: keep the measured range in view
-        measured.set_ylim(low, 3 * high)
+        _plot_stability_lines(measured, colours, stability)
     measured.legend(title="parameters", fontsize=8)
     for axes in (measured, shapes):
         _plain_log_labels(axes)
@@ -865,16 +869,8 @@ def plot_schedules(schedules: ScheduleAnalysis, path: Path) -> Path:
     for colour, (name, run) in zip(colours, runs.items(), strict=True):
         axes.plot(*run.curve(schedules.quantity), color=colour, label=name)
     _value_scale(axes)
-    lines = []
     if schedules.quantity == "critical_sharpness":
-        lines = [stability_line(run) for run in runs.values()]
-    if any(line is not None for line in lines):
-        low, high = axes.get_ylim()
-        for colour, line in zip(colours, lines, strict=True):
-            if line is not None:
-                axes.plot(*line, color=colour, linestyle="--", linewidth=1)
-        axes.plot([], [], color="grey", linestyle="--", linewidth=1, label="2 / lr")
-        axes.set_ylim(low, 3 * high)  # 2 / lr runs off as a schedule decays: keep S in view
+        _plot_stability_lines(axes, colours, [stability_line(run) for run in runs.values()])
     restarts = schedules.restarts
     for restart in restarts:
         axes.axvline(restart, color="0.5", linestyle=":", linewidth=1)
@@ -910,6 +906,20 @@ def _plain_log_labels(axes) -> None:
     low, high = axes.get_ylim()
     # minor labels only when the axis spans less than a decade; else they pile up
     axes.yaxis.set_minor_formatter(plain if high / low < 10 else NullFormatter())
+
+
+def _plot_stability_lines(
+    axes: Any, colours: Sequence, lines: Sequence[tuple[np.ndarray, np.ndarray] | None]
+) -> None:
+    """Each curve's ``2 / lr`` dashed in its colour, with one legend entry for them all."""
+    if all(line is None for line in lines):
+        return
+    low, high = axes.get_ylim()
+    for colour, line in zip(colours, lines, strict=True):
+        if line is not None:
+            axes.plot(*line, color=colour, linestyle="--", linewidth=1)
+    axes.plot([], [], color="grey", linestyle="--", linewidth=1, label="2 / lr")
+    axes.set_ylim(low, 3 * high)  # 2 / lr runs off as a schedule decays: keep S in view
 
 
 def _colours(count: int) -> list:

@@ -417,6 +417,7 @@ def select_runs(
     entries = tuple(run_entry(run, quantity, include_unfinished, final_fraction) for run in runs)
     selection = RunSelection(entries)
     check_one_definition(selection.fitted)
+    warn_stretched_runs(selection.fitted)
     if not selection.fitted:
         runs_by_reason: dict[str, list[str]] = defaultdict(list)
         for entry in entries:
@@ -424,6 +425,39 @@ def select_runs(
         reasons = "".join(f"; {why}: {', '.join(names)}" for why, names in runs_by_reason.items())
         raise ValueError(f"no run to fit {quantity or 'the default quantity'}{reasons}")
     return selection
+
+
+def warn_stretched_runs(runs: Sequence[Run]) -> None:
+    """Warn (:class:`~sharpmeter.paper.records.RecordWarning`) when runs with no planned length
+    (a CSV exported from W&B or pandas, an older file: no ``max_steps`` in metadata beside
+    them) end at different steps: each is put on ``t = step / its last step``, so one killed at
+    step 150 of 300 is stretched over the whole axis and fitted as if it had finished, and only
+    a planned length can tell it from a run meant to be shorter."""
+    unplanned = {
+        run.label: run.last_step
+        for run in runs
+        if run.planned_steps is None and run.last_step is not None and _steps_only(run)
+    }
+    if len(set(unplanned.values())) < 2:
+        return
+    longest = max(unplanned.values())
+    shorter = [
+        f"{label} at {_step_text(last)}" for label, last in unplanned.items() if last < longest
+    ]
+    warnings.warn(
+        f"runs with no planned max_steps end at different steps ({'; '.join(shorter)}; others at "
+        f"{_step_text(longest)}): each is taken over its own last step, so a run that stopped "
+        "early is fitted as finished; give each its .meta.json with max_steps, or leave out the "
+        "runs that did not finish",
+        RecordWarning,
+        stacklevel=3,
+    )
+
+
+def _steps_only(run: Run) -> bool:
+    """Whether the run's rows place themselves by step alone (a simulated curve carries its own
+    fraction of training)."""
+    return any(row.get("fraction") is None for row in run.rows)
 
 
 def check_one_definition(runs: Sequence[Run]) -> None:
