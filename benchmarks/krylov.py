@@ -11,9 +11,9 @@ accuracy problems, four approaches are counted per seed (then the median over se
 (d) ``trace_and_top(rel_stderr=0.02)``: the basis grown while it pays, then Stein's two-stage
     probe count, what a user calls (its stderr is expected, not guaranteed, to meet 2%).
 
-Cold (random Lanczos start, the seed's) and warm (started from the top eigenvector of the
-previous training step, as the meter does). Counting HVPs is deterministic; seconds are not
-measured.
+Cold (random Lanczos start, the seed's: what the meter does) and warm (started from the top
+eigenvector of the previous training step, as the meter did before 2026-12-07 evening).
+Counting HVPs is deterministic; seconds are not measured.
 
     python -m benchmarks.krylov                                  # gpt2-5K, gpt2-1M
     python -m benchmarks.krylov --problems gpt2-5K --seeds 2     # a quick check
@@ -196,7 +196,7 @@ def report(infos: list[dict], args, seconds: float) -> list[str]:
             "stderr (Hutch++: remainder samples)",
             f"problems: `benchmarks/peers/problems.py`, each after {args.train_steps} AdamW steps "
             "on its batch (as the peers' accuracy problems); cold: Lanczos from the seed's random "
-            "vector; warm: from the top eigenvector before the last step (the meter's case)",
+            "vector (the meter's case); warm: from the top eigenvector before the last step",
             f"seeds 0..{args.seeds - 1} (Lanczos start and probes); totals are medians over seeds",
             "(a), (c): the fewest probes whose stderr meets the target (a budget of m returns the "
             "first m samples of a longer run with the same seed); (b): the smallest Hutch++ "

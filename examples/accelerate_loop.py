@@ -51,8 +51,8 @@ def main() -> None:
         schedule=sm.Schedule(every=args.every),
         max_steps=args.steps,  # the planned length: a run killed midway is seen as such
         optimizer=optimizer,
-        # A cold Lanczos on the untrained model needs more than the default 20 HVPs to reach
-        # its 1e-3 residual (the later ones start warm from the previous top vector).
+        # Lanczos (cold every row) on the untrained model needs more than the default 30 HVPs
+        # to reach its 1e-3 residual.
         lanczos_max_iter=40,
     )
     meter.step(0, optimizer)  # at initialisation, before the first update

@@ -565,3 +565,13 @@ def test_custom_functions_whose_second_derivative_holds_are_not_refused(reuse_gr
     )
     w = torch.randn(op.dim, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
     assert relative_error(op @ w, block @ w) < EXACT
+
+
+def test_a_negative_padding_idx_set_after_construction_is_counted_from_the_end():
+    """torch normalises -1 only in the constructor: set later, the mask was an empty slice and
+    fwd/fd were asymmetric again."""
+    from sharpmeter.measure.operators import padding_rows
+
+    embedding = torch.nn.Embedding(6, 3)
+    embedding.padding_idx = -1
+    assert padding_rows(embedding, [embedding.weight]) == [slice(15, 18)]

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -75,25 +76,30 @@ PLAIN_TYPES = (bool, int, float, str, type(None), torch.Tensor)
 
 
 class ParametersWrittenError(RuntimeError):
-    """The model's own forward wrote its parameters in place (RWKV's eval-mode rescaling): a
-    measurement of it would change training."""
+    """Something inside the measurement other than the estimators (the model's own forward:
+    RWKV's eval-mode rescaling, an ``nn.Embedding(max_norm=...)``; a user's code inside
+    :func:`measurement`) wrote the model's parameters in place."""
 
 
 @dataclass
 class ParameterGuard:
-    """What tells whether a measurement's forwards wrote the model's parameters, and, when
-    ``copies`` were taken, puts them back.
+    """What tells whether parameters were written inside a measurement, and, when ``copies``
+    were taken, puts them back.
 
-    The estimators that move parameters put them back bit for bit, so a parameter whose
-    fingerprint (its sum in float64, the local shard's under FSDP) differs on exit was written by
-    the model itself. A copy of every parameter (on the CPU: taken once, it must not cost the
-    accelerator's memory) is what :class:`~sharpmeter.SharpnessMeter` takes until one
-    measurement has shown that the model leaves them alone.
+    The estimators that move parameters put back their values bit for bit and their version
+    counters, so a parameter whose version counter (where torch lets it be put back: not a
+    ``DTensor``'s) or whose sum in float64 (this rank's shard) differs on exit was written by
+    something else. A copy of every parameter is taken on the CPU, where it costs no
+    accelerator memory (host memory the size of the model, per process, while it is held):
+    :class:`~sharpmeter.SharpnessMeter` takes one until a measurement in the same mode has shown
+    that the model's forwards leave its parameters alone, and for every measurement of a model
+    that does not.
     """
 
     named: list[tuple[str, nn.Parameter]]
-    fingerprints: list[float]
+    fingerprints: list[tuple[int | None, float]]
     copies: list[torch.Tensor] | None
+    rewrote: bool = False  # a parameter was written in place, whether or not its value moved
 
     @classmethod
     def capture(cls, model: nn.Module, copy: bool) -> ParameterGuard:
@@ -101,35 +107,67 @@ class ParameterGuard:
         copies = [local(p).detach().to("cpu", copy=True) for _, p in named] if copy else None
         return cls(named, _fingerprints(named), copies)
 
-    def check(self) -> None:
-        written = [
-            index
-            for index, (before, after) in enumerate(
-                zip(self.fingerprints, _fingerprints(self.named), strict=True)
-            )
-            if before != after and not (math.isnan(before) and math.isnan(after))
+    def settle(self) -> ParametersWrittenError | None:
+        """Put back what was written since :meth:`capture` (values from the copies, if any, and
+        version counters), and say so as an error where a value moved; None where nothing did
+        (a write of the same value, as a renormalisation of rows already within their norm,
+        only sets :attr:`rewrote`)."""
+        after = _fingerprints(self.named)
+        touched = [
+            i for i, (a, b) in enumerate(zip(self.fingerprints, after, strict=True)) if _moved(a, b)
         ]
-        if not written:
-            return
-        names = ", ".join(self.named[i][0] for i in written[:3])
-        more = f" and {len(written) - 3} more" if len(written) > 3 else ""
-        if self.copies is not None:
+        self.rewrote = bool(touched)
+        if not touched:
+            return None
+        if self.copies is None:
+            moved = touched
+            outcome = "training has changed: they are not put back (no copy was taken)"
+        else:
+            moved = [i for i in touched if not _same(local(self.named[i][1]), self.copies[i])]
             with torch.no_grad():
-                for i in written:
+                for i in moved:
                     shard = local(self.named[i][1])
                     shard.copy_(self.copies[i].to(shard.device))
-            outcome = "they are put back"
-        else:
-            outcome = "training has changed: they are not put back (no copy was taken)"
-        raise ParametersWrittenError(
-            f"the model's forward wrote its parameters in place ({names}{more}): {outcome}. A "
-            "model that rescales its weights in eval mode (RWKV) measures with dropout='train'"
+            outcome = "they are put back, and the values measured meanwhile are not reported"
+        counted = [i for i in touched if self.fingerprints[i][0] is not None]
+        set_versions(
+            [self.named[i][1] for i in counted], [self.fingerprints[i][0] for i in counted]
+        )
+        if not moved:
+            return None
+        names = ", ".join(self.named[i][0] for i in moved[:3])
+        more = f" and {len(moved) - 3} more" if len(moved) > 3 else ""
+        return ParametersWrittenError(
+            f"parameters were written in place during the measurement, not by its estimators "
+            f"({names}{more}): {outcome}. The model's forward may rewrite them (RWKV rescales its "
+            "weights in eval mode: measure it in train mode with dropout='train'; an "
+            "nn.Embedding with max_norm renormalises the rows it looks up)"
         )
 
 
-def _fingerprints(named: list[tuple[str, nn.Parameter]]) -> list[float]:
+def _same(value: torch.Tensor, copy: torch.Tensor) -> bool:
+    """Bit for bit, NaN equal to NaN."""
+    value = value.detach().to("cpu")
+    return bool(((value == copy) | (value.isnan() & copy.isnan())).all())
+
+
+def _fingerprints(named: list[tuple[str, nn.Parameter]]) -> list[tuple[int | None, float]]:
+    """Per parameter: its version counter (None for a ``DTensor``, whose counter the
+    estimators cannot put back) and its sum in float64 (this rank's shard)."""
     with torch.no_grad():
-        return [float(local(p).detach().sum(dtype=torch.float64)) for _, p in named]
+        return [
+            (
+                None if local(p) is not p else p._version,
+                float(local(p).detach().sum(dtype=torch.float64)),
+            )
+            for _, p in named
+        ]
+
+
+def _moved(before: tuple[int | None, float], after: tuple[int | None, float]) -> bool:
+    (version, total), (version_after, total_after) = before, after
+    same_sum = total == total_after or (math.isnan(total) and math.isnan(total_after))
+    return version != version_after or not same_sum
 
 
 @dataclass
@@ -205,13 +243,16 @@ def _plain_attributes(module: nn.Module) -> dict[str, Any]:
 @contextlib.contextmanager
 def measurement(
     model: nn.Module, dropout: str = "eval", copy_parameters: bool = False
-) -> Iterator[None]:
+) -> Iterator[ParameterGuard]:
     """Open a measurement on ``model``; everything but the parameters is restored on exit.
 
     Parameters are not copied here unless ``copy_parameters`` (a copy of the model, on the CPU):
     the estimators that move them (critical sharpness, finite differences) restore them by copy
-    and check. A parameter the model's own forward wrote (see :class:`ParameterGuard`) raises
-    :class:`ParametersWrittenError` on exit, after it is put back from the copy if there is one.
+    and check. A parameter written otherwise inside the block (the model's own forward, or the
+    caller's code; see :class:`ParameterGuard`) raises :class:`ParametersWrittenError` on exit,
+    after it is put back from the copy if there is one; the block gets the
+    :class:`ParameterGuard`, whose ``rewrote`` says on exit whether a parameter was written at
+    all.
     ``.grad`` tensors are kept by reference: the operators differentiate with
     ``torch.autograd.grad``, which never accumulates into ``.grad``, and the FSDP2 gradient,
     which must go through ``.grad``, puts every ``.grad`` back itself.
@@ -227,9 +268,20 @@ def measurement(
         ):
             if dropout == "eval":
                 model.eval()
-            yield
+            yield guard
     finally:
         try:
             state.restore(model)
         finally:
-            guard.check()
+            _raise_unless_failing(guard.settle())
+
+
+def _raise_unless_failing(error: ParametersWrittenError | None) -> None:
+    """Raise ``error``, or, inside an exception already on its way (an interrupt, a failed
+    collective, a non-finite loss), add it to that one's notes instead of replacing it."""
+    if error is None:
+        return
+    failing = sys.exc_info()[1]
+    if failing is None:
+        raise error
+    failing.add_note(str(error))

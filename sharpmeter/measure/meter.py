@@ -73,6 +73,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -172,9 +173,11 @@ class SharpnessMeter:
         self.clips_a_subset = bool(self.options.max_grad_norm) and any(
             id(p) not in measured for p in resolve_params(model)
         )
-        # Parameters are copied for each measurement until one shows that the model's forwards
-        # leave them alone (ParameterGuard): the probe's check below is the first.
-        self.parameters_checked = False
+        # Parameters are copied to the CPU for each measurement until one in the same mode
+        # (train or eval) has shown that the model's forwards leave them alone, and for good in
+        # a mode where they did not (ParameterGuard): the probe's check below is the first.
+        self.clean_modes: set[bool] = set()
+        self.rewriting_modes: set[bool] = set()
         self._check_probe_batch()
         self.warm = WarmStart()
         self.ledgers = ledgers({m.name: self.options.schedule_of(m.name) for m in self.chosen})
@@ -220,17 +223,32 @@ class SharpnessMeter:
             with self._measurement(), torch.no_grad():
                 self._probe()()
         except ParametersWrittenError as error:
-            raise ValueError(str(error)) from error
+            warnings.warn(
+                f"{error}; every measurement in this mode will copy the parameters to the CPU, put "
+                "them back and report an error",
+                RuntimeWarning,
+                stacklevel=3,
+            )
 
     @contextlib.contextmanager
     def _measurement(self) -> Iterator[None]:
-        """:func:`measurement` with the meter's dropout policy, copying the parameters until a
-        measurement has shown that the model's forwards do not write them."""
-        with measurement(
-            self.model, self.options.dropout, copy_parameters=not self.parameters_checked
-        ):
-            yield
-        self.parameters_checked = True
+        """:func:`measurement` with the meter's dropout policy, copying the parameters unless a
+        measurement in the same mode has shown that the model's forwards leave them alone."""
+        mode = self.options.dropout == "train" and self.model.training
+        try:
+            with measurement(
+                self.model, self.options.dropout, copy_parameters=mode not in self.clean_modes
+            ) as guard:
+                yield
+        except ParametersWrittenError:
+            self.clean_modes.discard(mode)
+            self.rewriting_modes.add(mode)
+            raise
+        # a write of the same values now (rows within max_norm) may move them later
+        if guard.rewrote:
+            self.rewriting_modes.add(mode)
+        if mode not in self.rewriting_modes:
+            self.clean_modes.add(mode)
 
     def check_optimizer(self, optimizer: Any) -> None:
         """Refuse, before training, an optimizer a chosen measure cannot follow: the
@@ -307,6 +325,12 @@ class SharpnessMeter:
             raise
         except NonFiniteLossError as error:
             _fail(row, taken, NONFINITE, str(error))
+        except ParametersWrittenError as error:
+            # measured while the parameters moved under the estimators: no value stands
+            for measure in taken:
+                row.update(dict.fromkeys(measure.columns, math.nan))
+                row[measure.status_column] = None
+            _fail(row, taken, "error", f"{type(error).__name__}: {error}")
         except Exception as error:  # a measurement must never stop training
             agree_on_failure(error, "a measurement", local(self.params[0]).device)
             _fail(row, taken, "error", f"{type(error).__name__}: {error}")

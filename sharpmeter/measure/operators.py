@@ -208,7 +208,10 @@ def padding_rows(model: nn.Module, params: Sequence[nn.Parameter]) -> list[slice
     padding_of: dict[int, set[int]] = {}
     for module in model.modules():
         if isinstance(module, (nn.Embedding, nn.EmbeddingBag)) and module.padding_idx is not None:
-            padding_of.setdefault(id(module.weight), set()).add(module.padding_idx)
+            # a padding_idx set after construction may still be negative; torch counts it from
+            # the end, as an index
+            row = module.padding_idx % module.weight.shape[0]
+            padding_of.setdefault(id(module.weight), set()).add(row)
     rows, offset = [], 0
     for p in params:
         for index in sorted(padding_of.get(id(p), ())):

@@ -132,11 +132,11 @@ class MeterOptions:
     trace_method: str = "auto"
     # 8 HVPs, about 16 training steps: the standard error says how far to trust the estimate.
     trace_num_matvecs: int = 8
-    # A warm start needs a few of them; 20 bounds what a cold start costs (about 40 training
-    # steps) and holds (20 vectors of the parameters' size).
+    # Every row starts Lanczos cold (a warm start can stop on a vector that is no longer the
+    # top): 8-24 HVPs on the GPT-2s of the tests and benchmarks; 30 bounds what it costs (about
+    # 60 training steps) and holds (30 vectors of the parameters' size).
     lanczos_max_iter: int = 30
-    # About three digits of the top eigenvalue, which Lanczos started from the last top vector
-    # reaches in 1-2 HVPs (benchmarks/README.md).
+    # About three digits of the top eigenvalue.
     lanczos_tol: float = 1e-3
     # eta_c to 6% (2^-4), four bisection forwards once it is bracketed.
     critical_precision_bits: int = 4
