@@ -1,8 +1,8 @@
 """A bfloat16 model (as GPUs train them) runs every measure, close to float32's numbers.
 
 Losses are compared in float32, and the vectors of Lanczos and Hutchinson are float32, so only the
-model's own bf16 rounding separates the two: about 1% for curvature, and for critical sharpness
-what the loss noise floor (bf16 epsilon times the loss) allows.
+model's own bf16 rounding separates the two: 0.1-1.3% for curvature, by CPU, and for critical
+sharpness what the loss noise floor (bf16 epsilon times the loss) allows.
 """
 
 from __future__ import annotations
@@ -15,9 +15,10 @@ from conftest import causal_lm_loss, float64_gpt2, token_batch
 
 import sharpmeter as sm
 
-# Relative differences from float32 seen: ~1e-3 for trace and lambda_max, ~4e-2 for the
+# Relative differences from float32 seen: ~1e-3 for trace and lambda_max on a CPU with AVX-512,
+# 1.3e-2 for the trace on an AVX2-only CPU (its bf16 matmuls round differently); ~4e-2 for the
 # directional sharpness, whose direction comes from a bf16 Adam state.
-TOLERANCES = {"hessian_trace": 1e-2, "lambda_max": 1e-2, "directional_sharpness": 0.1}
+TOLERANCES = {"hessian_trace": 3e-2, "lambda_max": 3e-2, "directional_sharpness": 0.1}
 
 
 def measure(model: torch.nn.Module, batch: dict) -> dict:

@@ -214,6 +214,42 @@ def test_non_finite_base_loss():
     assert result.status == "nonfinite" and result.num_forward == 1
 
 
+def embedding_model_with_row(value: float) -> tuple[torch.nn.Module, tuple, torch.Tensor]:
+    """A float64 embedding model whose probe never looks up row 9, which holds ``value``; its
+    SGD direction (the gradient, zero on row 9)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Embedding(10, 4), torch.nn.Flatten(), torch.nn.Linear(8, 1)
+    ).double()
+    with torch.no_grad():
+        model[0].weight[9, 0] = value
+    batch = (torch.randint(0, 9, (16, 2)), torch.randn(16, 1, dtype=torch.float64))
+    mse(model, batch).backward()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    return model, batch, sm.update_direction(optimizer)
+
+
+def mse(model: torch.nn.Module, batch: tuple) -> torch.Tensor:
+    return torch.nn.functional.mse_loss(model(batch[0]), batch[1])
+
+
+def test_a_nan_parameter_the_loss_never_uses_is_measured_and_put_back():
+    """A NaN in an embedding row the probe never looks up leaves the loss finite: it is the
+    same measurement as with a finite value there (it errored, 'not restored bit-identically',
+    NaN being unequal to itself, then overflowed in the rounding bounds)."""
+    model, batch, direction = embedding_model_with_row(float("nan"))
+    before = [p.detach().clone() for p in model.parameters()]
+    result = sm.critical_sharpness(model, mse, batch, direction)
+    finite, _, finite_direction = embedding_model_with_row(0.5)
+    reference = sm.critical_sharpness(finite, mse, batch, finite_direction)
+    assert result.status == reference.status == "ok"
+    assert result.value == reference.value
+    assert all(
+        torch.equal(a.view(torch.int64), p.detach().view(torch.int64))
+        for a, p in zip(before, model.parameters(), strict=True)
+    )
+
+
 def test_a_loss_that_turns_nan_without_rising_is_nonfinite():
     """NaN counts as a rise while searching, but the bracket's top is a blow-up, not a crossing:
     1 only bounds eta_c from above."""

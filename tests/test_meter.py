@@ -510,3 +510,43 @@ def test_lambda_max_follows_a_new_direction_that_grows_past_the_old_top(measures
         row = meter.measure(step)
         assert row["spectral_status"] == "ok"
         assert row["lambda_max"] == pytest.approx(model.top_eigenvalue(), rel=1e-3)
+
+
+def test_a_compiled_model_in_train_mode_measures_under_its_own_dropout_masks():
+    """Every forward of a compiled model runs compiled: the one eager forward that watches the
+    modules' output dtypes is thrown away. It used to be the line search's base loss, under
+    eager dropout masks that the compiled steps do not draw, and every row was unresolved."""
+    torch.manual_seed(0)
+    model = torch.compile(
+        nn.Sequential(nn.Linear(6, 16), nn.Dropout(0.1), nn.Tanh(), nn.Linear(16, 3))
+    )
+    generator = torch.Generator().manual_seed(1)
+    probe = (torch.randn(8, 6, generator=generator), torch.randint(0, 3, (8,), generator=generator))
+
+    def loss_fn(m: nn.Module, batch: tuple) -> torch.Tensor:
+        return nn.functional.cross_entropy(m(batch[0]), batch[1])
+
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    meter = sm.SharpnessMeter(
+        model, probe, loss_fn=loss_fn, dropout="train", measures=("critical",), seed=5
+    )
+    loss_fn(model, probe).backward()
+    row = meter.measure(0, optimizer=optimizer)
+    assert row["critical_status"] == "ok"
+
+    params = list(model.parameters())
+    compiled_loss = ProbeLoss(model, loss_fn, probe, seed=5)
+    direction = torch.autograd.grad(compiled_loss(), params)  # SGD's, on the probe
+    theta = [p.detach().clone() for p in params]
+
+    def loss_at(eta: float) -> float:
+        with torch.no_grad():
+            for p, t, d in zip(params, theta, direction, strict=True):
+                p.copy_(t - eta * d)
+            value = float(compiled_loss())
+            for p, t in zip(params, theta, strict=True):
+                p.copy_(t)
+        return value
+
+    base = loss_at(0.0)
+    assert loss_at(row["critical_eta_lo"]) <= base < loss_at(row["critical_eta_hi"])

@@ -36,7 +36,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from sharpmeter.measure.distributed import local
-from sharpmeter.measure.params import set_versions
+from sharpmeter.measure.params import bit_identical, set_versions
 from sharpmeter.measure.rng import fork_rng
 
 DROPOUT_POLICIES = ("eval", "train")
@@ -123,7 +123,9 @@ class ParameterGuard:
             moved = touched
             outcome = "training has changed: they are not put back (no copy was taken)"
         else:
-            moved = [i for i in touched if not _same(local(self.named[i][1]), self.copies[i])]
+            moved = [
+                i for i in touched if not bit_identical(self.copies[i], local(self.named[i][1]))
+            ]
             with torch.no_grad():
                 for i in moved:
                     shard = local(self.named[i][1])
@@ -143,12 +145,6 @@ class ParameterGuard:
             "weights in eval mode: measure it in train mode with dropout='train'; an "
             "nn.Embedding with max_norm renormalises the rows it looks up)"
         )
-
-
-def _same(value: torch.Tensor, copy: torch.Tensor) -> bool:
-    """Bit for bit, NaN equal to NaN."""
-    value = value.detach().to("cpu")
-    return bool(((value == copy) | (value.isnan() & copy.isnan())).all())
 
 
 def _fingerprints(named: list[tuple[str, nn.Parameter]]) -> list[tuple[int | None, float]]:
@@ -214,7 +210,7 @@ class ModelState:
                     for name, (value, version) in saved.items():
                         # compared, not told by the version: batch norm's kernel writes its
                         # running statistics without counting a version
-                        if not torch.equal(held[name], value):
+                        if not bit_identical(held[name], value):
                             held[name].copy_(value)
                             set_versions([held[name]], [version])
         finally:

@@ -81,7 +81,7 @@ from torch import nn
 from torch.amp.grad_scaler import OptState
 
 from sharpmeter.measure.distributed import all_reduce_sum, is_sharded, local
-from sharpmeter.measure.params import ParameterVector, flatten, vector_dtype
+from sharpmeter.measure.params import ParameterVector, bit_identical, flatten, vector_dtype
 from sharpmeter.measure.rng import fork_rng
 
 # Added to the total norm by ``torch.nn.utils.clip_grad_norm_`` before dividing by it.
@@ -679,7 +679,7 @@ def _moved_any(
     rank whose shards all have zero gradients.
     """
     with_gradient = [p for p in owned if _nonzero(shadows[id(p)].grad)]
-    moved = sum(not torch.equal(local(shadows[id(p)]), local(p)) for p in with_gradient)
+    moved = sum(not bit_identical(local(shadows[id(p)]), local(p)) for p in with_gradient)
     if sharded:
         counts = torch.tensor(
             [float(bool(with_gradient)), float(moved)], device=local(owned[0]).device

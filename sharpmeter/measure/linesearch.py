@@ -47,6 +47,7 @@ from sharpmeter.measure.params import (
     ParameterVector,
     all_finite,
     as_flat_vector,
+    bit_identical,
     copy_into,
     dot,
     resolve_params,
@@ -595,13 +596,15 @@ class _LineSearch:
     ) -> list[float]:
         """The ``count`` sums ``terms`` gives for each chunk of :math:`(\\theta_0, d, g)`, over
         the parameters' entries (this rank's shards, then all ranks' when sharded), ``CHUNK``
-        entries at a time so that the temporaries stay small, added up in float64."""
+        entries at a time so that the temporaries stay small, added up in float64. Entries whose
+        parameter is not finite are left out: with a finite loss the loss does not use them (an
+        embedding row never looked up), and their rounding does not reach it."""
         sums = torch.zeros(count, dtype=torch.float64, device=self.theta0[0].device)
         gradients = self.gradient or [None] * len(self.theta0)
         with torch.no_grad():
             for t, d, g in zip(self.theta0, self.direction, gradients, strict=True):
                 for chunk in zip(*(_flat_chunks(x, t) for x in (t, d, g)), strict=True):
-                    for i, value in enumerate(terms(*chunk)):
+                    for i, value in enumerate(terms(*_finite_entries(*chunk))):
                         sums[i] += value
         if is_sharded(self.params):
             sums = all_reduce_sum(sums)
@@ -610,7 +613,7 @@ class _LineSearch:
     def restore(self) -> None:
         copy_into(self.params, self.theta0, self.versions)
         restored = zip(self.params, self.theta0, strict=True)
-        if not all(torch.equal(local(p), local(t)) for p, t in restored):
+        if not all(bit_identical(local(p), local(t)) for p, t in restored):
             raise RuntimeError("parameters were not restored bit-identically")
 
 
@@ -620,6 +623,16 @@ def _flat_chunks(tensor: torch.Tensor | None, like: torch.Tensor) -> Sequence[to
     if tensor is None:
         return [None] * len(local(like).reshape(-1).split(CHUNK))
     return local(tensor).reshape(-1).split(CHUNK)
+
+
+def _finite_entries(
+    t: torch.Tensor, d: torch.Tensor, g: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The chunk ``(t, d, g)`` with the entries where ``t`` is not finite dropped."""
+    finite = t.isfinite()
+    if bool(finite.all()):
+        return t, d, g
+    return t[finite], d[finite], None if g is None else g[finite]
 
 
 def _wide(tensor: torch.Tensor) -> torch.Tensor:

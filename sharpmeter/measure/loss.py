@@ -239,6 +239,15 @@ class ProbeLoss:
             for handle in handles:
                 handle.remove()
 
+    def _watch_apart(self, model: nn.Module | None) -> None:
+        """For a compiled model, watch an eager forward of the first batch whose loss is thrown
+        away: the measured forwards must all run compiled, since a compiled graph draws other
+        dropout masks than eager code under the same seed (one eager forward among compiled
+        ones put a different mask under the line search's base loss)."""
+        with self._watching_outputs(), torch.no_grad():
+            index, _ = self._weighed()[0]
+            self.batch_loss(index, model)
+
     def _weighed(self) -> list[tuple[int, float]]:
         """The batches that enter the loss: a batch without loss tokens (a prompt-only
         micro-batch of completion-only training) has the mean loss 0/0 = NaN and weight 0, and
@@ -263,6 +272,9 @@ class ProbeLoss:
         try:
             # Inside the caller's autocast region torch would reuse the low-precision weights
             # it cast before the parameters moved, and keep ours for the caller: no cache.
+            with _autocast_cache(enabled=False):
+                if not self._watched and _is_compiled(self.model) and self._weighed():
+                    self._watch_apart(model)
             with (
                 self._watching_outputs() if not self._watched else contextlib.nullcontext(),
                 _autocast_cache(enabled=False),
@@ -285,6 +297,15 @@ def _autocast_cache(enabled: bool) -> Iterator[None]:
         yield
     finally:
         torch.set_autocast_cache_enabled(before)
+
+
+def _is_compiled(model: nn.Module) -> bool:
+    """Whether ``model`` or one of its modules runs through ``torch.compile`` (wrapped in an
+    ``OptimizedModule`` or compiled in place by ``Module.compile()``)."""
+    return any(
+        type(m).__name__ == "OptimizedModule" or getattr(m, "_compiled_call_impl", None)
+        for m in model.modules()
+    )
 
 
 def _eager() -> contextlib.AbstractContextManager:

@@ -106,6 +106,25 @@ def copy_into(
         set_versions(params, versions)
 
 
+_SAME_SIZE_INTEGER = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def bit_identical(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two tensors of one dtype and shape hold the same bits: a NaN equals the same NaN
+    (``torch.equal`` says a parameter holding a NaN was not written back), and -0.0 differs
+    from 0.0. Compared on ``a``'s device."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    if not a.is_floating_point() and not a.is_complex():
+        return torch.equal(a, b.to(a.device))
+    as_integers = _SAME_SIZE_INTEGER[a.element_size()]
+    a, b = a.detach(), b.detach().to(a.device)
+    if a.is_complex():
+        a, b = torch.view_as_real(a), torch.view_as_real(b)
+        as_integers = _SAME_SIZE_INTEGER[a.element_size()]
+    return torch.equal(a.view(as_integers), b.view(as_integers))
+
+
 def set_versions(tensors: Sequence[torch.Tensor], versions: Sequence[int]) -> None:
     """Put back the version counters of tensors whose values were written back bit for bit,
     so that a graph which saved them before the measurement (a training forward whose backward
