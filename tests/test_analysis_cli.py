@@ -123,7 +123,7 @@ def test_fit_command_with_too_few_sizes(tmp_path, capsys):
     write_jsonl(path, long_rows(n_checkpoints=30, sizes=SIZES[:1]))
     args = parse(["fit", str(path)])
     assert args.handler(args) == 0
-    assert "need at least 3 model sizes" in capsys.readouterr().out
+    assert "no scaling fit: needs at least 3 model sizes, got 1" in capsys.readouterr().out
     args = parse(["fit", str(path), "--plot", "--output", str(tmp_path / "x.png")])
     assert args.handler(args) == 2
 
@@ -133,8 +133,21 @@ def test_fit_command_reports_bad_input(tmp_path, capsys):
     assert args.handler(args) == 2
     path = tmp_path / "curves.jsonl"
     write_jsonl(path, long_rows(n_checkpoints=30))
-    args = parse(["fit", str(path), "--quantity", "nothing"])
+    args = parse(["fit", str(path), "--quantity", "hessian_trace"])
     assert args.handler(args) == 2
-    assert "no run to fit nothing; no finite nothing: 10M, 125M, 350M, 1.3B, 3B, 7B" in (
-        capsys.readouterr().err
+    assert (
+        "no run to fit hessian_trace; no finite hessian_trace: 10M, 125M, 350M, 1.3B, 3B, 7B"
+        in capsys.readouterr().err
     )
+
+
+def test_fit_command_refuses_a_quantity_that_is_not_sharpness(tmp_path, capsys):
+    path = tmp_path / "curves.jsonl"
+    write_jsonl(path, long_rows(n_checkpoints=30))  # logs a loss beside the sharpness
+    args = parse(["fit", str(path), "--quantity", "loss"])
+    assert args.handler(args) == 2
+    captured = capsys.readouterr()
+    assert "'loss' is not a measure of sharpness; use one of sharpness, critical_sharpness" in (
+        captured.err
+    )
+    assert "Three-phase fits" not in captured.out

@@ -54,3 +54,30 @@ def test_a_csv_ending_without_newline_after_a_whole_row_drops_only_that_row(tmp_
     path.write_text("step,value\n1,1.0\n2,2.0")
     with pytest.warns(RecordWarning, match=r"cut\.csv:3"):
         assert read_records(path) == [{"step": 1, "value": 1.0}]
+
+
+def _runs_from_csv(path, size_text):
+    from sharpmeter.paper.analysis.runs import load_runs
+
+    path.write_text(
+        "n_params,step,critical_sharpness\n" + "".join(f"{size_text},{s},1.0\n" for s in range(3))
+    )
+    return load_runs([path])
+
+
+@pytest.mark.parametrize(
+    ("text", "size"),
+    [("10K", 1e4), ("1.2M", 1.2e6), ("3B", 3e9), ("2T", 2e12), ("10k", 1e4), ("1.5m", 1.5e6)],
+)
+def test_csv_sizes_written_like_10K_load_as_model_sizes(tmp_path, text, size):
+    [run] = _runs_from_csv(tmp_path / "runs.csv", text)
+    assert run.n_params == size
+
+
+@pytest.mark.parametrize(
+    ("text", "why"),
+    [("10MB", "cannot read model size '10MB'"), ("1e9B", "'1e9B' is ambiguous"), ("-3M", "-3M")],
+)
+def test_a_bad_or_ambiguous_csv_size_names_its_value_and_file(tmp_path, text, why):
+    with pytest.raises(ValueError, match=rf"sizes\.csv:2: .*{why}"):
+        _runs_from_csv(tmp_path / "sizes.csv", text)

@@ -330,3 +330,42 @@ def test_a_curve_with_values_below_zero_is_drawn_on_a_symmetric_log_axis():
     axes.plot([0.1, 0.5, 1.0], [30.0, 22.0, 4.0])
     _value_scale(axes)
     assert axes.get_yscale() == "log"
+
+
+# Flat noise on which eq. (1)'s least-squares search runs out of evaluations (S_f off to 1e4,
+# lambda to 0): a fit that did not converge.
+UNCONVERGED = (
+    [0.044, 0.103, 0.182, 0.207, 0.226, 0.293, 0.372, 0.394, 0.428, 0.471, 0.495]
+    + [0.533, 0.575, 0.6, 0.643, 0.688, 0.759, 0.783, 0.801, 0.841, 0.889, 1.0],
+    [1.107, 0.891, 1.039, 0.965, 0.896, 0.97, 1.046, 0.969, 0.885, 1.019, 0.987]
+    + [0.926, 1.045, 0.94, 0.934, 1.051, 1.097, 1.122, 1.039, 0.968, 0.979, 1.071],
+)
+
+
+def test_a_fit_that_did_not_converge_is_not_drawn_and_the_report_says_so(tmp_path, monkeypatch):
+    from matplotlib.axes import Axes
+
+    from sharpmeter.paper.analysis import fit_three_phase
+    from sharpmeter.paper.compare import analyse_curves
+    from sharpmeter.paper.report import Figure, plot_curves, report_blocks
+
+    t, s = map(np.array, UNCONVERGED)
+    assert not fit_three_phase(t, s).converged  # the case this test is about
+    curves = {n: (run.t, run.sharpness) for n in (1e7, 1e8, 1e9) for run in [simulate_run(n)]}
+    analysis = analyse_curves({**curves, 3e9: (t, s)})
+    assert "did not converge" in analysis.phase_fits[3e9][None]
+    assert "1 fits failed" in analysis.verdicts[0].evidence
+    dotted = []
+    plot = Axes.plot
+
+    def spy(axes, *args, **kwargs):
+        if kwargs.get("linestyle") == ":":
+            dotted.append(kwargs["color"])
+        return plot(axes, *args, **kwargs)
+
+    monkeypatch.setattr(Axes, "plot", spy)
+    plot_curves(analysis, tmp_path / "curves.png", "sharpness")
+    assert len(dotted) == 3  # the three converged fits, not the fourth
+    blocks = report_blocks(analysis, [], "sharpness", 0.2, "t", [tmp_path / "a", tmp_path / "b"])
+    [curves_figure] = [b for b in blocks if isinstance(b, Figure) and b.path.name == "a"]
+    assert "No dotted line for 3B: eq. (1) has no fit there" in curves_figure.caption

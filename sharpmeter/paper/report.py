@@ -69,6 +69,7 @@ from sharpmeter.paper.compare import (
     analyse_curves,
     has_three_phases,
     multiplicity_note,
+    run_label,
     schedule_verdict,
 )
 from sharpmeter.paper.records import Record
@@ -378,7 +379,7 @@ def report_blocks(
             "raise the probe loss "
             "(left); the same curves "
             "divided by their final value, beside the paper's simulator at the same sizes "
-            "(right, dashed).",
+            "(right, dashed)." + _unfitted_note(analysis),
         ),
         "## Runs",
         _runs_table(analysis, final_fraction),
@@ -405,6 +406,23 @@ def report_blocks(
         runs, entries = [*runs, *schedules.files], entries + list(schedules.entries.values())
     blocks += ["## Files", _files_list(runs, entries)]
     return blocks
+
+
+def _unfitted_note(analysis: StudyAnalysis) -> str:
+    """Which runs the figure draws without an eq. (1) fit: a failed fit (one that did not
+    converge, too) is no fit, and a curve drawn for it would pass for one."""
+    unfitted = [
+        run_label(n, seed, fits)
+        for n, fits in analysis.phase_fits.items()
+        for seed, fit in fits.items()
+        if isinstance(fit, str)
+    ]
+    if not unfitted:
+        return ""
+    return (
+        f" No dotted line for {', '.join(unfitted)}: eq. (1) has no fit there (the "
+        "three-phase table says why)."
+    )
 
 
 def compare_blocks(analysis: StudyAnalysis, schedule: Verdict | None = None) -> list[Block]:

@@ -23,15 +23,19 @@ from pathlib import Path
 
 import numpy as np
 
-from sharpmeter.paper.analysis.curves import final_value
-from sharpmeter.paper.analysis.phases import PARAMETERS, ThreePhaseFit, fit_three_phase
+from sharpmeter.paper.analysis.curves import (
+    SHARPNESS_QUANTITIES,
+    check_sharpness_quantity,
+    final_value,
+)
+from sharpmeter.paper.analysis.phases import PARAMETERS, ThreePhaseFit, fit_three_phase_or_reason
 from sharpmeter.paper.analysis.replicates import (
     Replicates,
     Seed,
     SeedMean,
     has_replicates,
     per_run,
-    scaling_fits,
+    scaling_fits_or_reason,
     seed_means,
     seed_text,
 )
@@ -39,7 +43,6 @@ from sharpmeter.paper.analysis.runs import RunSelection, load_runs, select_runs
 from sharpmeter.paper.analysis.scaling import FitComparison, bootstrap_fit, extrapolation_error
 from sharpmeter.paper.sizes import format_size
 
-_MIN_SCALES = 3
 _PARAMETER_LABELS = {"s_p": "S_p", "s_f": "S_f", "t_p": "t_p", "lam": "lambda"}
 
 
@@ -60,7 +63,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--quantity",
         default=None,
-        help="quantity to fit (default: sharpness for long rows, critical_sharpness for wide)",
+        help=(
+            f"measure of sharpness to fit, one of {', '.join(SHARPNESS_QUANTITIES)} (default: "
+            "sharpness for long rows, critical_sharpness for wide)"
+        ),
     )
     parser.add_argument(
         "--final-fraction",
@@ -97,14 +103,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run_fit(args: argparse.Namespace) -> int:
     """Handler of ``sharpmeter fit``: 0 on success, 2 with a message on bad input."""
     try:
+        check_sharpness_quantity(args.quantity)
         selection = select_runs(
             load_runs(args.files), args.quantity, args.include_unfinished, args.final_fraction
         )
         replicates = selection.replicates(args.quantity)
         finals = per_run(replicates, lambda t, s: final_value(t, s, args.final_fraction))
-        comparison = on_means = None
-        if len(replicates) >= _MIN_SCALES:
-            comparison, on_means = scaling_fits(finals, args.level)
+        fitted = scaling_fits_or_reason(finals, args.level)
     except (OSError, ValueError) as error:
         print(f"sharpmeter fit: error: {error}", file=sys.stderr)
         return 2
@@ -113,8 +118,9 @@ def run_fit(args: argparse.Namespace) -> int:
     marks = _unfinished_marks(selection)
     _print_runs(selection)
     _print_finals(replicates, seed_means(finals, args.level), quantity, args.final_fraction, marks)
+    comparison, on_means = (None, None) if isinstance(fitted, str) else fitted
     if comparison is None:
-        print(f"\nscaling fits need at least {_MIN_SCALES} model sizes; got {len(replicates)}")
+        print(f"\n{fitted}")
     else:
         _print_scaling(comparison, args.bootstrap)
     if on_means is not None:
@@ -258,17 +264,11 @@ def _print_phases(replicates: Replicates, level: float, marks: dict[float, str])
     print(f"  {'N':>8}{header}{'S_p/S_f':>18}{'R^2':>8}")
     for n, by_seed in replicates.items():
         fits = {
-            seed: _three_phase_or_reason(t, values, level) for seed, (t, values) in by_seed.items()
+            seed: fit_three_phase_or_reason(t, values, level)
+            for seed, (t, values) in by_seed.items()
         }
         line = _phase_line(fits) if len(fits) == 1 else _seed_phase_line(fits, level)
         print(f"  {format_size(n):>8}{line}{marks.get(n, '')}")
-
-
-def _three_phase_or_reason(t: np.ndarray, values: np.ndarray, level: float) -> ThreePhaseFit | str:
-    try:
-        return fit_three_phase(t, values, level)
-    except ValueError as error:
-        return f"not fitted: {error}"
 
 
 def _phase_line(fits: dict[Seed, ThreePhaseFit | str]) -> str:
@@ -278,7 +278,7 @@ def _phase_line(fits: dict[Seed, ThreePhaseFit | str]) -> str:
         return f"  {fit}"
     cells = "".join(f"{fit.params[p]:>9.4f} {_interval(fit.ci[p]):>16}" for p in PARAMETERS)
     ratio = f"{fit.peak_to_plateau:.3f}±{fit.peak_to_plateau_se:.3f}"
-    flag = "" if fit.converged and np.isfinite(fit.stderr["t_p"]) else "  (not converged)"
+    flag = "" if np.isfinite(fit.stderr["t_p"]) else "  (t_p not identified)"
     return f"{cells}{ratio:>18}{fit.r2:>8.4f}{flag}"
 
 

@@ -24,7 +24,7 @@ import numpy as np
 from numpy.typing import ArrayLike
 from scipy import stats
 
-from sharpmeter.paper.analysis._checks import check_level, paired
+from sharpmeter.paper.analysis._checks import check_fit_scale, check_level, paired
 
 Method = Literal["pearson", "spearman"]
 
@@ -46,13 +46,16 @@ class Correlation:
 def pearson(
     x: ArrayLike, y: ArrayLike, level: float = 0.95, autocorrelated: bool = False
 ) -> Correlation:
-    """Pearson correlation with a Fisher-z interval (needs 3+ points, neither input constant).
+    """Pearson correlation with a Fisher-z interval (needs 3+ points, neither input constant,
+    each within 1e-100 to 1e100 in magnitude).
 
     >>> c = pearson([1, 2, 3, 4, 5], [1.1, 1.9, 3.2, 3.9, 5.1])
     >>> round(c.r, 4), c.ci[0] > 0.8
     (0.9964, True)
     """
     x_arr, y_arr = _check(x, y)
+    check_fit_scale("x", x_arr)  # Spearman takes ranks, which never overflow
+    check_fit_scale("y", y_arr)
     r = float(np.corrcoef(x_arr, y_arr)[0, 1])
     return _with_interval("pearson", r, x_arr, y_arr, level, autocorrelated, 1.0)
 

@@ -24,13 +24,33 @@ from typing import Any
 import numpy as np
 from numpy.typing import ArrayLike
 
-from sharpmeter.measure.schema import MEASURE_OF_COLUMN, NOT_DUE, OK
+from sharpmeter.measure.schema import MEASURE_OF_COLUMN, NOT_DUE, OK, VALUE_COLUMNS
 from sharpmeter.paper.analysis._checks import as_finite_1d, check_fraction
 from sharpmeter.paper.analysis.replicates import Curve, Curves, Replicates, group_replicates
-from sharpmeter.paper.sizes import format_size
+from sharpmeter.paper.sizes import format_size, parse_size
 
 DEFAULT_LONG_QUANTITY = "sharpness"
 DEFAULT_WIDE_QUANTITY = "critical_sharpness"
+# What the analysis may take as sharpness: the simulator's curve and each measure's value.
+SHARPNESS_QUANTITIES = (DEFAULT_LONG_QUANTITY, *VALUE_COLUMNS)
+
+
+def check_sharpness_quantity(quantity: str | None) -> str | None:
+    """``quantity`` when it is a measure of sharpness (None: the rows' default), else raise
+    ``ValueError`` listing those: the fits (eq. (1), the scaling laws) and the verdicts are
+    about sharpness, and a loss or learning-rate column read as one would answer the paper's
+    claims about something else (the loss "settles at the edge of stability", it "correlates
+    with the loss").
+
+    >>> check_sharpness_quantity("lambda_max")
+    'lambda_max'
+    """
+    if quantity is not None and quantity not in SHARPNESS_QUANTITIES:
+        raise ValueError(
+            f"{quantity!r} is not a measure of sharpness; use one of "
+            + ", ".join(SHARPNESS_QUANTITIES)
+        )
+    return quantity
 
 
 def window_size(n_points: int, fraction: float) -> int:
@@ -132,7 +152,19 @@ RunKey = tuple[float | None, Any, int | None]
 def run_key(row: Mapping[str, Any]) -> RunKey:
     """The run a row belongs to: its model size, its ``run`` name and its ``seed`` (None when
     not logged)."""
-    return finite_number(row.get("n_params")), row.get("run"), seed_of(row.get("seed"))
+    return size_of(row.get("n_params")), row.get("run"), seed_of(row.get("seed"))
+
+
+def size_of(value: Any) -> float | None:
+    """A model size as a number: a number, or text as users and the paper write sizes
+    (``"10K"``, ``"1.2M"``, ``"3B"``, any case), which a CSV cell keeps as text. None when not
+    recorded or not finite; raises ``ValueError`` naming text that is no size
+    (:func:`~sharpmeter.paper.sizes.parse_size`).
+
+    >>> size_of("1.5m"), size_of(3e9), size_of(None)
+    (1500000.0, 3000000000.0, None)
+    """
+    return parse_size(value) if isinstance(value, str) else finite_number(value)
 
 
 def run_name(n_params: float | None, run: Any) -> str:
@@ -158,7 +190,10 @@ def seed_of(value: Any) -> int | None:
 def row_problem(row: Mapping[str, Any]) -> str | None:
     """Why a row cannot be placed on a curve (no size, no position in training, a seed that is
     no integer), or None."""
-    n_params = finite_number(row.get("n_params"))
+    try:
+        n_params = size_of(row.get("n_params"))
+    except ValueError as error:
+        return f"has an n_params that is no model size: {error}"
     if n_params is None or n_params <= 0:
         return "has no positive n_params"
     if finite_number(row.get("step")) is None and finite_number(row.get("fraction")) is None:

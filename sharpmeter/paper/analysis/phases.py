@@ -19,7 +19,13 @@ import numpy as np
 from numpy.typing import ArrayLike
 from scipy import optimize, signal, stats
 
-from sharpmeter.paper.analysis._checks import as_finite_1d, check_fraction, check_level, paired
+from sharpmeter.paper.analysis._checks import (
+    as_finite_1d,
+    check_fit_scale,
+    check_fraction,
+    check_level,
+    paired,
+)
 from sharpmeter.paper.analysis.curves import tail_mean
 
 PARAMETERS = ("s_p", "s_f", "t_p", "lam")
@@ -150,10 +156,12 @@ def fit_three_phase(t: ArrayLike, s: ArrayLike, level: float = 0.95) -> ThreePha
 
     The start comes from a grid over (t_p, lambda) with (S_p, S_f) solved exactly at each node
     (the model is linear in them), so no initial guess is needed; a trust-region least squares
-    with the analytic Jacobian then refines all four. Needs at least 6 points.
+    with the analytic Jacobian then refines all four. Needs at least 6 points, of magnitude
+    within 1e-100 to 1e100 (:func:`~sharpmeter.paper.analysis._checks.check_fit_scale`).
     """
     level = check_level(level)
     t_arr, s_arr = paired("t", t, "s", s, min_points=_MIN_POINTS_FIT)
+    check_fit_scale("s", s_arr)
     if np.any(t_arr < 0):
         raise ValueError("t must be non-negative fractions of training")
     order = np.argsort(t_arr, kind="stable")
@@ -209,6 +217,23 @@ def fit_three_phase(t: ArrayLike, s: ArrayLike, level: float = 0.95) -> ThreePha
         converged=bool(result.success),
         covariance=covariance,
     )
+
+
+def fit_three_phase_or_reason(
+    t: ArrayLike, s: ArrayLike, level: float = 0.95
+) -> ThreePhaseFit | str:
+    """:func:`fit_three_phase`, or why a curve has no fit: one it cannot take (too few points,
+    a degenerate curve), or a search that stopped before it converged. The parameters of the
+    latter fit nothing (on flat noise its S_f runs off to 1e4 while lambda sinks to 0), so
+    whoever draws, tabulates or counts fits gets only fits that are one.
+    """
+    try:
+        fit = fit_three_phase(t, s, level)
+    except (ValueError, RuntimeError) as error:
+        return f"no fit: {error}"
+    if not fit.converged:
+        return "no fit: eq. (1) did not converge (its least-squares search stopped early)"
+    return fit
 
 
 def _grid_start(t: np.ndarray, s: np.ndarray, t_p_lower: float) -> np.ndarray:
@@ -359,6 +384,7 @@ __all__ = [
     "ThreePhaseFit",
     "detect_phases",
     "fit_three_phase",
+    "fit_three_phase_or_reason",
     "peak_to_plateau_ratio",
     "phase_means",
     "three_phase_curve",

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from numpy.typing import ArrayLike
 
-from sharpmeter.paper.analysis._checks import as_finite_1d, check_fraction, paired
+from sharpmeter.paper.analysis._checks import as_finite_1d, check_fit_scale, check_fraction, paired
 from sharpmeter.paper.analysis.curves import final_value, head_mean, tail_mean
 from sharpmeter.paper.analysis.replicates import Curve, Seed, as_replicates
 
@@ -86,6 +86,8 @@ def regress_final(
         raise ValueError(f"finals has {f_arr.size} entries for {n_arr.size} runs")
     if np.any(n_arr <= 0):
         raise ValueError("n_params must be positive")
+    check_fit_scale("early means", e_arr)
+    check_fit_scale("finals", f_arr)
     design = _design(e_arr, n_arr)
     coef = np.linalg.lstsq(design, f_arr, rcond=None)[0]
     rss = float(np.sum((f_arr - design @ coef) ** 2))

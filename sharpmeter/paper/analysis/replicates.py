@@ -61,6 +61,8 @@ Seed = int | None
 Curve = tuple[np.ndarray, np.ndarray]
 Curves = dict[float, Curve]  # one curve per size
 Replicates = dict[float, dict[Seed, Curve]]  # per size, smallest first, its curves by seed
+ScalingFits = tuple[FitComparison, FitComparison | None]  # on every run, on the size means
+MIN_SIZES_FOR_SCALING = 3
 
 
 @dataclass(frozen=True)
@@ -182,9 +184,7 @@ def every_point(values: Mapping[float, Mapping[Seed, float]]) -> tuple[np.ndarra
     return np.array([n for n, _ in points]), np.array([value for _, value in points])
 
 
-def scaling_fits(
-    values: Mapping[float, Mapping[Seed, float]], level: float = 0.95
-) -> tuple[FitComparison, FitComparison | None]:
+def scaling_fits(values: Mapping[float, Mapping[Seed, float]], level: float = 0.95) -> ScalingFits:
     """Both scaling forms on every run's value, and on the sizes' means when a size has several
     seeds (None otherwise: it would be the same fit). Raises ``ValueError`` as
     :func:`~sharpmeter.paper.analysis.scaling.compare_fits` does."""
@@ -193,3 +193,23 @@ def scaling_fits(
         return every_run, None
     means = seed_means(values)
     return every_run, compare_fits(list(means), [m.mean for m in means.values()], level)
+
+
+def scaling_fits_or_reason(
+    values: Mapping[float, Mapping[Seed, float]], level: float = 0.95
+) -> ScalingFits | str:
+    """:func:`scaling_fits`, or why there are none: fewer than 3 sizes, or values no fit can
+    take (not finite, not positive for the power law, too large or small to square), so that
+    whatever else is reported about the runs still is.
+
+    >>> scaling_fits_or_reason({1e7: {None: 1.0}, 1e8: {None: 0.9}})
+    'no scaling fit: needs at least 3 model sizes, got 2'
+    """
+    if len(values) < MIN_SIZES_FOR_SCALING:
+        return (
+            f"no scaling fit: needs at least {MIN_SIZES_FOR_SCALING} model sizes, got {len(values)}"
+        )
+    try:
+        return scaling_fits(values, level)
+    except ValueError as error:
+        return f"no scaling fit: {error}"

@@ -18,10 +18,15 @@ i.i.d. standard error understates the spread. :func:`robust_final` gives, over t
   between 1 (no correlation: the ordinary bootstrap) and :math:`n / 2`; the interval is
   :math:`\pm t_{n_\text{eff} - 1}` standard errors, with the AR(1) effective sample size
   :math:`n_\text{eff} = n (1 - \rho) / (1 + \rho)` (few independent points, wide quantile).
+  When every tail value is positive (sharpness, a stability ratio) it is taken on the log
+  scale, the trimmed mean times :math:`e^{\pm t \, \mathrm{se}(\ln)}`: a positive level gets
+  a positive interval (on the linear scale a skewed tail's reached below 0: 43% of log-normal
+  AR(1) tails, :math:`\sigma = 1.5, \rho = 0.8`), at the same coverage.
 
   On AR(1) noise, 40 tail points, the 95% interval covered the true level in 92%, 85% and 80%
   of trials at :math:`\rho = 0, 0.5, 0.8` (``tests/test_analysis_robust.py``), where the
-  i.i.d. mean ± 1.96 standard errors covered 90%, 71% and 46%. Strongly correlated short
+  i.i.d. mean ± 1.96 standard errors covered 90%, 71% and 46%; on log-normal AR(1) tails
+  (:math:`\sigma = 1.5`) the 20% trimmed mean's, 93%, 86% and 78%. Strongly correlated short
   tails remain under-covered: more points (a denser schedule) are the real remedy.
 
 >>> import numpy as np
@@ -90,7 +95,8 @@ def robust_final(
 
     ``trim`` in [0, 0.5) is cut from each end for the trimmed mean; the interval is the
     trimmed mean plus or minus a t quantile times the spread of ``n_boot`` moving-block
-    resamples (seeded: the same curve gives the same interval).
+    resamples (seeded: the same curve gives the same interval), on the log scale when every
+    value of the tail is positive.
     """
     t_arr = as_finite_1d("t", t)
     s_arr = as_finite_1d("s", s)
@@ -110,9 +116,10 @@ def robust_final(
     stderr, ci = math.nan, (math.nan, math.nan)
     if tail.size >= MIN_POINTS_FOR_INTERVAL:
         resampled = moving_block_resamples(tail, block, n_boot, np.random.default_rng(seed))
-        stderr = float(np.std([trimmed_mean(sample, trim) for sample in resampled], ddof=1))
-        half = float(stats.t.ppf(0.5 + level / 2, effective_n - 1)) * stderr
-        ci = (center - half, center + half)
+        boot = np.array([trimmed_mean(sample, trim) for sample in resampled])
+        stderr = float(np.std(boot, ddof=1))
+        quantile = float(stats.t.ppf(0.5 + level / 2, effective_n - 1))
+        ci = _t_interval(center, boot, quantile, positive=bool(tail.min() > 0))
     return RobustFinal(
         mean=float(tail.mean()),
         median=float(np.median(tail)),
@@ -126,6 +133,20 @@ def robust_final(
         lag1=rho,
         trim=trim,
     )
+
+
+def _t_interval(
+    center: float, boot: np.ndarray, quantile: float, positive: bool
+) -> tuple[float, float]:
+    """``center`` plus or minus ``quantile`` bootstrap standard errors, on the log scale when
+    the tail is ``positive``: a positive level then gets a positive interval, where a skewed
+    tail (a spike, a log-normal spread) would push a symmetric one below 0, and the interval
+    leans the way the skew does, as it should."""
+    if not positive:
+        half = quantile * float(np.std(boot, ddof=1))
+        return center - half, center + half
+    half = quantile * float(np.std(np.log(boot), ddof=1))
+    return center * math.exp(-half), center * math.exp(half)
 
 
 def trimmed_mean(values: np.ndarray, trim: float) -> float:

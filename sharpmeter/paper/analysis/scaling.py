@@ -28,7 +28,7 @@ import numpy as np
 from numpy.typing import ArrayLike
 from scipy import stats
 
-from sharpmeter.paper.analysis._checks import as_finite_1d, check_level, paired
+from sharpmeter.paper.analysis._checks import as_finite_1d, check_fit_scale, check_level, paired
 
 NUM_COEFFICIENTS = 2
 
@@ -191,6 +191,7 @@ def fit_power_law(n_params: ArrayLike, values: ArrayLike, level: float = 0.95) -
 def _fit(cls: type[ScalingFit], n_params: ArrayLike, values: ArrayLike, level: float):
     level = check_level(level)
     n_arr, v_arr = paired("n_params", n_params, "values", values, min_points=3)
+    check_fit_scale("values", v_arr)  # RSS, R^2 and AIC are on their scale, for both forms
     _positive("n_params", n_arr)
     if cls is PowerLawFit and np.any(v_arr <= 0):
         raise ValueError("a power law needs positive values (it fits ln S)")
