@@ -81,3 +81,24 @@ def test_csv_sizes_written_like_10K_load_as_model_sizes(tmp_path, text, size):
 def test_a_bad_or_ambiguous_csv_size_names_its_value_and_file(tmp_path, text, why):
     with pytest.raises(ValueError, match=rf"sizes\.csv:2: .*{why}"):
         _runs_from_csv(tmp_path / "sizes.csv", text)
+
+
+def test_a_rewrite_that_fails_midway_leaves_the_old_file_whole(tmp_path):
+    """The file is replaced whole: a rewrite stopped by a row it cannot write (as by a full disk
+    or a kill) used to leave the first rows of the new file, which read back as fewer runs."""
+    path = tmp_path / "curves.jsonl"
+    old = [{"run": "a", "step": s, "value": 1.0} for s in range(3)]
+    write_records(path, old)
+    with pytest.raises(TypeError):
+        write_records(path, [{"run": "b", "step": 0}, {"run": "b", "step": 1, "value": object()}])
+    assert read_records(path) == old
+    assert [p.name for p in tmp_path.iterdir()] == ["curves.jsonl"]
+
+
+def test_csv_run_names_are_read_as_written(tmp_path):
+    """Run names that look like numbers or booleans stay text: runs 007 and 7 stay apart."""
+    path = tmp_path / "runs.csv"
+    path.write_text("run,step,value,count\n007,1,2.0,1_000\n7,1,3.0,5\nTrue,1,4.0,6\n")
+    rows = read_records(path)
+    assert [row["run"] for row in rows] == ["007", "7", "True"]
+    assert [row["count"] for row in rows] == ["1_000", 5, 6]

@@ -21,10 +21,14 @@ import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
+from sharpmeter.measure.files import atomic_write_text
+
 Value = str | int | float | bool | None
 Record = dict[str, Value]
 
 FORMATS = (".jsonl", ".csv")
+# Names, read from a CSV as written: runs "007" and "7", or one named "True", stay apart.
+TEXT_COLUMNS = frozenset({"run"})
 
 
 class RecordWarning(UserWarning):
@@ -33,7 +37,9 @@ class RecordWarning(UserWarning):
 
 
 def write_records(path: str | Path, rows: Iterable[Mapping[str, Value]]) -> None:
-    """Write ``rows`` to ``path``, JSONL or CSV by its extension (the file is replaced).
+    """Write ``rows`` to ``path``, JSONL or CSV by its extension. The file is replaced whole
+    (written beside it, then renamed): a full disk or a kill leaves the old file as it was,
+    not a prefix of the new one that reads back as fewer runs.
 
     CSV gets the union of the rows' keys as its header, in first-seen order; a key a row lacks
     is left empty and reads back as ``None``.
@@ -41,14 +47,15 @@ def write_records(path: str | Path, rows: Iterable[Mapping[str, Value]]) -> None
     path = Path(path)
     suffix = _suffix(path)
     rows = [dict(row) for row in rows]
-    with path.open("w", newline="" if suffix == ".csv" else None, encoding="utf-8") as f:
-        if suffix == ".jsonl":
-            f.writelines(json.dumps(row) + "\n" for row in rows)
-            return
+    text = io.StringIO(newline="" if suffix == ".csv" else None)
+    if suffix == ".jsonl":
+        text.writelines(json.dumps(row) + "\n" for row in rows)
+    else:
         header = list(dict.fromkeys(key for row in rows for key in row))
-        writer = csv.DictWriter(f, fieldnames=header)
+        writer = csv.DictWriter(text, fieldnames=header)
         writer.writeheader()
         writer.writerows(rows)
+    atomic_write_text(path, text.getvalue())
 
 
 def read_records(path: str | Path) -> list[Record]:
@@ -116,9 +123,7 @@ def _numbered_csv_rows(path: Path) -> list[tuple[int, Record]]:
             raise ValueError(
                 f"{path}:{reader.line_num}: {len(cells)} cells, the header has {len(header)}"
             )
-        rows.append(
-            (reader.line_num, {k: _parse_cell(v) for k, v in zip(header, cells, strict=True)})
-        )
+        rows.append((reader.line_num, {k: _cell(k, v) for k, v in zip(header, cells, strict=True)}))
     return rows
 
 
@@ -147,11 +152,19 @@ def _suffix(path: Path) -> str:
     return suffix
 
 
+def _cell(column: str, text: str) -> Value:
+    if column in TEXT_COLUMNS:
+        return text or None
+    return _parse_cell(text)
+
+
 def _parse_cell(text: str | None) -> Value:
     if text is None or text == "":
         return None
     if text in ("True", "False"):
         return text == "True"
+    if "_" in text:  # Python's int and float read "1_000" as 1000; no CSV writer means that
+        return text
     for parse in (int, float):
         try:
             return parse(text)
