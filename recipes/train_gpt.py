@@ -12,7 +12,12 @@ The second line runs two CPU ranks over gloo (the config's ``use_cpu: true`` pic
 ``<output_dir>/sharpness.jsonl`` and, with ``report_to: wandb``, into a W&B run in the same
 folder (offline without a key: ``wandb sync <output_dir>/wandb/offline-run-*``). A run owns
 its output_dir while it trains: a second one started there stops with one line naming the lock
-(``<output_dir>/sharpmeter.lock``); under ``accelerate launch`` every rank stops.
+(``<output_dir>/sharpmeter.lock``); under ``accelerate launch`` every rank stops. A folder
+holding a finished run with other settings is refused too (remove its
+``sharpmeter_run.json`` to replace it); a rerun there moves the earlier JSONL aside
+(``sharpness.1.jsonl``).
+``--resume_from_checkpoint`` takes a checkpoint folder, or ``true`` for the last one in
+output_dir.
 """
 
 import sys
@@ -20,7 +25,7 @@ import sys
 from sharpmeter.harness.config import parse_config
 from sharpmeter.harness.data import CorpusError
 from sharpmeter.harness.runlock import RunLockedError
-from sharpmeter.harness.train import DoneMarkerError, train_gpt
+from sharpmeter.harness.train import DoneMarkerError, FinishedRunError, train_gpt
 
 
 def main(argv: list[str]) -> None:
@@ -30,9 +35,10 @@ def main(argv: list[str]) -> None:
         sys.exit(f"train_gpt.py: error: {error}")
     try:
         jsonl = train_gpt(model_args, data_args, sharpness_args, training_args)
-    # The output folder is taken and the corpus read before any training: one line too; so is
-    # a training that finished but could not be marked (the message says how to recover).
-    except (CorpusError, RunLockedError, DoneMarkerError) as error:
+    # The output folder is taken (and its finished run kept) and the corpus read before any
+    # training: one line too; so is a training that finished but could not be marked (the
+    # message says how to recover).
+    except (CorpusError, RunLockedError, FinishedRunError, DoneMarkerError) as error:
         sys.exit(f"train_gpt.py: error: {error}")
     if training_args.process_index == 0:
         print(f"sharpness curve: {jsonl}")

@@ -22,7 +22,7 @@ from google.protobuf.message import DecodeError
 
 import sharpmeter as sm
 from sharpmeter.integrations.accelerate import AcceleratedMeter, AccumulationWarning
-from sharpmeter.measure.sinks import SinkWarning, WandbSink
+from sharpmeter.measure.sinks import JsonlLockedError, SinkWarning, WandbSink
 
 EXAMPLES = Path(__file__).parent.parent / "examples"
 KEYS = ("loss", "critical_sharpness", "lambda_max", "hessian_trace")
@@ -72,6 +72,60 @@ def test_the_metadata_holds_the_planned_steps_and_whether_the_loop_ended(tmp_pat
 def test_a_planned_length_that_is_no_positive_integer_is_refused(tmp_path, max_steps):
     with pytest.raises(ValueError, match="max_steps must be a positive integer"):
         AcceleratedMeter(OneProcess(), float64_gpt2(), {}, max_steps=max_steps)
+
+
+def linear_loop(path: Path, steps: range, resume_step: int | None = None) -> AcceleratedMeter:
+    """A least-squares loop measured every 5 steps into ``path``; the meter, left open."""
+    torch.manual_seed(0)
+    x, y = torch.randn(16, 4), torch.randn(16, 1)
+    model = torch.nn.Linear(4, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+
+    def loss_fn(model, batch):
+        return torch.nn.functional.mse_loss(model(batch[0]), batch[1])
+
+    meter = AcceleratedMeter(
+        OneProcess(),
+        model,
+        (x, y),
+        jsonl_path=path,
+        loss_fn=loss_fn,
+        measures=("critical",),
+        schedule=sm.Schedule(every=5),
+        resume_step=resume_step,
+    )
+    for step in steps:
+        loss_fn(model, (x, y)).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        meter.step(step, optimizer)
+    return meter
+
+
+def test_a_loop_resumed_with_resume_step_keeps_the_rows_before_it(tmp_path):
+    path = tmp_path / "run" / "sharpness.jsonl"
+    killed = linear_loop(path, range(1, 23))  # checkpoint after step 20, killed at 22
+    del killed  # the process is gone: its lock with it
+    resumed = linear_loop(path, range(21, 31), resume_step=20)
+    resumed.close()
+    steps = [json.loads(line)["step"] for line in path.read_text().splitlines()]
+    assert steps == [5, 10, 15, 20, 25, 30]
+    assert json.loads((tmp_path / "run" / "sharpness.meta.json").read_text())["finished"]
+
+
+def test_a_second_meter_on_a_live_meters_file_is_refused(tmp_path):
+    path = tmp_path / "run" / "sharpness.jsonl"
+    first = linear_loop(path, range(1, 11))
+    with pytest.raises(JsonlLockedError, match="different output_dir"):
+        linear_loop(path, range(1, 3))
+    first.close()
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [5, 10]
+
+
+@pytest.mark.parametrize("resume_step", [-1, 2.0, True])
+def test_a_resume_step_that_is_no_step_is_refused(tmp_path, resume_step):
+    with pytest.raises(ValueError, match="resume_step must be a step"):
+        AcceleratedMeter(OneProcess(), float64_gpt2(), {}, resume_step=resume_step)
 
 
 @pytest.mark.slow

@@ -217,3 +217,40 @@ def n_params(size: str) -> int:
 def test_bad_study_keys_raise_a_clear_error(tmp_path, text, message):
     with pytest.raises(ValueError, match=message):
         parse_config([write(tmp_path, "sizes: [tiny, small]\n" + text)], STUDY_ARGUMENTS, ())
+
+
+@pytest.mark.parametrize(
+    "text, types, message",
+    [
+        ("size: tiny\nmax_steps: 1e3\n", RUN_ARGUMENTS, "max_steps: invalid int value: '1e3'"),
+        ("size: tiny\nevery: true\n", RUN_ARGUMENTS, "every: invalid int value: 'true'"),
+        ("seeds: [0, 0.5]\n", STUDY_ARGUMENTS, "seeds: invalid int value: '0.5'"),
+        ("sizes: [[tiny]]\n", STUDY_ARGUMENTS, r"sizes takes a list of plain values"),
+    ],
+)
+def test_a_value_of_the_wrong_type_is_one_line_naming_the_file_and_key(
+    tmp_path, text, types, message
+):
+    path = write(tmp_path, text)
+    with pytest.raises(ValueError, match=f"^{path}: {message}") as bad:
+        parse_config([path], types, ())
+    assert "\n" not in str(bad.value)
+
+
+def test_a_bad_value_given_on_the_command_line_is_named_so(tmp_path):
+    path = write(tmp_path, "size: tiny\nmax_steps: 10\n")
+    with pytest.raises(ValueError, match="^the command line: max_steps: invalid int value"):
+        parse_config([path, "--max-steps", "1e3"])
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("per_device_train_batch_size: 0\n", "per_device_train_batch_size must be an integer >= 1"),
+        ("gradient_accumulation_steps: 0\n", "gradient_accumulation_steps must be an integer >= 1"),
+        ("output_dir: ''\n", "output_dir must name a folder, got ''"),
+    ],
+)
+def test_values_that_make_no_run_are_refused_before_training(tmp_path, text, message):
+    with pytest.raises(ValueError, match=message):
+        parse_config([write(tmp_path, "size: tiny\n" + text)])

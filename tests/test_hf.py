@@ -9,6 +9,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import time
 from pathlib import Path
@@ -35,7 +36,8 @@ import sharpmeter as sm
 from sharpmeter.integrations import hf
 from sharpmeter.integrations.hf import SharpnessCallback, summary_line
 from sharpmeter.measure.rng import fork_rng
-from sharpmeter.measure.sinks import SinkWarning, WandbSink
+from sharpmeter.measure.schema import RUN_FILE
+from sharpmeter.measure.sinks import JsonlLockedError, SinkWarning, WandbSink
 
 KEYS = ("critical_sharpness", "hessian_trace", "lambda_max")
 
@@ -376,7 +378,8 @@ def test_resume_from_a_checkpoint_elsewhere_keeps_the_warm_start(tmp_path):
     first.train()
     moved = tmp_path / "elsewhere" / "saved"
     shutil.copytree(tmp_path / "a" / "out" / f"{PREFIX_CHECKPOINT_DIR}-10", moved)
-    uninterrupted = read_rows(tmp_path / "a" / "out" / "sharpness.jsonl")[2:]
+    # The head (4, 8) is copied from the first run's file, which the checkpoint names.
+    uninterrupted = read_rows(tmp_path / "a" / "out" / "sharpness.jsonl")
     for restore in (False, True):
         folder = tmp_path / f"restore_{restore}"
         second = make_trainer(
@@ -388,10 +391,52 @@ def test_resume_from_a_checkpoint_elsewhere_keeps_the_warm_start(tmp_path):
         SharpnessCallback.attach(second, **options)
         second.train(resume_from_checkpoint=str(moved))
         resumed = read_rows(folder / "out" / "sharpness.jsonl")
-        assert [r["step"] for r in resumed] == [r["step"] for r in uninterrupted] == [12, 16, 20]
+        assert [r["step"] for r in resumed] == [r["step"] for r in uninterrupted]
+        assert [r["step"] for r in resumed] == [4, 8, 12, 16, 20]
         for a, b in zip(uninterrupted, resumed):
             assert a["critical_num_forward"] == b["critical_num_forward"]
             assert a["critical_sharpness"] == b["critical_sharpness"]
+
+
+def test_resume_from_another_folders_checkpoint_starts_with_that_runs_rows(tmp_path):
+    """The new folder's curve is whole: the rows up to the checkpoint come from the file of
+    the run that saved it, with a warning naming the checkpoint; when that file is gone, the
+    warning says the curve lacks its head. The metadata records where the run came from."""
+    options = {"schedule": sm.Schedule(every=4), "measures": ("critical",)}
+    first = make_trainer(tmp_path / "a", max_steps=20, save_strategy="steps", save_steps=10)
+    SharpnessCallback.attach(first, **options)
+    first.train()
+    checkpoint = str(tmp_path / "a" / "out" / f"{PREFIX_CHECKPOINT_DIR}-10")
+    for folder, message, steps in (
+        ("b", "rows up to step 8 were copied", [4, 8, 12, 16, 20]),
+        ("c", "no rows up to step 8 were found", [12, 16, 20]),
+    ):
+        if folder == "c":
+            (tmp_path / "a" / "out" / RUN_FILE).rename(tmp_path / "a" / "kept.jsonl")
+        second = make_trainer(tmp_path / folder, max_steps=20, resume_from_checkpoint=checkpoint)
+        SharpnessCallback.attach(second, **options)
+        with pytest.warns(RuntimeWarning, match=f"{re.escape(checkpoint)}.*{message}"):
+            second.train(resume_from_checkpoint=checkpoint)
+        assert [r["step"] for r in read_rows(tmp_path / folder / "out" / RUN_FILE)] == steps
+        assert read_metadata(second)["resumed_from"] == checkpoint
+        assert read_metadata(second)["resumed_at_step"] == 10
+
+
+def test_a_callback_trained_again_takes_its_file_anew_and_a_second_writer_is_refused(tmp_path):
+    trainer = make_trainer(tmp_path, max_steps=4)
+    callback = SharpnessCallback.attach(trainer, schedule=sm.Schedule(every=2))
+    trainer.add_callback(Crash(step=3))
+    with pytest.raises(RuntimeError, match="crashed"):
+        trainer.train()  # its sink is left open, holding the file
+    other = make_trainer(tmp_path, max_steps=4)
+    SharpnessCallback.attach(other, schedule=sm.Schedule(every=2))
+    with pytest.raises(JsonlLockedError, match="different output_dir"):
+        other.train()
+    trainer.remove_callback(Crash)
+    with pytest.warns(RuntimeWarning, match=r"sharpness\.jsonl -> sharpness\.1\.jsonl"):
+        trainer.train()
+    assert callback.sink is not None
+    assert [r["step"] for r in read_rows(tmp_path / "out" / RUN_FILE)] == [2, 4]
 
 
 @pytest.mark.parametrize("disable_tqdm", [False, True])

@@ -19,8 +19,8 @@ import torch.distributed as dist
 from conftest import FLOCK_HOLDER, RUN_HOLDER
 from ranks import run_on_ranks
 
-from sharpmeter.harness import runlock
 from sharpmeter.harness.runlock import LOCK_NAME, RunLock, RunLockedError, rank_zero_lock
+from sharpmeter.measure import files
 
 HOST = socket.gethostname()
 
@@ -128,8 +128,8 @@ def test_a_lock_released_between_open_and_flock_is_taken_at_its_new_file(tmp_pat
         locked.append(descriptor)
         real_flock(descriptor, operation)
 
-    real_flock = runlock.flock
-    monkeypatch.setattr(runlock, "flock", release_first_then_flock)
+    real_flock = files.flock
+    monkeypatch.setattr(files, "flock", release_first_then_flock)
     with RunLock.acquire(tmp_path) as second:
         assert len(locked) == 2  # the removed file, then the one the path names now
         assert os.path.samestat(os.stat(second.path), os.fstat(second.descriptor))
@@ -142,7 +142,7 @@ def test_a_filesystem_that_cannot_lock_runs_unlocked_with_a_warning(tmp_path, mo
     def no_locks(descriptor: int, operation: int) -> None:
         raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
 
-    monkeypatch.setattr(runlock, "flock", no_locks)
+    monkeypatch.setattr(files, "flock", no_locks)
     folder = tmp_path / "run"
     warning = f"{re.escape(str(folder))} cannot be locked .*two runs started there would mix"
     with pytest.warns(RuntimeWarning, match=warning):

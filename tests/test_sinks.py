@@ -15,6 +15,7 @@ import errno
 import gc
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -24,11 +25,19 @@ from pathlib import Path
 import pytest
 import wandb
 import wandb_records
+from conftest import FLOCK_HOLDER
 from google.protobuf.message import DecodeError
 from wandb.sdk.lib import wbauth
 
 from sharpmeter.measure import files, sinks
-from sharpmeter.measure.sinks import JsonlSink, Sink, SinkWarning, WandbSink, wandb_mode
+from sharpmeter.measure.sinks import (
+    JsonlLockedError,
+    JsonlSink,
+    Sink,
+    SinkWarning,
+    WandbSink,
+    wandb_mode,
+)
 
 META = {"run": "r1", "n_params": 7, "seed": 0}
 STARTED = {**META, "finished": False}  # the metadata a sink writes until the run ends normally
@@ -145,16 +154,24 @@ def test_full_disk_leaves_no_torn_line(tmp_path, monkeypatch, truncate_fails):
     assert all(row["run"] == "r1" for row in rows)
 
 
-def test_failed_metadata_write_keeps_the_old_file(tmp_path, monkeypatch):
+def test_failed_metadata_write_leaves_no_earlier_metadata_describing_the_run(tmp_path, monkeypatch):
     disk = DiskFull(monkeypatch, ".tmp")
     path = tmp_path / "sharpness.jsonl"
     meta_path = tmp_path / "sharpness.meta.json"
-    JsonlSink(path, META)
+    JsonlSink(path, META).close()
     disk.full = True
-    with pytest.warns(SinkWarning, match=r"sharpness\.meta\.json.*No space left"):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         sink = JsonlSink(path, {**META, "run": "r2"})
-    assert json.loads(meta_path.read_text()) == STARTED
-    assert [p.name for p in tmp_path.iterdir()] == [meta_path.name]  # no temporary file left
+    messages = [str(w.message) for w in caught]
+    assert any("sharpness.meta.json -> sharpness.1.meta.json" in m for m in messages)
+    assert any(re.search(r"sharpness\.meta\.json.*No space left", m) for m in messages)
+    assert not meta_path.exists()  # the earlier run's, moved aside whole
+    assert json.loads((tmp_path / "sharpness.1.meta.json").read_text()) == STARTED
+    assert sorted(p.name for p in tmp_path.iterdir()) == [  # no temporary file left
+        "sharpness.1.meta.json",
+        "sharpness.jsonl",
+    ]
 
     disk.full = False
     with pytest.warns(SinkWarning, match="1 pending rows written"):
@@ -162,12 +179,12 @@ def test_failed_metadata_write_keeps_the_old_file(tmp_path, monkeypatch):
     assert json.loads(meta_path.read_text())["run"] == "r2"
 
 
-def test_failed_first_metadata_write_leaves_no_empty_file(tmp_path, monkeypatch):
+def test_failed_first_metadata_write_leaves_no_metadata_file(tmp_path, monkeypatch):
     disk = DiskFull(monkeypatch, ".tmp")
     disk.full = True
     with pytest.warns(SinkWarning, match="meta"):
         JsonlSink(tmp_path / "sharpness.jsonl", META)
-    assert list(tmp_path.iterdir()) == []
+    assert [p.name for p in tmp_path.iterdir()] == ["sharpness.jsonl"]  # held, empty
 
 
 def test_close_reports_the_rows_it_could_not_write(tmp_path, monkeypatch):
@@ -188,6 +205,80 @@ def test_resume_drops_later_rows_and_a_torn_line(tmp_path):
     sink = JsonlSink(path, resume_step=1)
     sink.write({"step": 2})
     assert [row["step"] for row in rows_of(path)] == [0, 1, 2]
+
+
+def test_a_second_live_writer_is_refused_and_the_first_keeps_its_rows(tmp_path):
+    path = tmp_path / "sharpness.jsonl"
+    first = JsonlSink(path, META)
+    first.write({"step": 10})
+    with pytest.raises(JsonlLockedError, match=f"{re.escape(str(path))}.*different output_dir"):
+        JsonlSink(path, {**META, "run": "r2"})
+    first.write({"step": 20})
+    first.close()
+    assert [row["step"] for row in rows_of(path)] == [10, 20]
+    assert json.loads((tmp_path / "sharpness.meta.json").read_text())["run"] == "r1"
+    JsonlSink(path, META, resume_step=20).close()  # closed: the file is free again
+
+
+def test_a_writer_in_another_process_is_refused_until_it_ends(tmp_path, hold):
+    path = tmp_path / "sharpness.jsonl"
+    holder = hold(FLOCK_HOLDER, str(path), json.dumps({"step": 5}) + "\n")
+    with pytest.raises(JsonlLockedError, match="another live sharpmeter writer"):
+        JsonlSink(path, META)
+    assert rows_of(path) == [{"step": 5}]
+    holder.kill()
+    holder.wait()
+    with pytest.warns(RuntimeWarning, match=r"sharpness\.jsonl -> sharpness\.1\.jsonl"):
+        JsonlSink(path, META, resume_step=None).write({"step": 1})
+    assert rows_of(tmp_path / "sharpness.1.jsonl") == [{"step": 5}]
+
+
+def test_an_earlier_runs_files_are_moved_aside_not_truncated(tmp_path):
+    path = tmp_path / "sharpness.jsonl"
+    for run, steps in (("r1", [10, 20]), ("r2", [5])):
+        sink = JsonlSink(path, {**META, "run": run})
+        for step in steps:
+            sink.write({"step": step})
+        sink.mark_finished()
+        sink.close()
+    with pytest.warns(RuntimeWarning) as caught:
+        sink = JsonlSink(path)  # no metadata: the earlier one must not describe this run
+    (warning,) = [str(w.message) for w in caught]
+    assert "sharpness.jsonl -> sharpness.2.jsonl" in warning
+    assert "sharpness.meta.json -> sharpness.2.meta.json" in warning
+    sink.write({"step": 1})
+    sink.close()
+    assert [row["step"] for row in rows_of(tmp_path / "sharpness.1.jsonl")] == [10, 20]
+    assert [row["step"] for row in rows_of(tmp_path / "sharpness.2.jsonl")] == [5]
+    assert json.loads((tmp_path / "sharpness.2.meta.json").read_text())["run"] == "r2"
+    assert rows_of(path) == [{"step": 1}]
+    assert not (tmp_path / "sharpness.meta.json").exists()
+
+
+def test_resume_elsewhere_starts_with_the_rows_of_the_checkpoints_run(tmp_path):
+    earlier = tmp_path / "a" / "sharpness.jsonl"
+    earlier.parent.mkdir()
+    earlier.write_text("".join(json.dumps({"step": s}) + "\n" for s in (4, 8, 12)))
+    path = tmp_path / "b" / "sharpness.jsonl"
+    sink = JsonlSink(path, META, resume_step=8, resume_rows_from=earlier)
+    sink.write({"step": 12})
+    assert sink.resumed_rows == 2
+    assert [row["step"] for row in rows_of(path)] == [4, 8, 12]
+    assert [row["step"] for row in rows_of(earlier)] == [4, 8, 12]  # read, never changed
+    sink.close()
+    again = JsonlSink(path, META, resume_step=8, resume_rows_from=earlier)  # rows kept first
+    assert again.resumed_rows == 2 and [row["step"] for row in rows_of(path)] == [4, 8]
+
+
+def test_numpy_scalars_and_non_finite_values_at_any_depth_are_strict_json(tmp_path):
+    np = pytest.importorskip("numpy")
+    path = tmp_path / "sharpness.jsonl"
+    sink = JsonlSink(path)
+    nan, inf = float("nan"), float("inf")
+    sink.write({"step": np.int64(3), "a": np.float32(1.5), "b": [1.0, nan], "c": {"x": -inf}})
+    line = path.read_text()
+    assert "NaN" not in line and "Infinity" not in line
+    assert json.loads(line) == {"step": 3, "a": 1.5, "b": [1.0, None], "c": {"x": None}}
 
 
 def test_atomic_write_syncs_the_text_before_the_rename_and_the_folder_after(tmp_path, monkeypatch):
@@ -238,7 +329,8 @@ def test_the_metadata_says_finished_only_once_the_run_is_marked_so(tmp_path, mon
     with pytest.warns(SinkWarning, match="writes .* again"):
         sink.close()
     assert json.loads(meta_path.read_text()) == {**META, "finished": True}
-    assert [p.name for p in tmp_path.iterdir()] == [meta_path.name]  # no temporary file left
+    # no temporary file left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sharpness.jsonl", meta_path.name]
 
 
 def test_rows_pending_when_a_sink_is_dropped_unclosed_are_reported_lost(tmp_path, monkeypatch):

@@ -17,7 +17,7 @@ from sharpmeter.harness import study
 from sharpmeter.harness.commands import run_study_command
 from sharpmeter.harness.runlock import LOCK_NAME
 from sharpmeter.harness.study import parse_study
-from sharpmeter.harness.train import DONE_FILE, run_config
+from sharpmeter.harness.train import DONE_FILE, resume_checkpoint, run_config
 from sharpmeter.paper.analysis import compare_fits, curves_from_records, tail_mean
 from sharpmeter.paper.analysis.runs import load_runs
 from sharpmeter.paper.compare import schedule_verdict
@@ -120,6 +120,30 @@ def finish_without_training(out: Path, config: dict | None = None) -> Path:
     marker.parent.mkdir(parents=True)
     marker.write_text(json.dumps(config if config is not None else run_config(*arguments)))
     return marker
+
+
+def test_a_study_resumes_each_run_from_its_own_checkpoints_never_from_a_path(tmp_path):
+    """One checkpoint given to every run would start seed 1 from seed 0's weights."""
+    out = tmp_path / "study"
+    checkpoint = out / "tiny" / "seed0" / "checkpoint-50"
+    with pytest.raises(ValueError, match=r"resume_from_checkpoint .*'true'.*not a path"):
+        parse_study(
+            study_arguments(out, "--seeds", "0", "1", "--resume_from_checkpoint", str(checkpoint))
+        )
+    checkpoint.mkdir(parents=True)
+    config = parse_study(
+        study_arguments(out, "--seeds", "0", "1", "--resume_from_checkpoint", "true")
+    )
+    assert [resume_checkpoint(run.training) for run in config.runs()] == [str(checkpoint), None]
+
+
+def test_a_quantity_that_is_no_logged_column_is_refused_before_training(tmp_path):
+    with pytest.raises(
+        ValueError, match=r"'critical_sharpnes' .* did you mean 'critical_sharpness'"
+    ):
+        parse_study(study_arguments(tmp_path, "--quantity", "critical_sharpnes"))
+    assert not tmp_path.joinpath("tiny").exists()
+    assert parse_study(study_arguments(tmp_path, "--quantity", "loss")).study.quantity == "loss"
 
 
 def test_logging_options_do_not_make_a_finished_run_another_one(tmp_path):

@@ -172,6 +172,7 @@ class FakeTrainer:
 
     def __init__(self, model, args, train_dataset) -> None:
         type(self).built += 1
+        self.model = model
         self.args = args
         self.callback_handler = SimpleNamespace(callbacks=[])
 
@@ -179,6 +180,7 @@ class FakeTrainer:
         pass
 
     def train(self, resume_from_checkpoint=None) -> None:
+        type(self).resumed_from = resume_from_checkpoint
         if self.failure is not None:
             raise self.failure
 
@@ -189,6 +191,7 @@ def no_training(monkeypatch):
     monkeypatch.setattr(train, "Trainer", FakeTrainer)
     monkeypatch.setattr(FakeTrainer, "built", 0)
     monkeypatch.setattr(FakeTrainer, "failure", None)
+    monkeypatch.setattr(FakeTrainer, "resumed_from", None, raising=False)
     return FakeTrainer
 
 
@@ -215,7 +218,7 @@ def test_the_done_marker_is_written_whole_or_not_at_all(tmp_path, no_training, m
     assert (
         f"{out / 'sharpness.jsonl'} is intact" in message and str(out / train.DONE_FILE) in message
     )
-    assert "copy the JSONL aside to keep it, free space and rerun" in message
+    assert "free space and rerun" in message
     assert os.listdir(out) == []  # no marker, no temporary file (and no lock)
     monkeypatch.undo()
     monkeypatch.setattr(train, "Trainer", FakeTrainer)
@@ -266,7 +269,11 @@ def test_a_finished_folder_trained_again_has_no_marker_until_it_finishes(tmp_pat
     out = tmp_path / "run"
     train.train_gpt(*run_arguments(out, *QUICK), dataset=TOY_DATA)
     assert is_finished(out, train.run_config(*run_arguments(out, *QUICK)))
-    changed = run_arguments(out, *QUICK, "--learning_rate", "0.5")  # the caller's choice
+    changed = run_arguments(out, *QUICK, "--learning_rate", "0.5")
+    with pytest.raises(train.FinishedRunError, match=r"other settings \(learning_rate\)"):
+        train.train_gpt(*changed, dataset=TOY_DATA)  # kept: replacing it must be asked for
+    assert no_training.built == 1 and (out / train.DONE_FILE).is_file()
+    (out / train.DONE_FILE).unlink()  # the caller's choice
     no_training.failure = RuntimeError("killed midway")
     with pytest.raises(RuntimeError, match="killed midway"):
         train.train_gpt(*changed, dataset=TOY_DATA)
@@ -274,6 +281,53 @@ def test_a_finished_folder_trained_again_has_no_marker_until_it_finishes(tmp_pat
     no_training.failure = None
     train.train_gpt(*changed, dataset=TOY_DATA)
     assert is_finished(out, train.run_config(*changed))
+
+
+def test_the_recipe_refuses_to_replace_a_finished_run_in_one_line(tmp_path, no_training):
+    out = tmp_path / "run"
+    train.train_gpt(*run_arguments(out, *QUICK), dataset=TOY_DATA)
+    done = launch([sys.executable], out, *QUICK, "--report_to", "none", "--learning_rate", "0.5")
+    assert done.returncode != 0 and "Traceback" not in done.stderr
+    [line] = done.stderr.strip().splitlines()
+    assert "other settings (learning_rate)" in line and f"remove {out / train.DONE_FILE}" in line
+
+
+def test_resume_true_is_the_runs_own_last_checkpoint(tmp_path, no_training):
+    out = tmp_path / "run"
+    train.train_gpt(*run_arguments(out, *QUICK, "--resume_from_checkpoint", "true"), TOY_DATA)
+    assert no_training.resumed_from is None  # no checkpoint yet: from scratch
+    for step in (5, 10):
+        (out / f"{PREFIX_CHECKPOINT_DIR}-{step}").mkdir()
+    train.train_gpt(*run_arguments(out, *QUICK, "--resume_from_checkpoint", "True"), TOY_DATA)
+    assert no_training.resumed_from == str(out / f"{PREFIX_CHECKPOINT_DIR}-10")
+
+
+def test_a_run_started_over_moves_the_earlier_attempts_wandb_runs_aside(tmp_path, no_training):
+    """A killed attempt's offline W&B run must not be synced beside the new one's."""
+    out = tmp_path / "run"
+    killed = out / "wandb" / "offline-run-20250101_000000-abc"
+    killed.mkdir(parents=True)
+    (out / f"{PREFIX_CHECKPOINT_DIR}-5").mkdir()
+    resumed = run_arguments(out, *QUICK, "--resume_from_checkpoint", "true")
+    train.train_gpt(*resumed, dataset=TOY_DATA)
+    assert killed.is_dir()  # a resumed run continues that attempt
+    (out / train.DONE_FILE).unlink()
+    train.train_gpt(*run_arguments(out, *QUICK), dataset=TOY_DATA)
+    assert not killed.exists() and (out / "wandb" / "earlier" / killed.name).is_dir()
+
+
+def test_a_full_disk_at_the_heldout_loss_is_one_line(tmp_path, no_training, monkeypatch):
+    def disk_full(output_dir, model, blocks):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(train, "write_heldout_loss", disk_full)
+    blocks = SimpleNamespace(vocab_size=256, split_tail=lambda count: (TOY_DATA, TOY_DATA))
+    out = tmp_path / "run"
+    with pytest.raises(train.DoneMarkerError) as failed:
+        train.train_gpt(*run_arguments(out, *QUICK, "--heldout_blocks", "1"), dataset=blocks)
+    message = str(failed.value)
+    assert "\n" not in message and str(out / train.HELDOUT_FILE) in message
+    assert "No space left" in message and not (out / train.DONE_FILE).exists()
 
 
 def exit_code_in_wandb(out: Path) -> int:

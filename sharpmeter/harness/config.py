@@ -16,14 +16,17 @@ transformers' ``HfArgumentParser`` reads them::
 A config file that is not YAML, a key the dataclasses do not know, a missing required key
 (``size``), an unknown model size, a block longer than the model's positions, a corpus path
 that does not exist (or a folder without ``.txt`` files), a learning rate or ``max_steps``
-that is not positive, an ``output_dir`` that cannot be written, a probe too large for memory,
-a Hessian-vector-product measure on a model FSDP will shard: each is a one-line ValueError
+that is not positive, a batch size below 1, a value of the wrong type (``max_steps: 1e3``,
+``every: true``, named with its key and the file or command line it came from), a list of
+lists, an ``output_dir`` that is empty or cannot be written, a probe too large for memory, a
+Hessian-vector-product measure on a model FSDP will shard: each is a one-line ValueError
 before any training starts. (The corpus itself is read later, still before training: see
 :class:`sharpmeter.harness.data.CorpusError`.)
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import math
@@ -272,7 +275,8 @@ def parse_config(
     config_args: list[str] = []
     nulls: set[str] = set()
     source = "the command line"
-    parser = HfArgumentParser(dataclass_types)
+    # A value argparse cannot read raises instead of printing the whole usage and exiting.
+    parser = HfArgumentParser(dataclass_types, exit_on_error=False)
     if argv and argv[0].endswith((".yaml", ".yml")):
         source = argv[0]
         config_args, nulls = yaml_as_arguments(Path(argv.pop(0)), dataclass_types, parser)
@@ -280,13 +284,26 @@ def parse_config(
     if missing:
         raise ValueError(f"missing config key(s) {missing} in {source} (or give --{missing[0]})")
     # A ValueError from a dataclass check is re-raised as is: it names the bad value.
-    parsed = parser.parse_args_into_dataclasses(args=config_args + argv, look_for_args_file=False)
+    try:
+        parsed = parser.parse_args_into_dataclasses(
+            args=config_args + argv, look_for_args_file=False
+        )
+    except argparse.ArgumentError as error:
+        raise ValueError(_argument_error_message(error, source, argv)) from None
     parsed = tuple(_set_none(arguments, nulls - _flag_names(argv)) for arguments in parsed)
     _check_fsdp_measures(parsed)
     _check_preconditioned_optimizer(parsed)
     _check_training(parsed)
     _check_probe_memory(parsed)
     return parsed
+
+
+def _argument_error_message(error: argparse.ArgumentError, source: str, argv: list[str]) -> str:
+    """argparse's complaint about one value in one line, naming where the value came from (the
+    command line when it gives the key, else the config file) and its key."""
+    key = (error.argument_name or "").split("/")[0].removeprefix("--").replace("-", "_")
+    where = "the command line" if key in _flag_names(argv) else source
+    return f"{where}: {key}: {error.message}" if key else f"{where}: {error.message}"
 
 
 def _flag_names(args: Iterable[str]) -> set[str]:
@@ -378,7 +395,12 @@ def _check_training(parsed: Sequence[Any]) -> None:
             f"max_steps must be positive (-1, the default, trains num_train_epochs instead), "
             f"got {training.max_steps}"
         )
+    # 0 would fail in the dataloader or the Trainer's first step, long after the checks.
+    for name in ("per_device_train_batch_size", "gradient_accumulation_steps"):
+        check_positive_int(name, getattr(training, name))
     if training.output_dir is not None:
+        if not training.output_dir.strip():
+            raise ValueError("output_dir must name a folder, got ''")
         _check_writable_folder(training.output_dir)
 
 
@@ -500,6 +522,8 @@ def yaml_as_arguments(
             items = [json.dumps(value)]
         elif isinstance(value, list):
             items = written[key]
+            if any(isinstance(item, (list, dict)) for item in value):
+                raise ValueError(f"{path}: {key} takes a list of plain values, got {value}")
             if len(items) > 1 and key not in multi_valued:
                 raise ValueError(f"{path}: {key} takes one value, got {len(items)}: {value}")
         else:

@@ -22,7 +22,6 @@ waiting in their first collective.
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import os
 import socket
@@ -33,18 +32,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-try:
-    from fcntl import LOCK_EX, LOCK_NB, flock
-except ImportError:  # Windows: no flock, so acquire warns and runs unlocked
-    LOCK_EX = LOCK_NB = 0
-
-    def flock(descriptor: int, operation: int) -> None:
-        raise OSError(errno.ENOSYS, "this platform has no flock")
-
+from sharpmeter.measure.files import CANNOT_LOCK, names, open_locked
 
 LOCK_NAME = "sharpmeter.lock"
-# What flock fails with where the filesystem cannot lock at all (some network or FUSE mounts).
-_CANNOT_LOCK = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS}
 
 
 class RunLockedError(RuntimeError):
@@ -141,7 +131,7 @@ class RunLock:
             try:
                 # Removed before it is unlocked: once unlocked, the path may name the next run's
                 # lock. The check spares one that replaced ours by hand.
-                if _names(self.path, self.descriptor):
+                if names(self.path, self.descriptor):
                     self.path.unlink()
             finally:
                 os.close(self.descriptor)
@@ -202,53 +192,42 @@ def _from_rank_zero(value: str | None) -> str | None:
 
 def _lock(path: Path) -> int | None:
     """A descriptor open on ``path`` holding its flock, this process written in it (None,
-    warned: the filesystem cannot lock)."""
-    while True:
-        descriptor = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
-        try:
-            taken = _take(descriptor, path)
-        except OSError as error:
-            os.close(descriptor)
-            if error.errno not in _CANNOT_LOCK:
-                raise
-            with contextlib.suppress(OSError):  # no file that claims a folder nobody holds
-                path.unlink()
-            warnings.warn(
-                f"sharpmeter: {path.parent} cannot be locked ({error.strerror}); running "
-                "without a lock: two runs started there would mix their outputs",
-                RuntimeWarning,
-                stacklevel=3,
-            )
-            return None
-        except BaseException:
-            os.close(descriptor)
-            raise
-        if taken:
-            return descriptor
-        # Its owner removed it between our open and our flock: lock the file there now.
-        os.close(descriptor)
-
-
-def _take(descriptor: int, path: Path) -> bool:
-    """Locks the lock file open as ``descriptor`` and writes this process in it; False: the
-    file was removed before it was locked, so locking it guards nothing.
+    warned: the filesystem cannot lock).
 
     Raises:
         RunLockedError: another open file (another run) holds its lock.
     """
     try:
-        flock(descriptor, LOCK_EX | LOCK_NB)
+        descriptor = open_locked(path)
     except BlockingIOError:
-        owner = LockOwner.from_text(os.pread(descriptor, 65536, 0).decode(errors="replace"))
-        raise RunLockedError(_refusal(path, owner)) from None
-    if not _names(path, descriptor):
-        return False
+        raise RunLockedError(_refusal(path, _owner_named_in(path))) from None
+    except OSError as error:
+        if error.errno not in CANNOT_LOCK:
+            raise
+        with contextlib.suppress(OSError):  # no file that claims a folder nobody holds
+            path.unlink()
+        warnings.warn(
+            f"sharpmeter: {path.parent} cannot be locked ({error.strerror}); running "
+            "without a lock: two runs started there would mix their outputs",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return None
     try:
         _write_owner(descriptor)
     except BaseException:
         path.unlink()  # held, so ours: a full disk leaves no file in a folder the run made
+        os.close(descriptor)
         raise
-    return True
+    return descriptor
+
+
+def _owner_named_in(path: Path) -> LockOwner | None:
+    """The owner a held lock file names (None: unreadable, or its owner is writing it)."""
+    try:
+        return LockOwner.from_text(path.read_text(errors="replace"))
+    except OSError:
+        return None
 
 
 def _write_owner(descriptor: int) -> None:
@@ -259,14 +238,6 @@ def _write_owner(descriptor: int) -> None:
     while written < len(data):
         written += os.pwrite(descriptor, data[written:], written)
     os.fsync(descriptor)
-
-
-def _names(path: Path, descriptor: int) -> bool:
-    """Whether ``path`` names the file open as ``descriptor``."""
-    try:
-        return os.path.samestat(os.stat(path), os.fstat(descriptor))
-    except FileNotFoundError:
-        return False
 
 
 def _refusal(path: Path, owner: LockOwner | None) -> str:

@@ -7,6 +7,8 @@ options that cannot change the numbers (logging, checkpoints: see ``_NOT_SHAPING
 :mod:`sharpmeter.harness.train`) may differ on the rerun. A study owns its ``output_dir`` while
 it runs: a second one started there is refused in one line (:mod:`sharpmeter.harness.runlock`).
 The report (:mod:`sharpmeter.paper.report`) is computed from the logged JSONL files alone.
+``resume_from_checkpoint: true`` resumes each unfinished run from the last checkpoint in its own
+folder (a path is refused: every run would start from that one run's weights).
 
 With ``seeds: [0, 1, 2]`` each size trains once per seed, into ``<output_dir>/<size>/seed<k>``,
 and the report takes the runs of one size as replicates. A replicate is another initialisation
@@ -29,6 +31,7 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,11 +49,15 @@ from sharpmeter.harness.config import (
     parse_config,
 )
 from sharpmeter.harness.runlock import rank_zero_lock
-from sharpmeter.harness.train import is_finished, load_data, run_config, train_gpt
+from sharpmeter.harness.train import RESUME_LAST, is_finished, load_data, run_config, train_gpt
 from sharpmeter.measure.measures import measure_of
+from sharpmeter.measure.meter import ROW_COLUMNS
+from sharpmeter.measure.schema import MEASURE_COLUMNS, VALUE_COLUMNS
 from sharpmeter.paper.report import ReportFiles, write_report
 
 MIN_MEASUREMENTS = 10
+# What a study may report: every numeric column of a row.
+LOGGED_COLUMNS = sorted({*ROW_COLUMNS, *(c for cols in MEASURE_COLUMNS.values() for c in cols)})
 
 
 class RunArguments(NamedTuple):
@@ -135,7 +142,9 @@ def parse_study(argv: Sequence[str]) -> StudyConfig:
     config = StudyConfig(*parse_config(argv, STUDY_ARGUMENTS, required=("output_dir", "max_steps")))
     if config.model.size is not None:
         raise ValueError("a study names its model sizes in 'sizes', not 'size'")
+    _check_resume(config.training.resume_from_checkpoint)
     quantity, measures = config.study.quantity, config.sharpness.measures
+    _check_quantity(quantity)
     needed = measure_of(quantity)
     if needed is not None and needed not in measures:
         raise ValueError(
@@ -153,6 +162,27 @@ def parse_study(argv: Sequence[str]) -> StudyConfig:
     for arguments in config.runs():
         arguments.finished()
     return config
+
+
+def _check_resume(given: str | None) -> None:
+    """A study resumes each run from its own checkpoints: one checkpoint path given to every
+    run would start the others from that run's weights (replicates that are not)."""
+    if given is not None and given.strip().lower() != RESUME_LAST:
+        raise ValueError(
+            f"resume_from_checkpoint {given!r}: a study resumes each of its runs from its own "
+            f"checkpoints; give {RESUME_LAST!r} (each unfinished run resumes from the last "
+            "checkpoint in its folder, or starts from scratch), not a path"
+        )
+
+
+def _check_quantity(quantity: str) -> None:
+    """The reported quantity must be a column the meter logs: a typo would be found only by
+    the report, after every size has trained."""
+    if quantity in LOGGED_COLUMNS:
+        return
+    close = difflib.get_close_matches(quantity, LOGGED_COLUMNS, n=3)
+    hint = f"did you mean {' or '.join(map(repr, close))}?" if close else f"one of {VALUE_COLUMNS}"
+    raise ValueError(f"quantity {quantity!r} is not a column the meter logs: {hint}")
 
 
 def run_study(config: StudyConfig) -> ReportFiles | None:

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 from transformers import Trainer, TrainingArguments, set_seed
+from transformers.trainer_utils import get_last_checkpoint
 
 from sharpmeter.harness.config import DataArguments, ModelArguments, SharpnessArguments
 from sharpmeter.harness.data import TokenBlocks, lm_dataset
@@ -29,6 +30,12 @@ from sharpmeter.integrations.hf import SharpnessCallback
 from sharpmeter.measure.files import atomic_write_text
 from sharpmeter.measure.schema import DONE_FILE, HELDOUT_FILE, RUN_FILE
 from sharpmeter.measure.sinks import start_wandb_run
+
+# ``resume_from_checkpoint: true``: resume from the run's own last checkpoint (if any).
+RESUME_LAST = "true"
+# Where the W&B runs of earlier attempts go when a run starts again from scratch: out of
+# ``wandb/*run-*``, which ``wandb sync`` and the report read.
+EARLIER_WANDB_RUNS = Path("wandb") / "earlier"
 
 # TrainingArguments that cannot change a run's numbers (its weights, its measurements): a
 # finished run is compared without them, so changing one does not train it again. Only what
@@ -103,10 +110,17 @@ def train_gpt(
     meanwhile raises :class:`~sharpmeter.harness.runlock.RunLockedError` on every rank, before
     anything is read or written. A done marker an earlier run left there is removed first and
     written again only when this training ends normally, so that a run killed midway is never
-    taken for finished.
+    taken for finished. A finished run with other settings is not replaced unless its marker
+    is removed (:data:`DONE_FILE`); an earlier run's JSONL is moved aside
+    (``sharpness.1.jsonl``), and so are the W&B runs of an attempt started over from scratch
+    (into ``wandb/earlier/``). ``resume_from_checkpoint`` is a checkpoint folder (anywhere), or
+    ``true``: the last checkpoint in ``output_dir``, if any (else training starts from scratch).
 
     Raises:
-        DoneMarkerError: training finished but its marker could not be written (a full disk).
+        FinishedRunError: ``output_dir`` holds a finished run with other settings, or a done
+            marker that cannot be read (one line; before anything is written).
+        DoneMarkerError: training finished but its held-out loss or its marker could not be
+            written (a full disk).
     """
     if model_args.size is None:
         raise ValueError("model_args.size is required: name a model size")
@@ -123,11 +137,16 @@ def _train_in_owned_folder(
     dataset: TokenBlocks | None,
 ) -> Path:
     """:func:`train_gpt` once its output folder is this run's alone."""
+    config = run_config(model_args, data_args, sharpness_args, training_args)
+    _refuse_to_replace_another_finished_run(training_args.output_dir, config)
+    checkpoint = resume_checkpoint(training_args)
     if training_args.process_index == 0:
-        # Before the callback truncates the JSONL: the old run's marker (and held-out loss)
-        # must not outlive it.
+        # Before the callback opens the JSONL: the old run's marker (and held-out loss) must
+        # not outlive it, nor the W&B run of an attempt this one starts over.
         for name in (DONE_FILE, HELDOUT_FILE):
             (Path(training_args.output_dir) / name).unlink(missing_ok=True)
+        if checkpoint is None:
+            _move_earlier_wandb_runs_aside(training_args.output_dir)
     if dataset is None:
         dataset = load_data(data_args, model_args.block_size, training_args)
     heldout = None
@@ -143,14 +162,13 @@ def _train_in_owned_folder(
         dropout=model_args.dropout,
         attn_implementation=model_args.attn_implementation,
     )
-    config = run_config(model_args, data_args, sharpness_args, training_args)
     _start_wandb(training_args, config)
 
     trainer = Trainer(model=model, args=training_args, train_dataset=dataset)
     SharpnessCallback.attach(trainer, options=sharpness_args.meter_options())
     exit_code = 1  # what W&B records for a run that raised
     try:
-        trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+        trainer.train(resume_from_checkpoint=checkpoint)
         exit_code = 0
     except KeyboardInterrupt:
         exit_code = 255  # wandb's own code for an interrupted run
@@ -159,11 +177,47 @@ def _train_in_owned_folder(
         _finish_wandb(exit_code)
     jsonl = Path(training_args.output_dir) / RUN_FILE
     if training_args.process_index == 0:
-        # Before the done marker: a finished run always has its held-out loss.
-        if heldout is not None:
-            write_heldout_loss(training_args.output_dir, trainer.model, heldout)
-        _mark_done(training_args.output_dir, config, jsonl)
+        _write_end_files(training_args.output_dir, config, jsonl, trainer.model, heldout)
     return jsonl
+
+
+def resume_checkpoint(training_args: TrainingArguments) -> str | None:
+    """What the run resumes from: ``resume_from_checkpoint`` as given (a checkpoint folder,
+    anywhere), or for ``true`` the last checkpoint in the run's own ``output_dir`` (None: it
+    has none yet, and the run starts from scratch)."""
+    given = training_args.resume_from_checkpoint
+    if given is None or given.strip().lower() != RESUME_LAST:
+        return given
+    folder = training_args.output_dir
+    return get_last_checkpoint(folder) if os.path.isdir(folder) else None
+
+
+class FinishedRunError(ValueError):
+    """The output folder holds a finished run that training there would replace: one with
+    other settings, or a marker that cannot be read."""
+
+
+def _refuse_to_replace_another_finished_run(output_dir: str, config: dict[str, Any]) -> None:
+    """:func:`is_finished`'s refusal, with how to replace the run on purpose (every rank reads
+    the marker, so every rank refuses)."""
+    try:
+        is_finished(output_dir, config)
+    except FinishedRunError as error:
+        marker = Path(output_dir) / DONE_FILE
+        raise FinishedRunError(f"{error} (to replace it, remove {marker})") from None
+
+
+def _move_earlier_wandb_runs_aside(output_dir: str) -> None:
+    """A run started again from scratch (after a kill) must not leave the killed attempt's
+    W&B run where ``wandb sync <output_dir>/wandb/*run-*`` would upload it beside this one's:
+    it goes to :data:`EARLIER_WANDB_RUNS`, kept."""
+    earlier = [path for path in Path(output_dir).glob("wandb/*run-*") if path.is_dir()]
+    if not earlier:
+        return
+    aside = Path(output_dir) / EARLIER_WANDB_RUNS
+    aside.mkdir(parents=True, exist_ok=True)
+    for path in earlier:
+        os.replace(path, aside / path.name)
 
 
 # Blocks per forward when the held-out loss is taken: a few MB of activations at these sizes.
@@ -200,21 +254,33 @@ def write_heldout_loss(output_dir: str | Path, model: torch.nn.Module, blocks: T
 
 
 class DoneMarkerError(OSError):
-    """Training finished, but the marker saying so could not be written (a full disk)."""
+    """Training finished, but a file of its end (the held-out loss, the marker saying it
+    finished) could not be written (a full disk)."""
 
 
-def _mark_done(output_dir: str | Path, config: dict[str, Any], jsonl: Path) -> None:
-    """:func:`write_done_marker`, failing in one line that says what is safe and what is not:
-    without the marker the next run trains this one again and rewrites its JSONL."""
-    try:
-        write_done_marker(output_dir, config)
-    except OSError as error:
-        raise DoneMarkerError(
-            f"training finished and {jsonl} is intact, but the run marker "
-            f"{Path(output_dir) / DONE_FILE} could not be written ({error}); copy the JSONL "
-            "aside to keep it, free space and rerun: the run is then trained again and its "
-            "JSONL rewritten"
-        ) from error
+def _write_end_files(
+    output_dir: str | Path,
+    config: dict[str, Any],
+    jsonl: Path,
+    model: torch.nn.Module,
+    heldout: TokenBlocks | None,
+) -> None:
+    """The held-out loss (when blocks were held out), then the done marker (a finished run
+    always has its held-out loss), each failing in one line that says what is safe and what
+    is not: without the marker the next run trains this one again."""
+    writes = [(DONE_FILE, lambda: write_done_marker(output_dir, config))]
+    if heldout is not None:
+        writes.insert(0, (HELDOUT_FILE, lambda: write_heldout_loss(output_dir, model, heldout)))
+    for name, write in writes:
+        try:
+            write()
+        except OSError as error:
+            raise DoneMarkerError(
+                f"training finished and {jsonl} is intact, but {Path(output_dir) / name} "
+                f"could not be written ({error}), so the run is not marked finished; free "
+                "space and rerun: the run is then trained again, its JSONL moved aside "
+                "(sharpness.1.jsonl)"
+            ) from error
 
 
 def write_done_marker(output_dir: str | Path, config: dict[str, Any]) -> Path:
@@ -247,7 +313,7 @@ def is_finished(output_dir: str | Path, config: dict[str, Any]) -> bool:
     """Whether ``output_dir`` holds a run finished with ``config``.
 
     Raises:
-        ValueError: it holds a finished run with another config (reusing it would report
+        FinishedRunError: it holds a finished run with another config (reusing it would report
             numbers of a run that is not the one asked for), or a marker that cannot be read
             (one line naming it: removing it trains the run again).
     """
@@ -259,7 +325,7 @@ def is_finished(output_dir: str | Path, config: dict[str, Any]) -> bool:
     done = {k: v for k, v in done.items() if k not in _NOT_SHAPING}
     changed = sorted(k for k in config.keys() | done.keys() if config.get(k) != done.get(k))
     if changed:
-        raise ValueError(
+        raise FinishedRunError(
             f"{output_dir} holds a finished run with other settings ({', '.join(changed)}); "
             "use another output_dir or remove it"
         )
@@ -279,7 +345,7 @@ def _read_done_marker(path: Path) -> dict[str, Any]:
         if isinstance(done, dict):
             return done
         problem = f"it holds a JSON {type(done).__name__}, not an object"
-    raise ValueError(
+    raise FinishedRunError(
         f"the run marker {path} cannot be read ({problem}): remove it to train this run again"
     )
 

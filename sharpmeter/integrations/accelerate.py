@@ -18,6 +18,15 @@ Example (``accelerate launch --multi_gpu --num_processes 2 train.py``)::
         meter.step(step, optimizer)     # measures when the schedule says so
     meter.close()                       # the metadata then says the run finished
 
+Resuming from a checkpoint saved after step ``k`` (``accelerator.load_state``), pass
+``resume_step=k``: the rows up to ``k`` stay and the curve goes on from there (without it the
+rerun is a new run, and the earlier file is moved aside to ``sharpness.1.jsonl``)::
+
+    accelerator.load_state("runs/a/checkpoint-200")
+    meter = AcceleratedMeter(accelerator, model, probe_batch, jsonl_path=..., resume_step=200)
+    for step, batch in enumerate(loader, start=201):
+        ...
+
 With ``probe="train"`` there is no probe batch: each row is measured on the step's own batch
 (this rank's; under gradient accumulation the list of its micro-batches) along the update the
 optimizer is about to make from the step's gradient, so ``step`` goes between the backward
@@ -83,9 +92,19 @@ class AcceleratedMeter:
             over the whole axis (without it, ``t = s / last step logged``).
         optimizer: the loop's optimizer, to refuse at once one a measure cannot follow (the
             ``preconditioned`` measure needs Adam) instead of failing every row.
+        resume_step: when the loop resumes from a checkpoint (``accelerator.load_state``)
+            saved after step ``resume_step``, the rows up to it are kept and those the
+            stopped run measured after it are dropped (the resumed loop measures them again),
+            so the curve goes on without a gap or a duplicate. Without it the file is a new
+            run's: an earlier run's rows are moved aside (``sharpness.1.jsonl``), never mixed
+            in. The meter's warm start is not in the checkpoint: the first row after the
+            resume starts cold, which costs a few forwards, never a wrong number.
         options: a :class:`~sharpmeter.measure.options.MeterOptions` (default: its defaults).
         **changes: :class:`~sharpmeter.measure.options.MeterOptions` fields that override
             ``options``.
+
+    Raises:
+        JsonlLockedError: another live writer (another meter, process) holds ``jsonl_path``.
     """
 
     def __init__(
@@ -99,11 +118,14 @@ class AcceleratedMeter:
         run_name: str | None = None,
         max_steps: int | None = None,
         optimizer: Any = None,
+        resume_step: int | None = None,
         options: MeterOptions | None = None,
         **changes: Any,
     ) -> None:
         if max_steps is not None and (not _is_int(max_steps) or max_steps <= 0):
             raise ValueError(f"max_steps must be a positive integer, got {max_steps!r}")
+        if resume_step is not None and (not _is_int(resume_step) or resume_step < 0):
+            raise ValueError(f"resume_step must be a step (an integer >= 0), got {resume_step!r}")
         self.accelerator = accelerator
         unwrapped = accelerator.unwrap_model(model)
         options = resolve_options(options, changes)
@@ -126,8 +148,9 @@ class AcceleratedMeter:
                 run=run_name or os.path.basename(os.path.dirname(jsonl_path) or "."),
                 world_size=accelerator.num_processes,
                 max_steps=max_steps,
+                **({} if resume_step is None else {"resumed_at_step": resume_step}),
             )
-            self.jsonl = JsonlSink(jsonl_path, metadata)
+            self.jsonl = JsonlSink(jsonl_path, metadata, resume_step=resume_step)
             if wandb:
                 self.wandb_sink = WandbSink(name=run_name)
 

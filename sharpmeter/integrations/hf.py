@@ -39,7 +39,15 @@ timeout with a :class:`~sharpmeter.measure.distributed.CollectiveError` saying s
 Options are checked when the callback is made, without building anything; the probe's loss and
 the optimizer when training begins. Warm starts and the schedule position travel in the
 checkpoint's ``trainer_state.json`` and are restored on resume, wherever the checkpoint lies;
-the JSONL curve then goes on without duplicate steps. With
+the JSONL curve then goes on without duplicate steps. A run resumed in another folder (or with
+another ``jsonl_path``) starts its file with the rows up to the checkpoint of the run that saved
+it, copied from the JSONL file that run wrote (the checkpoint records it), with a
+``RuntimeWarning`` naming the checkpoint (``args.resume_from_checkpoint``, when set) and the
+file; when that file is gone, the warning says the curve lacks its head. The metadata records
+``resumed_from`` and ``resumed_at_step``. The JSONL file is the callback's
+alone while it trains: a second live writer on it is refused when training begins
+(:class:`~sharpmeter.measure.sinks.JsonlLockedError`), and a file a finished or dead earlier run
+left is moved aside (``sharpness.1.jsonl``), never truncated. With
 ``restore_callback_states_from_checkpoint=True`` the Trainer logs "Checkpoint included
 callbacks not included in current configuration. Ignoring. (sharpmeter)": harmless, the meter
 reads its state itself (see :data:`STATE_KEY`). Checkpoints of sharpmeter versions that wrote
@@ -122,6 +130,9 @@ PREFIX = "sharpness/"
 # probe batch, the loss function, the schedule and the binding to the trainer (none is JSON).
 # The Trainer then logs that it ignores "sharpmeter"; on_train_begin reads the state itself.
 STATE_KEY = "sharpmeter"
+# In that state: the JSONL file the run that saved the checkpoint wrote, so that a run resumed
+# from it in another folder starts its file with that run's rows.
+ROWS_KEY = "jsonl"
 # The console line: these columns, when the row has them, with their quality.
 SUMMARY = (
     ("critical_sharpness", None, "critical"),
@@ -167,6 +178,7 @@ class SharpnessCallback(TrainerCallback):
         ValueError: at once for a misspelled or bad option; when training begins for a probe
             whose forward gives no loss (or none can be drawn), or an optimizer a measure
             cannot follow.
+        JsonlLockedError: when training begins, another live writer holds the JSONL file.
         CollectiveError: under data parallelism, when a collective fails: another rank is
             stopped, hung or dead (noticed after ``args.ddp_timeout``, which the callback
             applies to the process group when training begins).
@@ -192,6 +204,7 @@ class SharpnessCallback(TrainerCallback):
         self.run_name = run_name
         self.meter: SharpnessMeter | None = None
         self.sink: JsonlSink | None = None
+        self._rows_path: Path | None = None  # where this training's rows go
         self.trainer: Trainer | None = None
         self._wandb: WandbSink | None = None  # set up on the first row that finds a W&B run
         self._logging = LoggingFailures()
@@ -255,19 +268,53 @@ class SharpnessCallback(TrainerCallback):
         saved = state.stateful_callbacks.get(STATE_KEY)
         if state.global_step > 0 and saved:
             self.meter.load_state_dict(saved)
+        self._rows_path = Path(self.jsonl_path or Path(args.output_dir) / RUN_FILE).absolute()
         self._publish_state(state)
         if state.is_world_process_zero:
-            path = self.jsonl_path or Path(args.output_dir) / RUN_FILE
-            run = self.run_name or args.run_name or Path(args.output_dir).name
-            # max_steps: the planned length, so analysis can tell an unfinished run.
-            metadata = run_metadata(
-                model,
-                run=run,
-                seed=args.seed,
-                probe_seed=self.options.probe_seed,
-                max_steps=state.max_steps,
-            )
-            self.sink = JsonlSink(path, metadata, resume_step=self._resumed_after(state, saved))
+            earlier = saved.get(ROWS_KEY) if state.global_step > 0 and saved else None
+            self._open_sink(args, state, model, self._resumed_after(state, saved), earlier)
+
+    def _open_sink(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        model,
+        resume_step: int | None,
+        earlier: str | None,
+    ) -> None:
+        """The JSONL sink of this training, its metadata saying where a resumed run came from;
+        ``earlier`` is the JSONL the checkpoint's run wrote (None: not recorded in it).
+
+        Raises:
+            JsonlLockedError: another live writer holds the file (before the first step)."""
+        if self.sink is not None:
+            self.sink.close()  # trained again: the file is taken anew, by this training
+        run = self.run_name or args.run_name or Path(args.output_dir).name
+        resumed: dict[str, Any] = {}
+        checkpoint = None
+        if state.global_step > 0:
+            checkpoint = resumed_checkpoint(args, state.global_step)
+            resumed = {
+                "resumed_from": None if checkpoint is None else str(checkpoint),
+                "resumed_at_step": state.global_step,
+            }
+        # max_steps: the planned length, so analysis can tell an unfinished run.
+        metadata = run_metadata(
+            model,
+            run=run,
+            seed=args.seed,
+            probe_seed=self.options.probe_seed,
+            max_steps=state.max_steps,
+            **resumed,
+        )
+        # A checkpoint of another run: its rows up to the resume start this file.
+        if earlier is None and checkpoint is not None:
+            earlier = checkpoint.parent / RUN_FILE
+        self.sink = JsonlSink(
+            self._rows_path, metadata, resume_step=resume_step, resume_rows_from=earlier
+        )
+        if resume_step is not None:
+            _report_resumed_head(self.sink, checkpoint, state.global_step, resume_step)
 
     def _resumed_after(self, state: TrainerState, saved: Any) -> int | None:
         """The last row the checkpoint resumed from had taken (the rows after it, which the
@@ -469,7 +516,8 @@ class SharpnessCallback(TrainerCallback):
         return control
 
     def _publish_state(self, state: TrainerState) -> None:
-        state.stateful_callbacks[STATE_KEY] = self.meter.state_dict()
+        rows = {ROWS_KEY: str(self._rows_path)}  # where a run resumed elsewhere finds its head
+        state.stateful_callbacks[STATE_KEY] = {**self.meter.state_dict(), **rows}
 
     def _log(self, row: dict[str, Any], state: TrainerState, control: TrainerControl) -> None:
         """Send a row's numbers to the loggers; one that raises never stops training
@@ -544,6 +592,39 @@ def ddp_timeout(args: TrainingArguments) -> timedelta | None:
         return None
     delta = getattr(args, "ddp_timeout_delta", None)
     return delta if isinstance(delta, timedelta) else timedelta(seconds=args.ddp_timeout)
+
+
+def resumed_checkpoint(args: TrainingArguments, step: int) -> Path | None:
+    """The checkpoint folder a run resumed at ``step`` came from, as far as the callback can
+    tell (the Trainer does not hand it over): ``args.resume_from_checkpoint`` when it names a
+    folder, else the output folder's own checkpoint of that step; None when neither exists."""
+    for candidate in (args.resume_from_checkpoint, Path(args.output_dir) / f"checkpoint-{step}"):
+        if isinstance(candidate, (str, Path)) and Path(candidate).is_dir():
+            return Path(candidate)
+    return None
+
+
+def _report_resumed_head(
+    sink: JsonlSink, checkpoint: Path | None, step: int, resume_step: int
+) -> None:
+    """Warns when the rows up to the resume are not this file's own: copied from the
+    checkpoint's run, or missing (the curve then starts after the resume)."""
+    if sink.resumed_rows is None or sink.resumed_rows_from == sink.path:
+        return  # the run's own rows are kept (or the file cannot be written yet)
+    origin = (
+        f"checkpoint {checkpoint}" if checkpoint is not None else f"a checkpoint of step {step}"
+    )
+    if sink.resumed_rows_from is not None:
+        done = f"its {sink.resumed_rows} rows up to step {resume_step} were copied from "
+        done += f"{sink.resumed_rows_from}"
+    else:
+        done = (
+            f"no rows up to step {resume_step} were found for it, so the curve in {sink.path} "
+            "starts after the resume (its metadata records resumed_from)"
+        )
+    warnings.warn(
+        f"sharpmeter: training resumed from {origin}; {done}", RuntimeWarning, stacklevel=4
+    )
 
 
 def summary_line(row: dict[str, Any]) -> str:

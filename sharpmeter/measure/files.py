@@ -1,4 +1,4 @@
-"""Files written whole or not at all.
+"""Files written whole or not at all, and files one process at a time writes.
 
 A crash, a kill or a full disk midway through a write must leave the old file (or none), never
 an empty or torn one that every later read trips over: the bytes go to a temporary file in the
@@ -9,16 +9,36 @@ Example::
 
     atomic_write_text("runs/tiny/sharpmeter_run.json", json.dumps(config))
     atomic_write(path, lambda handle: np.save(handle, ids))
+
+A file that one writer at a time may own (a run folder's lock, a JSONL file of rows) is held by
+:func:`open_locked`: the kernel's exclusive ``flock`` on an open file, which goes when the
+holder ends however it ends (``kill -9`` included), so a file a dead writer left is simply
+taken again::
+
+    descriptor = open_locked(path)   # BlockingIOError: another open file holds it
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import secrets
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
+
+try:
+    from fcntl import LOCK_EX, LOCK_NB, flock
+except ImportError:  # Windows: no flock, so callers go on unlocked
+    LOCK_EX = LOCK_NB = 0
+
+    def flock(descriptor: int, operation: int) -> None:
+        raise OSError(errno.ENOSYS, "this platform has no flock")
+
+
+# What flock fails with where the filesystem cannot lock at all (some network or FUSE mounts).
+CANNOT_LOCK = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS}
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], object]) -> None:
@@ -66,3 +86,37 @@ def _fsync_folder(folder: Path) -> None:
             os.fsync(descriptor)
         finally:
             os.close(descriptor)
+
+
+def open_locked(path: str | os.PathLike) -> int:
+    """A read-write descriptor on ``path`` (created when missing) holding its exclusive
+    ``flock``; closing it releases the lock.
+
+    Raises:
+        BlockingIOError: another open file (another process, or another holder in this one)
+            holds the lock.
+        OSError: the file cannot be opened, or cannot be locked (``errno`` in
+            :data:`CANNOT_LOCK`: the filesystem has no locks; the caller decides whether to go
+            on unlocked).
+    """
+    path = Path(path)
+    while True:
+        descriptor = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
+        try:
+            flock(descriptor, LOCK_EX | LOCK_NB)
+        except BaseException:
+            os.close(descriptor)
+            raise
+        if names(path, descriptor):
+            return descriptor
+        # Its holder removed or renamed it between our open and our flock: lock the file
+        # the path names now.
+        os.close(descriptor)
+
+
+def names(path: str | os.PathLike, descriptor: int) -> bool:
+    """Whether ``path`` names the file open as ``descriptor``."""
+    try:
+        return os.path.samestat(os.stat(path), os.fstat(descriptor))
+    except FileNotFoundError:
+        return False

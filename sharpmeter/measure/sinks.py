@@ -12,6 +12,8 @@ no ``WANDB_MODE``, a run is started in offline mode, and so is one that cannot s
 from __future__ import annotations
 
 import contextlib
+import gc
+import itertools
 import json
 import math
 import os
@@ -26,7 +28,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import nn
 
-from sharpmeter.measure.files import atomic_write_text, write_all
+from sharpmeter.measure.files import CANNOT_LOCK, atomic_write_text, open_locked, write_all
 from sharpmeter.measure.schema import FINISHED_KEY, MEASURE_COLUMNS, META_SUFFIX, NOT_DUE
 
 SCALAR_TYPES = (int, float, bool)
@@ -86,6 +88,11 @@ class SinkWarning(RuntimeWarning):
     """A sink could not write (or writes again): training goes on, rows wait in memory."""
 
 
+class JsonlLockedError(RuntimeError):
+    """Another live writer (another process, or another sink of this one) holds the JSONL file:
+    two writers would interleave their rows into one curve."""
+
+
 class LoggingFailures:
     """Sends rows to loggers (W&B, the Trainer's ``report_to``) so that a logger that raises
     (a service down, a full disk, a run that cannot be set up) never stops training: a
@@ -127,6 +134,17 @@ class LoggingFailures:
 class JsonlSink:
     """Appends one JSON line per measurement, flushed at once (a crash loses nothing).
 
+    The file is this sink's alone while it lives: it holds the file's exclusive ``flock`` from
+    its first write (at construction) to :meth:`close` (or its collection), and a second sink
+    on the same file, in this process or another, raises :class:`JsonlLockedError` when it is
+    made. The kernel drops the lock when its holder dies (``kill -9`` included). A file an
+    earlier run left (rows, or only its ``.meta.json``) is never truncated: it is moved aside
+    to the first free ``<stem>.<n>.jsonl`` with its metadata (``sharpness.1.jsonl``,
+    ``sharpness.1.meta.json``), with a :class:`RuntimeWarning` naming both, so that the new
+    run starts a file of its own and no earlier metadata describes it. Resuming
+    (``resume_step``) keeps the earlier rows instead. On a filesystem that cannot lock, the
+    sink warns and writes unlocked.
+
     A failing write (read-only folder, full disk) never stops training: the rows that could not
     be written wait in :attr:`pending` and every later :meth:`write` (or :meth:`flush`) writes
     them first, so once the disk is back the file holds every row, in order, exactly once. A
@@ -145,6 +163,19 @@ class JsonlSink:
         resume_step: when resuming from a checkpoint at this step, rows measured after it
             (by the run that crashed or was stopped) are dropped first, so the curve continues
             without duplicates; so is a torn last line the crash left.
+        resume_rows_from: with ``resume_step``, the JSONL of the run the checkpoint comes from
+            when it is another file (a checkpoint in another folder): when ``path`` holds no
+            row up to ``resume_step``, that file's rows up to it start this one.
+
+    Raises:
+        JsonlLockedError: another live writer holds ``path``.
+
+    Attributes:
+        resumed_rows: with ``resume_step``, how many rows of the run before the resume start
+            the file (kept, or copied from ``resume_rows_from``); None otherwise, or while the
+            file cannot be written.
+        resumed_rows_from: the file those rows were read from (``path`` or
+            ``resume_rows_from``); None when there were none.
     """
 
     def __init__(
@@ -152,6 +183,7 @@ class JsonlSink:
         path: str | os.PathLike,
         metadata: Mapping[str, Any] | None = None,
         resume_step: int | None = None,
+        resume_rows_from: str | os.PathLike | None = None,
     ) -> None:
         self.path = Path(path)
         metadata = dict(metadata or {})
@@ -161,11 +193,16 @@ class JsonlSink:
         # What is still to be written; each is retried until it succeeds.
         self._meta_text = _metadata_text(self._metadata) if metadata else None
         self._resume_step = resume_step
+        self._resume_rows_from = None if resume_rows_from is None else Path(resume_rows_from)
+        self.resumed_rows: int | None = None
+        self.resumed_rows_from: Path | None = None
         self._prepared = False
         self.pending: list[str] = []
         # Reports the rows still pending when the sink is closed, collected or left at exit;
         # the list is shared (only ever changed in place), the sink itself is not held.
         self._report_lost = weakref.finalize(self, _report_lost_rows, self.pending, self.path)
+        # Closes the descriptor holding the file's lock (at close, collection or exit).
+        self._unlock: Callable[[], object] = _nothing
         # File size before a failed append whose torn part could not be cut off yet.
         self._torn_at: int | None = None
         self._failing = False
@@ -191,9 +228,11 @@ class JsonlSink:
         self._retry()
 
     def close(self) -> None:
-        """Makes a last try; what still cannot be written is reported lost and dropped."""
+        """Makes a last try; what still cannot be written is reported lost and dropped. The
+        file's lock is released."""
         self._retry()
         self._report_lost()
+        self._unlock()
         if self._meta_text is not None:
             warnings.warn(
                 f"sharpmeter: the run metadata could not be written to {self.meta_path}",
@@ -239,29 +278,80 @@ class JsonlSink:
             )
 
     def _prepare(self) -> None:
-        """Makes the folder and drops the old run's rows, before any row of this run is added."""
+        """Makes the folder, takes the file and sets it up for this run (an earlier run moved
+        aside, or the resumed run's rows kept), before any row of this run is added."""
         if self._prepared:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if self._resume_step is not None:
-            self._truncate_after(self._resume_step)
-        elif self.path.exists():
-            os.truncate(self.path, 0)
+        self._hold_file()
+        if self._resume_step is None:
+            self._move_earlier_run_aside()
+        else:
+            self._keep_rows_up_to(self._resume_step)
         self._prepared = True
 
-    def _truncate_after(self, step: int) -> None:
+    def _hold_file(self) -> None:
+        """Takes the lock of the file ``path`` names now, for the sink's life; a lock held on
+        the file it named before (moved aside, replaced) is released.
+
+        Raises:
+            JsonlLockedError: another live writer holds it.
+        """
+        self._unlock()
         try:
-            data = self.path.read_bytes()
-        except FileNotFoundError:
+            descriptor = _open_locked_unless_held(self.path)
+        except OSError as error:
+            if error.errno not in CANNOT_LOCK:
+                raise
+            warnings.warn(
+                f"sharpmeter: {self.path} cannot be locked ({error.strerror}); writing it "
+                "unlocked: a second writer there would mix its rows into this run's",
+                RuntimeWarning,
+                stacklevel=5,
+            )
             return
-        kept = b"".join(line + b"\n" for line in data.splitlines() if _step_at_most(line, step))
-        if data.startswith(kept):
+        self._unlock = weakref.finalize(self, os.close, descriptor)
+
+    def _move_earlier_run_aside(self) -> None:
+        """Renames what an earlier run left at ``path`` (rows, metadata) to the first free
+        ``<stem>.<n>``: its writer is gone (the lock was free), its file stays readable."""
+        moved = []
+        rows_aside, meta_aside = _free_names_aside(self.path, self.meta_path)
+        if self.path.stat().st_size > 0:
+            os.replace(self.path, rows_aside)
+            moved.append((self.path, rows_aside))
+            self._hold_file()  # the lock went with the earlier run's file
+        if self.meta_path.exists():
+            os.replace(self.meta_path, meta_aside)
+            moved.append((self.meta_path, meta_aside))
+        if moved:
+            renames = ", ".join(f"{source} -> {target.name}" for source, target in moved)
+            warnings.warn(
+                f"sharpmeter: an earlier run's files were moved aside so that this run starts "
+                f"its own: {renames}",
+                RuntimeWarning,
+                stacklevel=5,
+            )
+
+    def _keep_rows_up_to(self, step: int) -> None:
+        """Keeps the rows up to ``step`` (the resumed run's), else starts the file with those
+        of :attr:`_resume_rows_from`."""
+        data = _read_or_empty(self.path)
+        kept, source = _lines_up_to(data, step), self.path
+        if not kept and self._resume_rows_from is not None:
+            source = self._resume_rows_from
+            kept = _lines_up_to(_read_or_empty(source), step)
+        joined = b"".join(line + b"\n" for line in kept)
+        if data.startswith(joined):
             # Only the tail goes: nothing to write, so a full disk or read-only folder cannot
             # stop it, and the kept rows are never rewritten.
-            if len(kept) < len(data):
-                os.truncate(self.path, len(kept))
+            if len(joined) < len(data):
+                os.truncate(self.path, len(joined))
         else:
-            atomic_write_text(self.path, kept.decode("utf-8"))
+            atomic_write_text(self.path, joined.decode("utf-8"))
+            self._hold_file()  # the lock stayed with the file replaced
+        self.resumed_rows = len(kept)
+        self.resumed_rows_from = source if kept else None
 
     def _append_pending(self) -> tuple[int, OSError | None]:
         """Appends the pending rows in order, each in one write, until one fails; a failed append
@@ -307,6 +397,58 @@ def _report_lost_rows(pending: list[str], path: Path) -> None:
         pending.clear()
 
 
+def _nothing() -> None:
+    """What releases a lock the sink does not hold."""
+
+
+def _open_locked_unless_held(path: Path) -> int:
+    """:func:`~sharpmeter.measure.files.open_locked`, once more after a garbage collection: a
+    sink of this process that nothing references any more (a crashed run's, in a notebook)
+    still holds the lock until it is collected.
+
+    Raises:
+        JsonlLockedError: a live writer holds it.
+    """
+    try:
+        return open_locked(path)
+    except BlockingIOError:
+        gc.collect()
+    try:
+        return open_locked(path)
+    except BlockingIOError:
+        raise JsonlLockedError(
+            f"{path} is being written by another live sharpmeter writer (another process, or "
+            "another meter or callback of this one): two writers would mix their rows into "
+            "one curve; pass a different output_dir (or jsonl_path), or close the other "
+            "writer first"
+        ) from None
+
+
+def _free_names_aside(path: Path, meta_path: Path) -> tuple[Path, Path]:
+    """The first ``<stem>.<n>.jsonl`` and ``<stem>.<n>.meta.json`` beside ``path`` that are
+    both free."""
+
+    def aside(n: int) -> tuple[Path, Path]:
+        return path.with_name(f"{path.stem}.{n}{path.suffix}"), meta_path.with_name(
+            f"{path.stem}.{n}{META_SUFFIX}"
+        )
+
+    free = next(n for n in itertools.count(1) if not any(p.exists() for p in aside(n)))
+    return aside(free)
+
+
+def _read_or_empty(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        return b""
+
+
+def _lines_up_to(data: bytes, step: int) -> list[bytes]:
+    """The whole JSON rows of ``data`` whose step is at most ``step``, in order."""
+    return [line for line in data.splitlines() if _step_at_most(line, step)]
+
+
 def _step_at_most(line: bytes, step: int) -> bool:
     try:
         row = json.loads(line)
@@ -319,15 +461,32 @@ def _step_at_most(line: bytes, step: int) -> bool:
 
 
 def _json_safe(row: Mapping[str, Any]) -> dict[str, Any]:
-    """NaN and infinities become ``null`` (strict JSON); tensors become Python numbers."""
-    safe = {}
-    for key, value in row.items():
-        if isinstance(value, torch.Tensor):
-            value = value.item()
-        if isinstance(value, float) and not math.isfinite(value):
-            value = None
-        safe[key] = value
-    return safe
+    """The row as strict JSON takes it (:func:`_json_value` of each value)."""
+    return {key: _json_value(value) for key, value in row.items()}
+
+
+def _json_value(value: Any) -> Any:
+    """NaN and infinities become ``null`` (strict JSON), at any depth; tensors and numpy
+    scalars (anything with ``.item()`` and no length) become Python numbers; lists, tuples
+    and dicts are converted inside."""
+    if isinstance(value, Mapping):
+        return {key: _json_value(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_value(item) for item in value]
+    if isinstance(value, torch.Tensor) or _is_numpy_scalar(value):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _is_numpy_scalar(value: Any) -> bool:
+    """A numpy scalar (``np.float32(1.5)``), told without importing numpy."""
+    return (
+        type(value).__module__ == "numpy"
+        and callable(getattr(value, "item", None))
+        and (getattr(value, "ndim", None) == 0)
+    )
 
 
 def numeric_items(row: Mapping[str, Any], prefix: str = "") -> dict[str, float]:

@@ -51,7 +51,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_simulate(args: argparse.Namespace) -> int:
-    """Handler of ``sharpmeter simulate``: returns 0, or 2 with a message on bad input."""
+    """Handler of ``sharpmeter simulate``: returns 0, or 2 with a one-line message on bad input
+    (an ``--out`` that cannot be a folder included)."""
     try:
         study = simulate_study(
             args.scales,
@@ -64,7 +65,15 @@ def run_simulate(args: argparse.Namespace) -> int:
     except ValueError as error:
         print(f"sharpmeter simulate: error: {error}", file=sys.stderr)
         return 2
-    args.out.mkdir(parents=True, exist_ok=True)
+    try:
+        args.out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:  # a file there, a read-only or virtual file system
+        reason = error.strerror or str(error)
+        print(
+            f"sharpmeter simulate: error: --out {args.out} cannot be made a folder ({reason})",
+            file=sys.stderr,
+        )
+        return 2
     curves = args.out / f"curves.{args.format}"
     write_records(curves, study.to_records())
     tables = args.out / "tables.md"
