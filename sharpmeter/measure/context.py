@@ -2,10 +2,14 @@
 
 Inside :func:`measurement` a model can be evaluated, differentiated twice and perturbed; on exit
 its parameters, ``.grad`` tensors, ``requires_grad`` flags, buffers (BatchNorm running
-statistics), train/eval flags and the global RNG streams (torch CPU and CUDA, Python's
-``random``, NumPy) are exactly what they were on entry.
+statistics), public attributes and what they hold (a carried hidden state, running statistics
+in a plain tensor or NumPy array, a generator's state), hooks, train/eval flags and the global
+RNG streams (torch CPU and CUDA, Python's ``random``, NumPy) are exactly what they were on
+entry (:mod:`sharpmeter.measure.state`). What a forward writes is also put back before every
+measuring forward (:func:`rewind_open_measurements`), so that all the forwards of one
+measurement evaluate the same function.
 
-Two things the context switches on purpose while it is open:
+Three things the context switches on purpose while it is open:
 
 * **Dropout policy.** ``dropout="eval"`` (default) measures the deterministic eval-mode network;
   ``dropout="train"`` keeps the model's own mode, and the operators then seed every forward
@@ -14,6 +18,9 @@ Two things the context switches on purpose while it is open:
   backward and no forward-mode AD, so :func:`attention_guard` pins
   ``scaled_dot_product_attention`` to its math backend and moves Hugging Face models configured
   for flash attention to ``sdpa`` for the duration.
+* **Gradient hooks.** The parameters' own hooks (``register_hook``,
+  ``register_post_accumulate_grad_hook``) are suspended: they shape training's gradient, not the
+  loss whose curvature is measured (:func:`sharpmeter.measure.state.parameter_hooks_suspended`).
 
 Example::
 
@@ -28,8 +35,8 @@ import contextlib
 import math
 import sys
 from collections.abc import Iterator
+from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import nn
@@ -38,6 +45,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from sharpmeter.measure.distributed import local
 from sharpmeter.measure.params import bit_identical, set_versions
 from sharpmeter.measure.rng import fork_rng
+from sharpmeter.measure.state import ModelState, parameter_hooks_suspended
 
 DROPOUT_POLICIES = ("eval", "train")
 
@@ -66,13 +74,6 @@ def _flash_configs(model: nn.Module) -> list:
         if isinstance(implementation, str) and "flash" in implementation:
             configs[id(config)] = config
     return list(configs.values())
-
-
-SavedBuffer = tuple[torch.Tensor, int]  # a buffer's value and its version counter
-# A module's own plain attributes a forward may reassign, put back by reference: numbers,
-# flags, strings, tensors (the train/eval flag; a rotary embedding's cached length, which a
-# probe shorter than the training batches resets, changing the next training forward).
-PLAIN_TYPES = (bool, int, float, str, type(None), torch.Tensor)
 
 
 class ParametersWrittenError(RuntimeError):
@@ -166,74 +167,27 @@ def _moved(before: tuple[int | None, float], after: tuple[int | None, float]) ->
     return version != version_after or not same_sum
 
 
-@dataclass
-class ModelState:
-    """Everything a measurement could disturb, captured so it can be put back exactly.
-
-    Buffers are kept per module as the objects it held (a forward may create, drop or replace
-    one, as an eval-mode cache does) with their values; a buffer whose value changed gets its
-    value and its version counter back, and an unchanged one is not written, so that a graph
-    the user built before the measurement still backpropagates. Each module's public plain
-    attributes (:data:`PLAIN_TYPES`) are put back too, and those a forward added are removed;
-    private ones (``_...``: torch's and wrappers' own bookkeeping) are left alone.
-    """
-
-    grads: list[torch.Tensor | None]
-    requires_grad: list[bool]
-    buffers: list[tuple[nn.Module, dict[str, torch.Tensor | None], dict[str, SavedBuffer]]]
-    attributes: list[tuple[nn.Module, dict[str, Any]]]
-
-    @classmethod
-    def capture(cls, model: nn.Module) -> ModelState:
-        params = list(model.parameters())
-        modules = list(model.modules())
-        return cls(
-            grads=[p.grad for p in params],
-            requires_grad=[p.requires_grad for p in params],
-            buffers=[(m, dict(m._buffers), _saved_buffers(m)) for m in modules],
-            attributes=[(m, _plain_attributes(m)) for m in modules],
-        )
-
-    def restore(self, model: nn.Module) -> None:
-        """Put everything back; the attributes (the train/eval flags among them) even when
-        something else cannot be."""
-        try:
-            for p, grad, flag in zip(
-                model.parameters(), self.grads, self.requires_grad, strict=True
-            ):
-                p.grad = grad
-                p.requires_grad_(flag)
-            with torch.no_grad():
-                for module, held, saved in self.buffers:
-                    module._buffers.clear()
-                    module._buffers.update(held)
-                    for name, (value, version) in saved.items():
-                        # compared, not told by the version: batch norm's kernel writes its
-                        # running statistics without counting a version
-                        if not bit_identical(held[name], value):
-                            held[name].copy_(value)
-                            set_versions([held[name]], [version])
-        finally:
-            for module, attributes in self.attributes:
-                for name in _plain_attributes(module).keys() - attributes.keys():
-                    del module.__dict__[name]
-                module.__dict__.update(attributes)
+# The states captured by the measurements open now, innermost last.
+_open_states: ContextVar[tuple[ModelState, ...]] = ContextVar("open_states", default=())
 
 
-def _saved_buffers(module: nn.Module) -> dict[str, SavedBuffer]:
-    return {
-        name: (buffer.detach().clone(), buffer._version)
-        for name, buffer in module._buffers.items()
-        if buffer is not None
-    }
+def rewind_open_measurements() -> None:
+    """Before a measuring forward, put back what a forward writes (buffers, attributes, a
+    model's own generators: :meth:`ModelState.rewind`) as every open measurement found it on
+    entry, outermost first. Each forward then starts from the state the next training forward
+    would, not from the one the previous measuring forward left (a carried hidden state moved
+    every line-search step onto another function: critical sharpness came out 5.5% low)."""
+    for state in _open_states.get():
+        state.rewind()
 
 
-def _plain_attributes(module: nn.Module) -> dict[str, Any]:
-    return {
-        name: value
-        for name, value in vars(module).items()
-        if not name.startswith("_") and isinstance(value, PLAIN_TYPES)
-    }
+@contextlib.contextmanager
+def hessian_guard(model: nn.Module) -> Iterator[None]:
+    """What every pass of a Hessian-vector product runs under, inside a measurement or not:
+    :func:`attention_guard`, and none of the parameters' gradient hooks
+    (:func:`parameter_hooks_suspended`)."""
+    with attention_guard(model), parameter_hooks_suspended(model.parameters()):
+        yield
 
 
 @contextlib.contextmanager
@@ -252,20 +206,24 @@ def measurement(
     ``.grad`` tensors are kept by reference: the operators differentiate with
     ``torch.autograd.grad``, which never accumulates into ``.grad``, and the FSDP2 gradient,
     which must go through ``.grad``, puts every ``.grad`` back itself.
+    Every measuring forward starts from the buffers and attributes the model had on entry: set
+    the model up before opening the block, not inside it.
     """
     if dropout not in DROPOUT_POLICIES:
         raise ValueError(f"dropout must be one of {DROPOUT_POLICIES}, got {dropout!r}")
     state = ModelState.capture(model)
     guard = ParameterGuard.capture(model, copy=copy_parameters)
+    opened = _open_states.set((*_open_states.get(), state))
     try:
         with (
             fork_rng(model.parameters()),
-            attention_guard(model),
+            hessian_guard(model),
         ):
             if dropout == "eval":
                 model.eval()
             yield guard
     finally:
+        _open_states.reset(opened)
         try:
             state.restore(model)
         finally:

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from sharpmeter.measure.context import rewind_open_measurements
 from sharpmeter.measure.distributed import (
     all_reduce_sum,
     fsdp_modules,
@@ -206,9 +207,11 @@ class ProbeLoss:
 
     def batch_loss(self, index: int, model: nn.Module | None = None) -> torch.Tensor:
         """Loss of batch ``index`` (float32 or wider), with the fixed RNG seed if one is set
-        (in every stream a forward may draw from, each put back after it)."""
+        (in every stream a forward may draw from, each put back after it), from the state the
+        open measurements found the model in (:func:`rewind_open_measurements`)."""
         target = self.model if model is None else model
         batch = self.batches[index]
+        rewind_open_measurements()
         with contextlib.ExitStack() as stack:
             if self.seed is not None:
                 stack.enter_context(fork_rng(self.model.parameters()))

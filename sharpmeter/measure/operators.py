@@ -46,7 +46,9 @@ on a 1K one (``benchmarks/results/hvp.md``). Independent products (Hutchinson's 
 Hutch++'s sketch) reach it as matrices; Lanczos' are sequential and stay single.
 
 Attention runs through :func:`sharpmeter.measure.context.attention_guard` (SDPA math backend), so a
-Hugging Face model with default (fused SDPA) attention works in every mode.
+Hugging Face model with default (fused SDPA) attention works in every mode, and the parameters'
+own gradient hooks are suspended (:func:`sharpmeter.measure.context.hessian_guard`), so that the
+products are of the loss's Hessian, not of what the hooks make of its gradient.
 
 Example::
 
@@ -67,7 +69,7 @@ from torch import nn
 from torch.autograd.function import BackwardCFunction, once_differentiable
 
 from sharpmeter.measure.checks import check_positive_int
-from sharpmeter.measure.context import attention_guard
+from sharpmeter.measure.context import hessian_guard
 from sharpmeter.measure.distributed import NO_FSDP_HVP, is_sharded
 from sharpmeter.measure.loss import LossFn, ProbeLoss, loss_and_gradient
 from sharpmeter.measure.params import (
@@ -309,7 +311,7 @@ class HessianOperator:
 
     def _build(self) -> None:
         """Probe loss and gradient at the current parameters (and the graph, when reused)."""
-        with attention_guard(self.model):
+        with hessian_guard(self.model):
             loss, grads = loss_and_gradient(self.probe, self.params, self.reuse_graph)
         self.loss = self.probe.reduce(loss.detach().clone())
         self.gradient = self.probe.reduce(flatten([g.detach() for g in grads], self.dtype))
@@ -356,7 +358,7 @@ class HessianOperator:
             return self.matvec(block[:, 0])[:, None]
         block = self._hold_padding_rows(block.to(device=self.device, dtype=self.dtype))
         try:
-            with attention_guard(self.model):
+            with hessian_guard(self.model):
                 hv = self._hvp_double_backward(block)
         except RuntimeError as error:  # torch.OutOfMemoryError is one
             if self.probe.distributed:
@@ -378,7 +380,7 @@ class HessianOperator:
     def matvec(self, v: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
         """:math:`Hv` for a flat vector (or a per-parameter list), returned flat."""
         v = self._hold_padding_rows(as_flat_vector(v, self.params, "v"))
-        with attention_guard(self.model):
+        with hessian_guard(self.model):
             if self.mode == "double_backward":
                 hv = self._hvp_double_backward(v)
             elif self.mode == "fwd":
