@@ -55,12 +55,13 @@ def test_gradient_hooks_stay_out_of_the_hessian_and_come_back(hook, inside):
     assert all(torch.equal(h, hook(g)) for h, g in zip(hooked, plain, strict=True))
 
 
-def test_the_descent_check_takes_the_gradient_of_the_loss_not_of_the_hooks():
+@pytest.mark.parametrize("inside", [True, False], ids=["measurement", "bare"])
+def test_the_descent_check_takes_the_gradient_of_the_loss_not_of_the_hooks(inside):
     model, batch = small_mlp(), regression_batch()
     gradient = sm.HessianOperator(model, squared_error, batch).gradient
     for p in model.parameters():
         p.register_hook(torch.neg)  # a hook that turns descent into ascent
-    with sm.measurement(model):
+    with sm.measurement(model) if inside else contextlib.nullcontext():
         result = sm.critical_sharpness(model, squared_error, batch, gradient, eta0=0.1)
     assert result.status == "ok" and result.slope > 0
 

@@ -34,6 +34,7 @@ from sharpmeter.measure.distributed import (
 )
 from sharpmeter.measure.params import flatten, vector_dtype, zeros_for_unused
 from sharpmeter.measure.rng import fork_rng, seed_every_stream
+from sharpmeter.measure.state import parameter_hooks_suspended
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 
@@ -342,9 +343,11 @@ def loss_and_gradient(
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """The probe loss and its gradient per parameter (zeros where the loss does not depend on it).
 
-    With ``create_graph`` the gradient keeps its graph for a second differentiation.
+    With ``create_graph`` the gradient keeps its graph for a second differentiation. The
+    parameters' own gradient hooks do not run: this is the loss's gradient, not training's
+    (:func:`~sharpmeter.measure.state.parameter_hooks_suspended`).
     """
-    with torch.enable_grad():
+    with torch.enable_grad(), parameter_hooks_suspended(params):
         loss = probe()
         grads = torch.autograd.grad(loss, params, create_graph=create_graph, allow_unused=True)
     return loss, zeros_for_unused(grads, params)
