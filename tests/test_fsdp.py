@@ -288,3 +288,22 @@ def test_a_model_inside_fsdp1_is_refused():
     setattr(next(model.parameters()), FSDP1_FLATTENED, True)
     with pytest.raises(ValueError, match="FSDP1"):
         sm.SharpnessMeter(model, token_batch(), causal_lm_loss, measures=("critical",))
+
+
+def meter_error_beside_a_plain_parameter() -> str:
+    """The error a meter gives for a sharded model with a plain parameter beside its shards (an
+    adapter attached after ``fully_shard``), which every rank holds whole."""
+    model = uneven_gpt2(sharded=True)
+    model.register_parameter("adapter", torch.nn.Parameter(torch.ones((), dtype=torch.float64)))
+    try:
+        sm.SharpnessMeter(model, probe_batch(sharded=True), causal_lm_loss, measures=("critical",))
+    except ValueError as error:
+        return str(error)
+    return "no error"
+
+
+def test_a_plain_parameter_beside_sharded_ones_is_refused():
+    """Sums over ranks would count it once per rank (its gradient and its share of the update's
+    norm twice on two ranks)."""
+    for message in run_on_ranks(meter_error_beside_a_plain_parameter):
+        assert "plain tensors beside FSDP2's sharded ones" in message

@@ -6,6 +6,7 @@ back, hooks that removed themselves included."""
 from __future__ import annotations
 
 import contextlib
+import copy
 import random
 
 import numpy as np
@@ -240,3 +241,35 @@ def test_a_hook_that_removes_itself_is_put_back():
     assert model._forward_pre_hooks is hooks and list(hooks.values()) == [OneShotInit.initialise]
     model.handle.remove()  # its handle still removes it
     assert not hooks
+
+
+class RunningGain(nn.Module):
+    """Updates a gain kept in a plain tensor in place, then multiplies its output by it (so the
+    graph saves the gain)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = nn.Linear(3, 1, dtype=torch.float64)
+        self.gain = torch.ones(1, dtype=torch.float64)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            self.gain.mul_(0.5).add_(x.abs().mean())
+        return self.lin(x).tanh() * self.gain
+
+
+def test_a_tensor_written_in_place_stays_with_the_graph_that_saved_it():
+    """Two probe batches, each from the state the measurement found: the first batch's graph
+    keeps the gain its forward wrote. Written back in place before the second forward, with its
+    version counter, the gain was overwritten under that graph without autograd noticing: the
+    trace came out 67% high."""
+    model = RunningGain()
+    first, second = regression_batch(4), regression_batch(4)
+    batches = [first, (second[0] * 5, second[1])]
+    exact = sum(0.5 * dense_hessian(copy.deepcopy(model), squared_error, b) for b in batches)
+    with sm.measurement(model):
+        op = sm.HessianOperator(model, squared_error, batches)
+        columns = op @ torch.eye(op.dim, dtype=torch.float64)
+    torch.testing.assert_close(columns, exact)
+    assert torch.equal(model.gain, torch.ones(1, dtype=torch.float64))

@@ -201,9 +201,19 @@ def is_sharded(params: Iterable[torch.Tensor]) -> bool:
 
     Raises:
         ValueError: other ``DTensor`` layouts (hybrid sharding, tensor parallelism, a mesh of
-            part of the ranks): sums over all ranks would count shards twice or miss some.
+            part of the ranks): sums over all ranks would count shards twice or miss some; and
+            sharded parameters beside plain ones, which every rank holds whole (an adapter
+            attached after ``fully_shard``): sums over ranks would count those once per rank.
     """
+    params = list(params)
     sharded = [p for p in params if isinstance(p, DTensor)]
+    if sharded and len(sharded) < len(params):
+        raise ValueError(
+            f"{len(params) - len(sharded)} of the {len(params)} parameters measured are plain "
+            "tensors beside FSDP2's sharded ones (a PEFT adapter attached after fully_shard?): "
+            "sums over ranks would count them once per rank. Shard them too (fully_shard after "
+            "attaching it), or measure only the sharded ones (params=)"
+        )
     for p in sharded:
         mesh = p.device_mesh
         if (

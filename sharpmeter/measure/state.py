@@ -66,16 +66,38 @@ class SavedTensor:
     def of(cls, tensor: torch.Tensor) -> SavedTensor:
         return cls(tensor, tensor.detach().clone(), tensor._version)
 
+    def changed(self) -> bool:
+        """Compared, not told by the version: batch norm's kernel writes its running statistics
+        without counting a version."""
+        return not bit_identical(self.tensor, self.value)
+
     def put_back(self) -> None:
         """Write back a value that changed, with its version counter; an unchanged one is not
-        written, so that a graph the user built before the measurement still backpropagates.
-        Compared, not told by the version: batch norm's kernel writes its running statistics
-        without counting a version."""
-        if bit_identical(self.tensor, self.value):
+        written, so that a graph the user built before the measurement still backpropagates."""
+        if not self.changed():
             return
         with torch.no_grad():
             self.tensor.copy_(self.value)
         set_versions([self.tensor], [self.version])
+
+
+@dataclass
+class TensorSlot:
+    """Where a module holds a tensor it may write in place (a buffer, or an attribute kept by
+    value), with the tensor's value on entry."""
+
+    holder: dict[str, Any]  # the module's ``_buffers`` or its ``__dict__``
+    name: str
+    saved: SavedTensor
+
+    def rebind(self) -> None:
+        """Hold a fresh copy of the entry value when the tensor has changed, leaving the written
+        tensor to the graphs that saved it. Written back in place instead, a later forward's
+        write would bring its version counter back to what an earlier graph saved, and that
+        graph's backward would read the later value without a word (two probe batches, a
+        forward that updates a gain in place before using it: a trace 67% high, ``ok``)."""
+        if self.saved.changed():
+            self.holder[self.name] = self.saved.value.clone()
 
 
 @dataclass
@@ -139,21 +161,36 @@ class ModuleState:
     attributes: dict[str, Any]
     size: int  # how many attributes the module had, private ones included
     training: bool
+    tensors: list[TensorSlot]
     contents: list[Saved]
     hooks: list[SavedEntries]
 
     @classmethod
     def capture(cls, module: nn.Module, shared: set[int]) -> ModuleState:
         attributes = _public_attributes(module)
-        buffers = [SavedTensor.of(b) for b in module._buffers.values() if b is not None]
-        held = [saved for value in attributes.values() if (saved := _saved_contents(value, shared))]
+        buffers = [
+            TensorSlot(module._buffers, name, SavedTensor.of(b))
+            for name, b in module._buffers.items()
+            if b is not None
+        ]
+        held = {name: _saved_contents(value, shared) for name, value in attributes.items()}
         return cls(
             module=module,
             buffers=SavedEntries.of(module._buffers),
             attributes=attributes,
             size=len(vars(module)),
             training=module.training,
-            contents=buffers + held,
+            tensors=buffers
+            + [
+                TensorSlot(vars(module), name, saved)
+                for name, saved in held.items()
+                if isinstance(saved, SavedTensor)
+            ],
+            contents=[
+                saved
+                for saved in held.values()
+                if saved is not None and not isinstance(saved, SavedTensor)
+            ],
             hooks=[
                 SavedEntries.of(hooks)
                 for name in MODULE_HOOKS
@@ -162,8 +199,32 @@ class ModuleState:
         )
 
     def rewind(self) -> None:
-        """Put back what a forward writes: buffers and attributes (what they refer to first,
-        then what those objects hold). The train/eval flag stays: the measurement sets it."""
+        """Before a measuring forward, put back what a forward writes: buffers and attributes
+        (the objects first, then what those hold; a written tensor is replaced by a copy of its
+        entry value, :meth:`TensorSlot.rebind`). The train/eval flag stays: the measurement
+        sets it."""
+        self._put_back_objects()
+        for slot in self.tensors:
+            slot.rebind()
+        for saved in self.contents:
+            saved.put_back()
+
+    def restore(self) -> None:
+        """Put back everything on exit: the objects, the entry values written into them (with
+        their version counters), the train/eval flag and the hooks; the flag and the hooks even
+        when writing a value back fails."""
+        try:
+            self._put_back_objects()
+            for saved in (*(slot.saved for slot in self.tensors), *self.contents):
+                saved.put_back()
+        finally:
+            self.module.training = self.training
+            for hooks in self.hooks:
+                hooks.put_back()
+
+    def _put_back_objects(self) -> None:
+        """The buffers and public attributes the module held, by reference; attributes a
+        forward added are removed."""
         self.buffers.put_back()
         module_dict = vars(self.module)
         for name, value in self.attributes.items():
@@ -172,18 +233,6 @@ class ModuleState:
         if len(module_dict) != self.size:  # looked for only then: this runs before every forward
             for name in _public_attributes(self.module).keys() - self.attributes.keys():
                 del module_dict[name]  # added by a forward
-        for saved in self.contents:
-            saved.put_back()
-
-    def restore(self) -> None:
-        """Put back everything: what :meth:`rewind` does, the train/eval flag and the hooks;
-        the flag and the hooks even when writing a value back fails."""
-        try:
-            self.rewind()
-        finally:
-            self.module.training = self.training
-            for hooks in self.hooks:
-                hooks.put_back()
 
 
 _MISSING = object()
