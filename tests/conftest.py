@@ -3,8 +3,10 @@ quadratic, and the cases of :func:`hessian_case` (GPT-2, Llama, MLP, BatchNorm) 
 
 from __future__ import annotations
 
+import multiprocessing
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -335,3 +337,27 @@ def hold():
         holder.kill()
         holder.wait()
         holder.stdout.close()
+
+
+@pytest.fixture
+def fork_child():
+    """Forks a child that lives until the test ends, as a persistent DataLoader worker does,
+    once it has started (it has copies of the descriptors open here at the fork)."""
+    context = multiprocessing.get_context("fork")
+    children = []
+
+    def live_on(started) -> None:
+        started.set()
+        time.sleep(60)
+
+    def start() -> None:
+        started = context.Event()
+        child = context.Process(target=live_on, args=(started,), daemon=True)
+        child.start()
+        children.append(child)
+        assert started.wait(30)
+
+    yield start
+    for child in children:
+        child.kill()
+        child.join()

@@ -151,3 +151,21 @@ def test_fit_command_refuses_a_quantity_that_is_not_sharpness(tmp_path, capsys):
         captured.err
     )
     assert "Three-phase fits" not in captured.out
+
+
+def test_fit_command_takes_a_wandb_exports_prefixed_sharpness_column(tmp_path, capsys):
+    path = tmp_path / "wandb_export.csv"
+    column = "train/sharpness/critical_sharpness"
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["run", "n_params", "step", column, "train/loss"])
+        for n in SIZES[:4]:
+            for step in range(1, 41):
+                value = 2 + math.log10(n) * (1 - math.exp(-step / 10))
+                writer.writerow([f"r{n:.0f}", n, step, value, 3.0])
+    args = parse(["fit", str(path), "--quantity", column])
+    assert args.handler(args) == 0
+    assert "fitted: 4" in capsys.readouterr().out
+    args = parse(["fit", str(path), "--quantity", "train/loss"])
+    assert args.handler(args) == 2
+    assert "'train/loss' is not a measure of sharpness" in capsys.readouterr().err

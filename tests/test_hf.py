@@ -400,8 +400,10 @@ def test_resume_from_a_checkpoint_elsewhere_keeps_the_warm_start(tmp_path):
 
 def test_resume_from_another_folders_checkpoint_starts_with_that_runs_rows(tmp_path):
     """The new folder's curve is whole: the rows up to the checkpoint come from the file of
-    the run that saved it, with a warning naming the checkpoint; when that file is gone, the
-    warning says the curve lacks its head. The metadata records where the run came from."""
+    the run that saved it, under the new run's name (one training is one run to analysis), with
+    a warning naming the checkpoint; when that file is gone, the warning says the curve lacks
+    its head, and why. The metadata records where the run came from, also when only train()
+    is told (transformers then leaves args.resume_from_checkpoint unset)."""
     options = {"schedule": sm.Schedule(every=4), "measures": ("critical",)}
     first = make_trainer(tmp_path / "a", max_steps=20, save_strategy="steps", save_steps=10)
     SharpnessCallback.attach(first, **options)
@@ -409,15 +411,17 @@ def test_resume_from_another_folders_checkpoint_starts_with_that_runs_rows(tmp_p
     checkpoint = str(tmp_path / "a" / "out" / f"{PREFIX_CHECKPOINT_DIR}-10")
     for folder, message, steps in (
         ("b", "rows up to step 8 were copied", [4, 8, 12, 16, 20]),
-        ("c", "no rows up to step 8 were found", [12, 16, 20]),
+        ("c", "no rows up to step 8 were found.*could not be read.*No such file", [12, 16, 20]),
     ):
         if folder == "c":
             (tmp_path / "a" / "out" / RUN_FILE).rename(tmp_path / "a" / "kept.jsonl")
-        second = make_trainer(tmp_path / folder, max_steps=20, resume_from_checkpoint=checkpoint)
-        SharpnessCallback.attach(second, **options)
+        second = make_trainer(tmp_path / folder, max_steps=20)
+        SharpnessCallback.attach(second, **options, run_name="resumed")
         with pytest.warns(RuntimeWarning, match=f"{re.escape(checkpoint)}.*{message}"):
             second.train(resume_from_checkpoint=checkpoint)
-        assert [r["step"] for r in read_rows(tmp_path / folder / "out" / RUN_FILE)] == steps
+        rows = read_rows(tmp_path / folder / "out" / RUN_FILE)
+        assert [r["step"] for r in rows] == steps
+        assert {r["run"] for r in rows} == {"resumed"}
         assert read_metadata(second)["resumed_from"] == checkpoint
         assert read_metadata(second)["resumed_at_step"] == 10
 

@@ -220,6 +220,15 @@ def test_a_second_live_writer_is_refused_and_the_first_keeps_its_rows(tmp_path):
     JsonlSink(path, META, resume_step=20).close()  # closed: the file is free again
 
 
+def test_a_closed_sinks_lock_is_not_held_by_a_child_forked_while_it_was_open(tmp_path, fork_child):
+    path = tmp_path / "sharpness.jsonl"
+    sink = JsonlSink(path, META)
+    sink.write({"step": 1})
+    fork_child()  # a DataLoader worker: it lives on after the sink is closed
+    sink.close()
+    JsonlSink(path, META, resume_step=1).close()
+
+
 def test_a_writer_in_another_process_is_refused_until_it_ends(tmp_path, hold):
     path = tmp_path / "sharpness.jsonl"
     holder = hold(FLOCK_HOLDER, str(path), json.dumps({"step": 5}) + "\n")
@@ -266,8 +275,66 @@ def test_resume_elsewhere_starts_with_the_rows_of_the_checkpoints_run(tmp_path):
     assert [row["step"] for row in rows_of(path)] == [4, 8, 12]
     assert [row["step"] for row in rows_of(earlier)] == [4, 8, 12]  # read, never changed
     sink.close()
-    again = JsonlSink(path, META, resume_step=8, resume_rows_from=earlier)  # rows kept first
+    with pytest.warns(RuntimeWarning, match=r"sharpness\.jsonl -> sharpness\.1\.jsonl"):
+        again = JsonlSink(path, META, resume_step=8, resume_rows_from=earlier)  # resumed again
     assert again.resumed_rows == 2 and [row["step"] for row in rows_of(path)] == [4, 8]
+    assert [row["step"] for row in rows_of(tmp_path / "b" / "sharpness.1.jsonl")] == [4, 8, 12]
+
+
+def test_resume_elsewhere_moves_an_unrelated_runs_file_aside(tmp_path):
+    earlier = tmp_path / "a" / "sharpness.jsonl"
+    earlier.parent.mkdir()
+    earlier.write_text("".join(json.dumps({"run": "a", "step": s}) + "\n" for s in (4, 8, 12)))
+    path = tmp_path / "b" / "sharpness.jsonl"
+    unrelated = JsonlSink(path, {**META, "run": "x"})
+    for step in (2, 4, 6, 8, 10):
+        unrelated.write({"step": step})
+    unrelated.mark_finished()
+    unrelated.close()
+    with pytest.warns(RuntimeWarning) as caught:
+        sink = JsonlSink(path, META, resume_step=8, resume_rows_from=earlier)
+    (warning,) = [str(w.message) for w in caught]
+    assert "sharpness.jsonl -> sharpness.1.jsonl" in warning
+    assert "sharpness.meta.json -> sharpness.1.meta.json" in warning
+    sink.write({"step": 12})
+    assert sink.resumed_rows_from == earlier
+    # The copied rows are this run's: analysis must read one training as one run.
+    assert [(row["run"], row["step"]) for row in rows_of(path)] == [
+        ("r1", 4),
+        ("r1", 8),
+        ("r1", 12),
+    ]
+    assert {row["n_params"] for row in rows_of(path)} == {7}
+    assert [row["step"] for row in rows_of(tmp_path / "b" / "sharpness.1.jsonl")] == [
+        2,
+        4,
+        6,
+        8,
+        10,
+    ]
+    assert json.loads((tmp_path / "b" / "sharpness.1.meta.json").read_text())["finished"]
+
+
+def test_an_unreadable_resume_source_gives_no_head_and_the_run_its_rows(tmp_path, monkeypatch):
+    earlier = tmp_path / "a" / "sharpness.jsonl"
+    earlier.parent.mkdir()
+    earlier.write_text(json.dumps({"step": 4}) + "\n")
+    read_bytes = Path.read_bytes
+
+    def another_users(path: Path) -> bytes:
+        if path == earlier:
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return read_bytes(path)
+
+    monkeypatch.setattr(Path, "read_bytes", another_users)
+    path = tmp_path / "b" / "sharpness.jsonl"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SinkWarning)
+        sink = JsonlSink(path, META, resume_step=8, resume_rows_from=earlier)
+        sink.write({"step": 12})
+    assert sink.resumed_rows == 0 and sink.resumed_rows_from is None
+    assert isinstance(sink.resume_source_error, PermissionError)
+    assert [row["step"] for row in rows_of(path)] == [12]
 
 
 def test_numpy_scalars_and_non_finite_values_at_any_depth_are_strict_json(tmp_path):

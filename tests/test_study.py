@@ -137,13 +137,17 @@ def test_a_study_resumes_each_run_from_its_own_checkpoints_never_from_a_path(tmp
     assert [resume_checkpoint(run.training) for run in config.runs()] == [str(checkpoint), None]
 
 
-def test_a_quantity_that_is_no_logged_column_is_refused_before_training(tmp_path):
+def test_a_quantity_the_report_would_refuse_is_refused_before_training(tmp_path):
     with pytest.raises(
         ValueError, match=r"'critical_sharpnes' .* did you mean 'critical_sharpness'"
     ):
         parse_study(study_arguments(tmp_path, "--quantity", "critical_sharpnes"))
+    for logged in ("loss", "stability_ratio", "critical_eta"):  # logged, but no sharpness
+        with pytest.raises(ValueError, match=f"'{logged}' is not a measure of sharpness"):
+            parse_study(study_arguments(tmp_path, "--quantity", logged))
     assert not tmp_path.joinpath("tiny").exists()
-    assert parse_study(study_arguments(tmp_path, "--quantity", "loss")).study.quantity == "loss"
+    config = parse_study(study_arguments(tmp_path, "--quantity", "critical_sharpness"))
+    assert config.study.quantity == "critical_sharpness"
 
 
 def test_logging_options_do_not_make_a_finished_run_another_one(tmp_path):

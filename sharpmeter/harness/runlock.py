@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from sharpmeter.measure.files import CANNOT_LOCK, names, open_locked
+from sharpmeter.measure.files import CANNOT_LOCK, close_locked, names, open_locked
 
 LOCK_NAME = "sharpmeter.lock"
 
@@ -134,7 +134,7 @@ class RunLock:
                 if names(self.path, self.descriptor):
                     self.path.unlink()
             finally:
-                os.close(self.descriptor)
+                close_locked(self.descriptor)
         _remove_if_empty(self.created_folder)
 
     def __enter__(self) -> RunLock:
@@ -217,7 +217,7 @@ def _lock(path: Path) -> int | None:
         _write_owner(descriptor)
     except BaseException:
         path.unlink()  # held, so ours: a full disk leaves no file in a folder the run made
-        os.close(descriptor)
+        close_locked(descriptor)
         raise
     return descriptor
 

@@ -53,10 +53,11 @@ from sharpmeter.harness.train import RESUME_LAST, is_finished, load_data, run_co
 from sharpmeter.measure.measures import measure_of
 from sharpmeter.measure.meter import ROW_COLUMNS
 from sharpmeter.measure.schema import MEASURE_COLUMNS, VALUE_COLUMNS
+from sharpmeter.paper.analysis.curves import check_sharpness_quantity
 from sharpmeter.paper.report import ReportFiles, write_report
 
 MIN_MEASUREMENTS = 10
-# What a study may report: every numeric column of a row.
+# The numeric columns of a row; of them a study reports a measure of sharpness.
 LOGGED_COLUMNS = sorted({*ROW_COLUMNS, *(c for cols in MEASURE_COLUMNS.values() for c in cols)})
 
 
@@ -176,11 +177,13 @@ def _check_resume(given: str | None) -> None:
 
 
 def _check_quantity(quantity: str) -> None:
-    """The reported quantity must be a column the meter logs: a typo would be found only by
-    the report, after every size has trained."""
+    """The reported quantity must be a measure of sharpness the meter logs: the report refuses
+    any other (the loss, the learning rate), and finds a typo, only after every size has
+    trained."""
     if quantity in LOGGED_COLUMNS:
+        check_sharpness_quantity(quantity)
         return
-    close = difflib.get_close_matches(quantity, LOGGED_COLUMNS, n=3)
+    close = difflib.get_close_matches(quantity, VALUE_COLUMNS, n=3)
     hint = f"did you mean {' or '.join(map(repr, close))}?" if close else f"one of {VALUE_COLUMNS}"
     raise ValueError(f"quantity {quantity!r} is not a column the meter logs: {hint}")
 

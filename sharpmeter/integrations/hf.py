@@ -41,10 +41,12 @@ the optimizer when training begins. Warm starts and the schedule position travel
 checkpoint's ``trainer_state.json`` and are restored on resume, wherever the checkpoint lies;
 the JSONL curve then goes on without duplicate steps. A run resumed in another folder (or with
 another ``jsonl_path``) starts its file with the rows up to the checkpoint of the run that saved
-it, copied from the JSONL file that run wrote (the checkpoint records it), with a
-``RuntimeWarning`` naming the checkpoint (``args.resume_from_checkpoint``, when set) and the
-file; when that file is gone, the warning says the curve lacks its head. The metadata records
-``resumed_from`` and ``resumed_at_step``. The JSONL file is the callback's
+it, copied from the JSONL file that run wrote (the checkpoint records it) under this run's
+name, with a ``RuntimeWarning`` naming the checkpoint and the file; when that file is gone or
+unreadable, the warning says the curve lacks its head, and why. What the file held before (an
+unrelated run's rows) is moved aside. The metadata records ``resumed_from`` (the checkpoint
+folder: ``args.resume_from_checkpoint``, else the one of the resumed step in the folder its run
+saved it in, which the checkpoint records) and ``resumed_at_step``. The JSONL file is the callback's
 alone while it trains: a second live writer on it is refused when training begins
 (:class:`~sharpmeter.measure.sinks.JsonlLockedError`), and a file a finished or dead earlier run
 left is moved aside (``sharpness.1.jsonl``), never truncated. With
@@ -133,6 +135,9 @@ STATE_KEY = "sharpmeter"
 # In that state: the JSONL file the run that saved the checkpoint wrote, so that a run resumed
 # from it in another folder starts its file with that run's rows.
 ROWS_KEY = "jsonl"
+# And the folder it saved its checkpoints in: Trainer.train(resume_from_checkpoint=...) does not
+# hand the checkpoint over, but with the step this names it.
+SAVED_IN_KEY = "output_dir"
 # The console line: these columns, when the row has them, with their quality.
 SUMMARY = (
     ("critical_sharpness", None, "critical"),
@@ -205,6 +210,7 @@ class SharpnessCallback(TrainerCallback):
         self.meter: SharpnessMeter | None = None
         self.sink: JsonlSink | None = None
         self._rows_path: Path | None = None  # where this training's rows go
+        self._saved_in: Path | None = None  # where this training's checkpoints go
         self.trainer: Trainer | None = None
         self._wandb: WandbSink | None = None  # set up on the first row that finds a W&B run
         self._logging = LoggingFailures()
@@ -269,10 +275,11 @@ class SharpnessCallback(TrainerCallback):
         if state.global_step > 0 and saved:
             self.meter.load_state_dict(saved)
         self._rows_path = Path(self.jsonl_path or Path(args.output_dir) / RUN_FILE).absolute()
+        self._saved_in = Path(args.output_dir).absolute()
         self._publish_state(state)
         if state.is_world_process_zero:
-            earlier = saved.get(ROWS_KEY) if state.global_step > 0 and saved else None
-            self._open_sink(args, state, model, self._resumed_after(state, saved), earlier)
+            resumed = saved if state.global_step > 0 and saved else {}
+            self._open_sink(args, state, model, self._resumed_after(state, saved), resumed)
 
     def _open_sink(
         self,
@@ -280,10 +287,11 @@ class SharpnessCallback(TrainerCallback):
         state: TrainerState,
         model,
         resume_step: int | None,
-        earlier: str | None,
+        saved: Mapping[str, Any],
     ) -> None:
         """The JSONL sink of this training, its metadata saying where a resumed run came from;
-        ``earlier`` is the JSONL the checkpoint's run wrote (None: not recorded in it).
+        ``saved`` is the meter's state in the checkpoint resumed from (empty: none, or not
+        recorded in it).
 
         Raises:
             JsonlLockedError: another live writer holds the file (before the first step)."""
@@ -293,7 +301,7 @@ class SharpnessCallback(TrainerCallback):
         resumed: dict[str, Any] = {}
         checkpoint = None
         if state.global_step > 0:
-            checkpoint = resumed_checkpoint(args, state.global_step)
+            checkpoint = resumed_checkpoint(args, state.global_step, saved.get(SAVED_IN_KEY))
             resumed = {
                 "resumed_from": None if checkpoint is None else str(checkpoint),
                 "resumed_at_step": state.global_step,
@@ -308,6 +316,7 @@ class SharpnessCallback(TrainerCallback):
             **resumed,
         )
         # A checkpoint of another run: its rows up to the resume start this file.
+        earlier = saved.get(ROWS_KEY)
         if earlier is None and checkpoint is not None:
             earlier = checkpoint.parent / RUN_FILE
         self.sink = JsonlSink(
@@ -516,8 +525,9 @@ class SharpnessCallback(TrainerCallback):
         return control
 
     def _publish_state(self, state: TrainerState) -> None:
-        rows = {ROWS_KEY: str(self._rows_path)}  # where a run resumed elsewhere finds its head
-        state.stateful_callbacks[STATE_KEY] = {**self.meter.state_dict(), **rows}
+        # Where a run resumed elsewhere finds its head, and the checkpoint it resumed from.
+        origin = {ROWS_KEY: str(self._rows_path), SAVED_IN_KEY: str(self._saved_in)}
+        state.stateful_callbacks[STATE_KEY] = {**self.meter.state_dict(), **origin}
 
     def _log(self, row: dict[str, Any], state: TrainerState, control: TrainerControl) -> None:
         """Send a row's numbers to the loggers; one that raises never stops training
@@ -594,11 +604,17 @@ def ddp_timeout(args: TrainingArguments) -> timedelta | None:
     return delta if isinstance(delta, timedelta) else timedelta(seconds=args.ddp_timeout)
 
 
-def resumed_checkpoint(args: TrainingArguments, step: int) -> Path | None:
+def resumed_checkpoint(
+    args: TrainingArguments, step: int, saved_in: str | None = None
+) -> Path | None:
     """The checkpoint folder a run resumed at ``step`` came from, as far as the callback can
     tell (the Trainer does not hand it over): ``args.resume_from_checkpoint`` when it names a
-    folder, else the output folder's own checkpoint of that step; None when neither exists."""
-    for candidate in (args.resume_from_checkpoint, Path(args.output_dir) / f"checkpoint-{step}"):
+    folder, else the checkpoint of that step in ``saved_in`` (where the run that saved it saved
+    its checkpoints), else the output folder's own; None when none exists."""
+    folders = [
+        Path(folder) / f"checkpoint-{step}" for folder in (saved_in, args.output_dir) if folder
+    ]
+    for candidate in (args.resume_from_checkpoint, *folders):
         if isinstance(candidate, (str, Path)) and Path(candidate).is_dir():
             return Path(candidate)
     return None
@@ -622,6 +638,8 @@ def _report_resumed_head(
             f"no rows up to step {resume_step} were found for it, so the curve in {sink.path} "
             "starts after the resume (its metadata records resumed_from)"
         )
+        if sink.resume_source_error is not None:
+            done += f"; the rows of its run could not be read ({sink.resume_source_error})"
     warnings.warn(
         f"sharpmeter: training resumed from {origin}; {done}", RuntimeWarning, stacklevel=4
     )

@@ -16,6 +16,11 @@ holder ends however it ends (``kill -9`` included), so a file a dead writer left
 taken again::
 
     descriptor = open_locked(path)   # BlockingIOError: another open file holds it
+    close_locked(descriptor)         # releases it
+
+A forked child (a DataLoader worker) gets copies of the locked descriptors; the lock lives
+while any copy is open, so each child closes them at once: a lock its parent released must
+not stay held by a persistent worker.
 """
 
 from __future__ import annotations
@@ -39,6 +44,22 @@ except ImportError:  # Windows: no flock, so callers go on unlocked
 
 # What flock fails with where the filesystem cannot lock at all (some network or FUSE mounts).
 CANNOT_LOCK = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS}
+
+# The descriptors of this process that hold a lock from open_locked: a forked child closes its
+# copies (a flock goes only when every copy of the descriptor is closed).
+_held: set[int] = set()
+
+
+def _close_held_in_child() -> None:
+    """Run in a forked child: the locks are the parent's, never the child's."""
+    for descriptor in _held:
+        with contextlib.suppress(OSError):
+            os.close(descriptor)
+    _held.clear()
+
+
+if hasattr(os, "register_at_fork"):  # not on Windows, which has no fork (nor flock)
+    os.register_at_fork(after_in_child=_close_held_in_child)
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], object]) -> None:
@@ -90,7 +111,7 @@ def _fsync_folder(folder: Path) -> None:
 
 def open_locked(path: str | os.PathLike) -> int:
     """A read-write descriptor on ``path`` (created when missing) holding its exclusive
-    ``flock``; closing it releases the lock.
+    ``flock``; :func:`close_locked` releases the lock.
 
     Raises:
         BlockingIOError: another open file (another process, or another holder in this one)
@@ -108,9 +129,18 @@ def open_locked(path: str | os.PathLike) -> int:
             os.close(descriptor)
             raise
         if names(path, descriptor):
+            _held.add(descriptor)
             return descriptor
         # Its holder removed or renamed it between our open and our flock: lock the file
         # the path names now.
+        os.close(descriptor)
+
+
+def close_locked(descriptor: int) -> None:
+    """Closes a descriptor :func:`open_locked` returned, releasing its lock; one a forked
+    child closed already is left alone (its number may name another file there by now)."""
+    if descriptor in _held:
+        _held.discard(descriptor)  # first: once closed, its number may be reused
         os.close(descriptor)
 
 

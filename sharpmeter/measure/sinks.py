@@ -28,7 +28,13 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import nn
 
-from sharpmeter.measure.files import CANNOT_LOCK, atomic_write_text, open_locked, write_all
+from sharpmeter.measure.files import (
+    CANNOT_LOCK,
+    atomic_write_text,
+    close_locked,
+    open_locked,
+    write_all,
+)
 from sharpmeter.measure.schema import FINISHED_KEY, MEASURE_COLUMNS, META_SUFFIX, NOT_DUE
 
 SCALAR_TYPES = (int, float, bool)
@@ -142,8 +148,9 @@ class JsonlSink:
     to the first free ``<stem>.<n>.jsonl`` with its metadata (``sharpness.1.jsonl``,
     ``sharpness.1.meta.json``), with a :class:`RuntimeWarning` naming both, so that the new
     run starts a file of its own and no earlier metadata describes it. Resuming
-    (``resume_step``) keeps the earlier rows instead. On a filesystem that cannot lock, the
-    sink warns and writes unlocked.
+    (``resume_step``) keeps the earlier rows instead, unless they come from another file
+    (``resume_rows_from``): what ``path`` holds then is another run's, moved aside likewise.
+    On a filesystem that cannot lock, the sink warns and writes unlocked.
 
     A failing write (read-only folder, full disk) never stops training: the rows that could not
     be written wait in :attr:`pending` and every later :meth:`write` (or :meth:`flush`) writes
@@ -164,8 +171,10 @@ class JsonlSink:
             (by the run that crashed or was stopped) are dropped first, so the curve continues
             without duplicates; so is a torn last line the crash left.
         resume_rows_from: with ``resume_step``, the JSONL of the run the checkpoint comes from
-            when it is another file (a checkpoint in another folder): when ``path`` holds no
-            row up to ``resume_step``, that file's rows up to it start this one.
+            when it is another file (a checkpoint in another folder): that file's rows up to
+            ``resume_step`` start this one, their ``run`` and ``n_params`` made this sink's
+            (analysis reads one training as one run), and what ``path`` held is moved aside.
+            A file that cannot be read (missing, no permission) gives no rows.
 
     Raises:
         JsonlLockedError: another live writer holds ``path``.
@@ -176,6 +185,8 @@ class JsonlSink:
             file cannot be written.
         resumed_rows_from: the file those rows were read from (``path`` or
             ``resume_rows_from``); None when there were none.
+        resume_source_error: why ``resume_rows_from`` could not be read; None when it was
+            (or was not given).
     """
 
     def __init__(
@@ -196,6 +207,7 @@ class JsonlSink:
         self._resume_rows_from = None if resume_rows_from is None else Path(resume_rows_from)
         self.resumed_rows: int | None = None
         self.resumed_rows_from: Path | None = None
+        self.resume_source_error: OSError | None = None
         self._prepared = False
         self.pending: list[str] = []
         # Reports the rows still pending when the sink is closed, collected or left at exit;
@@ -284,11 +296,17 @@ class JsonlSink:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._hold_file()
-        if self._resume_step is None:
+        if self._resume_step is None or self._resumes_another_file():
+            # Resuming another file's run: what is here is not that run's (an unrelated run's,
+            # or an earlier try of this resume), so it must neither head the curve nor be cut.
             self._move_earlier_run_aside()
-        else:
+        if self._resume_step is not None:
             self._keep_rows_up_to(self._resume_step)
         self._prepared = True
+
+    def _resumes_another_file(self) -> bool:
+        source = self._resume_rows_from
+        return source is not None and source.resolve() != self.path.resolve()
 
     def _hold_file(self) -> None:
         """Takes the lock of the file ``path`` names now, for the sink's life; a lock held on
@@ -310,7 +328,7 @@ class JsonlSink:
                 stacklevel=5,
             )
             return
-        self._unlock = weakref.finalize(self, os.close, descriptor)
+        self._unlock = weakref.finalize(self, close_locked, descriptor)
 
     def _move_earlier_run_aside(self) -> None:
         """Renames what an earlier run left at ``path`` (rows, metadata) to the first free
@@ -334,13 +352,14 @@ class JsonlSink:
             )
 
     def _keep_rows_up_to(self, step: int) -> None:
-        """Keeps the rows up to ``step`` (the resumed run's), else starts the file with those
-        of :attr:`_resume_rows_from`."""
+        """Keeps the rows up to ``step`` (the resumed run's), or starts the file with those of
+        :attr:`_resume_rows_from` when it is another file."""
         data = _read_or_empty(self.path)
-        kept, source = _lines_up_to(data, step), self.path
-        if not kept and self._resume_rows_from is not None:
+        if self._resumes_another_file():
             source = self._resume_rows_from
-            kept = _lines_up_to(_read_or_empty(source), step)
+            kept = [self._restamped(line) for line in _lines_up_to(self._read_source(), step)]
+        else:
+            kept, source = _lines_up_to(data, step), self.path
         joined = b"".join(line + b"\n" for line in kept)
         if data.startswith(joined):
             # Only the tail goes: nothing to write, so a full disk or read-only folder cannot
@@ -352,6 +371,21 @@ class JsonlSink:
             self._hold_file()  # the lock stayed with the file replaced
         self.resumed_rows = len(kept)
         self.resumed_rows_from = source if kept else None
+
+    def _read_source(self) -> bytes:
+        """The rows of :attr:`_resume_rows_from`, or none when it cannot be read: another
+        run's file (gone, another user's) must not keep this run from writing its own."""
+        try:
+            data = self._resume_rows_from.read_bytes()
+        except OSError as error:
+            self.resume_source_error = error
+            return b""
+        self.resume_source_error = None
+        return data
+
+    def _restamped(self, line: bytes) -> bytes:
+        """A row of the run resumed, under this run's identity."""
+        return json.dumps({**json.loads(line), **self.identity}).encode("utf-8")
 
     def _append_pending(self) -> tuple[int, OSError | None]:
         """Appends the pending rows in order, each in one write, until one fails; a failed append

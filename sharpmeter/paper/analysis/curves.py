@@ -42,10 +42,15 @@ def check_sharpness_quantity(quantity: str | None) -> str | None:
     claims about something else (the loss "settles at the edge of stability", it "correlates
     with the loss").
 
+    A W&B export names a column by its logged key, prefixes included: its last ``/`` part is
+    what counts.
+
     >>> check_sharpness_quantity("lambda_max")
     'lambda_max'
+    >>> check_sharpness_quantity("train/sharpness/critical_sharpness")
+    'train/sharpness/critical_sharpness'
     """
-    if quantity is not None and quantity not in SHARPNESS_QUANTITIES:
+    if quantity is not None and quantity.rsplit("/", 1)[-1] not in SHARPNESS_QUANTITIES:
         raise ValueError(
             f"{quantity!r} is not a measure of sharpness; use one of "
             + ", ".join(SHARPNESS_QUANTITIES)
