@@ -14,7 +14,7 @@ import pytest
 import torch
 from conftest import dense_hessian, squared_error
 from torch import nn
-from torch.nn.utils import parametrizations
+from torch.nn.utils import parametrizations, parametrize
 
 import sharpmeter as sm
 from sharpmeter.measure.loss import ProbeLoss
@@ -273,3 +273,28 @@ def test_a_tensor_written_in_place_stays_with_the_graph_that_saved_it():
         columns = op @ torch.eye(op.dim, dtype=torch.float64)
     torch.testing.assert_close(columns, exact)
     assert torch.equal(model.gain, torch.ones(1, dtype=torch.float64))
+
+
+def test_a_measurement_inside_parametrize_cached_computes_its_weights_afresh():
+    """The cache holds the weight of the parameters as they were: the line search moves them,
+    and the first backward frees its graph (every measure was an error inside ``cached()``).
+    The caller's cache is back afterwards."""
+    torch.manual_seed(0)
+    model = nn.Sequential(parametrizations.orthogonal(nn.Linear(3, 3)), nn.Tanh(), nn.Linear(3, 1))
+    model = model.double()
+    batch = regression_batch()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    squared_error(model, batch).backward()
+
+    def measured() -> dict:
+        meter = sm.SharpnessMeter(model, batch, squared_error, measures=("critical", "spectral"))
+        return meter.measure(0, optimizer=optimizer)
+
+    outside = measured()
+    with parametrize.cached():
+        weight = model[0].weight
+        inside = measured()
+        assert model[0].weight is weight
+    assert inside["status"] == outside["status"] == "ok"
+    assert inside["lambda_max"] == outside["lambda_max"]
+    assert inside["critical_sharpness"] == outside["critical_sharpness"]

@@ -21,6 +21,8 @@ Three things the context switches on purpose while it is open:
 * **Gradient hooks.** The parameters' own hooks (``register_hook``,
   ``register_post_accumulate_grad_hook``) are suspended: they shape training's gradient, not the
   loss whose curvature is measured (:func:`sharpmeter.measure.state.parameter_hooks_suspended`).
+* **Parametrizations.** Inside ``parametrize.cached()`` the cache is set aside: the measurement
+  moves the parameters its weights were computed from.
 
 Example::
 
@@ -41,6 +43,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.utils import parametrize
 
 from sharpmeter.measure.distributed import local
 from sharpmeter.measure.params import bit_identical, set_versions
@@ -184,10 +187,30 @@ def rewind_open_measurements() -> None:
 @contextlib.contextmanager
 def hessian_guard(model: nn.Module) -> Iterator[None]:
     """What every pass of a Hessian-vector product runs under, inside a measurement or not:
-    :func:`attention_guard`, and none of the parameters' gradient hooks
-    (:func:`parameter_hooks_suspended`)."""
-    with attention_guard(model), parameter_hooks_suspended(model.parameters()):
+    :func:`attention_guard`, none of the parameters' gradient hooks
+    (:func:`parameter_hooks_suspended`), and parametrized weights computed afresh
+    (:func:`parametrizations_uncached`)."""
+    with (
+        attention_guard(model),
+        parameter_hooks_suspended(model.parameters()),
+        parametrizations_uncached(),
+    ):
         yield
+
+
+@contextlib.contextmanager
+def parametrizations_uncached() -> Iterator[None]:
+    """Compute parametrized weights (``orthogonal``, ``spectral_norm``) in every forward, also
+    inside the caller's ``torch.nn.utils.parametrize.cached()``: its cache holds a weight of the
+    parameters as they were, which the line search moves, and whose graph the first backward
+    frees (every measure was an error). The caller's cache is put back on exit: the parameters
+    are too, so its weights hold again."""
+    saved = parametrize._cache_enabled, parametrize._cache
+    parametrize._cache_enabled, parametrize._cache = 0, {}
+    try:
+        yield
+    finally:
+        parametrize._cache_enabled, parametrize._cache = saved
 
 
 @contextlib.contextmanager
