@@ -279,14 +279,11 @@ class ProbeLoss:
             with _autocast_cache(enabled=False):
                 if not self._watched and _is_compiled(self.model) and self._weighed():
                     self._watch_apart(model)
-            with (
-                self._watching_outputs() if not self._watched else contextlib.nullcontext(),
-                _autocast_cache(enabled=False),
-            ):
-                weighed = self._weighed()
-                if not weighed:
-                    return self._no_share(model)
-                return sum(w * self.batch_loss(i, model) for i, w in weighed)
+                with self._watching_outputs() if not self._watched else contextlib.nullcontext():
+                    weighed = self._weighed()
+                    if not weighed:
+                        return self._no_share(model)
+                    return sum(w * self.batch_loss(i, model) for i, w in weighed)
         finally:
             # Also before a backward, which gathers the root's parameters once more: the price
             # of never leaving them gathered when the forward or the loss raises.
